@@ -1,0 +1,81 @@
+"""Engine configuration: one frozen dataclass, validated on construction.
+
+Everything the user can set on `LLM(...)` lives here; anything derived from the
+model (hidden size, number of layers...) lives on the model's HF config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+DEFAULT_BLOCK_SIZE = 16
+DEFAULT_MAX_NUM_SEQS = 256
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+# On CPU there is no "free memory" to measure; the cache is sized in tokens.
+DEFAULT_CPU_KV_CACHE_TOKENS = 65536
+SUPPORTED_DTYPES = ("auto", "float32", "float16", "bfloat16")
+DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """User-facing engine settings (validated; bad values raise ValueError/TypeError)."""
+
+    model: Optional[str] = None  # HF dir, HF cache repo id, .gguf file; None = bundled default
+    dtype: str = "auto"
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    max_model_len: Optional[int] = None  # None = model's max_position_embeddings (capped)
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
+    block_size: int = DEFAULT_BLOCK_SIZE
+    num_kv_blocks: Optional[int] = None  # None = sized from memory
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    enforce_eager: bool = False  # True disables CUDA graphs
+    attention_backend: str = "auto"  # "auto" | "torch" | "triton"
+    skip_tokenizer_init: bool = False
+    seed: int = 0
+    tokenizer: Optional[str] = None  # override tokenizer location
+    trust_remote_code: bool = False
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if self.model is not None and not isinstance(self.model, str):
+            raise TypeError(f"model must be a path or repo id string, got {type(self.model).__name__}")
+        if not isinstance(self.dtype, str):
+            raise TypeError(f"dtype must be a string such as 'bfloat16', got {self.dtype!r}")
+        dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
+        if dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not supported; use one of {SUPPORTED_DTYPES}")
+        object.__setattr__(self, "dtype", dtype)
+        if not isinstance(self.device, str) or not (
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
+        ):
+            raise ValueError(f"device={self.device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        _positive_int("max_num_seqs", self.max_num_seqs)
+        _positive_int("max_num_batched_tokens", self.max_num_batched_tokens)
+        _positive_int("block_size", self.block_size)
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size={self.block_size} must be a power of two (e.g. 16)")
+        if self.max_model_len is not None:
+            _positive_int("max_model_len", self.max_model_len)
+        if self.num_kv_blocks is not None:
+            _positive_int("num_kv_blocks", self.num_kv_blocks)
+        if not isinstance(self.gpu_memory_utilization, (int, float)) or not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"gpu_memory_utilization={self.gpu_memory_utilization!r} must be in (0, 1], e.g. 0.9"
+            )
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"attention_backend={self.attention_backend!r}: use 'auto', 'torch' or 'triton'")
+        if not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
+
+
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name}={value} must be a positive integer")

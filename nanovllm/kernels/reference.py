@@ -1,0 +1,183 @@
+"""Pure-torch kernels: the truth every Triton kernel is tested against, and the CPU path.
+
+KV cache layout (per layer): K and V are each `[num_blocks, num_kv_heads, block_size, head_dim]`.
+A token at absolute position p of a sequence lives in block `block_table[p // block_size]`
+at offset `p % block_size`; its flat slot is `block_id * block_size + offset`.
+
+A batch is "varlen": the new tokens of all sequences are concatenated along dim 0.
+`query_start_loc[i]:query_start_loc[i+1]` are sequence i's new tokens and `seq_lens[i]` is its
+context length *after* this step (cached tokens + new ones), so the new tokens sit at
+positions `seq_lens[i] - q_len_i ... seq_lens[i] - 1`. That one description covers
+prefill, chunked prefill, prefill over a cached prefix and decode (q_len = 1).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------- KV store
+
+
+def store_kv(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_dim]
+    slot_mapping: torch.Tensor,  # [num_tokens] int, -1 = skip (padding)
+) -> None:
+    """Write each token's K and V into its cache slot."""
+    block_size = k_cache.shape[2]
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid].long()
+    blocks, offsets = slots // block_size, slots % block_size
+    # index_put with (block, :, offset) -> value [n, num_kv_heads, head_dim]
+    k_cache[blocks, :, offsets] = key[valid].to(k_cache.dtype)
+    v_cache[blocks, :, offsets] = value[valid].to(v_cache.dtype)
+
+
+def gather_kv(
+    cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_dim]
+    block_table: torch.Tensor,  # [max_blocks] int
+    seq_len: int,
+) -> torch.Tensor:
+    """Contiguous `[seq_len, num_kv_heads, head_dim]` view of one sequence's cached K or V."""
+    block_size = cache.shape[2]
+    num_blocks = (seq_len + block_size - 1) // block_size
+    blocks = cache[block_table[:num_blocks].long()]  # [nb, H, bs, D]
+    return blocks.permute(0, 2, 1, 3).reshape(-1, cache.shape[1], cache.shape[3])[:seq_len]
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def paged_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_dim]
+    v_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int, cumulative new-token counts
+    seq_lens: torch.Tensor,  # [num_seqs] int, context length after this step
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int
+    scale: float,
+    sliding_window: Optional[int] = None,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Causal attention of the new tokens over their sequence's paged K/V (already stored).
+
+    Query token at absolute position p attends to keys at positions max(0, p - W + 1) .. p
+    (W = sliding_window, or all of them when None). GQA: query head h reads KV head
+    h // (num_heads // num_kv_heads). Computed in fp32, returned in the query's dtype.
+    """
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads = k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    if out is None:
+        out = torch.empty_like(query)
+    qsl = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    for i, seq_len in enumerate(lens):
+        start, end = qsl[i], qsl[i + 1]
+        q_len = end - start
+        if q_len == 0:
+            continue
+        k = gather_kv(k_cache, block_tables[i], seq_len).float()  # [S, Hkv, D]
+        v = gather_kv(v_cache, block_tables[i], seq_len).float()
+        k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, S, D]
+        v = v.repeat_interleave(group, dim=1).transpose(0, 1)
+        q = query[start:end].float().transpose(0, 1)  # [H, q_len, D]
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)  # [q_len]
+        k_pos = torch.arange(seq_len, device=query.device)  # [S]
+        allowed = k_pos[None, :] <= q_pos[:, None]  # [q_len, S]
+        if sliding_window is not None:
+            allowed &= k_pos[None, :] > q_pos[:, None] - sliding_window
+        scores = torch.matmul(q, k.transpose(1, 2)) * scale  # [H, q_len, S]
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[start:end] = torch.matmul(probs, v).transpose(0, 1).to(out.dtype)  # [q_len, H, D]
+    return out
+
+
+def merge_attention_states(
+    out_a: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    lse_a: torch.Tensor,  # [num_tokens, num_heads] natural-log sum-exp of scores
+    out_b: torch.Tensor,
+    lse_b: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine two partial attention results over disjoint key sets (split-KV, cascade)."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    wa = torch.exp(lse_a - lse).unsqueeze(-1)
+    wb = torch.exp(lse_b - lse).unsqueeze(-1)
+    return (out_a.float() * wa + out_b.float() * wb).to(out_a.dtype), lse
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+def rope_cos_sin(
+    positions: torch.Tensor,  # [num_tokens]
+    cos_sin_cache: torch.Tensor,  # [max_positions, rotary_dim] = cat(cos, sin) halves
+) -> tuple[torch.Tensor, torch.Tensor]:
+    cos_sin = cos_sin_cache[positions.long()]  # [num_tokens, rotary_dim]
+    cos, sin = cos_sin.chunk(2, dim=-1)  # [num_tokens, rotary_dim / 2] each
+    return cos, sin
+
+
+def apply_rope(
+    x: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    positions: torch.Tensor,  # [num_tokens]
+    cos_sin_cache: torch.Tensor,  # [max_positions, rotary_dim]
+) -> torch.Tensor:
+    """Rotate-half (NeoX / HF Llama) RoPE on the first rotary_dim features of each head."""
+    cos, sin = rope_cos_sin(positions, cos_sin_cache)
+    rot = cos.shape[-1] * 2
+    cos, sin = cos.unsqueeze(1).float(), sin.unsqueeze(1).float()  # [T, 1, rot/2]
+    x_rot, x_pass = x[..., :rot].float(), x[..., rot:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    return torch.cat((rotated, x_pass), dim=-1) if x_pass.numel() else rotated
+
+
+def rope_and_store_kv(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    positions: torch.Tensor,  # [num_tokens]
+    cos_sin_cache: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE on q and k, then store rotated k and v into the cache. Returns (q, k) rotated."""
+    q = apply_rope(query, positions, cos_sin_cache)
+    k = apply_rope(key, positions, cos_sin_cache)
+    store_kv(k, value, k_cache, v_cache, slot_mapping)
+    return q, k
+
+
+# ----------------------------------------------------------------------------- norms, activations
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) * weight, computed in fp32 (HF Llama order: normalise, cast, then scale)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor,  # [num_tokens, hidden]
+    residual: torch.Tensor,  # [num_tokens, hidden]
+    weight: torch.Tensor,  # [hidden]
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual' = x + residual; returns (rms_norm(residual'), residual')."""
+    new_residual = (x.float() + residual.float()).to(x.dtype)
+    return rms_norm(new_residual, weight, eps), new_residual
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """[..., 2 * d] -> silu(x[..., :d]) * x[..., d:]."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up

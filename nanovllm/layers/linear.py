@@ -1,0 +1,102 @@
+"""Linear layers whose weights load from several checkpoint tensors.
+
+Packed projections (one GEMM instead of three or two): `qkv_proj` holds q, k, v rows
+stacked; `gate_up_proj` holds gate and up rows. Each parameter carries a
+`weight_loader(param, tensor, shard)` that copies a checkpoint tensor into its slice.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class WeightShapeError(ValueError):
+    """A checkpoint tensor does not have the shape the model expects."""
+
+
+def check_shape(name: str, expected: tuple, got: tuple) -> None:
+    if tuple(expected) != tuple(got):
+        raise WeightShapeError(f"tensor {name!r}: expected shape {tuple(expected)}, checkpoint has {tuple(got)}")
+
+
+def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard=None, name: str = "") -> None:
+    check_shape(name, param.shape, loaded.shape)
+    param.data.copy_(loaded)
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b), W `[out_features, in_features]`."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.weight.weight_loader = default_weight_loader
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features))
+            self.bias.weight_loader = default_weight_loader
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class PackedLinear(Linear):
+    """Several projections of the same input packed into one weight, row blocks in order."""
+
+    def __init__(self, in_features: int, shard_sizes: dict[Union[str, int], int], bias: bool = False) -> None:
+        super().__init__(in_features, sum(shard_sizes.values()), bias)
+        self.shard_offsets: dict = {}
+        offset = 0
+        for shard, size in shard_sizes.items():
+            self.shard_offsets[shard] = (offset, size)
+            offset += size
+        self.weight.weight_loader = self.load_shard
+        if self.bias is not None:
+            self.bias.weight_loader = self.load_shard
+
+    def load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard=None, name: str = "") -> None:
+        if shard not in self.shard_offsets:
+            raise WeightShapeError(f"tensor {name!r}: unknown shard {shard!r} of a packed projection")
+        offset, size = self.shard_offsets[shard]
+        target = param.data.narrow(0, offset, size)
+        check_shape(name, target.shape, loaded.shape)
+        target.copy_(loaded)
+
+
+class QKVLinear(PackedLinear):
+    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool) -> None:
+        super().__init__(
+            hidden, {"q": num_heads * head_dim, "k": num_kv_heads * head_dim, "v": num_kv_heads * head_dim}, bias
+        )
+
+
+class GateUpLinear(PackedLinear):
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__(hidden, {0: intermediate, 1: intermediate}, bias=False)
+
+
+class VocabEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden))
+        self.weight.weight_loader = default_weight_loader
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight)
+
+
+class LMHead(Linear):
+    """Vocabulary projection, applied only to the rows whose logits are needed."""
+
+    def __init__(self, hidden: int, vocab_size: int) -> None:
+        super().__init__(hidden, vocab_size, bias=False)
+
+    def forward(self, hidden: torch.Tensor, indices: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if indices is not None:
+            hidden = hidden[indices]  # [num_selected, hidden]
+        return F.linear(hidden, self.weight)  # [num_selected, vocab]

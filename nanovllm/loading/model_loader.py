@@ -1,0 +1,119 @@
+"""Build a ready-to-run model from a ModelSource: config, tokenizer, weights, dtype, device."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+
+from nanovllm.loading.resolve import ModelSource
+from nanovllm.loading.safetensors_loader import iter_safetensors
+from nanovllm.loading.weights import load_weights
+from nanovllm.models.registry import resolve_model_class
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load_hf_config(source: ModelSource, trust_remote_code: bool = False):
+    if source.kind == "gguf":
+        from nanovllm.loading.gguf_loader import read_gguf_checkpoint
+
+        return read_gguf_checkpoint(source.path).hf_config
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise ValueError(f"{os.path.join(source.path, 'config.json')}: cannot read model config ({e})") from e
+
+
+def load_tokenizer(source: ModelSource, tokenizer_path: Optional[str] = None, trust_remote_code: bool = False):
+    if tokenizer_path is None and source.kind == "gguf":
+        from nanovllm.loading.gguf_loader import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(source.path)
+    from transformers import AutoTokenizer
+
+    path = tokenizer_path or source.path
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"cannot load a tokenizer from {path} ({e}); pass tokenizer=... or skip_tokenizer_init=True"
+        ) from e
+
+
+def eos_token_ids(source: ModelSource, hf_config, tokenizer) -> list[int]:
+    """EOS ids from generation_config.json, the model config and the tokenizer (union)."""
+    ids: list[int] = []
+
+    def add(value):
+        if value is None:
+            return
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None and int(v) not in ids:
+                ids.append(int(v))
+
+    gen_path = os.path.join(source.path, "generation_config.json") if source.kind == "hf_dir" else None
+    if gen_path and os.path.isfile(gen_path):
+        with open(gen_path) as f:
+            add(json.load(f).get("eos_token_id"))
+    add(getattr(hf_config, "eos_token_id", None))
+    if tokenizer is not None:
+        add(tokenizer.eos_token_id)
+    return ids
+
+
+def resolve_dtype(requested: str, hf_config, device: torch.device) -> torch.dtype:
+    """auto: fp32 on CPU; on GPU the checkpoint's half type, bf16 for fp32/GGUF checkpoints."""
+    if requested != "auto":
+        dtype = DTYPES[requested]
+        if device.type == "cpu" and dtype == torch.float16:
+            raise ValueError("dtype=float16 is not supported on CPU; use float32 or bfloat16")
+        return dtype
+    if device.type == "cpu":
+        return torch.float32
+    cfg_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(cfg_dtype, str):
+        cfg_dtype = DTYPES.get(cfg_dtype)
+    return torch.float16 if cfg_dtype == torch.float16 else torch.bfloat16
+
+
+def build_model(source: ModelSource, hf_config, device: torch.device, dtype: torch.dtype, max_positions: int,
+                load_format: str = "auto"):
+    """Instantiate the architecture and load its weights (`load_format='dummy'`: random weights)."""
+    model_cls = resolve_model_class(hf_config)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = model_cls(hf_config, max_positions)
+    finally:
+        torch.set_default_dtype(previous)
+    model.model.cos_sin_cache = model.model.cos_sin_cache.float()
+    if load_format == "dummy":
+        init_random_weights(model)
+    elif source.kind == "gguf":
+        from nanovllm.loading.gguf_loader import read_gguf_checkpoint
+
+        ckpt = read_gguf_checkpoint(source.path)
+        load_weights(model, ((name, t, source.path) for name, t in ckpt.iter_tensors()))
+    else:
+        load_weights(model, iter_safetensors(source.path))
+    return model.eval()
+
+
+# Random-weight benchmarks: small init keeps activations finite through many layers.
+DUMMY_INIT_STD = 0.02
+
+
+@torch.no_grad()
+def init_random_weights(model, seed: int = 0) -> None:
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, DUMMY_INIT_STD, generator=gen)

@@ -1,0 +1,148 @@
+"""Llama-family decoder: Llama 2/3, Mistral, SmolLM2, and (through flags) Qwen2 and Qwen3.
+
+One forward over a varlen batch: `input_ids [T]`, `positions [T]`, and a ForwardContext
+describing which sequences the tokens belong to. Qwen2 adds q/k/v biases; Qwen3 adds a
+per-head RMSNorm on q and k before RoPE.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from nanovllm.layers.activation import SiluAndMul
+from nanovllm.layers.attention import PagedAttention
+from nanovllm.layers.linear import GateUpLinear, Linear, LMHead, QKVLinear, VocabEmbedding
+from nanovllm.layers.norm import RMSNorm
+from nanovllm.layers.rotary import build_cos_sin_cache
+from nanovllm.worker.forward_context import ForwardContext
+
+
+def head_dim_of(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def sliding_window_of(cfg) -> Optional[int]:
+    """Mistral/Qwen sliding window, or None when the model attends to everything."""
+    window = getattr(cfg, "sliding_window", None)
+    if window is None or (hasattr(cfg, "use_sliding_window") and not cfg.use_sliding_window):
+        return None
+    return int(window)
+
+
+class DecoderAttention(nn.Module):
+    def __init__(self, cfg, qkv_bias: bool, qk_norm: bool) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = head_dim_of(cfg)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = QKVLinear(cfg.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads, qkv_bias)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=getattr(cfg, "o_bias", False))
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
+        self.attn = PagedAttention(
+            self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, sliding_window_of(cfg)
+        )
+
+    def forward(self, hidden, positions, cos_sin_cache, ctx: ForwardContext):
+        qkv = self.qkv_proj(hidden)  # [T, q + 2 kv]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)  # [T, H, D]
+        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        out = self.attn(q, k, v, positions, cos_sin_cache, ctx)  # [T, H, D]
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class DecoderMLP(nn.Module):
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        act = getattr(cfg, "hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise ValueError(f"hidden_act={act!r} is not supported (only silu)")
+        self.gate_up_proj = GateUpLinear(cfg.hidden_size, cfg.intermediate_size)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.act = SiluAndMul()
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_up_proj(x)))  # [T, hidden]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg, qkv_bias: bool, qk_norm: bool) -> None:
+        super().__init__()
+        self.self_attn = DecoderAttention(cfg, qkv_bias, qk_norm)
+        self.mlp = DecoderMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, hidden, residual, positions, cos_sin_cache, ctx):
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, positions, cos_sin_cache, ctx)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg, qkv_bias: bool, qk_norm: bool, max_positions: int) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, qkv_bias, qk_norm) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.register_buffer(
+            "cos_sin_cache", build_cos_sin_cache(cfg, head_dim_of(cfg), max_positions), persistent=False
+        )
+
+    def forward(self, input_ids, positions, ctx):
+        hidden = self.embed_tokens(input_ids)  # [T, hidden]
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual, positions, self.cos_sin_cache, ctx)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    qkv_bias = False
+    qk_norm = False
+    # checkpoint name fragment -> (packed parameter fragment, shard)
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, cfg, max_positions: int) -> None:
+        super().__init__()
+        self.config = cfg
+        qkv_bias = self.qkv_bias or bool(getattr(cfg, "attention_bias", False))
+        self.model = DecoderModel(cfg, qkv_bias, self.qk_norm, max_positions)
+        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size)
+        self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return self.model(input_ids, positions, ctx)  # [T, hidden]
+
+    def compute_logits(self, hidden: torch.Tensor, indices: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.lm_head(hidden, indices)  # [N, vocab]
+
+    def attention_layers(self) -> list[PagedAttention]:
+        return [layer.self_attn.attn for layer in self.model.layers]
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    pass

@@ -1,0 +1,213 @@
+"""ModelRunner: turns a SchedulerOutput into one forward pass and sampled tokens.
+
+Host-side inputs are built with numpy (one pass per request, never per token) and copied
+to the device once; the forward pass gets an explicit ForwardContext. On CUDA, decode-only
+batches replay a captured CUDA graph (see cuda_graphs.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from nanovllm.engine.scheduler import ModelRunnerOutput, SchedulerOutput
+from nanovllm.outputs import Logprob
+from nanovllm.worker.forward_context import ForwardContext
+from nanovllm.worker.sampler import Sampler, SamplingBatch, compute_prompt_logprobs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [T] int64
+    ctx: ForwardContext
+    logits_indices: torch.Tensor  # [S] rows of the hidden states to sample from
+    sample_requests: list  # the Request objects that sample this step, in logits_indices order
+    prompt_logprob_spans: list  # (request, token_offset, num_tokens, first_position)
+
+
+class ModelRunner:
+    def __init__(self, model, hf_config, device: torch.device, dtype: torch.dtype, num_kv_blocks: int,
+                 block_size: int, eos_token_ids: list[int], use_triton_attention: bool = True,
+                 tokenizer=None) -> None:
+        self.model = model
+        self.hf_config = hf_config
+        self.device = device
+        self.dtype = dtype
+        self.block_size = block_size
+        self.num_kv_blocks = num_kv_blocks
+        self.vocab_size = hf_config.vocab_size
+        self.eos_token_ids = list(eos_token_ids)
+        self.use_triton_attention = use_triton_attention
+        self.tokenizer = tokenizer
+        self.sampler = Sampler()
+        self.kv_caches = self._allocate_kv_cache(num_kv_blocks)
+        self.cuda_graphs = None  # set by enable_cuda_graphs()
+        self.pin = device.type == "cuda"
+
+    # ------------------------------------------------------------------ KV cache
+    @staticmethod
+    def kv_bytes_per_block(hf_config, block_size: int, dtype: torch.dtype) -> int:
+        from nanovllm.models.llama import head_dim_of
+
+        num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+        per_token = 2 * hf_config.num_hidden_layers * num_kv_heads * head_dim_of(hf_config)
+        return per_token * block_size * torch.tensor([], dtype=dtype).element_size()
+
+    def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        caches = []
+        for attn in self.model.attention_layers():
+            shape = (num_blocks, attn.num_kv_heads, self.block_size, attn.head_dim)
+            k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            attn.k_cache, attn.v_cache = k, v
+            caches.append((k, v))
+        return caches
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        if not pairs:
+            return
+        src = torch.tensor([p[0] for p in pairs], device=self.device)
+        dst = torch.tensor([p[1] for p in pairs], device=self.device)
+        for k, v in self.kv_caches:
+            k[dst] = k[src]
+            v[dst] = v[src]
+
+    # ------------------------------------------------------------------ inputs
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(array)
+        if self.device.type == "cpu":
+            return t
+        if self.pin:
+            t = t.pin_memory()
+        return t.to(self.device, non_blocking=True)
+
+    def prepare_inputs(self, sched: SchedulerOutput) -> StepInputs:
+        bs = self.block_size
+        items = sched.scheduled
+        num_seqs = len(items)
+        num_tokens = sum(it.num_new_tokens for it in items)
+        input_ids = np.empty(num_tokens, dtype=np.int64)
+        positions = np.empty(num_tokens, dtype=np.int64)
+        slot_mapping = np.empty(num_tokens, dtype=np.int64)
+        query_start_loc = np.zeros(num_seqs + 1, dtype=np.int32)
+        seq_lens = np.empty(num_seqs, dtype=np.int32)
+        max_blocks = max(len(it.block_ids) for it in items)
+        block_tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)
+        logits_indices, sample_requests, prompt_spans = [], [], []
+        t = 0
+        for i, it in enumerate(items):
+            req, n, start = it.request, it.num_new_tokens, it.request.num_computed_tokens
+            end = start + n
+            input_ids[t : t + n] = req.token_ids_slice(start, end)
+            pos = np.arange(start, end, dtype=np.int64)  # [n]
+            positions[t : t + n] = pos
+            blocks = np.asarray(it.block_ids, dtype=np.int64)
+            slot_mapping[t : t + n] = blocks[pos // bs] * bs + pos % bs
+            block_tables[i, : len(blocks)] = blocks
+            query_start_loc[i + 1] = t + n
+            seq_lens[i] = end
+            if req.sampling_params.prompt_logprobs is not None and start < req.num_prompt_tokens:
+                prompt_spans.append((req, t, min(end, req.num_prompt_tokens) - start, start))
+            if it.needs_sample:
+                logits_indices.append(t + n - 1)
+                sample_requests.append(req)
+            t += n
+        ctx = ForwardContext(
+            positions=self._to_device(positions),
+            slot_mapping=self._to_device(slot_mapping),
+            query_start_loc=self._to_device(query_start_loc),
+            seq_lens=self._to_device(seq_lens),
+            block_tables=self._to_device(block_tables),
+            max_query_len=int(np.diff(query_start_loc).max()),
+            max_seq_len=int(seq_lens.max()),
+            num_seqs=num_seqs,
+            query_start_loc_cpu=query_start_loc.tolist(),
+            seq_lens_cpu=seq_lens.tolist(),
+            use_triton=self.use_triton_attention,
+        )
+        return StepInputs(
+            input_ids=self._to_device(input_ids),
+            ctx=ctx,
+            logits_indices=self._to_device(np.asarray(logits_indices, dtype=np.int64)),
+            sample_requests=sample_requests,
+            prompt_logprob_spans=prompt_spans,
+        )
+
+    # ------------------------------------------------------------------ execute
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        self.copy_blocks(sched.blocks_to_copy)
+        inputs = self.prepare_inputs(sched)
+        hidden = self._forward(inputs)  # [T, hidden]
+        result = ModelRunnerOutput(sampled_token_ids={})
+        if inputs.prompt_logprob_spans:
+            self._prompt_logprobs(hidden, inputs, result)
+        if not inputs.sample_requests:
+            return result
+        logits = self.model.compute_logits(hidden, inputs.logits_indices).float()  # [S, V]
+        reqs = inputs.sample_requests
+        batch = SamplingBatch.build(
+            params=[r.sampling_params for r in reqs],
+            prompt_token_ids=[r.prompt_token_ids for r in reqs],
+            output_token_ids=[r.output_token_ids for r in reqs],
+            eos_token_ids=self.eos_token_ids,
+            vocab_size=logits.shape[-1],
+            device=logits.device,
+        )
+        out = self.sampler(logits, batch)
+        tokens = out.sampled_token_ids.tolist()  # the one device->host copy of the step
+        result.sampled_token_ids = {r.request_id: tok for r, tok in zip(reqs, tokens)}
+        if out.sampled_logprobs is not None:
+            self._collect_logprobs(reqs, tokens, out, result)
+        return result
+
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        if self.cuda_graphs is not None and self.cuda_graphs.can_run(inputs):
+            return self.cuda_graphs.run(inputs)
+        return self.model(inputs.input_ids, inputs.ctx.positions, inputs.ctx)
+
+    # ------------------------------------------------------------------ logprobs
+    def _collect_logprobs(self, reqs, tokens, out, result: ModelRunnerOutput) -> None:
+        lp = out.sampled_logprobs.tolist()
+        ranks = out.sampled_ranks.tolist()
+        top_ids = out.topk_token_ids.tolist() if out.topk_token_ids is not None else None
+        top_lps = out.topk_logprobs.tolist() if out.topk_logprobs is not None else None
+        for i, (req, tok) in enumerate(zip(reqs, tokens)):
+            k = req.sampling_params.logprobs
+            if k is None:
+                continue
+            entry = {tok: Logprob(lp[i], ranks[i])}
+            if top_ids is not None:
+                for rank, (tid, tlp) in enumerate(zip(top_ids[i][:k], top_lps[i][:k]), start=1):
+                    entry.setdefault(tid, Logprob(tlp, rank))
+            result.logprobs[req.request_id] = entry
+
+    def _prompt_logprobs(self, hidden, inputs: StepInputs, result: ModelRunnerOutput) -> None:
+        """Logprob of each prompt token given the ones before it (first token: None)."""
+        for req, offset, count, first_pos in inputs.prompt_logprob_spans:
+            # rows predicting prompt positions first_pos+1 .. first_pos+count (within the prompt)
+            positions = [p for p in range(first_pos, first_pos + count) if p + 1 < req.num_prompt_tokens]
+            entries = [None] if first_pos == 0 else []
+            result.prompt_logprobs[req.request_id] = (first_pos, entries)
+            if not positions:
+                continue
+            rows = torch.arange(offset, offset + len(positions), device=hidden.device)
+            logits = self.model.compute_logits(hidden, rows).float()  # [P, V]
+            targets = torch.tensor([req.prompt_token_ids[p + 1] for p in positions], device=hidden.device)
+            k = req.sampling_params.prompt_logprobs
+            tok_lp, ranks, top_ids, top_lps = compute_prompt_logprobs(logits, targets, k)
+            tok_lp, ranks = tok_lp.tolist(), ranks.tolist()
+            top_ids = top_ids.tolist() if top_ids is not None else [[]] * len(positions)
+            top_lps = top_lps.tolist() if top_lps is not None else [[]] * len(positions)
+            for j, p in enumerate(positions):
+                tgt = req.prompt_token_ids[p + 1]
+                entry = {tgt: Logprob(tok_lp[j], ranks[j])}
+                for rank, (tid, tlp) in enumerate(zip(top_ids[j][:k], top_lps[j][:k]), start=1):
+                    entry.setdefault(tid, Logprob(tlp, rank))
+                entries.append(entry)
