@@ -230,7 +230,8 @@ class LLMEngine:
             state.metrics.last_token_time = now
             if comp.logprobs is not None:
                 self._append_logprobs(comp, req, token, result)
-            stop = comp.detokenizer.update([token])
+            # EOS / stop token ids were caught by the scheduler; their text is left out
+            stop = comp.detokenizer.update([token], stop_terminated=req.status == RequestStatus.FINISHED_STOPPED)
             if stop is not None:
                 req.stop_reason = stop
                 if not req.is_finished:
@@ -258,7 +259,7 @@ class LLMEngine:
         if entry is None or self.tokenizer is None:
             return entry
         for tid, lp in entry.items():
-            lp.decoded_token = self.tokenizer.decode([tid])
+            lp.decoded_token = self.tokenizer.decode([tid], skip_special_tokens=False)
         return entry
 
     # ------------------------------------------------------------------ outputs
@@ -291,9 +292,7 @@ class LLMEngine:
                 continue
             req = comp.request
             if delta:
-                text = comp.detokenizer.get_new_text()
-                if req.is_finished:  # nothing is held back any more
-                    text += comp.detokenizer.get_new_text(final=True)
+                text = comp.detokenizer.get_new_text(finished=req.is_finished)
                 token_ids = req.output_token_ids[comp.sent_tokens :]
                 logprobs = comp.logprobs[comp.sent_tokens :] if comp.logprobs is not None else None
                 comp.sent_tokens = len(req.output_token_ids)

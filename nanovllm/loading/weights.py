@@ -11,7 +11,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from nanovllm.layers.linear import WeightShapeError
+from nanovllm.layers.linear import WeightShapeError, default_weight_loader
 
 # Tensors some checkpoints carry that the engine recomputes itself.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -35,7 +35,7 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor, st
         param = params.get(target)
         if param is None:
             raise ValueError(f"{source}: tensor {name!r} does not belong to {type(model).__name__}")
-        loader = getattr(param, "weight_loader", None)
+        loader = getattr(param, "weight_loader", default_weight_loader)
         try:
             with torch.no_grad():
                 loader(param, tensor.to(param.dtype), shard, name=name)
