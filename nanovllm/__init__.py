@@ -1,9 +1,26 @@
 """nanovllm: a small, readable, fast LLM inference engine with vLLM's API."""
 
+import logging as _logging
+import sys as _sys
+
 from nanovllm.outputs import CompletionOutput, Logprob, RequestOutput
 from nanovllm.sampling_params import RequestOutputKind, SamplingParams
 
 __version__ = "0.1.0"
+
+
+def _setup_logging() -> None:
+    """Engine start-up facts (KV blocks, max concurrency) go to stderr at INFO, like vLLM."""
+    logger = _logging.getLogger("nanovllm")
+    if not logger.handlers:
+        handler = _logging.StreamHandler(_sys.stderr)
+        handler.setFormatter(_logging.Formatter("%(levelname)s %(asctime)s %(name)s] %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(_logging.INFO)
+        logger.propagate = False
+
+
+_setup_logging()
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "RequestOutputKind"]
 
 

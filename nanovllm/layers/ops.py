@@ -73,6 +73,13 @@ def paged_attention(query, k_cache, v_cache, ctx, scale, sliding_window=None, us
             query, k_cache, v_cache, ctx.query_start_loc, ctx.seq_lens, ctx.block_tables, scale,
             sliding_window=sliding_window, max_query_len=ctx.max_query_len, max_seq_len=ctx.max_seq_len,
         )
+    if not query.is_cuda and ctx.query_start_loc_cpu is not None:
+        from nanovllm.layers import torch_attention
+
+        return torch_attention.paged_attention(
+            query, k_cache, v_cache, ctx.query_start_loc_cpu, ctx.seq_lens_cpu, ctx.block_tables, scale,
+            sliding_window=sliding_window,
+        )
     return reference.paged_attention(
         query, k_cache, v_cache, ctx.query_start_loc, ctx.seq_lens, ctx.block_tables, scale,
         sliding_window=sliding_window,

@@ -150,7 +150,7 @@ class ModelRunner:
             self._prompt_logprobs(hidden, inputs, result)
         if not inputs.sample_requests:
             return result
-        logits = self.model.compute_logits(hidden, inputs.logits_indices).float()  # [S, V]
+        logits = self.model.compute_logits(hidden, inputs.logits_indices)  # [S, V], sampler upcasts
         reqs = inputs.sample_requests
         batch = SamplingBatch.build(
             params=[r.sampling_params for r in reqs],

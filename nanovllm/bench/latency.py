@@ -1,0 +1,90 @@
+"""Batch-1 decode latency next to the weight-read roofline.
+
+One request: 128-token prompt, 512 generated tokens, greedy. Reports decode tokens/s and
+ms/token (time after the first token), and the roofline = parameter bytes / measured
+device-to-device copy bandwidth, as a percentage.
+
+    nanovllm bench latency --model benchmarks/configs/qwen3-0.6b
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from nanovllm.bench.report import RESULTS_DIR, append_rows, base_row
+
+COPY_BYTES = 1 << 30  # 1 GiB buffer for the bandwidth measurement
+COPY_REPEATS = 20
+
+
+def measure_copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read + written."""
+    import torch
+
+    src = torch.empty(COPY_BYTES, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(COPY_REPEATS):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1000 / COPY_REPEATS
+    return 2 * COPY_BYTES / seconds
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=512)
+    p.add_argument("--load-format", default="dummy")
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs (median reported)")
+    p.add_argument("--max-num-seqs", type=int, default=8, help="graphs to capture (batch 1 needs few)")
+    p.add_argument("--csv", default=os.path.join(RESULTS_DIR, "latency.csv"))
+
+
+def run(args) -> int:
+    import statistics
+
+    import torch
+
+    from nanovllm import LLM, SamplingParams, RequestOutputKind
+
+    llm = LLM(args.model, load_format=args.load_format, skip_tokenizer_init=True, enforce_eager=args.enforce_eager,
+              max_model_len=args.input_len + args.output_len + 16, max_num_seqs=args.max_num_seqs)
+    engine = llm.engine
+    prompt = {"prompt_token_ids": [(7 * i + 3) % 10000 for i in range(args.input_len)]}
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True,
+                            output_kind=RequestOutputKind.DELTA)
+    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    decode_rates = []
+    for rep in range(args.repeats):
+        engine.add_request(f"lat-{rep}", prompt, params)
+        first = None
+        n = 0
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                n += len(out.outputs[0].token_ids)
+                if first is None and n:
+                    first = time.perf_counter()
+        last = time.perf_counter()
+        decode_rates.append((n - 1) / (last - first))
+    rate = statistics.median(decode_rates)
+    param_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in llm.engine.model.parameters()}.values())
+    bw = measure_copy_bandwidth() if torch.cuda.is_available() else float("nan")
+    roofline = bw / param_bytes
+    row = {**base_row(), "model": os.path.basename(os.path.normpath(args.model)), "input_len": args.input_len,
+           "output_len": args.output_len, "cuda_graphs": not args.enforce_eager,
+           "decode_tok_per_s": round(rate, 1), "ms_per_token": round(1000 / rate, 3),
+           "param_bytes": param_bytes, "copy_bw_GBps": round(bw / 1e9, 1), "roofline_tok_per_s": round(roofline, 1),
+           "pct_of_roofline": round(100 * rate / roofline, 1)}
+    path = append_rows(args.csv, [row])
+    print(f"batch-1 decode: {rate:,.1f} tok/s ({1000 / rate:.3f} ms/token); roofline {roofline:,.0f} tok/s "
+          f"({param_bytes / 1e9:.2f} GB params at {bw / 1e9:,.0f} GB/s) -> {100 * rate / roofline:.1f}%  (CSV: {path})")
+    return 0

@@ -1,0 +1,115 @@
+"""Offline throughput on nano-vLLM's bench.py workload.
+
+256 sequences, `random.seed(0)`, prompt token ids drawn with randint(0, 10000), prompt lengths
+randint(100, 1024), output lengths randint(100, 1024), ignore_eos, temperature 0.6,
+max_model_len 4096. Throughput = total output tokens / wall time of one `generate` call.
+The model is built from a config JSON with random weights (nothing to download).
+
+    nanovllm bench throughput --model benchmarks/configs/qwen3-0.6b
+    nanovllm bench throughput --model benchmarks/configs/qwen3-0.6b --backend hf --num-seqs 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import time
+
+from nanovllm.bench.report import RESULTS_DIR, append_rows, bar_plot, base_row
+
+WORKLOAD_SEED = 0
+TOKEN_ID_MAX = 10000
+MIN_LEN, MAX_LEN = 100, 1024
+TEMPERATURE = 0.6
+
+
+def make_workload(num_seqs: int, max_input_len: int = MAX_LEN, max_output_len: int = MAX_LEN):
+    """The exact draw order of nano-vLLM's bench.py: all prompts first, then all output lengths."""
+    random.seed(WORKLOAD_SEED)
+    prompts = [[random.randint(0, TOKEN_ID_MAX) for _ in range(random.randint(MIN_LEN, max_input_len))]
+               for _ in range(num_seqs)]
+    output_lens = [random.randint(MIN_LEN, max_output_len) for _ in range(num_seqs)]
+    return prompts, output_lens
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model dir (a config.json is enough with --load-format dummy)")
+    p.add_argument("--backend", choices=["nanovllm", "hf"], default="nanovllm")
+    p.add_argument("--num-seqs", type=int, default=256)
+    p.add_argument("--max-input-len", type=int, default=MAX_LEN)
+    p.add_argument("--max-output-len", type=int, default=MAX_LEN)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--load-format", default="dummy", help="dummy = random weights (default), auto = load the checkpoint")
+    p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--csv", default=os.path.join(RESULTS_DIR, "throughput.csv"))
+
+
+def run_nanovllm(args, prompts, output_lens) -> float:
+    from nanovllm import LLM, SamplingParams
+
+    kwargs = {}
+    if args.max_num_batched_tokens:
+        kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
+    llm = LLM(args.model, load_format=args.load_format, skip_tokenizer_init=True, max_model_len=args.max_model_len,
+              enforce_eager=args.enforce_eager, gpu_memory_utilization=args.gpu_memory_utilization, **kwargs)
+    llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
+    params = [SamplingParams(temperature=TEMPERATURE, ignore_eos=True, max_tokens=n) for n in output_lens]
+    t0 = time.perf_counter()
+    llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return time.perf_counter() - t0
+
+
+def run_hf(args, prompts, output_lens) -> float:
+    """HF transformers continuous batching (`generate_batch`) on the same prompts.
+
+    generate_batch takes one GenerationConfig, so every sequence generates the workload's
+    mean output length; throughput still counts the tokens actually produced.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(args.model)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa_paged")
+    model.eval()
+    mean_out = round(sum(output_lens) / len(output_lens))
+    gen = GenerationConfig(max_new_tokens=mean_out, do_sample=True, temperature=TEMPERATURE, eos_token_id=-1,
+                           pad_token_id=0, use_cuda_graph=False, num_blocks=4096, block_size=128)
+    model.generate_batch(inputs=[prompts[0][:16]], generation_config=GenerationConfig(
+        max_new_tokens=4, do_sample=False, eos_token_id=-1, pad_token_id=0))  # warm-up
+    t0 = time.perf_counter()
+    out = model.generate_batch(inputs=prompts, generation_config=gen)
+    elapsed = time.perf_counter() - t0
+    produced = sum(len(r.generated_tokens) for r in out.values())
+    output_lens[:] = [produced]  # what was actually generated
+    return elapsed
+
+
+def run(args) -> int:
+    prompts, output_lens = make_workload(args.num_seqs, args.max_input_len, args.max_output_len)
+    fn = run_hf if args.backend == "hf" else run_nanovllm
+    elapsed = fn(args, prompts, output_lens)
+    total = sum(output_lens)
+    row = {**base_row(), "backend": args.backend, "model": os.path.basename(os.path.normpath(args.model)),
+           "num_seqs": args.num_seqs, "input_tokens": sum(map(len, prompts)), "output_tokens": total,
+           "seconds": round(elapsed, 2), "output_tok_per_s": round(total / elapsed, 1),
+           "cuda_graphs": not args.enforce_eager}
+    path = append_rows(args.csv, [row])
+    print(f"{args.backend}: {total} output tokens in {elapsed:.2f} s = {total / elapsed:,.0f} tok/s  (CSV: {path})")
+    return 0
+
+
+def plot(csv_path: str, out_png: str) -> None:
+    """Bar chart of the latest row per backend in a throughput CSV."""
+    import csv
+
+    latest = {}
+    with open(csv_path) as f:
+        for r in csv.DictReader(f):
+            latest[r["backend"]] = r
+    labels = list(latest)
+    bar_plot(out_png, labels, [float(latest[k]["output_tok_per_s"]) for k in labels], "output tokens/s",
+             f"nano-vLLM bench workload, {latest[labels[0]]['model']} ({latest[labels[0]]['device']})")

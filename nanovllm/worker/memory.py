@@ -1,0 +1,82 @@
+"""Size the KV cache from the GPU memory left after a profiling forward.
+
+budget = total * gpu_memory_utilization
+         - memory in use before profiling (weights, CUDA context, other processes)
+         - peak activation memory of the largest batch (forward + logits + sampling)
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from nanovllm.engine.kv_cache_manager import cdiv
+from nanovllm.worker.forward_context import ForwardContext
+
+logger = logging.getLogger(__name__)
+
+
+@torch.inference_mode()
+def profile_num_kv_blocks(engine, bytes_per_block: int) -> int:
+    cfg = engine.config
+    device = engine.device
+    model = engine.model
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    free, total = torch.cuda.mem_get_info(device)
+    used_before = total - free
+    allocated_before = torch.cuda.memory_allocated(device)
+
+    # One prefill batch of max_num_batched_tokens tokens, as sequences of at most max_model_len.
+    num_tokens = min(cfg.max_num_batched_tokens, cfg.max_num_seqs * engine.max_model_len)
+    seq_len = min(engine.max_model_len, num_tokens)
+    num_seqs = cdiv(num_tokens, seq_len)
+    lens = [seq_len] * (num_seqs - 1) + [num_tokens - seq_len * (num_seqs - 1)]
+    blocks_per_seq = cdiv(seq_len, cfg.block_size)
+    num_blocks = num_seqs * blocks_per_seq
+    attn_layers = model.attention_layers()
+    saved = [(a.k_cache, a.v_cache) for a in attn_layers]
+    for a in attn_layers:  # a temporary cache just big enough for the profiling batch
+        shape = (num_blocks, a.num_kv_heads, cfg.block_size, a.head_dim)
+        a.k_cache = torch.empty(shape, dtype=engine.dtype, device=device)
+        a.v_cache = torch.empty(shape, dtype=engine.dtype, device=device)
+    temp_cache_bytes = num_blocks * bytes_per_block
+
+    positions = np.concatenate([np.arange(n) for n in lens])
+    slots = np.concatenate([i * blocks_per_seq * cfg.block_size + np.arange(n) for i, n in enumerate(lens)])
+    block_tables = np.arange(num_blocks, dtype=np.int32).reshape(num_seqs, blocks_per_seq)
+    ctx = ForwardContext(
+        positions=torch.from_numpy(positions).to(device),
+        slot_mapping=torch.from_numpy(slots).to(device),
+        query_start_loc=torch.from_numpy(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)).to(device),
+        seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
+        block_tables=torch.from_numpy(block_tables).to(device),
+        max_query_len=seq_len, max_seq_len=seq_len, num_seqs=num_seqs,
+        use_triton=cfg.attention_backend != "torch",
+    )
+    input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
+    hidden = model(input_ids, ctx.positions, ctx)
+    # logits + sampling temporaries for a full decode batch
+    rows = torch.arange(min(cfg.max_num_seqs, num_tokens), device=device)
+    logits = model.compute_logits(hidden, rows).float()
+    torch.softmax(logits, dim=-1).argmax(dim=-1)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - allocated_before - temp_cache_bytes
+    del hidden, logits
+    for a, (k, v) in zip(attn_layers, saved):
+        a.k_cache, a.v_cache = k, v
+    torch.cuda.empty_cache()
+
+    budget = total * cfg.gpu_memory_utilization - used_before - peak
+    blocks = int(budget // bytes_per_block)
+    logger.info("KV cache: total %.1f GiB, in use %.1f GiB, activation peak %.2f GiB -> %d blocks (%.1f GiB)",
+                total / 2**30, used_before / 2**30, peak / 2**30, blocks, blocks * bytes_per_block / 2**30)
+    if blocks <= 0:
+        raise ValueError(
+            f"no GPU memory left for the KV cache (weights and activations use {(used_before + peak) / 2**30:.1f} GiB "
+            f"of {total / 2**30:.1f} GiB): raise gpu_memory_utilization or lower max_num_batched_tokens"
+        )
+    return blocks
