@@ -47,8 +47,9 @@ class ModelRunner:
         self.tokenizer = tokenizer
         self.sampler = Sampler()
         self.kv_caches = self._allocate_kv_cache(num_kv_blocks)
-        self.cuda_graphs = None  # set by enable_cuda_graphs()
-        self.pin = device.type == "cuda"
+        self.cuda_graphs = None  # a CUDAGraphRunner, set by the engine on CUDA unless enforce_eager
+        self._staged: dict[str, torch.Tensor] = {}
+        self._staged_sizes: dict[str, int] = {}
 
     # ------------------------------------------------------------------ KV cache
     @staticmethod
@@ -79,37 +80,63 @@ class ModelRunner:
             v[dst] = v[src]
 
     # ------------------------------------------------------------------ inputs
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(array)
-        if self.device.type == "cpu":
-            return t
-        if self.pin:
-            t = t.pin_memory()
-        return t.to(self.device, non_blocking=True)
+    def _staging(self, num_tokens: int, num_seqs: int, max_blocks: int) -> dict[str, torch.Tensor]:
+        """Host buffers for one step, reused across steps (pinned on CUDA for async copies).
+
+        Reuse is safe: every step ends with the sampled tokens copied back, which waits for
+        the previous step's host-to-device copies.
+        """
+        need = {"tokens": num_tokens, "seqs": num_seqs + 1, "blocks": num_seqs * max_blocks}
+        if any(need[k] > self._staged_sizes.get(k, 0) for k in need):
+            sizes = {k: max(2 * v, self._staged_sizes.get(k, 0)) for k, v in need.items()}
+            pin = self.device.type == "cuda"
+
+            def buf(n, dtype):
+                return torch.empty(n, dtype=dtype, pin_memory=pin)
+
+            self._staged = {
+                "input_ids": buf(sizes["tokens"], torch.int64),
+                "positions": buf(sizes["tokens"], torch.int64),
+                "slot_mapping": buf(sizes["tokens"], torch.int64),
+                "query_start_loc": buf(sizes["seqs"], torch.int32),
+                "seq_lens": buf(sizes["seqs"], torch.int32),
+                "logits_indices": buf(sizes["seqs"], torch.int64),
+                "block_tables": buf(sizes["blocks"], torch.int32),
+            }
+            self._staged_sizes = sizes
+        return self._staged
 
     def prepare_inputs(self, sched: SchedulerOutput) -> StepInputs:
         bs = self.block_size
         items = sched.scheduled
         num_seqs = len(items)
         num_tokens = sum(it.num_new_tokens for it in items)
-        input_ids = np.empty(num_tokens, dtype=np.int64)
-        positions = np.empty(num_tokens, dtype=np.int64)
-        slot_mapping = np.empty(num_tokens, dtype=np.int64)
-        query_start_loc = np.zeros(num_seqs + 1, dtype=np.int32)
-        seq_lens = np.empty(num_seqs, dtype=np.int32)
         max_blocks = max(len(it.block_ids) for it in items)
-        block_tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)
+        st = self._staging(num_tokens, num_seqs, max_blocks)
+        input_ids = st["input_ids"][:num_tokens].numpy()
+        positions = st["positions"][:num_tokens].numpy()
+        slot_mapping = st["slot_mapping"][:num_tokens].numpy()
+        query_start_loc = st["query_start_loc"][: num_seqs + 1].numpy()
+        seq_lens = st["seq_lens"][:num_seqs].numpy()
+        block_tables = st["block_tables"][: num_seqs * max_blocks].numpy().reshape(num_seqs, max_blocks)
+        query_start_loc[0] = 0
         logits_indices, sample_requests, prompt_spans = [], [], []
         t = 0
         for i, it in enumerate(items):
             req, n, start = it.request, it.num_new_tokens, it.request.num_computed_tokens
             end = start + n
-            input_ids[t : t + n] = req.token_ids_slice(start, end)
-            pos = np.arange(start, end, dtype=np.int64)  # [n]
-            positions[t : t + n] = pos
-            blocks = np.asarray(it.block_ids, dtype=np.int64)
-            slot_mapping[t : t + n] = blocks[pos // bs] * bs + pos % bs
+            blocks = it.block_ids
             block_tables[i, : len(blocks)] = blocks
+            block_tables[i, len(blocks) :] = 0  # the buffer is reused: no stale block ids
+            if n == 1:  # decode: scalar writes, no temporary arrays
+                input_ids[t] = req.token_id_at(start)
+                positions[t] = start
+                slot_mapping[t] = blocks[start // bs] * bs + start % bs
+            else:
+                input_ids[t : t + n] = req.token_ids_slice(start, end)
+                pos = np.arange(start, end, dtype=np.int64)  # [n]
+                positions[t : t + n] = pos
+                slot_mapping[t : t + n] = block_tables[i, pos // bs].astype(np.int64) * bs + pos % bs
             query_start_loc[i + 1] = t + n
             seq_lens[i] = end
             if req.sampling_params.prompt_logprobs is not None and start < req.num_prompt_tokens:
@@ -118,26 +145,35 @@ class ModelRunner:
                 logits_indices.append(t + n - 1)
                 sample_requests.append(req)
             t += n
+        num_sample = len(logits_indices)
+        st["logits_indices"][:num_sample].numpy()[:] = logits_indices
+        max_query_len = int(np.diff(query_start_loc).max())
+        dev = self._to_device
         ctx = ForwardContext(
-            positions=self._to_device(positions),
-            slot_mapping=self._to_device(slot_mapping),
-            query_start_loc=self._to_device(query_start_loc),
-            seq_lens=self._to_device(seq_lens),
-            block_tables=self._to_device(block_tables),
-            max_query_len=int(np.diff(query_start_loc).max()),
+            positions=dev(st["positions"][:num_tokens]),
+            slot_mapping=dev(st["slot_mapping"][:num_tokens]),
+            query_start_loc=dev(st["query_start_loc"][: num_seqs + 1]),
+            seq_lens=dev(st["seq_lens"][:num_seqs]),
+            block_tables=dev(st["block_tables"][: num_seqs * max_blocks].view(num_seqs, max_blocks)),
+            max_query_len=max_query_len,
             max_seq_len=int(seq_lens.max()),
             num_seqs=num_seqs,
-            query_start_loc_cpu=query_start_loc.tolist(),
-            seq_lens_cpu=seq_lens.tolist(),
+            query_start_loc_cpu=query_start_loc.tolist() if self.device.type == "cpu" else None,
+            seq_lens_cpu=seq_lens.tolist() if self.device.type == "cpu" else None,
             use_triton=self.use_triton_attention,
         )
         return StepInputs(
-            input_ids=self._to_device(input_ids),
+            input_ids=dev(st["input_ids"][:num_tokens]),
             ctx=ctx,
-            logits_indices=self._to_device(np.asarray(logits_indices, dtype=np.int64)),
+            logits_indices=dev(st["logits_indices"][:num_sample]),
             sample_requests=sample_requests,
             prompt_logprob_spans=prompt_spans,
         )
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return t.clone()  # the staging buffer is reused next step
+        return t.to(self.device, non_blocking=True)
 
     # ------------------------------------------------------------------ execute
     @torch.inference_mode()
