@@ -13,7 +13,7 @@ import argparse
 import os
 import time
 
-from nanovllm.bench.report import RESULTS_DIR, append_rows, base_row
+from nanovllm.bench.report import RESULTS_DIR, append_rows, bar_plot, base_row
 
 COPY_BYTES = 1 << 30  # 1 GiB buffer for the bandwidth measurement
 COPY_REPEATS = 20
@@ -85,6 +85,9 @@ def run(args) -> int:
            "param_bytes": param_bytes, "copy_bw_GBps": round(bw / 1e9, 1), "roofline_tok_per_s": round(roofline, 1),
            "pct_of_roofline": round(100 * rate / roofline, 1)}
     path = append_rows(args.csv, [row])
+    bar_plot(os.path.splitext(path)[0] + f"_{row['model']}.png", ["nanovllm", "weight-read roofline"],
+             [rate, roofline], "decode tokens/s",
+             f"batch-1 decode, {row['model']} ({row['device']}): {row['pct_of_roofline']}% of roofline")
     print(f"batch-1 decode: {rate:,.1f} tok/s ({1000 / rate:.3f} ms/token); roofline {roofline:,.0f} tok/s "
           f"({param_bytes / 1e9:.2f} GB params at {bw / 1e9:,.0f} GB/s) -> {100 * rate / roofline:.1f}%  (CSV: {path})")
     return 0

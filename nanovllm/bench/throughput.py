@@ -66,25 +66,25 @@ def run_hf(args, prompts, output_lens) -> float:
     """HF transformers continuous batching (`generate_batch`) on the same prompts.
 
     generate_batch takes one GenerationConfig, so every sequence generates the workload's
-    mean output length; throughput still counts the tokens actually produced.
+    mean output length; throughput counts the tokens actually produced.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     config = AutoConfig.from_pretrained(args.model)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa_paged")
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.eval()
     mean_out = round(sum(output_lens) / len(output_lens))
-    gen = GenerationConfig(max_new_tokens=mean_out, do_sample=True, temperature=TEMPERATURE, eos_token_id=-1,
-                           pad_token_id=0, use_cuda_graph=False, num_blocks=4096, block_size=128)
-    model.generate_batch(inputs=[prompts[0][:16]], generation_config=GenerationConfig(
-        max_new_tokens=4, do_sample=False, eos_token_id=-1, pad_token_id=0))  # warm-up
-    t0 = time.perf_counter()
-    out = model.generate_batch(inputs=prompts, generation_config=gen)
-    elapsed = time.perf_counter() - t0
-    produced = sum(len(r.generated_tokens) for r in out.values())
-    output_lens[:] = [produced]  # what was actually generated
+    gen = GenerationConfig(max_new_tokens=mean_out, do_sample=True, temperature=TEMPERATURE, top_k=0, top_p=1.0,
+                           pad_token_id=0)
+    warm = GenerationConfig(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate_batch(inputs=[prompts[0][:16]], generation_config=warm)
+        t0 = time.perf_counter()
+        out = model.generate_batch(inputs=prompts, generation_config=gen)
+        elapsed = time.perf_counter() - t0
+    output_lens[:] = [sum(len(r.generated_tokens) for r in out.values())]  # what was actually generated
     return elapsed
 
 
@@ -98,6 +98,7 @@ def run(args) -> int:
            "seconds": round(elapsed, 2), "output_tok_per_s": round(total / elapsed, 1),
            "cuda_graphs": not args.enforce_eager}
     path = append_rows(args.csv, [row])
+    plot(path, os.path.splitext(path)[0] + ".png")
     print(f"{args.backend}: {total} output tokens in {elapsed:.2f} s = {total / elapsed:,.0f} tok/s  (CSV: {path})")
     return 0
 
@@ -109,7 +110,7 @@ def plot(csv_path: str, out_png: str) -> None:
     latest = {}
     with open(csv_path) as f:
         for r in csv.DictReader(f):
-            latest[r["backend"]] = r
+            latest[f"{r['backend']} ({r['num_seqs']} seqs)"] = r
     labels = list(latest)
     bar_plot(out_png, labels, [float(latest[k]["output_tok_per_s"]) for k in labels], "output tokens/s",
              f"nano-vLLM bench workload, {latest[labels[0]]['model']} ({latest[labels[0]]['device']})")
