@@ -2,7 +2,7 @@
 # The GPU issue's checks and benchmarks in one device call; logs and CSVs to $OUT.
 #   bash benchmarks/gpu_suite.sh [tests] [bench] [bench8b] [hf] [profile] [kernels]
 set -uo pipefail
-OUT=${OUT:-/tmp/nanovllm-out}; mkdir -p "$OUT"
+DEST=${OUT:-/tmp/nanovllm-out}; OUT=/tmp/suite-logs; mkdir -p "$OUT" "$DEST"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
 steps=${*:-tests bench bench8b profile}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -20,4 +20,5 @@ for s in $steps; do
     profile) for b in 1 64 256; do timeout 90 python3 benchmarks/profile_decode.py --batch $b 2>&1 | grep -v "^INFO" | tail -19; done 2>&1 | tee "$OUT/profile.log" ;;
   esac
 done
-cp benchmarks/results/*.csv benchmarks/results/*.png "$OUT/" 2>/dev/null || true
+cp benchmarks/results/*.csv benchmarks/results/*.png "$OUT/" 2>/dev/null
+tar czf "$DEST/suite.tgz" -C "$OUT" . && echo "results in suite.tgz"
