@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
+
+# Without a GPU, Triton kernels run in the interpreter (fp32); this must be set before any
+# test module imports a kernel, whichever directory pytest collects first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 # Small but awkward shapes: GQA, head_dim not hidden/heads, odd vocab and MLP sizes.
 TINY_CONFIGS = {

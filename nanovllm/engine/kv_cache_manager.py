@@ -111,6 +111,16 @@ class KVCacheManager:
         `cached_blocks` (from find_cached_prefix, only on first admission) are taken by
         reference. Returns False, changing nothing, when the pool is too small right now.
         """
+        blocks = self.req_blocks.get(req.request_id)
+        if blocks is not None and not cached_blocks:
+            need = self.blocks_needed(req.num_computed_tokens + num_new_tokens) - len(blocks)
+            if need <= 0:  # the common decode step: the last block still has room
+                return True
+            if need > len(self.free_queue):
+                return False
+            for _ in range(need):
+                blocks.append(self._pop_free())
+            return True
         if not self.can_allocate(req, num_new_tokens, tuple(cached_blocks)):
             return False
         blocks = self.req_blocks.setdefault(req.request_id, [])
@@ -145,8 +155,10 @@ class KVCacheManager:
         if not blocks:
             return
         num_full = min(req.num_computed_tokens // self.block_size, len(blocks))
+        if num_full <= req.num_registered_blocks:
+            return  # no block filled up since the last call (most decode steps)
         self._update_block_hashes(req, num_full * self.block_size)
-        for i in range(num_full):
+        for i in range(req.num_registered_blocks, num_full):
             b = blocks[i]
             if self.block_hash[b] is not None:
                 continue
@@ -155,10 +167,12 @@ class KVCacheManager:
                 continue
             self.block_hash[b] = h
             self.cached[h] = b
+        req.num_registered_blocks = num_full
 
     def free(self, req: Request) -> None:
         """Drop req's references. Last blocks are queued first so they are evicted first."""
         blocks = self.req_blocks.pop(req.request_id, None)
+        req.num_registered_blocks = 0
         if not blocks:
             return
         for b in reversed(blocks):
@@ -188,4 +202,5 @@ class KVCacheManager:
             child_blocks.append(dst)
         self.req_blocks[child.request_id] = child_blocks
         child.block_hashes = list(parent.block_hashes)
+        child.num_registered_blocks = min(parent.num_registered_blocks, num_full)
         return copy

@@ -264,13 +264,12 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ outputs
     def _outputs(self, touched: set[str]) -> list[RequestOutput]:
+        """RequestOutputs of the requests that changed this step (finishing only happens there)."""
         outputs = []
         now = time.monotonic()
-        for rid in list(self.states):
+        for rid in touched:
             state = self.states[rid]
             finished = state.finished
-            if rid not in touched and not finished:
-                continue
             kind = state.params.output_kind
             if kind == RequestOutputKind.FINAL_ONLY and not finished:
                 continue

@@ -60,6 +60,7 @@ class Request:
     stop_reason: Optional[object] = None  # matched stop string or stop token id
     # block hashes of full blocks, extended as blocks fill (used by the prefix cache)
     block_hashes: list[int] = field(default_factory=list)
+    num_registered_blocks: int = 0  # leading blocks already checked into the prefix cache
     # n > 1: fork into this many completions once the prompt (but its last token) is cached
     pending_fork: int = 0
 

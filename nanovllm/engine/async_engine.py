@@ -1,0 +1,388 @@
+"""AsyncLLMEngine: the LLMEngine driven by one background thread, for asyncio servers.
+
+    event loop (any number of coroutines)             engine thread (the only one touching LLMEngine)
+    add_request()/abort() ──► commands (list + Condition) ──► engine.add_request / abort_request
+    RequestStream (asyncio.Queue) ◄── loop.call_soon_threadsafe ◄── engine.step() DELTA outputs
+
+- Every request streams DELTA outputs (new text, token ids and logprobs of each step).
+- A bad request (ValueError/TypeError from LLMEngine.add_request) raises in the caller of
+  `add_request`/`generate`; the engine loop never sees it again.
+- Closing a stream early (break + aclose, task cancelled, client gone) aborts the request,
+  which frees its KV blocks on the engine thread's next iteration.
+- If `step()` raises, the requests that were running fail with `RequestFailedError`, the
+  error is logged, and the loop goes on serving the others. If the engine cannot even abort
+  them, it is marked dead: every stream fails and new requests raise `EngineDeadError`.
+- With nothing to do the thread waits on a condition variable (no polling).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Optional, Protocol
+
+from nanovllm.config import EngineConfig
+from nanovllm.engine.input_processor import PromptType
+from nanovllm.engine.llm_engine import LLMEngine
+from nanovllm.outputs import RequestOutput
+from nanovllm.sampling_params import RequestOutputKind, SamplingParams
+
+logger = logging.getLogger("nanovllm")
+
+# Consecutive failed steps after which every request is failed (a fault that is not tied
+# to the running batch would otherwise repeat forever).
+MAX_CONSECUTIVE_STEP_FAILURES = 3
+SHUTDOWN_JOIN_TIMEOUT_S = 30.0
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped (shutdown or an unrecoverable error); no request can run."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine raised while running this request; the request was aborted."""
+
+
+class RequestObserver(Protocol):
+    """Per-request timing hooks, called on the engine thread (keep them cheap and thread-safe)."""
+
+    def on_first_token(self, ttft_s: float) -> None: ...
+
+    def on_inter_token(self, itl_s: float) -> None: ...
+
+    def on_finished(self, output: RequestOutput, e2e_s: float, num_generation_tokens: int) -> None: ...
+
+
+@dataclass
+class _Stream:
+    """Engine-thread bookkeeping of one live request."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    accepted: asyncio.Future
+    last_token_time: Optional[float] = None
+    num_generation_tokens: int = 0
+
+
+class RequestStream:
+    """Async iterator over one request's DELTA RequestOutputs. Closing it early aborts the request."""
+
+    def __init__(self, engine: "AsyncLLMEngine", request_id: str, queue: asyncio.Queue) -> None:
+        self.request_id = request_id
+        self._engine = engine
+        self._queue = queue
+        self._done = False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            item = await self._queue.get()
+        except BaseException:  # cancelled while waiting: the consumer is gone
+            self.abort()
+            raise
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        if item.finished:
+            self._done = True
+        return item
+
+    @property
+    def finished(self) -> bool:
+        return self._done
+
+    def abort(self) -> None:
+        """Abort the request unless it already finished (idempotent, callable from any thread)."""
+        if not self._done:
+            self._done = True
+            self._engine.abort(self.request_id)
+
+    async def aclose(self) -> None:
+        self.abort()
+
+    async def __aenter__(self) -> "RequestStream":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.abort()
+
+    def __del__(self) -> None:  # dropped without being drained or closed: do not leave it running
+        if not self._done:
+            self._engine.abort(self.request_id)
+
+
+class AsyncLLMEngine:
+    """Thread-safe, asyncio-facing wrapper of LLMEngine (see the module docstring)."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self.model_name = engine.source.name
+        self.vocab_size = engine.hf_config.vocab_size
+        self._cond = threading.Condition()
+        self._commands: list[tuple] = []  # guarded by _cond
+        self._stopping = False  # guarded by _cond
+        self._dead: Optional[BaseException] = None
+        self._streams: dict[str, _Stream] = {}  # engine thread only
+        self._observers: list[RequestObserver] = []
+        self._ids = itertools.count()
+        self._consecutive_failures = 0
+        self._stats = dict(engine.stats())
+        self._thread = threading.Thread(target=self._run, name="nanovllm-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "AsyncLLMEngine":
+        return cls(LLMEngine(config))
+
+    # ------------------------------------------------------------------ public (event loop side)
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and self._dead is None
+
+    @property
+    def dead_error(self) -> Optional[BaseException]:
+        return self._dead
+
+    def add_observer(self, observer: RequestObserver) -> None:
+        self._observers.append(observer)
+
+    def remove_observer(self, observer: RequestObserver) -> None:
+        if observer in self._observers:
+            self._observers.remove(observer)
+
+    async def add_request(self, prompt: PromptType, params: Optional[SamplingParams] = None,
+                          request_id: Optional[str] = None,
+                          arrival_time: Optional[float] = None) -> RequestStream:
+        """Queue a request; returns its stream once the engine accepted it.
+
+        Raises what LLMEngine.add_request raises (ValueError/TypeError for bad input), or
+        EngineDeadError. Outputs are always DELTA, whatever `params.output_kind` says.
+        """
+        if self._dead is not None or not self._thread.is_alive():
+            raise EngineDeadError(f"the engine is not running ({self._dead or 'shut down'})")
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        params = params.replace(output_kind=RequestOutputKind.DELTA)
+        request_id = f"async-{next(self._ids)}" if request_id is None else request_id
+        loop = asyncio.get_running_loop()
+        stream = _Stream(loop, asyncio.Queue(), loop.create_future())
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        self._submit(("add", request_id, prompt, params, arrival, stream))
+        try:
+            await stream.accepted  # raises the add_request error
+        except asyncio.CancelledError:
+            self.abort(request_id)  # commands run in order: this abort comes after the add
+            raise
+        return RequestStream(self, request_id, stream.queue)
+
+    async def generate(self, prompt: PromptType, params: Optional[SamplingParams] = None,
+                       request_id: Optional[str] = None) -> AsyncIterator[RequestOutput]:
+        """Stream one request's DELTA outputs; aborts it when the consumer stops early."""
+        stream = await self.add_request(prompt, params, request_id)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            stream.abort()
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (no-op when unknown or finished). Safe from any thread."""
+        self._submit(("abort", request_id))
+
+    def stats(self) -> dict:
+        """Snapshot of LLMEngine.stats() taken by the engine thread after its latest step."""
+        snap = dict(self._stats)
+        snap["engine_alive"] = self.is_running
+        return snap
+
+    def shutdown(self, timeout: float = SHUTDOWN_JOIN_TIMEOUT_S) -> None:
+        """Stop the engine thread; live streams fail with EngineDeadError."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ engine thread
+    def _submit(self, command: tuple) -> None:
+        with self._cond:
+            self._commands.append(command)
+            self._cond.notify()
+
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            with self._cond:
+                while not self._commands and not self._stopping and not (
+                    self._dead is None and engine.has_unfinished_requests()
+                ):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                commands, self._commands = self._commands, []
+            for command in commands:
+                self._apply(command)
+            if self._dead is None and engine.has_unfinished_requests():
+                self._step()
+            else:
+                self._snapshot()
+        self._fail_all(EngineDeadError("the engine was shut down"))
+
+    def _apply(self, command: tuple) -> None:
+        if command[0] == "abort":
+            rid = command[1]
+            stream = self._streams.pop(rid, None)
+            if stream is None:
+                return
+            try:
+                self.engine.abort_request(rid)
+            except Exception as e:  # never user input: the engine's state is broken
+                self._die(e)
+            return
+        _, rid, prompt, params, arrival, stream = command
+        if self._dead is not None:
+            _call(stream.loop, _set_exception, stream.accepted, EngineDeadError(f"the engine died: {self._dead!r}"))
+            return
+        if rid in self._streams:
+            _call(stream.loop, _set_exception, stream.accepted, ValueError(f"request id {rid!r} is already in use"))
+            return
+        try:
+            self.engine.add_request(rid, prompt, params, arrival_time=arrival)
+        except Exception as e:  # bad input: goes back to the caller only
+            _call(stream.loop, _set_exception, stream.accepted, e)
+            return
+        self._streams[rid] = stream
+        if not _call(stream.loop, _set_result, stream.accepted, True):
+            self._streams.pop(rid, None)
+            self.engine.abort_request(rid)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:
+            logger.exception("engine step failed; failing the requests it was running")
+            self._consecutive_failures += 1
+            self._fail_running(e)
+            self._snapshot()
+            return
+        self._consecutive_failures = 0
+        self._snapshot()  # before delivering, so a client that got its answer sees fresh stats
+        self._dispatch(outputs)
+
+    def _snapshot(self) -> None:
+        try:
+            self._stats = dict(self.engine.stats())
+        except Exception:  # stats are best effort
+            logger.exception("engine stats failed")
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            self._observe(stream, out)
+            if out.finished:
+                del self._streams[out.request_id]
+            batches.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, items in batches.items():  # one wake-up per event loop per step
+            if not _call(loop, _deliver, items):
+                gone = [out.request_id for _, out in items if not out.finished]
+                self.engine.abort_request(gone)
+
+    def _observe(self, stream: _Stream, out: RequestOutput) -> None:
+        if not self._observers:
+            return
+        m = out.metrics
+        new_tokens = sum(len(c.token_ids) for c in out.outputs)
+        try:
+            if new_tokens and m is not None and m.last_token_time is not None:
+                stream.num_generation_tokens += new_tokens
+                if stream.last_token_time is None:
+                    for obs in self._observers:
+                        obs.on_first_token(m.first_token_time - m.arrival_time)
+                else:
+                    for obs in self._observers:
+                        obs.on_inter_token(m.last_token_time - stream.last_token_time)
+                stream.last_token_time = m.last_token_time
+            if out.finished and m is not None:
+                end = m.finished_time if m.finished_time is not None else time.monotonic()
+                for obs in self._observers:
+                    obs.on_finished(out, end - m.arrival_time, stream.num_generation_tokens)
+        except Exception:  # metrics must never break serving
+            logger.exception("request observer failed")
+
+    def _fail_running(self, error: Exception) -> None:
+        """After a failed step: fail the requests that were in the batch, keep the waiting ones."""
+        running = {r.parent_id or r.request_id for r in self.engine.scheduler.running}
+        affected = [rid for rid in self._streams if rid in running]
+        if not affected or self._consecutive_failures >= MAX_CONSECUTIVE_STEP_FAILURES:
+            affected = list(self._streams)  # the fault is not tied to the batch: fail everything
+        # unknown to us (e.g. added directly on the LLMEngine): abort too, or the loop would spin
+        affected += [rid for rid in running if rid not in self._streams]
+        try:
+            self.engine.abort_request(affected)
+        except Exception as e:
+            self._die(e)
+            return
+        exc = RequestFailedError(f"the engine failed while running this request: {error!r}")
+        self._fail(affected, exc)
+
+    def _fail(self, request_ids: list[str], exc: BaseException) -> None:
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        for rid in request_ids:
+            stream = self._streams.pop(rid, None)
+            if stream is not None:
+                batches.setdefault(stream.loop, []).append((stream.queue, exc))
+        for loop, items in batches.items():
+            _call(loop, _deliver, items)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._cond:
+            commands, self._commands = self._commands, []
+        for command in commands:  # adds that never ran
+            if command[0] == "add":
+                stream = command[5]
+                _call(stream.loop, _set_exception, stream.accepted, exc)
+        self._fail(list(self._streams), exc)
+
+    def _die(self, error: BaseException) -> None:
+        logger.error("nanovllm engine is dead: %r", error)
+        self._dead = error
+        self._fail_all(EngineDeadError(f"the engine died: {error!r}"))
+
+
+# ---------------------------------------------------------------------- event-loop callbacks
+def _call(loop: asyncio.AbstractEventLoop, fn, *args) -> bool:
+    """Run fn(*args) on loop; False when the loop is closed (its consumers are gone)."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+        return True
+    except RuntimeError:
+        return False
+
+
+def _deliver(items: list) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
+def _set_result(fut: asyncio.Future, value) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)

@@ -1,0 +1,648 @@
+"""Triton paged attention: one kernel for mixed prefill/decode batches, a split-KV decode path.
+
+Why two kernels. A mixed batch (prefill chunks over a cached prefix plus decode tokens) is
+served by one "unified" kernel: one program per (query tile of one sequence, KV head), so
+that every query head of a GQA group shares the K/V pages it loads, and a tile of query
+rows turns QK^T and PV into tensor-core `tl.dot`s. A decode-only batch has one query row
+per sequence, so that grid would leave the GPU idle at small batch and long context:
+`paged_attention_decode` splits each sequence's keys over several programs
+(flash-decoding), writes partial outputs plus their log-sum-exp, and a small reduce kernel
+merges the splits. The merge is written once (`_merge_states`) and is also exposed as
+`merge_attention_states`, the twin of `reference.merge_attention_states`.
+
+Batch description (see `reference.py`): the new tokens of all sequences are concatenated;
+`query_start_loc[i]:query_start_loc[i+1]` are sequence i's tokens, `seq_lens[i]` is its
+context length after this step, so its new tokens sit at positions
+`seq_lens[i] - q_len_i .. seq_lens[i] - 1`. K/V are already stored in the paged cache
+`[num_blocks, num_kv_heads, block_size, head_dim]`.
+
+Nothing here syncs with the host: the unified kernel finds its sequence by a binary search
+over `query_start_loc` inside the kernel, and the decode path reads the real `seq_lens`
+from the tensor, so a CUDA graph captured with an upper bound (`max_seq_len`,
+`num_splits`) stays right when the lengths change between replays.
+
+Softmax runs in base 2 (`exp2`, scores pre-multiplied by log2(e)) with fp32 statistics and
+an fp32 accumulator; log-sum-exp values that leave a kernel are natural logs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # log2(e): scores * scale * LOG2E feed exp2
+
+# Unified (prefill / mixed) kernel. BLOCK_M query rows = BLOCK_Q tokens x group heads.
+# H100 sweep (benchmarks/kernels_bench.py --sweep, Qwen3-0.6B shapes): 64/64/4 warps/3 stages
+# was best or within 5% of best for 1024- and 8192-token prompts; 128-row tiles lost 10-20%
+# at 1024 tokens and won 5% at 8192.
+PREFILL_BLOCK_M = 64  # query rows per program (tokens x heads of one KV group)
+PREFILL_TILE_N = 64  # keys per inner iteration (several pages when block_size < 64)
+PREFILL_NUM_WARPS = 4
+PREFILL_NUM_STAGES = 3
+
+# Split-KV decode kernel.
+DECODE_MIN_ROWS = 16  # tl.dot needs >= 16 rows: the query heads of a group are padded to it
+DECODE_TILE_N = 64  # keys per inner iteration
+DECODE_NUM_WARPS = 4
+DECODE_NUM_STAGES = 2
+DECODE_PROGRAMS_PER_SM = 2  # aim for this many (seq, kv head, split) programs per SM
+DECODE_MIN_KEYS_PER_SPLIT = 256  # long contexts: a shorter split costs more than it saves
+DECODE_SHORT_CONTEXT_SPLITS = 8  # short contexts: up to this many splits of >= one tile (latency)
+DECODE_MAX_SPLITS = 64
+DEFAULT_NUM_SMS = 132  # H100 SXM; used when no CUDA device is present (interpreter)
+
+REDUCE_NUM_WARPS = 1
+MERGE_NUM_WARPS = 1
+
+
+def _next_pow2(n: int) -> int:
+    # plain-int twin of triton.next_power_of_2 (that one costs ~5 us per call on the host)
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (DEFAULT_NUM_SMS off CUDA)."""
+    if device.type != "cuda":
+        return DEFAULT_NUM_SMS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _num_sms(index)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: exact fp32 products (tests compare at 1e-4); bf16/fp16 ignore the flag.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check_common(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    if query.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(
+            "expected query [num_tokens, num_heads, head_dim] and k/v caches "
+            f"[num_blocks, num_kv_heads, block_size, head_dim]; got {tuple(query.shape)}, "
+            f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
+        )
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"query head_dim {head_dim} != cache head_dim {k_cache.shape[3]}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
+    if block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two, got {block_size}")
+    if query.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError("the last (head_dim) dimension of query and caches must be contiguous")
+
+
+# ----------------------------------------------------------------------------- merge
+
+
+@triton.jit
+def _merge_states(o_a, lse_a, o_b, lse_b):
+    """Merge two partial attention results over disjoint key sets.
+
+    o_*: [..., HEAD_DIM] fp32 normalised outputs; lse_*: [...] natural-log sum-exp.
+    An empty part has lse = -inf and contributes nothing (its output is never read, so
+    garbage or NaN there is harmless); two empty parts give (0, -inf).
+    """
+    m = tl.maximum(lse_a, lse_b)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w_a = tl.exp(lse_a - m)
+    w_b = tl.exp(lse_b - m)
+    total = w_a + w_b
+    nonempty = total > 0.0
+    safe_total = tl.where(nonempty, total, 1.0)
+    o = tl.where(w_a > 0.0, o_a * (w_a / safe_total), 0.0) + tl.where(w_b > 0.0, o_b * (w_b / safe_total), 0.0)
+    lse = tl.where(nonempty, m + tl.log(safe_total), float("-inf"))
+    return o, lse
+
+
+@triton.jit(do_not_specialize=["num_heads"])
+def _merge_attention_states_kernel(
+    out_ptr,  # [num_tokens, num_heads, head_dim]
+    lse_out_ptr,  # [num_tokens, num_heads] fp32
+    a_ptr,
+    lse_a_ptr,
+    b_ptr,
+    lse_b_ptr,
+    num_heads,
+    stride_o_tok, stride_o_head,
+    stride_a_tok, stride_a_head,
+    stride_b_tok, stride_b_head,
+    stride_la_tok, stride_la_head,
+    stride_lb_tok, stride_lb_head,
+    HEAD_DIM: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    d = tl.arange(0, HEAD_DIM)
+    o_a = tl.load(a_ptr + tok * stride_a_tok + head * stride_a_head + d).to(tl.float32)
+    o_b = tl.load(b_ptr + tok * stride_b_tok + head * stride_b_head + d).to(tl.float32)
+    lse_a = tl.load(lse_a_ptr + tok * stride_la_tok + head * stride_la_head).to(tl.float32)
+    lse_b = tl.load(lse_b_ptr + tok * stride_lb_tok + head * stride_lb_head).to(tl.float32)
+    o, lse = _merge_states(o_a, lse_a, o_b, lse_b)
+    tl.store(out_ptr + tok * stride_o_tok + head * stride_o_head + d, o.to(out_ptr.dtype.element_ty))
+    tl.store(lse_out_ptr + tok * num_heads + head, lse)
+
+
+def merge_attention_states(
+    out_a: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    lse_a: torch.Tensor,  # [num_tokens, num_heads] natural-log sum-exp of scores
+    out_b: torch.Tensor,
+    lse_b: torch.Tensor,
+    out: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of `reference.merge_attention_states` (split-KV, cascade attention).
+
+    Returns (merged output in out_a's dtype, merged lse in fp32). Parts with lse = -inf
+    are empty; two empty parts merge to (0, -inf) instead of NaN.
+    """
+    num_tokens, num_heads, head_dim = out_a.shape
+    if out_b.shape != out_a.shape or lse_a.shape != (num_tokens, num_heads) or lse_b.shape != lse_a.shape:
+        raise ValueError("merge_attention_states: shapes of outputs / lse do not match")
+    if head_dim & (head_dim - 1) or out_a.stride(2) != 1 or out_b.stride(2) != 1:
+        raise ValueError("merge_attention_states: head_dim must be a contiguous power of two")
+    if out is None:
+        out = torch.empty_like(out_a)
+    lse = torch.empty(num_tokens, num_heads, dtype=torch.float32, device=out_a.device)
+    if num_tokens == 0:
+        return out, lse
+    _merge_attention_states_kernel[(num_tokens, num_heads)](
+        out, lse, out_a, lse_a, out_b, lse_b, num_heads,
+        out.stride(0), out.stride(1),
+        out_a.stride(0), out_a.stride(1),
+        out_b.stride(0), out_b.stride(1),
+        lse_a.stride(0), lse_a.stride(1),
+        lse_b.stride(0), lse_b.stride(1),
+        HEAD_DIM=head_dim, num_warps=MERGE_NUM_WARPS,
+    )
+    return out, lse
+
+
+# ----------------------------------------------------------------------------- unified kernel
+
+
+@triton.jit
+def _find_seq(query_start_loc_ptr, tile_idx, num_seqs, BLOCK_Q: tl.constexpr):
+    """Sequence owning global query tile `tile_idx`.
+
+    Sequence i owns the tiles from `query_start_loc[i] // BLOCK_Q + i` on: that start is
+    increasing in i and leaves every sequence at least ceil(q_len / BLOCK_Q) tiles, so a
+    grid of `num_tokens // BLOCK_Q + num_seqs` tiles covers any batch with no host sync.
+    Binary search for the last sequence whose first tile is <= tile_idx.
+    """
+    lo: tl.int32 = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first_tile = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        if first_tile <= tile_idx:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _attend_tile(
+    q, acc, m_i, l_i,  # [BLOCK_M, D] queries; running output / max / sum
+    k_pos,  # [TILE_N] absolute key positions of this tile
+    q_pos,  # [BLOCK_M] absolute query positions
+    k_hi, window,
+    bt_row, k_base, v_base,
+    stride_k_blk, stride_k_slot, stride_v_blk, stride_v_slot,
+    qk_scale,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    MASKED: tl.constexpr,  # False: every key of the tile is visible to every row
+    USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One online-softmax step of BLOCK_M query rows over TILE_N paged keys (base-2 units)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    if MASKED:
+        k_ok = k_pos < k_hi
+        blk = tl.load(bt_row + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)  # [TILE_N]
+    else:
+        blk = tl.load(bt_row + k_pos // BLOCK_SIZE).to(tl.int64)
+    slot = k_pos % BLOCK_SIZE
+    k_off = (blk * stride_k_blk + slot * stride_k_slot)[:, None] + offs_d[None, :]
+    v_off = (blk * stride_v_blk + slot * stride_v_slot)[:, None] + offs_d[None, :]
+    if MASKED:
+        k = tl.load(k_base + k_off, mask=k_ok[:, None], other=0.0)  # [TILE_N, D]
+    else:
+        k = tl.load(k_base + k_off)
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, TILE_N]
+    if MASKED:
+        allowed = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :]
+        if USE_WINDOW:
+            allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
+        s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+    p = tl.exp2(s - m_use[:, None])  # [BLOCK_M, TILE_N]
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(v_base + v_off, mask=k_ok[:, None], other=0.0)  # [TILE_N, D]
+    else:
+        v = tl.load(v_base + v_off)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit(do_not_specialize=["num_seqs", "num_tiles", "window"])  # vary per step: no recompiles
+def _unified_attention_kernel(
+    out_ptr,  # [num_tokens, num_heads, head_dim]
+    q_ptr,  # [num_tokens, num_heads, head_dim]
+    k_cache_ptr,  # [num_blocks, num_kv_heads, block_size, head_dim]
+    v_cache_ptr,  # [num_blocks, num_kv_heads, block_size, head_dim]
+    query_start_loc_ptr,  # [num_seqs + 1]
+    seq_lens_ptr,  # [num_seqs]
+    block_tables_ptr,  # [num_seqs, max_blocks_per_seq]
+    num_seqs,
+    num_tiles,  # query tiles in the grid (upper bound, see _find_seq)
+    num_kv_heads,
+    qk_scale,  # softmax scale * log2(e)
+    window,  # sliding window (keys), only read when USE_WINDOW
+    stride_q_tok, stride_q_head,
+    stride_o_tok, stride_o_head,
+    stride_k_blk, stride_k_head, stride_k_slot,
+    stride_v_blk, stride_v_head, stride_v_slot,
+    stride_bt_seq,
+    GROUP: tl.constexpr,  # query heads per KV head
+    BLOCK_SIZE: tl.constexpr,  # tokens per KV page
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query rows per program = BLOCK_Q tokens x GROUP heads (+ padding)
+    BLOCK_Q: tl.constexpr,  # query tokens per program
+    TILE_N: tl.constexpr,  # keys per iteration
+    USE_WINDOW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # Flat grid, KV head fastest and tiles in reverse: the last tiles of a sequence see the
+    # most keys, so the longest programs start first and the short ones fill the tail.
+    pid = tl.program_id(0)
+    kv_head = pid % num_kv_heads
+    tile_idx = num_tiles - 1 - pid // num_kv_heads
+
+    seq = _find_seq(query_start_loc_ptr, tile_idx, num_seqs, BLOCK_Q)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    q_tile = tile_idx - (q_start // BLOCK_Q + seq)  # tile index inside the sequence
+    if q_tile * BLOCK_Q >= q_len:  # spare tile of the grid's upper bound
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_len = seq_len - q_len  # tokens cached before this step
+
+    # Row m of the tile = token m // GROUP, query head kv_head * GROUP + m % GROUP.
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    tok = q_tile * BLOCK_Q + offs_m // GROUP  # [BLOCK_M] token index inside the sequence
+    head = kv_head * GROUP + offs_m % GROUP  # [BLOCK_M]
+    row_ok = (offs_m // GROUP < BLOCK_Q) & (tok < q_len)
+    q_pos = context_len + tok  # [BLOCK_M] absolute position of each row's token
+
+    q_rows = (q_start + tok).to(tl.int64) * stride_q_tok + head * stride_q_head
+    q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max (base-2 units)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    offs_n = tl.arange(0, TILE_N)
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
+    k_base = k_cache_ptr + kv_head * stride_k_head
+    v_base = v_cache_ptr + kv_head * stride_v_head
+
+    # Keys this tile can see: up to its last token; with a window, from its first token's window.
+    first_q = context_len + q_tile * BLOCK_Q
+    k_hi = tl.minimum(first_q + BLOCK_Q, seq_len)
+    if USE_WINDOW:  # every tile masked (window on one side, causal on the other)
+        k_lo = (tl.maximum(first_q - window + 1, 0) // TILE_N) * TILE_N
+        for start in range(k_lo, k_hi, TILE_N):
+            acc, m_i, l_i = _attend_tile(
+                q, acc, m_i, l_i, start + offs_n, q_pos, k_hi, window, bt_row, k_base, v_base,
+                stride_k_blk, stride_k_slot, stride_v_blk, stride_v_slot, qk_scale,
+                BLOCK_SIZE, HEAD_DIM, True, USE_WINDOW, DOT_PRECISION,
+            )
+    else:
+        # Whole tiles before the first query are visible to every row: no masks there.
+        k_full = (first_q // TILE_N) * TILE_N
+        for start in range(0, k_full, TILE_N):
+            acc, m_i, l_i = _attend_tile(
+                q, acc, m_i, l_i, start + offs_n, q_pos, k_hi, window, bt_row, k_base, v_base,
+                stride_k_blk, stride_k_slot, stride_v_blk, stride_v_slot, qk_scale,
+                BLOCK_SIZE, HEAD_DIM, False, USE_WINDOW, DOT_PRECISION,
+            )
+        for start in range(k_full, k_hi, TILE_N):  # the causal diagonal
+            acc, m_i, l_i = _attend_tile(
+                q, acc, m_i, l_i, start + offs_n, q_pos, k_hi, window, bt_row, k_base, v_base,
+                stride_k_blk, stride_k_slot, stride_v_blk, stride_v_slot, qk_scale,
+                BLOCK_SIZE, HEAD_DIM, True, USE_WINDOW, DOT_PRECISION,
+            )
+
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    o_rows = (q_start + tok).to(tl.int64) * stride_o_tok + head * stride_o_head
+    tl.store(out_ptr + o_rows[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+def _launch_unified(
+    query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window, out,
+    block_m: int, tile_n: int, num_warps: int, num_stages: int,
+) -> None:
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    num_seqs = seq_lens.shape[0]
+    block_m = max(block_m, _next_pow2(group))
+    block_q = block_m // group
+    num_tiles = num_tokens // block_q + num_seqs  # upper bound, no host sync (see _find_seq)
+    _unified_attention_kernel[(num_tiles * num_kv_heads,)](
+        out, query, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
+        num_seqs, num_tiles, num_kv_heads, scale * LOG2E, sliding_window or 0,
+        query.stride(0), query.stride(1),
+        out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
+        BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n,
+        USE_WINDOW=sliding_window is not None, DOT_PRECISION=_dot_precision(query.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+
+
+def _unified_config(num_tokens: int, num_heads: int, num_kv_heads: int, device: torch.device):
+    """(block_m, tile_n, num_warps, num_stages) of the unified kernel (one config: see the sweep note)."""
+    return PREFILL_BLOCK_M, PREFILL_TILE_N, PREFILL_NUM_WARPS, PREFILL_NUM_STAGES
+
+
+def paged_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_dim]
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32, cumulative new-token counts
+    seq_lens: torch.Tensor,  # [num_seqs] int32, context length after this step
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    scale: float,
+    sliding_window: Optional[int] = None,
+    out: Optional[torch.Tensor] = None,
+    max_query_len: Optional[int] = None,
+    max_seq_len: Optional[int] = None,
+) -> torch.Tensor:
+    """Causal attention of the new tokens over their paged K/V; `reference.paged_attention` semantics.
+
+    `max_query_len == 1` (decode-only batch, one token per sequence) goes to the split-KV
+    `paged_attention_decode`; anything else (or None: unknown) to the unified kernel, which
+    handles any mix of prefill chunks, cached prefixes and decode tokens. Never syncs.
+    """
+    _check_common(query, k_cache, v_cache)
+    if out is None:
+        out = torch.empty_like(query)
+    if query.shape[0] == 0:
+        return out
+    if max_query_len == 1:
+        return paged_attention_decode(
+            query, k_cache, v_cache, seq_lens, block_tables, scale,
+            sliding_window=sliding_window, out=out, max_seq_len=max_seq_len,
+        )
+    block_m, tile_n, num_warps, num_stages = _unified_config(
+        query.shape[0], query.shape[1], k_cache.shape[1], query.device
+    )
+    _launch_unified(
+        query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window, out,
+        block_m, tile_n, num_warps, num_stages,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------- split-KV decode
+
+
+@triton.jit(do_not_specialize=["num_splits", "window"])
+def _decode_split_kernel(
+    out_ptr,  # [num_seqs, num_heads, head_dim] (DIRECT) or unused
+    part_out_ptr,  # [num_seqs, num_heads, num_splits, head_dim] fp32 (not DIRECT)
+    part_lse_ptr,  # [num_seqs, num_heads, num_splits] fp32 (not DIRECT)
+    q_ptr,  # [num_seqs, num_heads, head_dim]
+    k_cache_ptr,  # [num_blocks, num_kv_heads, block_size, head_dim]
+    v_cache_ptr,
+    seq_lens_ptr,  # [num_seqs]
+    block_tables_ptr,  # [num_seqs, max_blocks_per_seq]
+    num_heads,
+    num_splits,
+    qk_scale,  # softmax scale * log2(e)
+    window,
+    stride_q_tok, stride_q_head,
+    stride_o_tok, stride_o_head,
+    stride_k_blk, stride_k_head, stride_k_slot,
+    stride_v_blk, stride_v_head, stride_v_slot,
+    stride_bt_seq,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,  # max(16, next_pow2(GROUP)) rows so tl.dot applies
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    TILE_N: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    DIRECT: tl.constexpr,  # one split: write the normalised output, no reduce
+    DOT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    # The real length comes from the tensor: a graph captured with a larger bound still works.
+    seq_len = tl.load(seq_lens_ptr + seq)
+    kv_lo = 0
+    if USE_WINDOW:  # the one query sits at seq_len - 1 and sees keys >= seq_len - window
+        kv_lo = tl.maximum(seq_len - window, 0)
+    keys_per_split = tl.cdiv(tl.cdiv(seq_len - kv_lo, num_splits), TILE_N) * TILE_N
+    s_lo = kv_lo + split * keys_per_split
+    s_hi = tl.minimum(s_lo + keys_per_split, seq_len)  # empty when s_lo >= seq_len
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_g < GROUP
+    head = kv_head * GROUP + offs_g  # [GROUP_PAD]
+    q_rows = seq.to(tl.int64) * stride_q_tok + head * stride_q_head
+    q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)  # [GROUP_PAD, D]
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
+
+    offs_n = tl.arange(0, TILE_N)
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
+    k_base = k_cache_ptr + kv_head * stride_k_head
+    v_base = v_cache_ptr + kv_head * stride_v_head
+    for start in range(s_lo, s_hi, TILE_N):
+        k_pos = start + offs_n  # [TILE_N]
+        k_ok = k_pos < s_hi
+        blk = tl.load(bt_row + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
+        slot = k_pos % BLOCK_SIZE
+        k = tl.load(
+            k_base + (blk * stride_k_blk + slot * stride_k_slot)[:, None] + offs_d[None, :],
+            mask=k_ok[:, None], other=0.0,
+        )  # [TILE_N, D]
+        v = tl.load(
+            v_base + (blk * stride_v_blk + slot * stride_v_slot)[:, None] + offs_d[None, :],
+            mask=k_ok[:, None], other=0.0,
+        )  # [TILE_N, D]
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, TILE_N]
+        s = tl.where(k_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every iteration has >= 1 valid key
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    has_keys = l_i > 0.0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]  # [GROUP_PAD, D]; 0 for an empty split
+    if DIRECT:
+        o_rows = seq.to(tl.int64) * stride_o_tok + head * stride_o_head
+        tl.store(out_ptr + o_rows[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        # natural-log LSE of the split = (max + log2(sum)) * ln(2), -inf when the split is empty
+        lse_2 = m_i + tl.log2(tl.where(has_keys, l_i, 1.0))
+        lse = tl.where(has_keys, lse_2 * 0.6931471805599453, float("-inf"))
+        part_row = (seq.to(tl.int64) * num_heads + head) * num_splits + split  # [GROUP_PAD]
+        tl.store(part_out_ptr + part_row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
+        tl.store(part_lse_ptr + part_row, lse, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["num_splits"])
+def _decode_reduce_kernel(
+    out_ptr,  # [num_seqs, num_heads, head_dim]
+    part_out_ptr,  # [num_seqs, num_heads, num_splits, head_dim] fp32
+    part_lse_ptr,  # [num_seqs, num_heads, num_splits] fp32
+    num_heads,
+    num_splits,
+    stride_o_tok, stride_o_head,
+    HEAD_DIM: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row = (seq * num_heads + head) * num_splits
+    o = tl.load(part_out_ptr + row * HEAD_DIM + offs_d)  # split 0
+    lse = tl.load(part_lse_ptr + row)
+    for s in range(1, num_splits):  # empty splits carry lse = -inf and drop out of the merge
+        o_s = tl.load(part_out_ptr + (row + s) * HEAD_DIM + offs_d)
+        lse_s = tl.load(part_lse_ptr + row + s)
+        o, lse = _merge_states(o, lse, o_s, lse_s)
+    tl.store(out_ptr + seq * stride_o_tok + head * stride_o_head + offs_d, o.to(out_ptr.dtype.element_ty))
+
+
+def choose_num_splits(
+    num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device, tile_n: int = DECODE_TILE_N
+) -> int:
+    """KV splits per sequence so that (seqs x kv heads x splits) programs fill the GPU.
+
+    Host-side and sync-free (plain ints). Enough programs for DECODE_PROGRAMS_PER_SM per SM
+    (a batch that fills the GPU on its own gets one split: no reduce kernel); splits of at
+    least DECODE_MIN_KEYS_PER_SPLIT keys, except that short contexts may still use up to
+    DECODE_SHORT_CONTEXT_SPLITS splits of one tile each (there latency, not bandwidth, rules);
+    at most DECODE_MAX_SPLITS. Tuned on H100 for Qwen3-0.6B shapes (benchmarks/kernels_bench.py
+    --sweep): batch 1 picks 8 / 8 / 16 splits at 512 / 1024 / 4096 tokens, batch >= 64 one.
+    """
+    target_programs = DECODE_PROGRAMS_PER_SM * num_sms(device)
+    base = max(1, num_seqs * num_kv_heads)
+    by_occupancy = _cdiv(target_programs, base)
+    max_seq_len = max(1, max_seq_len)
+    by_length = max(
+        _cdiv(max_seq_len, DECODE_MIN_KEYS_PER_SPLIT),
+        min(DECODE_SHORT_CONTEXT_SPLITS, _cdiv(max_seq_len, tile_n)),
+    )
+    return max(1, min(by_occupancy, by_length, DECODE_MAX_SPLITS))
+
+
+def _launch_decode(
+    query, k_cache, v_cache, seq_lens, block_tables, scale, sliding_window, out,
+    num_splits: int, tile_n: int, num_warps: int, num_stages: int,
+) -> None:
+    num_seqs, num_heads, head_dim = query.shape
+    num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    direct = num_splits == 1
+    if direct:
+        part_out = part_lse = out  # unused placeholders
+    else:
+        part_out = query.new_empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32)
+        part_lse = query.new_empty((num_seqs, num_heads, num_splits), dtype=torch.float32)
+    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+        out, part_out, part_lse, query, k_cache, v_cache, seq_lens, block_tables,
+        num_heads, num_splits, scale * LOG2E, sliding_window or 0,
+        query.stride(0), query.stride(1),
+        out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        GROUP=group, GROUP_PAD=max(DECODE_MIN_ROWS, _next_pow2(group)),
+        BLOCK_SIZE=block_size, HEAD_DIM=head_dim, TILE_N=tile_n,
+        USE_WINDOW=sliding_window is not None, DIRECT=direct,
+        DOT_PRECISION=_dot_precision(query.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if not direct:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            out, part_out, part_lse, num_heads, num_splits,
+            out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, num_warps=REDUCE_NUM_WARPS,
+        )
+
+
+def paged_attention_decode(
+    query: torch.Tensor,  # [num_seqs, num_heads, head_dim], one new token per sequence
+    k_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_dim]
+    v_cache: torch.Tensor,
+    seq_lens: torch.Tensor,  # [num_seqs] int32, context length incl. the new token
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    scale: float,
+    sliding_window: Optional[int] = None,
+    out: Optional[torch.Tensor] = None,
+    max_seq_len: Optional[int] = None,
+    num_splits: Optional[int] = None,
+) -> torch.Tensor:
+    """Split-KV (flash-decoding) attention for a decode-only batch; CUDA-graph safe.
+
+    `max_seq_len` is only an upper bound used to choose the split count (None: the block
+    table's capacity, `max_blocks_per_seq * block_size`); the kernels read the real lengths
+    from `seq_lens`, and splits past a sequence's end are empty (lse = -inf) and drop out
+    of the reduce. Pass a fixed `num_splits`/`max_seq_len` when capturing a graph.
+    A sequence with seq_len 0 (batch padding) gets a zero output.
+    """
+    _check_common(query, k_cache, v_cache)
+    num_seqs = query.shape[0]
+    num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
+    if seq_lens.shape[0] != num_seqs:
+        raise ValueError(f"decode expects one query token per sequence: {num_seqs} tokens, {seq_lens.shape[0]} seqs")
+    if out is None:
+        out = torch.empty_like(query)
+    if num_seqs == 0:
+        return out
+    if max_seq_len is None:
+        max_seq_len = block_tables.shape[1] * block_size
+    if sliding_window is not None:
+        max_seq_len = min(max_seq_len, sliding_window)
+    if num_splits is None:
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, query.device)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    _launch_decode(
+        query, k_cache, v_cache, seq_lens, block_tables, scale, sliding_window, out,
+        num_splits, DECODE_TILE_N, DECODE_NUM_WARPS, DECODE_NUM_STAGES,
+    )
+    return out

@@ -1,0 +1,163 @@
+"""Triton RMSNorm and residual-add + RMSNorm, one pass over the rows.
+
+Why. Every decoder layer normalises twice and adds the residual twice. Fusing the add into
+the norm reads x and residual once and writes the new residual and the normalised output
+once (one launch, three row-sized transfers instead of five or more). The same kernel
+serves Qwen3's per-head q/k norm: a 3-D `[tokens, heads, head_dim]` input, possibly a
+strided view of the fused qkv buffer, is normalised per `head_dim` row without a copy.
+
+Numerics follow `reference.rms_norm` / HF Llama: the sum of squares and the scaling run
+in fp32, the normalised row is cast to the input dtype and only then multiplied by the
+weight; the fused variant first rounds `x + residual` to x's dtype (that rounded value is
+both the new residual and the norm's input). Output dtype = promote(x, weight), as in the
+reference (the same as x for the usual same-dtype weight).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+TILE_ELEMENTS = 4096  # elements per program: several short rows share one program
+MAX_ROWS_PER_PROGRAM = 64
+
+
+def _next_pow2(n: int) -> int:
+    # plain-int twin of triton.next_power_of_2 (that one costs ~5 us per call on the host)
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@triton.jit(do_not_specialize=["num_rows"])  # varies every step: no recompiles
+def _rms_norm_kernel(
+    x_ptr,  # [outer, inner, N] strided (rows = outer * inner)
+    res_ptr,  # same shape, only read when HAS_RESIDUAL
+    w_ptr,  # [N]
+    out_ptr,  # [outer, inner, N] strided
+    res_out_ptr,  # same shape, only written when HAS_RESIDUAL
+    num_rows,
+    inner_rows,
+    stride_x_outer, stride_x_inner,
+    stride_r_outer, stride_r_inner,
+    stride_o_outer, stride_o_inner,
+    stride_ro_outer, stride_ro_inner,
+    eps,
+    N: tl.constexpr,  # features per row
+    BLOCK_N: tl.constexpr,  # next_pow2(N)
+    ROWS: tl.constexpr,  # rows per program
+    HAS_RESIDUAL: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]
+    outer = rows // inner_rows
+    inner = rows % inner_rows
+    cols = tl.arange(0, BLOCK_N)
+    mask = (rows < num_rows)[:, None] & (cols < N)[None, :]  # [ROWS, BLOCK_N]
+
+    x_off = (outer * stride_x_outer + inner * stride_x_inner)[:, None] + cols[None, :]
+    x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r_off = (outer * stride_r_outer + inner * stride_r_inner)[:, None] + cols[None, :]
+        r = tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
+        summed = (x + r).to(x_ptr.dtype.element_ty)  # the new residual, rounded to x's dtype
+        ro_off = (outer * stride_ro_outer + inner * stride_ro_inner)[:, None] + cols[None, :]
+        tl.store(res_out_ptr + ro_off, summed.to(res_out_ptr.dtype.element_ty), mask=mask)
+        x = summed.to(tl.float32)
+
+    mean_sq = tl.sum(x * x, 1) / N  # [ROWS]
+    normed = (x * tl.rsqrt(mean_sq + eps)[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    o_off = (outer * stride_o_outer + inner * stride_o_inner)[:, None] + cols[None, :]
+    tl.store(out_ptr + o_off, (normed * w[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _rows_view(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+    """(tensor, inner_rows, stride_outer, stride_inner) describing t as [outer, inner, N] rows.
+
+    1-D to 3-D inputs are described by their own strides (no view, no copy: a strided q/k
+    slice of the qkv buffer works in place); >3-D ones are flattened to 3-D first.
+    """
+    dim = t.dim()
+    if dim == 2:
+        return t, 1, t.stride(0), 0
+    if dim == 3:
+        return t, t.shape[1], t.stride(0), t.stride(1)
+    if dim == 1:
+        return t, 1, 0, 0
+    t = t.flatten(0, -3)
+    return t, t.shape[1], t.stride(0), t.stride(1)
+
+
+def _launch(x, residual, weight, out, residual_out, eps: float) -> None:
+    n = x.shape[-1]
+    if weight.dim() != 1 or weight.shape[0] != n or weight.stride(0) != 1:
+        raise ValueError(f"weight must be a contiguous [{n}] vector, got {tuple(weight.shape)}")
+    shape = x.shape
+    for name, t in (("x", x), ("residual", residual), ("out", out), ("residual_out", residual_out)):
+        if t is not None and (t.shape != shape or t.stride(-1) != 1):
+            raise ValueError(f"{name} must have x's shape {tuple(shape)} and a contiguous last dim")
+    num_rows = x.numel() // n if n else 0
+    if num_rows == 0:
+        return
+    x, inner_rows, sxo, sxi = _rows_view(x)
+    out, _, soo, soi = _rows_view(out)
+    has_res = residual is not None
+    if has_res:
+        residual, _, sro, sri = _rows_view(residual)
+        residual_out, _, sroo, sroi = _rows_view(residual_out)
+    else:  # placeholders, never touched
+        residual, sro, sri, residual_out, sroo, sroi = x, sxo, sxi, out, soo, soi
+    block_n = _next_pow2(n)
+    rows = max(1, min(TILE_ELEMENTS // block_n, MAX_ROWS_PER_PROGRAM, _next_pow2(num_rows)))
+    elements = rows * block_n
+    num_warps = 4 if elements <= 4096 else (8 if elements <= 8192 else 16)
+    _rms_norm_kernel[(_cdiv(num_rows, rows),)](
+        x, residual, weight, out, residual_out, num_rows, inner_rows,
+        sxo, sxi, sro, sri, soo, soi, sroo, sroi,
+        eps, N=n, BLOCK_N=block_n, ROWS=rows, HAS_RESIDUAL=has_res, num_warps=num_warps,
+    )
+
+
+def rms_norm(
+    x: torch.Tensor,  # [..., N], e.g. [num_tokens, hidden] or [num_tokens, heads, head_dim]
+    weight: torch.Tensor,  # [N]
+    eps: float,
+    out: Optional[torch.Tensor] = None,  # may be x itself (in place)
+) -> torch.Tensor:
+    """x / rms(x) * weight per last-dim row; `reference.rms_norm` numerics."""
+    if out is None:
+        dtype = x.dtype if weight.dtype == x.dtype else torch.promote_types(x.dtype, weight.dtype)
+        out = torch.empty_like(x, dtype=dtype, memory_format=torch.contiguous_format)
+    _launch(x, None, weight, out, None, eps)
+    return out
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor,  # [num_tokens, hidden]
+    residual: torch.Tensor,  # [num_tokens, hidden]
+    weight: torch.Tensor,  # [hidden]
+    eps: float,
+    inplace: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual' = x + residual; returns (rms_norm(residual'), residual') in one pass.
+
+    `inplace=True` writes the normalised output into x and the new residual into residual
+    (and returns those two tensors); it needs weight's dtype to not widen x's.
+    """
+    if residual.dtype != x.dtype and inplace:
+        raise ValueError("inplace fused_add_rms_norm needs x and residual of the same dtype")
+    out_dtype = x.dtype if weight.dtype == x.dtype else torch.promote_types(x.dtype, weight.dtype)
+    if inplace:
+        if out_dtype != x.dtype:
+            raise ValueError(f"inplace fused_add_rms_norm: weight dtype {weight.dtype} widens x dtype {x.dtype}")
+        out, residual_out = x, residual
+    else:
+        out = torch.empty_like(x, dtype=out_dtype, memory_format=torch.contiguous_format)
+        residual_out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _launch(x, residual, weight, out, residual_out, eps)
+    return out, residual_out

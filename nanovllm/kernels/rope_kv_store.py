@@ -1,0 +1,259 @@
+"""Triton RoPE + KV-cache store, fused: one launch per layer instead of three.
+
+Why. After the qkv projection every layer rotates q and k and writes k and v into the
+paged cache. Done separately that is three small kernels and three round trips of q/k
+through memory; at decode batch sizes each launch costs more than its work. Here one
+program handles one token: it reads the token's cos/sin once, rotates all of its query
+and key heads in place, and writes the rotated key and the value into the token's cache
+slot (`slot_mapping[t]`, -1 = padding: rotate, but store nothing).
+
+RoPE is rotate-half (NeoX / HF Llama) on the first `rotary_dim` features of each head,
+with `cos_sin_cache [max_positions, rotary_dim] = cat(cos, sin)` as in `reference.py`;
+`rotary_dim < head_dim` (partial rotary) leaves the other features untouched. Math in fp32,
+results cast back to the input dtype (then to the cache dtype), matching the reference.
+
+q and k may be strided views (e.g. slices of the fused qkv output) as long as their last
+dimension is contiguous; they are rotated in place and returned.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+SMALL_TILE = 2048  # elements (heads x features) per tile up to which 4 warps suffice
+NUM_WARPS_SMALL = 4
+NUM_WARPS_LARGE = 8
+
+
+def _num_warps(elements: int) -> int:
+    return NUM_WARPS_SMALL if elements <= SMALL_TILE else NUM_WARPS_LARGE
+
+
+def _next_pow2(n: int) -> int:
+    # plain-int twin of triton.next_power_of_2 (that one costs ~5 us per call on the host)
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+@triton.jit
+def _rotate_heads(
+    x_ptr,  # token's first head: [num_heads, head_dim] with stride_head between heads
+    num_heads,
+    stride_head,
+    cos,  # [HALF_PAD] fp32
+    sin,  # [HALF_PAD] fp32
+    HALF: tl.constexpr,  # rotary_dim // 2
+    HALF_PAD: tl.constexpr,
+    HEADS_PAD: tl.constexpr,
+):
+    """Rotate-half RoPE of the first 2*HALF features of every head, in place; returns halves."""
+    offs_h = tl.arange(0, HEADS_PAD)
+    offs_r = tl.arange(0, HALF_PAD)
+    mask = (offs_h < num_heads)[:, None] & (offs_r < HALF)[None, :]
+    ptr1 = x_ptr + offs_h[:, None] * stride_head + offs_r[None, :]  # [HEADS_PAD, HALF_PAD]
+    x1 = tl.load(ptr1, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(ptr1 + HALF, mask=mask, other=0.0).to(tl.float32)
+    y1 = (x1 * cos[None, :] - x2 * sin[None, :]).to(x_ptr.dtype.element_ty)
+    y2 = (x2 * cos[None, :] + x1 * sin[None, :]).to(x_ptr.dtype.element_ty)
+    tl.store(ptr1, y1, mask=mask)
+    tl.store(ptr1 + HALF, y2, mask=mask)
+    return y1, y2
+
+
+@triton.jit
+def _rope_store_kernel(
+    q_ptr,  # [num_tokens, num_heads, head_dim]
+    k_ptr,  # [num_tokens, num_kv_heads, head_dim]
+    v_ptr,  # [num_tokens, num_kv_heads, head_dim]
+    positions_ptr,  # [num_tokens]
+    cos_sin_ptr,  # [max_positions, rotary_dim]
+    k_cache_ptr,  # [num_blocks, num_kv_heads, block_size, head_dim]
+    v_cache_ptr,
+    slot_mapping_ptr,  # [num_tokens]
+    num_heads,
+    num_kv_heads,
+    stride_q_tok, stride_q_head,
+    stride_k_tok, stride_k_head,
+    stride_v_tok, stride_v_head,
+    stride_cs_pos,
+    stride_kc_blk, stride_kc_head, stride_kc_slot,
+    stride_vc_blk, stride_vc_head, stride_vc_slot,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    HALF: tl.constexpr,  # rotary_dim // 2
+    HALF_PAD: tl.constexpr,
+    PASS_PAD: tl.constexpr,  # next_pow2(head_dim - rotary_dim), 0 when fully rotary
+    HEADS_PAD: tl.constexpr,
+    KV_HEADS_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,  # cache tokens per block
+    STORE: tl.constexpr,  # False: rotate only (no cache given)
+):
+    tok = tl.program_id(0).to(tl.int64)
+    pos = tl.load(positions_ptr + tok).to(tl.int64)
+    offs_r = tl.arange(0, HALF_PAD)
+    cs_row = cos_sin_ptr + pos * stride_cs_pos
+    cos = tl.load(cs_row + offs_r, mask=offs_r < HALF, other=0.0).to(tl.float32)  # [HALF_PAD]
+    sin = tl.load(cs_row + HALF + offs_r, mask=offs_r < HALF, other=0.0).to(tl.float32)
+
+    _rotate_heads(q_ptr + tok * stride_q_tok, num_heads, stride_q_head, cos, sin, HALF, HALF_PAD, HEADS_PAD)
+    k1, k2 = _rotate_heads(
+        k_ptr + tok * stride_k_tok, num_kv_heads, stride_k_head, cos, sin, HALF, HALF_PAD, KV_HEADS_PAD
+    )  # [KV_HEADS_PAD, HALF_PAD] each, rotated, in k's dtype
+
+    if STORE:
+        slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
+        if slot >= 0:
+            blk = slot // BLOCK_SIZE
+            off = slot % BLOCK_SIZE
+            offs_h = tl.arange(0, KV_HEADS_PAD)
+            head_ok = offs_h < num_kv_heads
+            # rotated part of k
+            kc = k_cache_ptr + blk * stride_kc_blk + off * stride_kc_slot + offs_h[:, None] * stride_kc_head
+            rmask = head_ok[:, None] & (offs_r < HALF)[None, :]
+            tl.store(kc + offs_r[None, :], k1.to(k_cache_ptr.dtype.element_ty), mask=rmask)
+            tl.store(kc + HALF + offs_r[None, :], k2.to(k_cache_ptr.dtype.element_ty), mask=rmask)
+            if PASS_PAD > 0:  # partial rotary: copy the features past rotary_dim unchanged
+                offs_p = 2 * HALF + tl.arange(0, PASS_PAD)
+                pmask = head_ok[:, None] & (offs_p < HEAD_DIM)[None, :]
+                kp = tl.load(
+                    k_ptr + tok * stride_k_tok + offs_h[:, None] * stride_k_head + offs_p[None, :], mask=pmask
+                )
+                tl.store(kc + offs_p[None, :], kp.to(k_cache_ptr.dtype.element_ty), mask=pmask)
+            # v, whole head
+            offs_d = tl.arange(0, HEAD_DIM_PAD)
+            vmask = head_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+            v = tl.load(v_ptr + tok * stride_v_tok + offs_h[:, None] * stride_v_head + offs_d[None, :], mask=vmask)
+            vc = v_cache_ptr + blk * stride_vc_blk + off * stride_vc_slot + offs_h[:, None] * stride_vc_head
+            tl.store(vc + offs_d[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=vmask)
+
+
+@triton.jit
+def _store_kv_kernel(
+    k_ptr,  # [num_tokens, num_kv_heads, head_dim]
+    v_ptr,
+    k_cache_ptr,  # [num_blocks, num_kv_heads, block_size, head_dim]
+    v_cache_ptr,
+    slot_mapping_ptr,  # [num_tokens]
+    num_kv_heads,
+    stride_k_tok, stride_k_head,
+    stride_v_tok, stride_v_head,
+    stride_kc_blk, stride_kc_head, stride_kc_slot,
+    stride_vc_blk, stride_vc_head, stride_vc_slot,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    KV_HEADS_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
+    if slot >= 0:
+        blk = slot // BLOCK_SIZE
+        off = slot % BLOCK_SIZE
+        offs_h = tl.arange(0, KV_HEADS_PAD)
+        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        mask = (offs_h < num_kv_heads)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        k = tl.load(k_ptr + tok * stride_k_tok + offs_h[:, None] * stride_k_head + offs_d[None, :], mask=mask)
+        v = tl.load(v_ptr + tok * stride_v_tok + offs_h[:, None] * stride_v_head + offs_d[None, :], mask=mask)
+        kc = k_cache_ptr + blk * stride_kc_blk + off * stride_kc_slot + offs_h[:, None] * stride_kc_head
+        vc = v_cache_ptr + blk * stride_vc_blk + off * stride_vc_slot + offs_h[:, None] * stride_vc_head
+        tl.store(kc + offs_d[None, :], k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(vc + offs_d[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_heads(name: str, x: torch.Tensor) -> None:
+    if x.dim() != 3 or x.stride(2) != 1:
+        raise ValueError(f"{name} must be [num_tokens, num_heads, head_dim] with a contiguous last dim")
+
+
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor) -> None:
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError("k_cache / v_cache must both be [num_blocks, num_kv_heads, block_size, head_dim]")
+    if k_cache.shape[1] != key.shape[1] or k_cache.shape[3] != key.shape[2]:
+        raise ValueError(f"cache {tuple(k_cache.shape)} does not match key {tuple(key.shape)}")
+    if k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError("the head_dim dimension of the caches must be contiguous")
+
+
+def rope_and_store_kv(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    positions: torch.Tensor,  # [num_tokens] int
+    cos_sin_cache: torch.Tensor,  # [max_positions, rotary_dim] = cat(cos, sin)
+    k_cache: Optional[torch.Tensor],  # [num_blocks, num_kv_heads, block_size, head_dim]; None: no store
+    v_cache: Optional[torch.Tensor],
+    slot_mapping: Optional[torch.Tensor],  # [num_tokens] int, -1 = skip
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q and k in place, store rotated k and v into their cache slots; returns (q, k)."""
+    _check_heads("query", query)
+    _check_heads("key", key)
+    _check_heads("value", value)
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads = key.shape[1]
+    rotary_dim = cos_sin_cache.shape[-1]
+    if key.shape[0] != num_tokens or value.shape != key.shape or key.shape[2] != head_dim:
+        raise ValueError(f"q/k/v shapes disagree: {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+    if rotary_dim % 2 or rotary_dim > head_dim or rotary_dim == 0:
+        raise ValueError(f"rotary_dim {rotary_dim} must be even and <= head_dim {head_dim}")
+    if cos_sin_cache.stride(-1) != 1:
+        raise ValueError("cos_sin_cache must have a contiguous last dim")
+    store = k_cache is not None
+    if store:
+        _check_cache(k_cache, v_cache, key)
+        if slot_mapping is None or slot_mapping.shape[0] != num_tokens:
+            raise ValueError("slot_mapping must have one entry per token")
+    if num_tokens == 0:
+        return query, key
+    half = rotary_dim // 2
+    heads_pad = _next_pow2(num_heads)
+    dummy = key  # placeholder pointer when nothing is stored
+    _rope_store_kernel[(num_tokens,)](
+        query, key, value, positions, cos_sin_cache,
+        k_cache if store else dummy, v_cache if store else dummy, slot_mapping if store else positions,
+        num_heads, num_kv_heads,
+        query.stride(0), query.stride(1),
+        key.stride(0), key.stride(1),
+        value.stride(0), value.stride(1),
+        cos_sin_cache.stride(0),
+        *(k_cache.stride()[:3] if store else (0, 0, 0)),
+        *(v_cache.stride()[:3] if store else (0, 0, 0)),
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=_next_pow2(head_dim),
+        HALF=half, HALF_PAD=_next_pow2(half),
+        PASS_PAD=_next_pow2(head_dim - rotary_dim) if head_dim > rotary_dim else 0,
+        HEADS_PAD=heads_pad, KV_HEADS_PAD=_next_pow2(num_kv_heads),
+        BLOCK_SIZE=k_cache.shape[2] if store else 1, STORE=store,
+        num_warps=_num_warps(heads_pad * _next_pow2(half)),
+    )
+    return query, key
+
+
+def store_kv(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_dim]
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [num_tokens] int, -1 = skip
+) -> None:
+    """Write each token's K and V into its cache slot (no RoPE); `reference.store_kv` twin."""
+    _check_heads("key", key)
+    _check_heads("value", value)
+    _check_cache(k_cache, v_cache, key)
+    num_tokens, num_kv_heads, head_dim = key.shape
+    if value.shape != key.shape or slot_mapping.shape[0] != num_tokens:
+        raise ValueError("key, value and slot_mapping must agree on num_tokens / shape")
+    if num_tokens == 0:
+        return
+    kv_pad = _next_pow2(num_kv_heads)
+    d_pad = _next_pow2(head_dim)
+    _store_kv_kernel[(num_tokens,)](
+        key, value, k_cache, v_cache, slot_mapping, num_kv_heads,
+        key.stride(0), key.stride(1),
+        value.stride(0), value.stride(1),
+        *k_cache.stride()[:3],
+        *v_cache.stride()[:3],
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, KV_HEADS_PAD=kv_pad, BLOCK_SIZE=k_cache.shape[2],
+        num_warps=_num_warps(kv_pad * d_pad),
+    )
