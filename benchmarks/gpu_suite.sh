@@ -15,8 +15,18 @@ for s in $steps; do
     kernels) timeout 300 python3 -m pytest -q -m gpu tests/kernels -p no:cacheprovider 2>&1 | tee "$OUT/kernel_tests.log" | tail -8 ;;
     bench)   timeout 120 $nv bench latency --model benchmarks/configs/qwen3-0.6b 2>&1 | tee "$OUT/latency.log" | tail -3
              timeout 200 $nv bench throughput --model benchmarks/configs/qwen3-0.6b 2>&1 | tee "$OUT/throughput.log" | tail -4 ;;
+    tp)      NANOVLLM_STEP_TIMING=1 timeout 150 $nv bench throughput --model benchmarks/configs/qwen3-0.6b 2>&1 | tee "$OUT/throughput.log" | grep -v "^INFO" | tail -3 ;;
     bench8b) timeout 150 $nv bench latency --model benchmarks/configs/qwen3-8b 2>&1 | tee "$OUT/latency8b.log" | tail -3 ;;
-    hf)      timeout 200 $nv bench throughput --model benchmarks/configs/qwen3-0.6b --backend hf --num-seqs ${HF_SEQS:-64} 2>&1 | tee "$OUT/hf.log" | tail -4 ;;
+    hf)      timeout 150 $nv bench throughput --model benchmarks/configs/qwen3-0.6b --backend hf --num-seqs ${HF_SEQS:-64} 2>&1 | tee "$OUT/hf.log" | tail -4 ;;
+    serve)   # needs the carried wheels in .whl (fastapi, uvicorn, pydantic are not in the device image)
+             python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
+             setsid python3 -m nanovllm.cli.main serve benchmarks/configs/qwen3-0.6b --load-format dummy --skip-tokenizer-init \
+                 --max-model-len 2048 --port 8123 > "$OUT/server.log" 2>&1 &
+             for i in $(seq 120); do curl -sf http://127.0.0.1:8123/health >/dev/null && break; sleep 1; done
+             timeout 200 $nv bench serve --base-url http://127.0.0.1:8123 --num-prompts 512 --max-concurrency 64 \
+                 --input-len 512 --output-len 256 --ignore-eos --temperature 0.6 --label "qwen3-0.6b random, H100" 2>&1 | tee "$OUT/serve.log" | tail -20
+             curl -s http://127.0.0.1:8123/metrics | grep -E "^nanovllm:(num_requests|kv_cache)" | tee -a "$OUT/serve.log"
+             pkill -f "nanovllm.cli.main serve" ;;
     profile) for b in 1 64 256; do timeout 90 python3 benchmarks/profile_decode.py --batch $b 2>&1 | grep -v "^INFO" | tail -19; done 2>&1 | tee "$OUT/profile.log" ;;
   esac
 done

@@ -59,7 +59,10 @@ def run_nanovllm(args, prompts, output_lens) -> float:
     params = [SamplingParams(temperature=TEMPERATURE, ignore_eos=True, max_tokens=n) for n in output_lens]
     t0 = time.perf_counter()
     llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    return time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0
+    if llm.engine.step_timer is not None:
+        print("step phases:", llm.engine.step_timer.summary())
+    return elapsed
 
 
 def run_hf(args, prompts, output_lens) -> float:
@@ -79,7 +82,7 @@ def run_hf(args, prompts, output_lens) -> float:
     gen = GenerationConfig(max_new_tokens=mean_out, do_sample=True, temperature=TEMPERATURE, top_k=0, top_p=1.0,
                            pad_token_id=0)
     warm = GenerationConfig(max_new_tokens=4, do_sample=False, pad_token_id=0)
-    with torch.inference_mode():
+    with torch.no_grad():  # generate_batch updates its own buffers in place: no inference_mode
         model.generate_batch(inputs=[prompts[0][:16]], generation_config=warm)
         t0 = time.perf_counter()
         out = model.generate_batch(inputs=prompts, generation_config=gen)

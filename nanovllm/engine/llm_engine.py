@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Union
@@ -106,6 +107,8 @@ class LLMEngine:
             self.runner.cuda_graphs.capture()
         self.states: dict[str, _RequestState] = {}
         self._counter = itertools.count()
+        # NANOVLLM_STEP_TIMING=1: accumulate wall time per phase of a step (benchmarks)
+        self.step_timer = StepTimer() if os.environ.get("NANOVLLM_STEP_TIMING") == "1" else None
         # totals for metrics
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
@@ -207,6 +210,11 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ step
     def step(self) -> list[RequestOutput]:
+        if self.step_timer is not None:
+            return self.step_timer.timed_step(self)
+        return self._step()
+
+    def _step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         for child in sched.forked:
             self.states[child.parent_id].completions[child.index] = self._new_completion(child)
@@ -340,6 +348,57 @@ class LLMEngine:
             "generation_tokens_total": self.num_generation_tokens_total,
             "preemptions_total": self.num_preemptions_total,
         }
+
+
+class StepTimer:
+    """Wall time per phase of engine steps: where a step's host time goes (benchmarks only).
+
+    Phases run back to back; the forward + sampling phase ends with the sampled tokens'
+    copy to the host, so it includes waiting for the GPU.
+    """
+
+    PHASES = ("schedule", "prepare_inputs", "forward_sample_sync", "update_detok_outputs")
+
+    def __init__(self) -> None:
+        self.totals = dict.fromkeys(self.PHASES, 0.0)
+        self.steps = 0
+
+    def timed_step(self, engine: "LLMEngine") -> list[RequestOutput]:
+        clock = time.perf_counter
+        runner = engine.runner
+        t0 = clock()
+        original_prepare = runner.prepare_inputs
+        marks = {}
+
+        def prepare(sched):
+            marks["prep0"] = clock()
+            out = original_prepare(sched)
+            marks["prep1"] = clock()
+            return out
+
+        original_update = engine.scheduler.update
+
+        def update(sched, result):
+            marks["update0"] = clock()
+            return original_update(sched, result)
+
+        runner.prepare_inputs, engine.scheduler.update = prepare, update
+        try:
+            outputs = engine._step()
+        finally:
+            del runner.prepare_inputs, engine.scheduler.update
+        t1 = clock()
+        if "prep0" in marks:
+            self.totals["schedule"] += marks["prep0"] - t0
+            self.totals["prepare_inputs"] += marks["prep1"] - marks["prep0"]
+            self.totals["forward_sample_sync"] += marks["update0"] - marks["prep1"]
+            self.totals["update_detok_outputs"] += t1 - marks["update0"]
+            self.steps += 1
+        return outputs
+
+    def summary(self) -> str:
+        n = max(1, self.steps)
+        return ", ".join(f"{k} {1e3 * v / n:.3f} ms" for k, v in self.totals.items()) + f" (per step, {n} steps)"
 
 
 def _resolve_device(device: str) -> torch.device:
