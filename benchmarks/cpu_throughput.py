@@ -41,15 +41,25 @@ def run_nanovllm(num_tokens: int) -> tuple[float, int]:
 
 
 def run_hf(num_tokens: int) -> tuple[float, int]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """HF transformers `generate` on the same weights (the GGUF tensors, dequantized to fp32).
 
-    path = bundled_model_path()
-    d, f = os.path.dirname(path), os.path.basename(path)
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    transformers' own GGUF loading needs `accelerate`; the tensors are the same either way
+    (tests/loading checks they are bit-equal), so the HF model is built from our reader.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from nanovllm.loading.gguf_loader import load_gguf_tokenizer, read_gguf_checkpoint
+
+    ckpt = read_gguf_checkpoint(bundled_model_path())
+    tok = load_gguf_tokenizer(bundled_model_path())
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(ckpt.hf_config, dtype=torch.float32).eval()
+    missing, unexpected = model.load_state_dict(dict(ckpt.iter_tensors()), strict=False)
+    if unexpected or [m for m in missing if m != "lm_head.weight"]:
+        raise RuntimeError(f"HF model does not match the checkpoint: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
     batch = tok(PROMPTS, return_tensors="pt", padding=True)
     kwargs = dict(do_sample=False, max_new_tokens=num_tokens, min_new_tokens=num_tokens, pad_token_id=tok.pad_token_id)
     with torch.inference_mode():

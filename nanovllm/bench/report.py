@@ -14,6 +14,9 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.pa
 
 
 def git_commit() -> str:
+    """Short commit of the code being measured; NANOVLLM_COMMIT wins (copies without .git)."""
+    if os.environ.get("NANOVLLM_COMMIT"):
+        return os.environ["NANOVLLM_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=os.path.dirname(os.path.abspath(__file__)))

@@ -31,7 +31,8 @@ class PagedAttention(nn.Module):
         cos_sin_cache: torch.Tensor,
         ctx: ForwardContext,
     ) -> torch.Tensor:
-        q, k = ops.rope_and_store_kv(q, k, v, positions, cos_sin_cache, self.k_cache, self.v_cache, ctx.slot_mapping)
+        q, k = ops.rope_and_store_kv(q, k, v, positions, cos_sin_cache, self.k_cache, self.v_cache, ctx.slot_mapping,
+                                     ctx)
         return ops.paged_attention(
             q, self.k_cache, self.v_cache, ctx, self.scale, self.sliding_window, use_triton=ctx.use_triton
         )  # [T, H, D]

@@ -54,13 +54,18 @@ def silu_and_mul(x):
     return reference.silu_and_mul(x)
 
 
-def rope_and_store_kv(query, key, value, positions, cos_sin_cache, k_cache, v_cache, slot_mapping):
+def rope_and_store_kv(query, key, value, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, ctx=None):
     if _use_triton(query):
         from nanovllm.kernels import rope_kv_store
 
         return rope_kv_store.rope_and_store_kv(
             query, key, value, positions, cos_sin_cache, k_cache, v_cache, slot_mapping
         )
+    if not query.is_cuda and ctx is not None:
+        from nanovllm.layers import torch_attention
+
+        return torch_attention.rope_and_store_kv(query, key, value, positions, cos_sin_cache, k_cache, v_cache,
+                                                 slot_mapping, ctx.scratch)
     return reference.rope_and_store_kv(query, key, value, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
 
 
@@ -78,7 +83,7 @@ def paged_attention(query, k_cache, v_cache, ctx, scale, sliding_window=None, us
 
         return torch_attention.paged_attention(
             query, k_cache, v_cache, ctx.query_start_loc_cpu, ctx.seq_lens_cpu, ctx.block_tables, scale,
-            sliding_window=sliding_window,
+            sliding_window=sliding_window, scratch=ctx.scratch,
         )
     return reference.paged_attention(
         query, k_cache, v_cache, ctx.query_start_loc, ctx.seq_lens, ctx.block_tables, scale,

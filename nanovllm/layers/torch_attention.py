@@ -1,9 +1,10 @@
-"""Paged attention in plain torch for the CPU path: batched decode, SDPA for prefills.
+"""The CPU path: paged attention and RoPE + KV store in plain torch, built for few ops.
 
-Same contract as `kernels.reference.paged_attention` (which stays the simple truth this is
-tested against), but decode rows of all sequences run as one batched matmul and prefill
-rows use `scaled_dot_product_attention`, so a CPU step is a few large ops instead of many
-small ones per sequence.
+Same contracts as `kernels.reference` (the simple truth this is tested against), but
+decode rows of all sequences run as one batched matmul, prefill rows use
+`scaled_dot_product_attention`, and everything that depends only on the batch (gather
+indices, masks, RoPE cos/sin, cache slots) is computed once per step in `scratch` and
+reused by every layer.
 """
 
 from __future__ import annotations
@@ -12,6 +13,31 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+
+def rope_and_store_kv(query, key, value, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
+                      scratch: Optional[dict] = None):
+    """reference.rope_and_store_kv with cos/sin and cache slots computed once per step."""
+    scratch = {} if scratch is None else scratch
+    if "rope" not in scratch:
+        cos, sin = cos_sin_cache[positions.long()].chunk(2, dim=-1)  # [T, rot/2] each
+        block_size = k_cache.shape[2]
+        slots = slot_mapping.long()
+        valid = slots >= 0
+        scratch["rope"] = (cos.unsqueeze(1), sin.unsqueeze(1), valid, slots[valid] // block_size,
+                           slots[valid] % block_size)
+    cos, sin, valid, blocks, offsets = scratch["rope"]
+    q, k = _rotate(query, cos, sin), _rotate(key, cos, sin)
+    k_cache[blocks, :, offsets] = k[valid].to(k_cache.dtype)
+    v_cache[blocks, :, offsets] = value[valid].to(v_cache.dtype)
+    return q, k
+
+
+def _rotate(x, cos, sin):
+    rot = cos.shape[-1] * 2
+    x1, x2 = x[..., : rot // 2].float(), x[..., rot // 2 : rot].float()
+    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    return torch.cat((rotated, x[..., rot:]), dim=-1) if x.shape[-1] > rot else rotated
 
 
 def paged_attention(
@@ -23,14 +49,26 @@ def paged_attention(
     block_tables: torch.Tensor,  # [num_seqs, max_blocks]
     scale: float,
     sliding_window: Optional[int] = None,
+    scratch: Optional[dict] = None,
 ) -> torch.Tensor:
+    scratch = {} if scratch is None else scratch
+    if "plan" not in scratch:
+        q_lens = [query_start_loc[i + 1] - query_start_loc[i] for i in range(len(seq_lens))]
+        decode = [i for i, n in enumerate(q_lens) if n == 1]
+        plan = {"q_lens": q_lens, "decode": decode}
+        if decode:
+            plan["rows"] = torch.tensor([query_start_loc[i] for i in decode])
+            plan["mask"] = _decode_mask([seq_lens[i] for i in decode], k_cache.shape[2], sliding_window)
+            plan["blocks"] = block_tables[decode][:, : plan["mask"].shape[-1] // k_cache.shape[2]].long()
+        scratch["plan"] = plan
+    plan = scratch["plan"]
+    q_lens, decode = plan["q_lens"], plan["decode"]
+    if len(decode) == len(q_lens):  # decode-only batch: no scatter needed
+        return _decode(query, k_cache, v_cache, plan["blocks"], plan["mask"], scale)
     out = torch.empty_like(query)
-    q_lens = [query_start_loc[i + 1] - query_start_loc[i] for i in range(len(seq_lens))]
-    decode = [i for i, n in enumerate(q_lens) if n == 1]
     if decode:
-        rows = torch.tensor([query_start_loc[i] for i in decode])
-        out[rows] = _decode(query[rows], k_cache, v_cache, [seq_lens[i] for i in decode],
-                            block_tables[decode], scale, sliding_window)
+        rows = plan["rows"]
+        out[rows] = _decode(query[rows], k_cache, v_cache, plan["blocks"], plan["mask"], scale)
     for i, n in enumerate(q_lens):
         if n > 1:
             start = query_start_loc[i]
@@ -41,26 +79,30 @@ def paged_attention(
 
 def _gather(cache: torch.Tensor, block_tables: torch.Tensor, num_blocks: int) -> torch.Tensor:
     """[B, nb] block ids -> [B, Hkv, nb * block_size, D]."""
-    blocks = cache[block_tables[:, :num_blocks].long()]  # [B, nb, Hkv, bs, D]
+    blocks = cache[block_tables[:, :num_blocks]]  # [B, nb, Hkv, bs, D]
     b, nb, h, bs, d = blocks.shape
     return blocks.permute(0, 2, 1, 3, 4).reshape(b, h, nb * bs, d)
 
 
-def _decode(q, k_cache, v_cache, seq_lens, block_tables, scale, sliding_window):
-    b, num_heads, head_dim = q.shape
-    num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
-    group = num_heads // num_kv_heads
-    max_len = max(seq_lens)
-    nb = -(-max_len // block_size)
-    k = _gather(k_cache, block_tables, nb)  # [B, Hkv, S, D]
-    v = _gather(v_cache, block_tables, nb)
-    qg = q.view(b, num_kv_heads, group, head_dim)  # [B, Hkv, G, D]
-    scores = torch.matmul(qg.float(), k.float().transpose(2, 3)) * scale  # [B, Hkv, G, S]
-    lens = torch.tensor(seq_lens).view(b, 1, 1, 1)
-    pos = torch.arange(k.shape[2]).view(1, 1, 1, -1)
+def _decode_mask(seq_lens: list[int], block_size: int, sliding_window: Optional[int]) -> torch.Tensor:
+    """[B, 1, 1, S] True where a key position must not be attended (S = block-padded max)."""
+    nb = -(-max(seq_lens) // block_size)
+    lens = torch.tensor(seq_lens).view(-1, 1, 1, 1)
+    pos = torch.arange(nb * block_size).view(1, 1, 1, -1)
     masked = pos >= lens
     if sliding_window is not None:
         masked |= pos <= lens - 1 - sliding_window
+    return masked
+
+
+def _decode(q, k_cache, v_cache, blocks, masked, scale):
+    b, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    k = _gather(k_cache, blocks, blocks.shape[1])  # [B, Hkv, S, D]
+    v = _gather(v_cache, blocks, blocks.shape[1])
+    qg = q.view(b, num_kv_heads, group, head_dim)  # [B, Hkv, G, D]
+    scores = torch.matmul(qg.float(), k.float().transpose(2, 3)) * scale  # [B, Hkv, G, S]
     scores.masked_fill_(masked, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.matmul(probs, v.float()).view(b, num_heads, head_dim).to(q.dtype)  # [B, H, D]
@@ -70,8 +112,9 @@ def _prefill(q, k_cache, v_cache, seq_len, block_table, scale, sliding_window):
     q_len, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
     nb = -(-seq_len // block_size)
-    k = _gather(k_cache, block_table.view(1, -1), nb)[0, :, :seq_len]  # [Hkv, S, D]
-    v = _gather(v_cache, block_table.view(1, -1), nb)[0, :, :seq_len]
+    table = block_table.view(1, -1).long()
+    k = _gather(k_cache, table, nb)[0, :, :seq_len]  # [Hkv, S, D]
+    v = _gather(v_cache, table, nb)[0, :, :seq_len]
     group = num_heads // num_kv_heads
     k = k.repeat_interleave(group, dim=0)  # [H, S, D]
     v = v.repeat_interleave(group, dim=0)

@@ -6,7 +6,7 @@ positions, ctx)` and from there to every attention layer. Never a global.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -26,6 +26,9 @@ class ForwardContext:
     query_start_loc_cpu: Optional[list[int]] = None
     seq_lens_cpu: Optional[list[int]] = None
     use_triton: bool = True  # attention backend switch (False = torch reference)
+    # Per-step values the CPU path derives once and every layer reuses (masks, gather
+    # indices, RoPE cos/sin). Lives and dies with this step's context.
+    scratch: dict = field(default_factory=dict)
 
     @property
     def is_decode_only(self) -> bool:

@@ -35,3 +35,26 @@ def test_matches_reference(q_lens, seq_lens, num_heads, num_kv_heads, sliding_wi
     expected = reference.paged_attention(q, kc, vc, torch.tensor(qsl), torch.tensor(seq_lens), bt, scale, sliding_window)
     got = torch_attention.paged_attention(q, kc, vc, qsl, seq_lens, bt, scale, sliding_window)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rotary_fraction", [1.0, 0.5])
+def test_rope_and_store_matches_reference_and_reuses_scratch(rotary_fraction):
+    g = torch.Generator().manual_seed(0)
+    tokens, heads, kv_heads, head_dim, block_size, num_blocks = 7, 4, 2, 16, 4, 6
+    rot = int(head_dim * rotary_fraction)
+    cos_sin = torch.randn(64, rot, generator=g)
+    q = torch.randn(tokens, heads, head_dim, generator=g)
+    k = torch.randn(tokens, kv_heads, head_dim, generator=g)
+    v = torch.randn(tokens, kv_heads, head_dim, generator=g)
+    positions = torch.tensor([3, 9, 10, 11, 0, 1, 2])
+    slots = torch.tensor([5, 13, -1, 2, 20, 21, 22])  # -1: padding, never written
+    caches = [torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=g) for _ in range(4)]
+    kc_ref, vc_ref, kc, vc = caches[0], caches[1], caches[0].clone(), caches[1].clone()
+    q_ref, k_ref = reference.rope_and_store_kv(q, k, v, positions, cos_sin, kc_ref, vc_ref, slots)
+    scratch = {}
+    for _ in range(2):  # second call reuses the per-step values
+        q_got, k_got = torch_attention.rope_and_store_kv(q, k, v, positions, cos_sin, kc, vc, slots, scratch)
+        torch.testing.assert_close(q_got, q_ref)
+        torch.testing.assert_close(k_got, k_ref)
+    torch.testing.assert_close(kc, kc_ref)
+    torch.testing.assert_close(vc, vc_ref)
