@@ -21,9 +21,7 @@ from nanovllm.kernels.paged_attention import (
     paged_attention_decode,
 )
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-GPU = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
+from kernel_params import DEVICE, GPU, HAS_CUDA, PRECISIONS
 
 NUM_KV_HEADS = 2
 FP32_ATOL = 1e-4
@@ -92,11 +90,6 @@ def reference_attention(query, k_cache, v_cache, qsl, seq_lens, block_tables, sc
     )
 
 
-PRECISIONS = [
-    pytest.param(torch.float32, id="fp32"),
-    pytest.param(torch.bfloat16, id="bf16", marks=GPU),
-    pytest.param(torch.float16, id="fp16", marks=GPU),
-]
 
 
 @pytest.mark.parametrize("dtype", PRECISIONS)

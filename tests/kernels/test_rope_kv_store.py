@@ -11,15 +11,8 @@ import torch
 from nanovllm.kernels import reference
 from nanovllm.kernels.rope_kv_store import rope_and_store_kv, store_kv
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-GPU = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
+from kernel_params import DEVICE, GPU, HAS_CUDA, PRECISIONS
 
-PRECISIONS = [
-    pytest.param(torch.float32, id="fp32"),
-    pytest.param(torch.bfloat16, id="bf16", marks=GPU),
-    pytest.param(torch.float16, id="fp16", marks=GPU),
-]
 MAX_POSITIONS = 8192
 ROPE_THETA = 10000.0
 
