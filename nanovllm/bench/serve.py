@@ -134,8 +134,9 @@ async def send_request(session, url: str, headers: dict, payload: dict, timeout:
                     if "error" in msg:
                         res.error = str(msg["error"].get("message", msg["error"]))
                         continue
-                    if msg.get("usage"):
+                    if msg.get("usage"):  # the server's counts beat ours (chat templates add tokens)
                         res.output_tokens = msg["usage"].get("completion_tokens", res.output_tokens)
+                        res.prompt_len = msg["usage"].get("prompt_tokens", res.prompt_len)
                     for choice in msg.get("choices", []):
                         content = choice.get("text") or (choice.get("delta") or {}).get("content")
                         if not content and not choice.get("token_ids"):
@@ -196,7 +197,7 @@ async def benchmark(args) -> dict:
             else:
                 async with semaphore:
                     res = await send_request(session, url, headers, payload(prompt), args.timeout)
-            res.prompt_len = prompt_len
+            res.prompt_len = res.prompt_len or prompt_len
             return res
 
         start = time.perf_counter()

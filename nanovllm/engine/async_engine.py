@@ -147,7 +147,7 @@ class AsyncLLMEngine:
     # ------------------------------------------------------------------ public (event loop side)
     @property
     def is_running(self) -> bool:
-        return self._thread.is_alive() and self._dead is None
+        return self._thread.is_alive() and self._dead is None and not self._stopping
 
     @property
     def dead_error(self) -> Optional[BaseException]:
@@ -178,7 +178,8 @@ class AsyncLLMEngine:
         loop = asyncio.get_running_loop()
         stream = _Stream(loop, asyncio.Queue(), loop.create_future())
         arrival = time.monotonic() if arrival_time is None else arrival_time
-        self._submit(("add", request_id, prompt, params, arrival, stream))
+        if not self._submit(("add", request_id, prompt, params, arrival, stream)):
+            raise EngineDeadError("the engine is shutting down")
         try:
             await stream.accepted  # raises the add_request error
         except asyncio.CancelledError:
@@ -215,10 +216,14 @@ class AsyncLLMEngine:
             self._thread.join(timeout)
 
     # ------------------------------------------------------------------ engine thread
-    def _submit(self, command: tuple) -> None:
+    def _submit(self, command: tuple) -> bool:
+        """Queue a command for the engine thread; False once shutdown started (nobody would run it)."""
         with self._cond:
+            if self._stopping:
+                return False
             self._commands.append(command)
             self._cond.notify()
+            return True
 
     def _run(self) -> None:
         engine = self.engine

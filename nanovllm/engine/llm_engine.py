@@ -10,6 +10,7 @@ n completions (see Scheduler._fork_ready); RequestOutput groups them by index.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -331,7 +332,7 @@ class LLMEngine:
             finished=finished,
             prompt_logprobs=prompt_logprobs,
             num_cached_tokens=first.num_cached_prompt_tokens,
-            metrics=state.metrics,
+            metrics=dataclasses.replace(state.metrics),  # a snapshot: the engine keeps updating its own
         )
 
     # ------------------------------------------------------------------ stats

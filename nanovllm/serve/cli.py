@@ -1,0 +1,76 @@
+"""`nanovllm serve [MODEL]`: the OpenAI-compatible server (uvicorn + build_app)."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+
+from nanovllm.cli.main import add_engine_args, engine_kwargs
+
+API_KEY_ENV = "NANOVLLM_API_KEY"
+logger = logging.getLogger("nanovllm")
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="OpenAI-compatible HTTP server",
+        description="Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+                    "/v1/models, /tokenize, /detokenize, /health, /metrics). See docs/serving.md.",
+    )
+    add_engine_args(p, model_positional=True)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=None,
+                   help=f"require `Authorization: Bearer KEY` on every route but /health and /metrics "
+                        f"(default: ${API_KEY_ENV} when set)")
+    p.add_argument("--served-model-name", default=None,
+                   help="model name clients must send (default: the MODEL argument, or the bundled model's name)")
+    p.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
+                   help="dummy = random weights (benchmarking without a checkpoint)")
+    p.add_argument("--skip-tokenizer-init", action="store_true",
+                   help="load no tokenizer: completions take token-id prompts and return token ids, no chat")
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks (default: sized from memory)")
+    p.add_argument("--max-body-bytes", type=int, default=None,
+                   help="largest request body accepted; larger ones get 413 (default 10 MiB)")
+    p.add_argument("--uvicorn-log-level", default="warning", help="uvicorn's log level (default warning)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from nanovllm.config import EngineConfig
+    from nanovllm.engine.async_engine import AsyncLLMEngine
+    from nanovllm.serve.app import DEFAULT_MAX_BODY_BYTES, build_app
+
+    kwargs = engine_kwargs(args)
+    if args.num_kv_blocks is not None:
+        kwargs["num_kv_blocks"] = args.num_kv_blocks
+    config = EngineConfig(model=args.model, skip_tokenizer_init=args.skip_tokenizer_init,
+                          extra={"load_format": args.load_format}, **kwargs)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if not api_key and not _is_loopback(args.host):
+        logger.warning("serving on %s without an API key: anyone who can reach it can use it", args.host)
+    engine = AsyncLLMEngine.from_config(config)
+    name = args.served_model_name or args.model or engine.model_name
+    app = build_app(engine, name, api_key=api_key, max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES)
+    print(f"nanovllm serve: {name} on http://{args.host}:{args.port}/v1"
+          f"{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                    timeout_graceful_shutdown=5)
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
