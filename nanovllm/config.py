@@ -37,6 +37,9 @@ class EngineConfig:
     enforce_eager: bool = False  # True disables CUDA graphs
     attention_backend: str = "auto"  # "auto" | "torch" | "triton"
     skip_tokenizer_init: bool = False
+    # CPU GEMM weights: "fp16" (fbgemm, half the bytes), "fp32", or "auto" = fp16 when the
+    # checkpoint itself is 16-bit or quantized (GGUF, bf16/fp16 safetensors), else fp32.
+    cpu_weight_format: str = "auto"
     seed: int = 0
     tokenizer: Optional[str] = None  # override tokenizer location
     trust_remote_code: bool = False
@@ -68,6 +71,8 @@ class EngineConfig:
             raise ValueError(
                 f"gpu_memory_utilization={self.gpu_memory_utilization!r} must be in (0, 1], e.g. 0.9"
             )
+        if self.cpu_weight_format not in ("auto", "fp16", "fp32"):
+            raise ValueError(f"cpu_weight_format={self.cpu_weight_format!r}: use 'auto', 'fp16' or 'fp32'")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend={self.attention_backend!r}: use 'auto', 'torch' or 'triton'")
         if not isinstance(self.seed, int):

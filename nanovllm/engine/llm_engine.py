@@ -86,6 +86,8 @@ class LLMEngine:
         self.model = model_loader.build_model(
             self.source, self.hf_config, self.device, self.dtype, self.max_model_len, load_format
         )
+        self.cpu_fp16_weights = self.device.type == "cpu" and model_loader.maybe_pack_cpu_weights(
+            self.model, config.cpu_weight_format, self.source, self.hf_config)
         num_blocks = self._num_kv_blocks()
         self.runner = ModelRunner(
             self.model, self.hf_config, self.device, self.dtype, num_blocks, config.block_size,

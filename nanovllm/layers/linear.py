@@ -28,8 +28,23 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard=None,
     param.data.copy_(loaded)
 
 
+def cpu_fp16_gemm_available() -> bool:
+    """fbgemm's fp16-weight GEMM (x86 CPUs); absent on other builds."""
+    try:
+        packed = torch.ops.quantized.linear_prepack_fp16(torch.ones(1, 1), None)
+        torch.ops.quantized.linear_dynamic_fp16(torch.ones(1, 1), packed)
+        return True
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
 class Linear(nn.Module):
-    """y = x W^T (+ b), W `[out_features, in_features]`."""
+    """y = x W^T (+ b), W `[out_features, in_features]`.
+
+    On CPU the weight can be packed to fp16 for fbgemm (`pack_fp16_for_cpu`): half the bytes
+    to stream per GEMM, fp32 activations and accumulation. Used for checkpoints whose own
+    precision is 16 bits or less, which fp16 represents (nearly) exactly.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
@@ -40,8 +55,15 @@ class Linear(nn.Module):
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features))
             self.bias.weight_loader = default_weight_loader
+        self.packed_fp16 = None
+
+    def pack_fp16_for_cpu(self) -> None:
+        bias = None if self.bias is None else self.bias.detach().float()
+        self.packed_fp16 = torch.ops.quantized.linear_prepack_fp16(self.weight.detach().float(), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_fp16 is not None:
+            return torch.ops.quantized.linear_dynamic_fp16(x, self.packed_fp16)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -99,4 +121,4 @@ class LMHead(Linear):
     def forward(self, hidden: torch.Tensor, indices: Optional[torch.Tensor] = None) -> torch.Tensor:
         if indices is not None:
             hidden = hidden[indices]  # [num_selected, hidden]
-        return F.linear(hidden, self.weight)  # [num_selected, vocab]
+        return super().forward(hidden)  # [num_selected, vocab]

@@ -105,6 +105,31 @@ def build_model(source: ModelSource, hf_config, device: torch.device, dtype: tor
     return model.eval()
 
 
+def checkpoint_is_16bit_or_less(source: ModelSource, hf_config) -> bool:
+    """GGUF files (quantized or f16 in practice) and bf16/fp16 HF checkpoints."""
+    if source.kind == "gguf":
+        return True
+    cfg_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    return str(cfg_dtype).replace("torch.", "") in ("bfloat16", "float16")
+
+
+def maybe_pack_cpu_weights(model, fmt: str, source: ModelSource, hf_config) -> bool:
+    """Pack every Linear's weight to fp16 for fbgemm on CPU (see Linear.pack_fp16_for_cpu)."""
+    from nanovllm.layers.linear import Linear, cpu_fp16_gemm_available
+
+    want = fmt == "fp16" or (fmt == "auto" and checkpoint_is_16bit_or_less(source, hf_config))
+    if not want or next(model.parameters()).dtype != torch.float32:
+        return False
+    if not cpu_fp16_gemm_available():
+        if fmt == "fp16":
+            raise ValueError("cpu_weight_format='fp16' needs torch's fbgemm backend (x86); use 'fp32'")
+        return False
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.pack_fp16_for_cpu()
+    return True
+
+
 # Random-weight benchmarks: small init keeps activations finite through many layers.
 DUMMY_INIT_STD = 0.02
 
