@@ -91,7 +91,7 @@ class LLMEngine:
         num_blocks = self._num_kv_blocks()
         self.runner = ModelRunner(
             self.model, self.hf_config, self.device, self.dtype, num_blocks, config.block_size,
-            self.eos_token_ids, use_triton_attention=config.attention_backend != "torch", tokenizer=self.tokenizer,
+            self.eos_token_ids, use_triton_attention=config.attention_backend != "torch",
         )
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -112,6 +112,7 @@ class LLMEngine:
         self._counter = itertools.count()
         # NANOVLLM_STEP_TIMING=1: accumulate wall time per phase of a step (benchmarks)
         self.step_timer = StepTimer() if os.environ.get("NANOVLLM_STEP_TIMING") == "1" else None
+        self.runner.step_timer = self.step_timer
         # totals for metrics
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
@@ -213,18 +214,20 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ step
     def step(self) -> list[RequestOutput]:
-        if self.step_timer is not None:
-            return self.step_timer.timed_step(self)
-        return self._step()
-
-    def _step(self) -> list[RequestOutput]:
+        timer = self.step_timer
+        if timer:
+            timer.start()
         sched = self.scheduler.schedule()
         for child in sched.forked:
             self.states[child.parent_id].completions[child.index] = self._new_completion(child)
         self.num_preemptions_total += len(sched.preempted)
         if sched.is_empty:
             return self._outputs(set())
+        if timer:
+            timer.mark("schedule")
         result = self.runner.execute(sched)
+        if timer:
+            timer.mark("forward_sample_sync")
         updated = self.scheduler.update(sched, result)
         touched: set[str] = set()
         now = time.monotonic()
@@ -257,7 +260,10 @@ class LLMEngine:
             if first_pos == 0 or state.prompt_logprobs is None:
                 state.prompt_logprobs = []
             state.prompt_logprobs.extend(self._decorate(e) for e in entries)
-        return self._outputs(touched)
+        outputs = self._outputs(touched)
+        if timer:
+            timer.mark("update_detok_outputs")
+        return outputs
 
     def _append_logprobs(self, comp: _Completion, req: Request, token: int, result: ModelRunnerOutput) -> None:
         entry = result.logprobs.get(req.request_id)
@@ -356,8 +362,8 @@ class LLMEngine:
 class StepTimer:
     """Wall time per phase of engine steps: where a step's host time goes (benchmarks only).
 
-    Phases run back to back; the forward + sampling phase ends with the sampled tokens'
-    copy to the host, so it includes waiting for the GPU.
+    The engine and runner call `mark(phase)` at the end of each phase. The forward phase
+    ends with the sampled tokens' copy to the host, so it includes waiting for the GPU.
     """
 
     PHASES = ("schedule", "prepare_inputs", "forward_sample_sync", "update_detok_outputs")
@@ -365,39 +371,17 @@ class StepTimer:
     def __init__(self) -> None:
         self.totals = dict.fromkeys(self.PHASES, 0.0)
         self.steps = 0
+        self._last = 0.0
 
-    def timed_step(self, engine: "LLMEngine") -> list[RequestOutput]:
-        clock = time.perf_counter
-        runner = engine.runner
-        t0 = clock()
-        original_prepare = runner.prepare_inputs
-        marks = {}
+    def start(self) -> None:
+        self._last = time.perf_counter()
 
-        def prepare(sched):
-            marks["prep0"] = clock()
-            out = original_prepare(sched)
-            marks["prep1"] = clock()
-            return out
-
-        original_update = engine.scheduler.update
-
-        def update(sched, result):
-            marks["update0"] = clock()
-            return original_update(sched, result)
-
-        runner.prepare_inputs, engine.scheduler.update = prepare, update
-        try:
-            outputs = engine._step()
-        finally:
-            del runner.prepare_inputs, engine.scheduler.update
-        t1 = clock()
-        if "prep0" in marks:
-            self.totals["schedule"] += marks["prep0"] - t0
-            self.totals["prepare_inputs"] += marks["prep1"] - marks["prep0"]
-            self.totals["forward_sample_sync"] += marks["update0"] - marks["prep1"]
-            self.totals["update_detok_outputs"] += t1 - marks["update0"]
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.totals[phase] += now - self._last
+        self._last = now
+        if phase == self.PHASES[-1]:
             self.steps += 1
-        return outputs
 
     def summary(self) -> str:
         n = max(1, self.steps)

@@ -33,8 +33,7 @@ class StepInputs:
 
 class ModelRunner:
     def __init__(self, model, hf_config, device: torch.device, dtype: torch.dtype, num_kv_blocks: int,
-                 block_size: int, eos_token_ids: list[int], use_triton_attention: bool = True,
-                 tokenizer=None) -> None:
+                 block_size: int, eos_token_ids: list[int], use_triton_attention: bool = True) -> None:
         self.model = model
         self.hf_config = hf_config
         self.device = device
@@ -44,12 +43,12 @@ class ModelRunner:
         self.vocab_size = hf_config.vocab_size
         self.eos_token_ids = list(eos_token_ids)
         self.use_triton_attention = use_triton_attention
-        self.tokenizer = tokenizer
         self.sampler = Sampler()
         self.kv_caches = self._allocate_kv_cache(num_kv_blocks)
         self.cuda_graphs = None  # a CUDAGraphRunner, set by the engine on CUDA unless enforce_eager
         self._staged: dict[str, torch.Tensor] = {}
         self._staged_sizes: dict[str, int] = {}
+        self.step_timer = None  # the engine's StepTimer when NANOVLLM_STEP_TIMING=1
 
     # ------------------------------------------------------------------ KV cache
     @staticmethod
@@ -180,6 +179,8 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         self.copy_blocks(sched.blocks_to_copy)
         inputs = self.prepare_inputs(sched)
+        if self.step_timer:
+            self.step_timer.mark("prepare_inputs")
         hidden = self._forward(inputs)  # [T, hidden]
         result = ModelRunnerOutput(sampled_token_ids={})
         if inputs.prompt_logprob_spans:
