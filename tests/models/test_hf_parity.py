@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nanovllm import LLM, SamplingParams
-from conftest import TINY_CONFIGS
+from tiny_models import TINY_CONFIGS
 
 NUM_TOKENS = 32
 PROMPT_LENGTHS = (1, 5, 17, 40)
