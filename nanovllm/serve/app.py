@@ -107,12 +107,15 @@ def build_app(engine: AsyncLLMEngine, served_model_name: Optional[str] = None, a
         check_model(body.model)
         return await _respond(raw, chat.create(body))
 
+    def require_tokenizer():
+        if engine.tokenizer is None:
+            raise APIError("this server runs without a tokenizer (--skip-tokenizer-init)")
+        return engine.tokenizer
+
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> Response:
         check_model(body.model)
-        tok = engine.tokenizer
-        if tok is None:
-            raise APIError("this server runs without a tokenizer (--skip-tokenizer-init)")
+        tok = require_tokenizer()
         if (body.prompt is None) == (body.messages is None):
             raise APIError("give exactly one of `prompt` (text) or `messages` (chat)", param="prompt")
         if body.messages is not None:
@@ -124,9 +127,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: Optional[str] = None, a
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> Response:
         check_model(body.model)
-        tok = engine.tokenizer
-        if tok is None:
-            raise APIError("this server runs without a tokenizer (--skip-tokenizer-init)")
+        tok = require_tokenizer()
         bad = [t for t in body.tokens if not 0 <= t < engine.vocab_size]
         if bad:
             raise APIError(f"token id {bad[0]} is outside the vocabulary [0, {engine.vocab_size})", param="tokens")
