@@ -122,7 +122,6 @@ def bench_decode(rows: list[dict], sweep: bool) -> None:
                     add(f"splits={n} tile={tile_n} stages={stages} (sweep)", lambda: pa._launch_decode(
                         query, k_cache, v_cache, seq_lens, tables, scale, None, out, n, tile_n,
                         pa.DECODE_NUM_WARPS, stages))
-            del k_cache, v_cache
 
 
 def bench_prefill(rows: list[dict], sweep: bool, seq: int = PREFILL_LEN) -> None:

@@ -11,7 +11,7 @@ import torch
 from nanovllm.kernels import reference
 from nanovllm.kernels.activation import silu_and_mul
 
-from kernel_params import DEVICE, GPU, HAS_CUDA, PRECISIONS
+from kernel_params import DEVICE, PRECISIONS
 
 
 

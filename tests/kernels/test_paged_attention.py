@@ -21,7 +21,7 @@ from nanovllm.kernels.paged_attention import (
     paged_attention_decode,
 )
 
-from kernel_params import DEVICE, GPU, HAS_CUDA, PRECISIONS
+from kernel_params import DEVICE, HAS_CUDA, PRECISIONS
 
 NUM_KV_HEADS = 2
 FP32_ATOL = 1e-4

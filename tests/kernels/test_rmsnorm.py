@@ -11,7 +11,7 @@ import torch
 from nanovllm.kernels import reference
 from nanovllm.kernels.rmsnorm import fused_add_rms_norm, rms_norm
 
-from kernel_params import DEVICE, GPU, HAS_CUDA, PRECISIONS
+from kernel_params import DEVICE, PRECISIONS
 
 EPS = 1e-6
 

@@ -11,7 +11,7 @@ import torch
 from nanovllm.kernels import reference
 from nanovllm.kernels.rope_kv_store import rope_and_store_kv, store_kv
 
-from kernel_params import DEVICE, GPU, HAS_CUDA, PRECISIONS
+from kernel_params import DEVICE, PRECISIONS
 
 MAX_POSITIONS = 8192
 ROPE_THETA = 10000.0
