@@ -8,9 +8,12 @@ decode is a request one token behind; preemption sets it back to 0.
 from __future__ import annotations
 
 import enum
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Optional
+
+import numpy as np
 
 from nanovllm.sampling_params import SamplingParams
 
@@ -63,6 +66,11 @@ class Request:
     num_registered_blocks: int = 0  # leading blocks already checked into the prefix cache
     # n > 1: fork into this many completions once the prompt (but its last token) is cached
     pending_fork: int = 0
+
+    @functools.cached_property
+    def prompt_array(self) -> np.ndarray:
+        """The prompt as int64 array, made once (penalties read it every step)."""
+        return np.asarray(self.prompt_token_ids, dtype=np.int64)
 
     @property
     def num_prompt_tokens(self) -> int:

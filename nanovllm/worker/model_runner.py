@@ -190,7 +190,7 @@ class ModelRunner:
         reqs = inputs.sample_requests
         batch = SamplingBatch.build(
             params=[r.sampling_params for r in reqs],
-            prompt_token_ids=[r.prompt_token_ids for r in reqs],
+            prompt_token_ids=[r.prompt_array for r in reqs],
             output_token_ids=[r.output_token_ids for r in reqs],
             eos_token_ids=self.eos_token_ids,
             vocab_size=logits.shape[-1],
