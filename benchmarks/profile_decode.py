@@ -14,6 +14,7 @@ import time
 import torch
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.bench.report import param_bytes
 
 BANDWIDTH = 3.0e12  # H100 measured device copy (bytes/s)
 
@@ -48,7 +49,7 @@ def main() -> None:
     gpu_total = sum(e.self_device_time_total for e in events) / args.steps / 1e3  # ms per step
     print(f"batch {args.batch}, context {args.context}: wall {wall * 1e3:.3f} ms/step, GPU busy {gpu_total:.3f} ms/step "
           f"-> host overhead {max(0.0, wall * 1e3 - gpu_total):.3f} ms")
-    params = sum(p.numel() * p.element_size() for p in {id(p): p for p in eng.model.parameters()}.values())
+    params = param_bytes(eng.model)
     kv = args.batch * (args.context + 100) * eng.runner.kv_bytes_per_block(eng.hf_config, 1, eng.dtype)
     print(f"bandwidth limit: weights {params / 1e9:.2f} GB + KV {kv / 1e9:.3f} GB -> "
           f"{(params + kv) / BANDWIDTH * 1e3:.3f} ms/step")

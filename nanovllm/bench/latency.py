@@ -14,6 +14,7 @@ import os
 import time
 
 from nanovllm.bench.report import RESULTS_DIR, append_rows, bar_plot, base_row
+from nanovllm.bench.report import param_bytes as model_param_bytes  # the name param_bytes is a CSV column here
 
 COPY_BYTES = 1 << 30  # 1 GiB buffer for the bandwidth measurement
 COPY_REPEATS = 20
@@ -76,7 +77,7 @@ def run(args) -> int:
         last = time.perf_counter()
         decode_rates.append((n - 1) / (last - first))
     rate = statistics.median(decode_rates)
-    param_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in llm.engine.model.parameters()}.values())
+    param_bytes = model_param_bytes(engine.model)
     bw = measure_copy_bandwidth() if torch.cuda.is_available() else float("nan")
     roofline = bw / param_bytes
     row = {**base_row(), "model": os.path.basename(os.path.normpath(args.model)), "input_len": args.input_len,

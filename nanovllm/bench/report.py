@@ -36,6 +36,12 @@ def device_name() -> str:
     return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
+def param_bytes(model) -> int:
+    """Bytes of a model's parameters, tied weights counted once (what a decode step reads)."""
+    unique = {id(p): p for p in model.parameters()}
+    return sum(p.numel() * p.element_size() for p in unique.values())
+
+
 def base_row() -> dict:
     return {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M"), "device": device_name(),
             "commit": git_commit()}

@@ -29,10 +29,17 @@ def store_kv(
     slot_mapping: torch.Tensor,  # [num_tokens] int, -1 = skip (padding)
 ) -> None:
     """Write each token's K and V into its cache slot."""
-    block_size = k_cache.shape[2]
+    write_kv(key, value, k_cache, v_cache, *slot_coords(slot_mapping, k_cache.shape[2]))
+
+
+def slot_coords(slot_mapping: torch.Tensor, block_size: int):
+    """(valid token mask, block ids, offsets in block) of the tokens with a slot (not -1)."""
     valid = slot_mapping >= 0
     slots = slot_mapping[valid].long()
-    blocks, offsets = slots // block_size, slots % block_size
+    return valid, slots // block_size, slots % block_size
+
+
+def write_kv(key, value, k_cache, v_cache, valid, blocks, offsets) -> None:
     # index_put with (block, :, offset) -> value [n, num_kv_heads, head_dim]
     k_cache[blocks, :, offsets] = key[valid].to(k_cache.dtype)
     v_cache[blocks, :, offsets] = value[valid].to(v_cache.dtype)
@@ -131,8 +138,15 @@ def apply_rope(
 ) -> torch.Tensor:
     """Rotate-half (NeoX / HF Llama) RoPE on the first rotary_dim features of each head."""
     cos, sin = rope_cos_sin(positions, cos_sin_cache)
+    return rotate_half(x, cos.unsqueeze(1).float(), sin.unsqueeze(1).float())
+
+
+def rotate_half(
+    x: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    cos: torch.Tensor,  # [num_tokens, 1, rotary_dim / 2] fp32
+    sin: torch.Tensor,
+) -> torch.Tensor:
     rot = cos.shape[-1] * 2
-    cos, sin = cos.unsqueeze(1).float(), sin.unsqueeze(1).float()  # [T, 1, rot/2]
     x_rot, x_pass = x[..., :rot].float(), x[..., rot:]
     x1, x2 = x_rot.chunk(2, dim=-1)
     rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)

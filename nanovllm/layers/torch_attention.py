@@ -14,30 +14,21 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from nanovllm.kernels import reference
+
 
 def rope_and_store_kv(query, key, value, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
                       scratch: Optional[dict] = None):
     """reference.rope_and_store_kv with cos/sin and cache slots computed once per step."""
     scratch = {} if scratch is None else scratch
     if "rope" not in scratch:
-        cos, sin = cos_sin_cache[positions.long()].chunk(2, dim=-1)  # [T, rot/2] each
-        block_size = k_cache.shape[2]
-        slots = slot_mapping.long()
-        valid = slots >= 0
-        scratch["rope"] = (cos.unsqueeze(1), sin.unsqueeze(1), valid, slots[valid] // block_size,
-                           slots[valid] % block_size)
-    cos, sin, valid, blocks, offsets = scratch["rope"]
-    q, k = _rotate(query, cos, sin), _rotate(key, cos, sin)
-    k_cache[blocks, :, offsets] = k[valid].to(k_cache.dtype)
-    v_cache[blocks, :, offsets] = value[valid].to(v_cache.dtype)
+        cos, sin = reference.rope_cos_sin(positions, cos_sin_cache)  # [T, rot/2] each
+        coords = reference.slot_coords(slot_mapping, k_cache.shape[2])
+        scratch["rope"] = (cos.unsqueeze(1).float(), sin.unsqueeze(1).float(), coords)
+    cos, sin, coords = scratch["rope"]
+    q, k = reference.rotate_half(query, cos, sin), reference.rotate_half(key, cos, sin)
+    reference.write_kv(k, value, k_cache, v_cache, *coords)
     return q, k
-
-
-def _rotate(x, cos, sin):
-    rot = cos.shape[-1] * 2
-    x1, x2 = x[..., : rot // 2].float(), x[..., rot // 2 : rot].float()
-    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
-    return torch.cat((rotated, x[..., rot:]), dim=-1) if x.shape[-1] > rot else rotated
 
 
 def paged_attention(
