@@ -122,13 +122,18 @@ class SamplingBatch:
         eos_token_ids: Sequence[int],
         vocab_size: int,
         device: torch.device,
+        num_output_tokens: Optional[Sequence[int]] = None,
     ) -> "SamplingBatch":
         """Gather the parameters of one step's requests (row i = request i) into tensors.
 
-        `output_token_ids[i]` are the tokens request i generated so far: their count is the
-        min_tokens progress and the seed's step; their values feed the penalties.
+        `output_token_ids[i]` are the tokens request i generated so far: their values feed
+        the penalties. Their count is the min_tokens progress and the seed's step, unless
+        `num_output_tokens` says otherwise (async scheduling: a token sampled by the step
+        still on the GPU is counted but its value is not known yet).
         """
         num_rows = len(params)
+        if num_output_tokens is None:
+            num_output_tokens = [len(ids) for ids in output_token_ids]
         if len(prompt_token_ids) != num_rows or len(output_token_ids) != num_rows:
             raise ValueError(
                 f"got {num_rows} SamplingParams but {len(prompt_token_ids)} prompts and "
@@ -186,7 +191,7 @@ class SamplingBatch:
                     bias_rows.append(i)
                     bias_ids.append(tid)
                     bias_vals.append(value)
-            if len(output_token_ids[i]) < p.min_tokens:
+            if num_output_tokens[i] < p.min_tokens:
                 stop_ids = {t for t in (*eos_token_ids, *p.stop_token_ids) if t < vocab_size}
                 banned_rows.extend([i] * len(stop_ids))
                 banned_ids.extend(stop_ids)
@@ -202,7 +207,7 @@ class SamplingBatch:
                 seed = params[i].seed & _MASK64  # any Python int, negative ones included
                 words.append([seed & _MASK32, seed >> 32])
             seed_words = tensor(words, torch.int64)
-            seed_steps = tensor([len(output_token_ids[i]) & _MASK32 for i in seeded], torch.int64)
+            seed_steps = tensor([num_output_tokens[i] & _MASK32 for i in seeded], torch.int64)
 
         asked = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
