@@ -35,6 +35,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     enforce_eager: bool = False  # True disables CUDA graphs
+    # Schedule and launch step N+1 before step N's tokens reach the host, so host work
+    # overlaps GPU work. None = on for CUDA devices (CPU steps run synchronously anyway).
+    async_scheduling: Optional[bool] = None
     attention_backend: str = "auto"  # "auto" | "torch" | "triton"
     skip_tokenizer_init: bool = False
     # CPU GEMM weights: "fp16" (fbgemm, half the bytes), "fp32", or "auto" = fp16 when the
@@ -75,6 +78,8 @@ class EngineConfig:
             raise ValueError(f"cpu_weight_format={self.cpu_weight_format!r}: use 'auto', 'fp16' or 'fp32'")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend={self.attention_backend!r}: use 'auto', 'torch' or 'triton'")
+        if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
+            raise TypeError(f"async_scheduling must be True, False or None (auto), got {self.async_scheduling!r}")
         if not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
 

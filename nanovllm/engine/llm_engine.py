@@ -6,6 +6,13 @@
 
 One user request with n > 1 is one scheduler request until its prompt is cached, then
 n completions (see Scheduler._fork_ready); RequestOutput groups them by index.
+
+Async scheduling (default on CUDA): step() schedules and launches step N+1, then waits
+for step N and returns its outputs, so the host's scheduling, input preparation,
+detokenization and output building overlap the GPU's work. The scheduler plans each
+decode's next token before its value is known (`Request.num_pending_tokens`); a request
+that turns out to be finished has computed one token for nothing, which is discarded.
+Steps whose sampling needs the previous token's value (penalties) wait for it first.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from nanovllm.engine.detokenizer import IncrementalDetokenizer
 from nanovllm.engine.input_processor import InputProcessor, PromptType
 from nanovllm.engine.kv_cache_manager import KVCacheManager
 from nanovllm.engine.request import Request, RequestStatus
-from nanovllm.engine.scheduler import ModelRunnerOutput, Scheduler, SchedulerConfig
+from nanovllm.engine.scheduler import ModelRunnerOutput, Scheduler, SchedulerConfig, SchedulerOutput
 from nanovllm.loading import model_loader
 from nanovllm.loading.resolve import resolve_model
 from nanovllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
@@ -108,6 +115,9 @@ class LLMEngine:
 
             self.runner.cuda_graphs = CUDAGraphRunner(self.runner, config.max_num_seqs, self.max_model_len)
             self.runner.cuda_graphs.capture()
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else self.device.type == "cuda")
+        self._in_flight: Optional[_InFlightStep] = None  # async scheduling: launched, not resolved
         self.states: dict[str, _RequestState] = {}
         self._counter = itertools.count()
         # NANOVLLM_STEP_TIMING=1: accumulate wall time per phase of a step (benchmarks)
@@ -214,21 +224,61 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ step
     def step(self) -> list[RequestOutput]:
+        """One engine step; returns the RequestOutputs of the requests that changed.
+
+        With async scheduling the outputs are those of the step launched by the previous
+        call (the first call after idling returns none, and an idle engine returns the
+        last step's).
+        """
         timer = self.step_timer
         if timer:
             timer.start()
+        if not self.async_scheduling:
+            sched = self._schedule()
+            if sched.is_empty:
+                return self._outputs(set())
+            result = self.runner.execute(sched)
+            if timer:
+                timer.mark("forward_sample_sync")
+            return self._process_results(sched, result, advanced=False)
+
+        outputs: list[RequestOutput] = []
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None and previous.needs_token_values:
+            outputs += self._resolve(previous)  # penalties read the previous token's value
+            previous = None
+        sched = self._schedule()
+        if not sched.is_empty:
+            launched = self.runner.launch(sched)
+            self.scheduler.advance(sched)
+            self._in_flight = _InFlightStep(sched, launched, _needs_token_values(sched))
+        if previous is not None:
+            outputs += self._resolve(previous)
+        elif timer:
+            timer.mark("forward_sample_sync")
+            timer.mark("update_detok_outputs")
+        return outputs
+
+    def _schedule(self) -> SchedulerOutput:
         sched = self.scheduler.schedule()
         for child in sched.forked:
             self.states[child.parent_id].completions[child.index] = self._new_completion(child)
         self.num_preemptions_total += len(sched.preempted)
-        if sched.is_empty:
-            return self._outputs(set())
-        if timer:
-            timer.mark("schedule")
-        result = self.runner.execute(sched)
-        if timer:
-            timer.mark("forward_sample_sync")
-        updated = self.scheduler.update(sched, result)
+        if self.step_timer and not sched.is_empty:
+            self.step_timer.mark("schedule")
+        return sched
+
+    def _resolve(self, step: "_InFlightStep") -> list[RequestOutput]:
+        result = self.runner.resolve(step.launched)
+        if self.step_timer:
+            self.step_timer.mark("forward_sample_sync")
+        return self._process_results(step.sched, result, advanced=True)
+
+    def _process_results(self, sched: SchedulerOutput, result: ModelRunnerOutput,
+                         advanced: bool) -> list[RequestOutput]:
+        """Scheduler update, detokenization and stop strings, then the step's RequestOutputs."""
+        timer = self.step_timer
+        updated = self.scheduler.update(sched, result, advanced=advanced)
         touched: set[str] = set()
         now = time.monotonic()
         for req in updated:
@@ -357,6 +407,17 @@ class LLMEngine:
             "generation_tokens_total": self.num_generation_tokens_total,
             "preemptions_total": self.num_preemptions_total,
         }
+
+
+@dataclass
+class _InFlightStep:
+    sched: SchedulerOutput
+    launched: object  # the runner's LaunchedStep
+    needs_token_values: bool  # a sampled request's next step reads this step's token value
+
+
+def _needs_token_values(sched: SchedulerOutput) -> bool:
+    return any(it.needs_sample and it.request.sampling_params.uses_penalties for it in sched.scheduled)
 
 
 class StepTimer:

@@ -66,6 +66,9 @@ class Request:
     num_registered_blocks: int = 0  # leading blocks already checked into the prefix cache
     # n > 1: fork into this many completions once the prompt (but its last token) is cached
     pending_fork: int = 0
+    # async scheduling: tokens sampled by launched steps whose values have not reached the
+    # host yet (0, 1, or 2 while the next step is being launched)
+    num_pending_tokens: int = 0
 
     @functools.cached_property
     def prompt_array(self) -> np.ndarray:
@@ -82,6 +85,12 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
+        """Prompt + generated tokens, counting the pending ones (what the scheduler plans with)."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Prompt + generated tokens whose values are on the host."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property

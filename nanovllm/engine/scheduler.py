@@ -31,21 +31,22 @@ class SchedulerConfig:
 
 @dataclass
 class ScheduledRequest:
-    """One request's share of a step."""
+    """One request's share of a step.
+
+    `start_position` and `needs_sample` are fixed when the step is scheduled: with async
+    scheduling the request's counters move on before the step's results come back.
+    """
 
     request: Request
-    num_new_tokens: int  # tokens computed this step, starting at request.num_computed_tokens
+    num_new_tokens: int  # tokens computed this step, starting at start_position
     block_ids: list[int]  # the request's whole block table (a live reference, do not mutate)
+    start_position: int = field(init=False)
+    needs_sample: bool = field(init=False)  # this chunk reaches the last token: the next one is sampled
 
-    @property
-    def start_position(self) -> int:
-        return self.request.num_computed_tokens
-
-    @property
-    def needs_sample(self) -> bool:
-        """True when this chunk reaches the end of the known tokens: the next one is sampled."""
+    def __post_init__(self) -> None:
         r = self.request
-        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens and not r.pending_fork
+        self.start_position = r.num_computed_tokens
+        self.needs_sample = r.num_computed_tokens + self.num_new_tokens == r.num_tokens and not r.pending_fork
 
 
 @dataclass
@@ -149,15 +150,24 @@ class Scheduler:
         return out
 
     def _tokens_to_compute(self, req: Request) -> int:
+        if req.num_pending_tokens and self._surely_finished(req):
+            return 0  # its last token is on the way: computing past it would be thrown away
         target = req.num_tokens
         if req.pending_fork:
             target = req.num_prompt_tokens - 1  # children compute the last prompt token
         return target - req.num_computed_tokens
 
+    def _surely_finished(self, req: Request) -> bool:
+        """Whether the length limits end req once its pending tokens arrive."""
+        return (req.num_output_tokens + req.num_pending_tokens >= req.max_tokens
+                or req.num_tokens >= self.config.max_model_len)
+
     def _admit_waiting(self, budget: int, out: SchedulerOutput) -> int:
         cfg = self.config
         while self.waiting and budget > 0:
             req = self.waiting[0]
+            if req.num_pending_tokens:
+                break  # preempted with a token in flight: readmit once its value is known
             if self._seats_used() + max(1, req.pending_fork) > cfg.max_num_seqs:
                 break
             cached_blocks, num_cached = self.kv.find_cached_prefix(req)
@@ -233,19 +243,37 @@ class Scheduler:
                 out.forked.append(child)
 
     # ------------------------------------------------------------------ update
-    def update(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[Request]:
-        """Advance computed counts, append sampled tokens, apply token/length stops.
+    def advance(self, sched: SchedulerOutput) -> None:
+        """Async scheduling: count a launched step's tokens as computed before its results arrive.
+
+        The next schedule() then plans each sampling request's next token (a pending one,
+        whose value the model runner takes from the GPU); `update(..., advanced=True)`
+        later fills in the values.
+        """
+        for item in sched.scheduled:
+            req = item.request
+            req.num_computed_tokens += item.num_new_tokens
+            if item.needs_sample:
+                req.num_pending_tokens += 1
+
+    def update(self, sched: SchedulerOutput, result: ModelRunnerOutput, advanced: bool = False) -> list[Request]:
+        """Advance computed counts (unless `advance` did), append sampled tokens, apply token/length stops.
 
         Returns the requests that got a new token this step (finished or not).
         """
         updated = []
         for item in sched.scheduled:
             req = item.request
-            if req.status != RequestStatus.RUNNING:
-                continue  # aborted meanwhile
+            if req.is_finished:
+                continue  # aborted or stopped meanwhile
             sample = item.needs_sample
-            req.num_computed_tokens += item.num_new_tokens
-            self.kv.cache_computed_blocks(req)
+            if advanced:
+                if sample:
+                    req.num_pending_tokens -= 1
+            else:
+                req.num_computed_tokens += item.num_new_tokens
+            if req.status == RequestStatus.RUNNING:  # (async: a preempted request has no blocks)
+                self.kv.cache_computed_blocks(req)
             if not sample:
                 continue
             token = result.sampled_token_ids.get(req.request_id)
@@ -267,6 +295,6 @@ class Scheduler:
             if token in params.stop_token_ids:
                 req.stop_reason = token
                 return RequestStatus.FINISHED_STOPPED
-        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.config.max_model_len:
+        if req.num_output_tokens >= req.max_tokens or req.num_known_tokens >= self.config.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None

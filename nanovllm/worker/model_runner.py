@@ -3,12 +3,19 @@
 Host-side inputs are built with numpy (one pass per request, never per token) and copied
 to the device once; the forward pass gets an explicit ForwardContext. On CUDA, decode-only
 batches replay a captured CUDA graph (see cuda_graphs.py).
+
+A step is `launch` (enqueue everything on the device, return at once) then `resolve`
+(wait for the sampled tokens, build the ModelRunnerOutput). With async scheduling the
+engine launches step N+1 before resolving step N: a decode token that step N sampled is
+then not known on the host yet, and step N+1 reads it from step N's sampled-token tensor
+on the device (see `_gather_pending_tokens`).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -16,9 +23,14 @@ import torch
 from nanovllm.engine.scheduler import ModelRunnerOutput, SchedulerOutput
 from nanovllm.outputs import Logprob
 from nanovllm.worker.forward_context import ForwardContext
-from nanovllm.worker.sampler import Sampler, SamplingBatch, compute_prompt_logprobs
+from nanovllm.worker.sampler import Sampler, SamplerOutput, SamplingBatch, compute_prompt_logprobs
 
 logger = logging.getLogger(__name__)
+
+
+# Two sets of pinned staging buffers: a step's host-to-device copies may still be queued
+# while the next step fills the other set (async scheduling keeps one step in flight).
+NUM_STAGING_SETS = 2
 
 
 @dataclass
@@ -28,6 +40,17 @@ class StepInputs:
     logits_indices: torch.Tensor  # [S] rows of the hidden states to sample from
     sample_requests: list  # the Request objects that sample this step, in logits_indices order
     prompt_logprob_spans: list  # (request, token_offset, num_tokens, first_position)
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose device work is enqueued; `ModelRunner.resolve` turns it into results."""
+
+    sample_requests: list  # Request objects, in sampled-row order
+    sampler_output: Optional[SamplerOutput]  # device tensors
+    host_tokens: Optional[torch.Tensor]  # [S] int64 CPU copy of the sampled tokens (non-blocking on CUDA)
+    done: Optional[torch.cuda.Event]  # recorded after the step's last device work (CUDA only)
+    result: ModelRunnerOutput  # prompt logprobs are filled in at launch
 
 
 class ModelRunner:
@@ -45,8 +68,12 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_caches = self._allocate_kv_cache(num_kv_blocks)
         self.cuda_graphs = None  # a CUDAGraphRunner, set by the engine on CUDA unless enforce_eager
-        self._staged: dict[str, torch.Tensor] = {}
-        self._staged_sizes: dict[str, int] = {}
+        self._staged: list[dict[str, torch.Tensor]] = [{} for _ in range(NUM_STAGING_SETS)]
+        self._staged_sizes: list[dict[str, int]] = [{} for _ in range(NUM_STAGING_SETS)]
+        self._num_launched = 0
+        # the last step's sampled tokens on the device, and each sampling request's row there
+        self._last_sampled: Optional[torch.Tensor] = None
+        self._last_sampled_rows: dict[str, int] = {}
         self.step_timer = None  # the engine's StepTimer when NANOVLLM_STEP_TIMING=1
 
     # ------------------------------------------------------------------ KV cache
@@ -79,30 +106,34 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ inputs
     def _staging(self, num_tokens: int, num_seqs: int, max_blocks: int) -> dict[str, torch.Tensor]:
-        """Host buffers for one step, reused across steps (pinned on CUDA for async copies).
+        """Host buffers for one step (pinned on CUDA for async copies), alternating between sets.
 
-        Reuse is safe: every step ends with the sampled tokens copied back, which waits for
-        the previous step's host-to-device copies.
+        Reuse is safe: set i is refilled two launches later, and by then the engine has
+        resolved the step that last used it, which waits for all of its device work.
         """
+        which = self._num_launched % NUM_STAGING_SETS
+        have = self._staged_sizes[which]
         need = {"tokens": num_tokens, "seqs": num_seqs + 1, "blocks": num_seqs * max_blocks}
-        if any(need[k] > self._staged_sizes.get(k, 0) for k in need):
-            sizes = {k: max(2 * v, self._staged_sizes.get(k, 0)) for k, v in need.items()}
+        if any(need[k] > have.get(k, 0) for k in need):
+            sizes = {k: max(2 * v, have.get(k, 0)) for k, v in need.items()}
             pin = self.device.type == "cuda"
 
             def buf(n, dtype):
                 return torch.empty(n, dtype=dtype, pin_memory=pin)
 
-            self._staged = {
+            self._staged[which] = {
                 "input_ids": buf(sizes["tokens"], torch.int64),
                 "positions": buf(sizes["tokens"], torch.int64),
                 "slot_mapping": buf(sizes["tokens"], torch.int64),
                 "query_start_loc": buf(sizes["seqs"], torch.int32),
                 "seq_lens": buf(sizes["seqs"], torch.int32),
                 "logits_indices": buf(sizes["seqs"], torch.int64),
+                "pending_dst": buf(sizes["seqs"], torch.int64),
+                "pending_src": buf(sizes["seqs"], torch.int64),
                 "block_tables": buf(sizes["blocks"], torch.int32),
             }
-            self._staged_sizes = sizes
-        return self._staged
+            self._staged_sizes[which] = sizes
+        return self._staged[which]
 
     def prepare_inputs(self, sched: SchedulerOutput) -> StepInputs:
         bs = self.block_size
@@ -119,18 +150,26 @@ class ModelRunner:
         block_tables = st["block_tables"][: num_seqs * max_blocks].numpy().reshape(num_seqs, max_blocks)
         query_start_loc[0] = 0
         logits_indices, sample_requests, prompt_spans = [], [], []
+        pending_dst, pending_src = [], []  # async: token rows to fill from the last step's samples
         t = 0
         for i, it in enumerate(items):
-            req, n, start = it.request, it.num_new_tokens, it.request.num_computed_tokens
+            req, n, start = it.request, it.num_new_tokens, it.start_position
             end = start + n
             blocks = it.block_ids
             block_tables[i, : len(blocks)] = blocks
             block_tables[i, len(blocks) :] = 0  # the buffer is reused: no stale block ids
             if n == 1:  # decode: scalar writes, no temporary arrays
-                input_ids[t] = req.token_id_at(start)
+                if start < req.num_known_tokens:
+                    input_ids[t] = req.token_id_at(start)
+                else:  # sampled by the step still in flight
+                    input_ids[t] = 0
+                    pending_dst.append(t)
+                    pending_src.append(self._pending_row(req))
                 positions[t] = start
                 slot_mapping[t] = blocks[start // bs] * bs + start % bs
             else:
+                if end > req.num_known_tokens:  # scheduler invariant: pending tokens are decoded alone
+                    raise RuntimeError(f"request {req.request_id}: a {n}-token chunk covers a pending token")
                 input_ids[t : t + n] = req.token_ids_slice(start, end)
                 pos = np.arange(start, end, dtype=np.int64)  # [n]
                 positions[t : t + n] = pos
@@ -160,13 +199,31 @@ class ModelRunner:
             seq_lens_cpu=seq_lens.tolist() if self.device.type == "cpu" else None,
             use_triton=self.use_triton_attention,
         )
+        input_ids_dev = dev(st["input_ids"][:num_tokens])
+        if pending_dst:
+            self._gather_pending_tokens(input_ids_dev, st, pending_dst, pending_src)
         return StepInputs(
-            input_ids=dev(st["input_ids"][:num_tokens]),
+            input_ids=input_ids_dev,
             ctx=ctx,
             logits_indices=dev(st["logits_indices"][:num_sample]),
             sample_requests=sample_requests,
             prompt_logprob_spans=prompt_spans,
         )
+
+    def _pending_row(self, req) -> int:
+        row = self._last_sampled_rows.get(req.request_id)
+        if row is None:  # internal invariant (engine/scheduler bookkeeping), never user input
+            raise RuntimeError(f"request {req.request_id} has a pending token but the last step did not sample it")
+        return row
+
+    def _gather_pending_tokens(self, input_ids: torch.Tensor, st: dict, dst: list[int], src: list[int]) -> None:
+        """input_ids[dst] = last step's sampled tokens[src], on the device (no host sync)."""
+        k = len(dst)
+        st["pending_dst"][:k].numpy()[:] = dst
+        st["pending_src"][:k].numpy()[:] = src
+        dst_dev = self._to_device(st["pending_dst"][:k])
+        src_dev = self._to_device(st["pending_src"][:k])
+        input_ids.index_copy_(0, dst_dev, self._last_sampled.index_select(0, src_dev))
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cpu":
@@ -174,30 +231,58 @@ class ModelRunner:
         return t.to(self.device, non_blocking=True)
 
     # ------------------------------------------------------------------ execute
-    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step and wait for its results (the synchronous engine loop)."""
+        return self.resolve(self.launch(sched))
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput) -> LaunchedStep:
+        """Enqueue one step's device work: block copies, forward, logits, sampling.
+
+        Returns without waiting for the device, except for prompt logprobs (rare; they are
+        read from hidden states that a CUDA graph's next replay would overwrite).
+        """
         self.copy_blocks(sched.blocks_to_copy)
         inputs = self.prepare_inputs(sched)
+        self._num_launched += 1
         if self.step_timer:
             self.step_timer.mark("prepare_inputs")
         hidden = self._forward(inputs)  # [T, hidden]
         result = ModelRunnerOutput(sampled_token_ids={})
         if inputs.prompt_logprob_spans:
             self._prompt_logprobs(hidden, inputs, result)
-        if not inputs.sample_requests:
-            return result
-        logits = self.model.compute_logits(hidden, inputs.logits_indices)  # [S, V], sampler upcasts
         reqs = inputs.sample_requests
-        batch = SamplingBatch.build(
-            params=[r.sampling_params for r in reqs],
-            prompt_token_ids=[r.prompt_array for r in reqs],
-            output_token_ids=[r.output_token_ids for r in reqs],
-            eos_token_ids=self.eos_token_ids,
-            vocab_size=logits.shape[-1],
-            device=logits.device,
-        )
-        out = self.sampler(logits, batch)
-        tokens = out.sampled_token_ids.tolist()  # the one device->host copy of the step
+        out = host_tokens = None
+        if reqs:
+            logits = self.model.compute_logits(hidden, inputs.logits_indices)  # [S, V], sampler upcasts
+            batch = SamplingBatch.build(
+                params=[r.sampling_params for r in reqs],
+                prompt_token_ids=[r.prompt_array for r in reqs],
+                output_token_ids=[r.output_token_ids for r in reqs],
+                eos_token_ids=self.eos_token_ids,
+                vocab_size=logits.shape[-1],
+                device=logits.device,
+                num_output_tokens=[r.num_output_tokens + r.num_pending_tokens for r in reqs],
+            )
+            out = self.sampler(logits, batch)
+            self._last_sampled = out.sampled_token_ids  # [S]: the next step's pending tokens
+            self._last_sampled_rows = {r.request_id: i for i, r in enumerate(reqs)}
+            host_tokens = out.sampled_token_ids.to("cpu", non_blocking=True)  # the step's one device->host copy
+        done = None
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        return LaunchedStep(reqs, out, host_tokens, done, result)
+
+    def resolve(self, step: LaunchedStep) -> ModelRunnerOutput:
+        """Wait for a launched step and turn its sampled tokens (and logprobs) into host values."""
+        if step.done is not None:
+            step.done.synchronize()
+        result = step.result
+        if not step.sample_requests:
+            return result
+        reqs, out = step.sample_requests, step.sampler_output
+        tokens = step.host_tokens.tolist()
         result.sampled_token_ids = {r.request_id: tok for r, tok in zip(reqs, tokens)}
         if out.sampled_logprobs is not None:
             self._collect_logprobs(reqs, tokens, out, result)
