@@ -44,6 +44,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=512)
     p.add_argument("--load-format", default="dummy")
+    p.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_const", const=False,
+                   help="wait for each step's tokens before scheduling the next (the baseline for A/B runs)")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--repeats", type=int, default=3, help="timed runs (median reported)")
     p.add_argument("--max-num-seqs", type=int, default=8, help="graphs to capture (batch 1 needs few)")
@@ -58,8 +60,10 @@ def run(args) -> int:
     from nanovllm import LLM, SamplingParams, RequestOutputKind
 
     llm = LLM(args.model, load_format=args.load_format, skip_tokenizer_init=True, enforce_eager=args.enforce_eager,
-              max_model_len=args.input_len + args.output_len + 16, max_num_seqs=args.max_num_seqs)
+              async_scheduling=args.async_scheduling, max_model_len=args.input_len + args.output_len + 16,
+              max_num_seqs=args.max_num_seqs)
     engine = llm.engine
+    args.async_scheduling = engine.async_scheduling  # what auto resolved to, for the CSV
     prompt = {"prompt_token_ids": [(7 * i + 3) % 10000 for i in range(args.input_len)]}
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True,
                             output_kind=RequestOutputKind.DELTA)
@@ -82,6 +86,7 @@ def run(args) -> int:
     roofline = bw / param_bytes
     row = {**base_row(), "model": os.path.basename(os.path.normpath(args.model)), "input_len": args.input_len,
            "output_len": args.output_len, "cuda_graphs": not args.enforce_eager,
+           "async_scheduling": args.async_scheduling,
            "decode_tok_per_s": round(rate, 1), "ms_per_token": round(1000 / rate, 3),
            "param_bytes": param_bytes, "copy_bw_GBps": round(bw / 1e9, 1), "roofline_tok_per_s": round(roofline, 1),
            "pct_of_roofline": round(100 * rate / roofline, 1)}

@@ -41,6 +41,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-output-len", type=int, default=MAX_LEN)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--load-format", default="dummy", help="dummy = random weights (default), auto = load the checkpoint")
+    p.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_const", const=False,
+                   help="wait for each step's tokens before scheduling the next (the baseline for A/B runs)")
     p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
@@ -54,7 +56,9 @@ def run_nanovllm(args, prompts, output_lens) -> float:
     if args.max_num_batched_tokens:
         kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
     llm = LLM(args.model, load_format=args.load_format, skip_tokenizer_init=True, max_model_len=args.max_model_len,
-              enforce_eager=args.enforce_eager, gpu_memory_utilization=args.gpu_memory_utilization, **kwargs)
+              enforce_eager=args.enforce_eager,
+              async_scheduling=args.async_scheduling, gpu_memory_utilization=args.gpu_memory_utilization, **kwargs)
+    args.async_scheduling = llm.engine.async_scheduling  # what auto resolved to, for the CSV
     llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
     params = [SamplingParams(temperature=TEMPERATURE, ignore_eos=True, max_tokens=n) for n in output_lens]
     t0 = time.perf_counter()
@@ -99,7 +103,8 @@ def run(args) -> int:
     row = {**base_row(), "backend": args.backend, "model": os.path.basename(os.path.normpath(args.model)),
            "num_seqs": args.num_seqs, "input_tokens": sum(map(len, prompts)), "output_tokens": total,
            "seconds": round(elapsed, 2), "output_tok_per_s": round(total / elapsed, 1),
-           "cuda_graphs": not args.enforce_eager}
+           "cuda_graphs": not args.enforce_eager,
+           "async_scheduling": args.async_scheduling if args.backend == "nanovllm" else ""}
     path = append_rows(args.csv, [row])
     plot(path, os.path.splitext(path)[0] + ".png")
     print(f"{args.backend}: {total} output tokens in {elapsed:.2f} s = {total / elapsed:,.0f} tok/s  (CSV: {path})")
