@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU issue's checks and benchmarks in one device call; logs and CSVs to $OUT.
-#   bash benchmarks/gpu_suite.sh [tests] [bench] [bench8b] [hf] [profile] [kernels]
+#   bash benchmarks/gpu_suite.sh [tests] [kernels] [gemv] [bench] [sync] [tp] [bench8b] [hf] [serve] [profile]
 set -uo pipefail
 DEST=${OUT:-/tmp/nanovllm-out}; OUT=/tmp/suite-logs; mkdir -p "$OUT" "$DEST"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
@@ -13,9 +13,13 @@ for s in $steps; do
   case $s in
     tests)   timeout 240 python3 -m pytest -q -x -m gpu tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
     kernels) timeout 300 python3 -m pytest -q -m gpu tests/kernels -p no:cacheprovider 2>&1 | tee "$OUT/kernel_tests.log" | tail -8 ;;
+    gemv)    timeout 200 python3 benchmarks/kernels_bench.py --only gemv 2>&1 | tee "$OUT/gemv_bench.log" | tail -30 ;;
     bench)   timeout 120 $nv bench latency --model benchmarks/configs/qwen3-0.6b 2>&1 | tee "$OUT/latency.log" | tail -3
              timeout 200 $nv bench throughput --model benchmarks/configs/qwen3-0.6b 2>&1 | tee "$OUT/throughput.log" | tail -4 ;;
-    tp)      NANOVLLM_STEP_TIMING=1 timeout 150 $nv bench throughput --model benchmarks/configs/qwen3-0.6b 2>&1 | tee "$OUT/throughput.log" | grep -v "^INFO" | tail -3 ;;
+    sync)    # same-run baseline: the synchronous engine loop (no overlap of host and GPU work)
+             timeout 120 $nv bench latency --model benchmarks/configs/qwen3-0.6b --no-async-scheduling 2>&1 | tee "$OUT/latency_sync.log" | tail -3
+             timeout 200 $nv bench throughput --model benchmarks/configs/qwen3-0.6b --no-async-scheduling 2>&1 | tee "$OUT/throughput_sync.log" | tail -4 ;;
+    tp)      NANOVLLM_STEP_TIMING=1 timeout 150 $nv bench throughput --model benchmarks/configs/qwen3-0.6b 2>&1 | tee "$OUT/throughput_timed.log" | grep -v "^INFO" | tail -3 ;;
     bench8b) timeout 150 $nv bench latency --model benchmarks/configs/qwen3-8b 2>&1 | tee "$OUT/latency8b.log" | tail -3 ;;
     hf)      timeout 150 $nv bench throughput --model benchmarks/configs/qwen3-0.6b --backend hf --num-seqs ${HF_SEQS:-64} 2>&1 | tee "$OUT/hf.log" | tail -4 ;;
     serve)   # needs the carried wheels in .whl (fastapi, uvicorn, pydantic are not in the device image)
