@@ -159,14 +159,27 @@ def rope_and_store_kv(
     value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     positions: torch.Tensor,  # [num_tokens]
     cos_sin_cache: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
+    k_cache: Optional[torch.Tensor],
+    v_cache: Optional[torch.Tensor],
+    slot_mapping: Optional[torch.Tensor],
+    q_norm_weight: Optional[torch.Tensor] = None,  # [head_dim]
+    k_norm_weight: Optional[torch.Tensor] = None,  # [head_dim]
+    norm_eps: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE on q and k, then store rotated k and v into the cache. Returns (q, k) rotated."""
+    """RoPE on q and k, then store rotated k and v into the cache. Returns (q, k) rotated.
+
+    With `q_norm_weight` / `k_norm_weight` (Qwen3), q / k heads are first RMS-normalised
+    over head_dim (`rms_norm`, then RoPE on its rounded output): the unfused composition
+    that the Triton kernel does in one pass.
+    """
+    if q_norm_weight is not None:
+        query = rms_norm(query, q_norm_weight, norm_eps)
+    if k_norm_weight is not None:
+        key = rms_norm(key, k_norm_weight, norm_eps)
     q = apply_rope(query, positions, cos_sin_cache)
     k = apply_rope(key, positions, cos_sin_cache)
-    store_kv(k, value, k_cache, v_cache, slot_mapping)
+    if k_cache is not None:  # None: rotate only, as the Triton twin
+        store_kv(k, value, k_cache, v_cache, slot_mapping)
     return q, k
 
 
@@ -195,3 +208,39 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """[..., 2 * d] -> silu(x[..., :d]) * x[..., d:]."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def fused_sample_reference(
+    logits: torch.Tensor,  # [B, V] any float dtype
+    temperature: torch.Tensor,  # [B] fp32, <= 0 = greedy row
+    seed_words: torch.Tensor,  # [B, 2] int64 (low, high) 32-bit words of each row's seed
+    steps: torch.Tensor,  # [B] int64
+) -> torch.Tensor:
+    """[B] int64: argmax of l on greedy rows, else the exponential race argmax_v p_v / E_v,
+    written as argmax_v (l_v / T - log E_v) with E = `seeded_exponential(seed_words, steps, V)`."""
+    # local import: the rest of this module needs no engine code
+    from nanovllm.worker.sampler import seeded_exponential
+
+    x = logits.float()  # [B, V]
+    sampled = temperature > 0  # [B]
+    noise = seeded_exponential(seed_words, steps, x.shape[-1])  # [B, V] Exp(1)
+    scores = x / torch.where(sampled, temperature, 1.0).unsqueeze(1) - noise.log()
+    return torch.where(sampled.unsqueeze(1), scores, x).argmax(dim=-1)
+
+
+# ----------------------------------------------------------------------------- skinny GEMM (GEMV)
+
+
+def skinny_gemm_reference(
+    x: torch.Tensor,  # [M, K]
+    weight: torch.Tensor,  # [N, K] (nn.Linear layout)
+    bias: Optional[torch.Tensor] = None,  # [N]
+) -> torch.Tensor:
+    """[M, N] = x @ weight^T (+ bias) in fp32, rounded once to x's dtype (`gemv.skinny_gemm` numerics)."""
+    out = x.float() @ weight.float().t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)

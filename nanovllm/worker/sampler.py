@@ -25,6 +25,18 @@ Per-request seeds: a seeded row's Exp(1) noise is a pure function of (seed, step
 computed on the device by a counter-based integer hash (`seeded_exponential`), so a seeded
 request samples the same tokens whatever else is in the batch and whatever its row. `step` is
 the number of output tokens the request already has. Unseeded rows use the global torch RNG.
+
+Fused fast path. When a batch needs nothing but temperature and the race (no bias,
+min_tokens, penalties, top-k, top-p, min-p or logprobs: `SamplingBatch.fast_path_ok`) and
+the logits are on CUDA (`Sampler(use_triton=...)` forces it on or off), steps 5 and 9 run as
+one Triton pass over the raw logits (`kernels.sampling.fused_sample`), using
+argmax_v p_v / E_v = argmax_v (l_v / T - log E_v): no float32 copy, no softmax, no [B, V]
+noise tensor. Its noise is always the counter hash: seeded rows use their (seed, step), so
+they draw the same tokens as on the torch path (barring last-ulp ties of the score); the
+other rows get a fresh random seed per step from the global CPU generator (one small
+host-to-device copy, no sync), so they follow the same distribution but not the torch
+path's draws. Greedy rows of such a batch are the kernel's argmax of the raw logits;
+all-greedy batches stay a bare argmax.
 """
 
 from __future__ import annotations
@@ -57,6 +69,18 @@ PROMPT_LOGPROBS_CHUNK_ROWS = 1024
 
 
 # ----------------------------------------------------------------------------- batch description
+
+
+def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor -> device without waiting for the device's queued work.
+
+    A blocking copy (`torch.tensor(..., device="cuda")`) synchronizes the stream, which would
+    stall the host until the step in flight finishes and undo async scheduling. A
+    non-blocking copy from pageable memory is staged by the driver before it returns, so
+    the source may be freed right away.
+    """
+    return t.to(device, non_blocking=True)
+
 
 
 @dataclass
@@ -107,6 +131,9 @@ class SamplingBatch:
     all_seeded: bool  # every row is seeded (seeded_rows == arange(B)): no global RNG draw
     # ---- logprobs
     max_num_logprobs: Optional[int]  # None = no request asked; K of the top-K alternatives
+    # ---- fused fast path (temperature + exponential race only)
+    fast_path_ok: bool = False  # no processors, top-k, top-p, min-p or logprobs in the batch
+    sample_temperature: torch.Tensor | None = None  # [B] float32, 0 on greedy rows; only when fast_path_ok
 
     @property
     def needs_logits_processing(self) -> bool:
@@ -141,7 +168,7 @@ class SamplingBatch:
             )
 
         def tensor(data, dtype):
-            return torch.tensor(data, dtype=dtype, device=device)
+            return to_device_async(torch.tensor(data, dtype=dtype), device)
 
         greedy = [p.is_greedy for p in params]
         all_greedy = all(greedy)
@@ -210,6 +237,15 @@ class SamplingBatch:
             seed_steps = tensor([num_output_tokens[i] & _MASK32 for i in seeded], torch.int64)
 
         asked = [p.logprobs for p in params if p.logprobs is not None]
+        penalties = _build_penalties(params, prompt_token_ids, output_token_ids, vocab_size, device)
+
+        # ---- fused fast path: only temperature and the exponential race are left to do
+        fast_path_ok = not (has_bias or has_ban or penalties is not None or max_top_k or p_rows or asked)
+        fast_path_ok = fast_path_ok and log_min_p is None
+        sample_temperature = None
+        if fast_path_ok and not all_greedy:
+            sample_temperature = tensor([0.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32)
+
         return cls(
             num_rows=num_rows,
             vocab_size=vocab_size,
@@ -227,12 +263,14 @@ class SamplingBatch:
             bias_values=tensor(bias_vals, torch.float32) if has_bias else None,
             banned_rows=tensor(banned_rows, torch.int64) if has_ban else None,
             banned_token_ids=tensor(banned_ids, torch.int64) if has_ban else None,
-            penalties=_build_penalties(params, prompt_token_ids, output_token_ids, vocab_size, device),
+            penalties=penalties,
             seeded_rows=seeded_rows,
             seed_words=seed_words,
             seed_steps=seed_steps,
             all_seeded=len(seeded) == num_rows > 0,
             max_num_logprobs=max(asked) if asked else None,
+            fast_path_ok=fast_path_ok,
+            sample_temperature=sample_temperature,
         )
 
 
@@ -251,7 +289,7 @@ def _build_penalties(params, prompt_token_ids, output_token_ids, vocab_size, dev
         # numpy converts Python ints ~10x faster than torch.tensor, and numpy arrays for free
         flat = np.concatenate([np.asarray(tokens, dtype=np.int64) for tokens in token_lists])
         row_idx = np.repeat(np.arange(len(token_lists)), [len(tokens) for tokens in token_lists])
-        return torch.from_numpy(row_idx).to(device), torch.from_numpy(flat).to(device)
+        return to_device_async(torch.from_numpy(row_idx), device), to_device_async(torch.from_numpy(flat), device)
 
     num = len(rows)
     out_rows, out_ids = scatter_rows([output_token_ids[i] for i in rows])
@@ -262,10 +300,10 @@ def _build_penalties(params, prompt_token_ids, output_token_ids, vocab_size, dev
     seen[prompt_rows, prompt_ids] = True
 
     def column(values) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)  # [R, 1]
+        return to_device_async(torch.tensor(values, dtype=torch.float32), device).unsqueeze(1)  # [R, 1]
 
     return PenaltyTensors(
-        rows=None if num == len(params) else torch.tensor(rows, dtype=torch.int64, device=device),
+        rows=None if num == len(params) else to_device_async(torch.tensor(rows, dtype=torch.int64), device),
         repetition=column([params[i].repetition_penalty for i in rows]),
         frequency=column([params[i].frequency_penalty for i in rows]),
         presence=column([params[i].presence_penalty for i in rows]),
@@ -291,7 +329,23 @@ class SamplerOutput:
 
 
 class Sampler:
-    """Samples one token per row of `logits` following the batch's parameters (module docstring)."""
+    """Samples one token per row of `logits` following the batch's parameters (module docstring).
+
+    `use_triton`: whether batches with `fast_path_ok` use the fused Triton kernel
+    (`kernels.sampling.fused_sample`): "auto" = when the logits are on CUDA (on CPU the
+    Triton interpreter would be far slower than torch); True / False force it on / off.
+    """
+
+    def __init__(self, use_triton: bool | str = "auto"):
+        if use_triton not in ("auto", True, False):
+            raise ValueError(f"use_triton must be 'auto', True or False, got {use_triton!r}")
+        self.use_triton = use_triton
+
+    def uses_fused_path(self, logits: torch.Tensor, batch: SamplingBatch) -> bool:
+        """Whether this batch is sampled by the fused kernel (greedy-only batches never are)."""
+        if batch.all_greedy or not batch.fast_path_ok:
+            return False
+        return logits.is_cuda if self.use_triton == "auto" else self.use_triton
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """`logits`: [B, V], any float dtype; it is never modified."""
@@ -301,6 +355,8 @@ class Sampler:
 
         if batch.all_greedy and not batch.needs_logits_processing:
             sampled = logits.argmax(dim=-1)  # fast path: no copy, no float32 conversion
+        elif self.uses_fused_path(logits, batch):
+            sampled = _fused_sample(logits, batch)  # one pass over the raw logits
         else:
             work = logits.to(torch.float32, copy=True)  # [B, V], modified in place below
             _apply_logits_processors_(work, batch)
@@ -310,6 +366,27 @@ class Sampler:
             return SamplerOutput(sampled_token_ids=sampled)
         token_lp, ranks, topk_ids, topk_lp = _gather_logprobs(raw_logprobs, sampled, batch.max_num_logprobs)
         return SamplerOutput(sampled, token_lp, ranks, topk_ids, topk_lp)
+
+
+def _fused_sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Temperature + exponential race in one Triton pass ([B] int64); needs `batch.fast_path_ok`.
+
+    Every row's noise comes from the counter hash: seeded rows use their (seed, step), the
+    others a fresh random 64-bit seed and step drawn from the global CPU generator (so
+    `torch.manual_seed` still makes runs reproducible) and copied over without a device sync.
+    """
+    from nanovllm.kernels.sampling import fused_sample  # imports triton: only when used
+
+    if batch.all_seeded:
+        seed_words, steps = batch.seed_words, batch.seed_steps
+    else:
+        draw = torch.randint(0, 1 << 32, (batch.num_rows, 3), dtype=torch.int64)  # [B, 3] seed low, high, step
+        draw = draw.to(logits.device, non_blocking=True)
+        seed_words, steps = draw[:, :2], draw[:, 2]  # strided views: the kernel takes strides
+        if batch.seeded_rows is not None:
+            seed_words[batch.seeded_rows] = batch.seed_words
+            steps[batch.seeded_rows] = batch.seed_steps
+    return fused_sample(logits, batch.sample_temperature, seed_words, steps)
 
 
 def apply_logits_processors(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

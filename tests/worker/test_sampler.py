@@ -358,3 +358,97 @@ def test_prompt_logprobs_chunked(monkeypatch):
     assert ranks.tolist() == [(raw[i] >= raw[i, targets[i]]).sum().item() for i in range(7)]
     assert torch.equal(top_ids, raw.topk(2, -1).indices)
     assert top_lp.shape == (7, 2) and token_lp.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- fused fast path
+# On CPU the Triton kernel runs in the interpreter (fp32): small vocabularies keep it fast.
+
+
+@pytest.mark.parametrize(
+    "params, ok",
+    [
+        ([SamplingParams(temperature=0.6), SamplingParams(temperature=0.0), SamplingParams(seed=3)], True),
+        ([SamplingParams(temperature=0.0)] * 2, True),  # all greedy: ok, but stays a bare argmax
+        ([SamplingParams(), SamplingParams(top_k=5)], False),
+        ([SamplingParams(), SamplingParams(top_p=0.9)], False),
+        ([SamplingParams(), SamplingParams(min_p=0.1)], False),
+        ([SamplingParams(), SamplingParams(logprobs=0)], False),
+        ([SamplingParams(), SamplingParams(temperature=0.0, logit_bias={1: 1.0})], False),
+        ([SamplingParams(), SamplingParams(temperature=0.0, presence_penalty=0.5)], False),
+        ([SamplingParams(), SamplingParams(min_tokens=3)], False),  # EOS banned this step
+        ([SamplingParams(), SamplingParams(min_tokens=1, top_k=1000)], True),  # reached; k >= V is off
+    ],
+)
+def test_fast_path_ok_only_for_temperature_and_race(params, ok):
+    logits = torch.zeros(len(params), 30)
+    batch = build(params, logits, outputs=[[1]] * len(params), eos=[2])
+    assert batch.fast_path_ok is ok
+    if ok and not batch.all_greedy:
+        expected = [0.0 if p.is_greedy else p.temperature for p in params]
+        assert batch.sample_temperature.tolist() == pytest.approx(expected)
+    else:
+        assert batch.sample_temperature is None
+
+
+def test_fused_path_is_cuda_only_by_default():
+    logits = torch.zeros(2, 30)
+    batch = build([SamplingParams(), SamplingParams(temperature=0.0)], logits)
+    assert not Sampler().uses_fused_path(logits, batch)  # CPU: the torch path
+    assert Sampler(use_triton=True).uses_fused_path(logits, batch)
+    assert not Sampler(use_triton=False).uses_fused_path(logits, batch)
+    greedy = build([SamplingParams(temperature=0.0)] * 2, logits)
+    assert not Sampler(use_triton=True).uses_fused_path(logits, greedy)  # bare argmax instead
+    with pytest.raises(ValueError, match="use_triton"):
+        Sampler(use_triton="yes")
+
+
+def test_fused_path_seeded_rows_match_torch_path():
+    """A seeded request draws the same tokens on both paths, whatever the other rows are."""
+    torch.manual_seed(11)
+    vocab = 1000
+    params = [
+        SamplingParams(temperature=0.6, seed=1),
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=1.0, seed=2**40 + 5),
+        SamplingParams(temperature=0.8),  # unseeded
+        SamplingParams(temperature=1.7, seed=-3),
+        SamplingParams(temperature=0.6, seed=1),  # same seed, later step
+    ]
+    outputs = [[0] * n for n in (4, 0, 9, 2, 0, 5)]
+    seeded = [0, 1, 2, 4, 5]  # and the greedy row
+    for step in range(3):
+        logits = torch.randn(len(params), vocab) * 2
+        before = logits.clone()
+        batch = build(params, logits, outputs=[o + [0] * step for o in outputs])
+        fused = Sampler(use_triton=True)(logits, batch).sampled_token_ids
+        plain = Sampler(use_triton=False)(logits, batch).sampled_token_ids
+        assert fused[seeded].tolist() == plain[seeded].tolist()
+        assert torch.equal(logits, before)
+    # all rows seeded: no random draw at all
+    batch = build([params[i] for i in (0, 2, 4)], logits[:3])
+    assert batch.all_seeded
+    fused = Sampler(use_triton=True)(logits[:3], batch).sampled_token_ids
+    assert torch.equal(fused, Sampler(use_triton=False)(logits[:3], batch).sampled_token_ids)
+
+
+def test_fused_path_unseeded_matches_softmax_chi_square():
+    torch.manual_seed(12)
+    logits_row = torch.tensor([1.0, 0.2, -0.5, 2.0, 0.0, -1.5])
+    temperature, draws = 0.7, 4000
+    logits = logits_row.expand(draws, -1).contiguous()
+    params = [SamplingParams(temperature=temperature)] * draws
+    tokens = Sampler(use_triton=True)(logits, build(params, logits)).sampled_token_ids
+    counts = torch.bincount(tokens, minlength=6).double()
+    assert chi_square(counts, torch.softmax(logits_row.double() / temperature, -1)) < CHI2_CRITICAL_DOF5_P001
+
+
+def test_fused_path_unseeded_follows_manual_seed():
+    logits = torch.zeros(4, 1000)  # uniform: the noise alone decides
+    batch = build([SamplingParams()] * 4, logits)
+    sampler = Sampler(use_triton=True)
+    torch.manual_seed(13)
+    first = sampler(logits, batch).sampled_token_ids
+    second = sampler(logits, batch).sampled_token_ids
+    torch.manual_seed(13)
+    assert torch.equal(sampler(logits, batch).sampled_token_ids, first)
+    assert not torch.equal(first, second)  # a fresh draw per call
