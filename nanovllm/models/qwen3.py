@@ -1,4 +1,8 @@
-"""Qwen3: the Llama decoder with a per-head RMSNorm on q and k (before RoPE)."""
+"""Qwen3: the Llama decoder with a per-head RMSNorm on q and k (before RoPE).
+
+On the Triton path the norms are fused into the RoPE + KV-store kernel (see
+`layers.attention.PagedAttention`), saving two launches per layer.
+"""
 
 from nanovllm.models.llama import LlamaForCausalLM
 

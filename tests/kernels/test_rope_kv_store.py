@@ -1,4 +1,4 @@
-"""Triton RoPE + KV store vs `reference.rope_and_store_kv` / `reference.store_kv`.
+"""Triton (q/k RMSNorm +) RoPE + KV store vs `reference.rope_and_store_kv` / `reference.store_kv`.
 
 CPU: interpreter, fp32. GPU (`@pytest.mark.gpu`): bf16 / fp16 inputs, larger token counts.
 """
@@ -41,35 +41,73 @@ def make_inputs(num_tokens, num_heads, num_kv_heads, head_dim, block_size, dtype
     return q, k, v, positions.to(DEVICE), slots.to(DEVICE), k_cache, v_cache
 
 
-def check(out: torch.Tensor, ref: torch.Tensor) -> None:
+def check(out: torch.Tensor, ref: torch.Tensor, normed: bool = False) -> None:
     if out.dtype == torch.float32:
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    else:  # same fp32 math, one rounding: at most an ulp apart
+    elif not normed:  # same fp32 math, one rounding: at most an ulp apart
         torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=1e-2)
+    else:  # as test_rmsnorm: rsqrt rounding can move the normalised value an ulp before RoPE
+        torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=1e-2)
+
+
+def norm_weight(head_dim: int, dtype, seed: int) -> torch.Tensor:
+    """A q_norm / k_norm weight: around 1, like a trained one, but not all ones."""
+    gen = torch.Generator().manual_seed(seed)
+    return (1 + 0.3 * torch.randn(head_dim, generator=gen)).to(DEVICE, dtype)
 
 
 @pytest.mark.parametrize("dtype", PRECISIONS)
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["rope", "qknorm_rope"])
 @pytest.mark.parametrize("rotary", ["full", "partial"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(8, 8), (8, 2), (16, 8)])
 @pytest.mark.parametrize("num_tokens", [1, 7, 40])
-def test_rope_and_store_kv_matches_reference(num_tokens, num_heads, num_kv_heads, head_dim, rotary, dtype):
+def test_rope_and_store_kv_matches_reference(num_tokens, num_heads, num_kv_heads, head_dim, rotary, qk_norm, dtype):
     if dtype != torch.float32:
         num_tokens *= 50
+    elif qk_norm and DEVICE == "cpu" and num_tokens > 7:
+        pytest.skip("interpreter runtime: the norm is per token, 1 and 7 tokens (padding included) cover it")
     rotary_dim = head_dim if rotary == "full" else head_dim // 2
     block_size = 16
     q, k, v, pos, slots, k_cache, v_cache = make_inputs(
         num_tokens, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=num_tokens + head_dim + num_heads
     )
     cache = cos_sin_cache(rotary_dim)
+    norm = {}
+    if qk_norm:  # Qwen3: per-head RMSNorm of q and k, fused in front of the RoPE
+        norm = {"q_norm_weight": norm_weight(head_dim, dtype, 1), "k_norm_weight": norm_weight(head_dim, dtype, 2),
+                "norm_eps": 1e-6}
     ref_kc, ref_vc = k_cache.clone(), v_cache.clone()
-    ref_q, ref_k = reference.rope_and_store_kv(q.clone(), k.clone(), v.clone(), pos, cache, ref_kc, ref_vc, slots)
-    out_q, out_k = rope_and_store_kv(q, k, v, pos, cache, k_cache, v_cache, slots)
+    ref_q, ref_k = reference.rope_and_store_kv(q.clone(), k.clone(), v.clone(), pos, cache, ref_kc, ref_vc, slots,
+                                               **norm)
+    out_q, out_k = rope_and_store_kv(q, k, v, pos, cache, k_cache, v_cache, slots, **norm)
     assert out_q.data_ptr() == q.data_ptr() and out_k.data_ptr() == k.data_ptr()  # in place
-    check(out_q, ref_q)
-    check(out_k, ref_k)
-    check(k_cache, ref_kc)  # untouched slots (incl. the -1 tokens) unchanged
+    check(out_q, ref_q, qk_norm)  # partial rotary: the unrotated tail too (normalised when qk_norm)
+    check(out_k, ref_k, qk_norm)
+    check(k_cache, ref_kc, qk_norm)  # untouched slots (incl. the -1 tokens) unchanged
     check(v_cache, ref_vc)
+
+
+@pytest.mark.parametrize("dtype", PRECISIONS)
+@pytest.mark.parametrize("which", ["q", "k"])
+def test_norm_of_one_side_only_without_store(which, dtype):
+    """q_norm / k_norm are independent; no cache: normalise + rotate only, partial rotary, head_dim 96."""
+    q, k, v, pos, _, k_cache, _ = make_inputs(5, 6, 2, 96, 16, dtype, seed=3)
+    cache = cos_sin_cache(32)
+    norm = {f"{which}_norm_weight": norm_weight(96, dtype, 4), "norm_eps": 1e-5}
+    ref_q, ref_k = reference.rope_and_store_kv(q.clone(), k.clone(), v.clone(), pos, cache, None, None, None, **norm)
+    before = k_cache.clone()
+    out_q, out_k = rope_and_store_kv(q, k, v, pos, cache, None, None, None, **norm)
+    check(out_q, ref_q, normed=which == "q")
+    check(out_k, ref_k, normed=which == "k")
+    assert torch.equal(k_cache, before)
+
+
+def test_norm_weight_shape_is_checked():
+    q, k, v, pos, slots, k_cache, v_cache = make_inputs(2, 4, 2, 64, 16, torch.float32, seed=5)
+    with pytest.raises(ValueError, match="q_norm_weight"):
+        rope_and_store_kv(q, k, v, pos, cos_sin_cache(64), k_cache, v_cache, slots,
+                          q_norm_weight=torch.ones(32, device=DEVICE))
 
 
 @pytest.mark.parametrize("dtype", PRECISIONS)
