@@ -23,7 +23,8 @@ import torch
 from nanovllm.engine.scheduler import ModelRunnerOutput, SchedulerOutput
 from nanovllm.outputs import Logprob
 from nanovllm.worker.forward_context import ForwardContext
-from nanovllm.worker.sampler import Sampler, SamplerOutput, SamplingBatch, compute_prompt_logprobs
+from nanovllm.worker.sampler import (Sampler, SamplerOutput, SamplingBatch, compute_prompt_logprobs,
+                                     to_device_async)
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +99,8 @@ class ModelRunner:
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         if not pairs:
             return
-        src = torch.tensor([p[0] for p in pairs], device=self.device)
-        dst = torch.tensor([p[1] for p in pairs], device=self.device)
+        src = to_device_async(torch.tensor([p[0] for p in pairs]), self.device)
+        dst = to_device_async(torch.tensor([p[1] for p in pairs]), self.device)
         for k, v in self.kv_caches:
             k[dst] = k[src]
             v[dst] = v[src]

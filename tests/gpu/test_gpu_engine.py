@@ -65,3 +65,49 @@ def test_kv_cache_is_sized_from_free_memory(tiny_model_factory):
     per_block = llm.engine.runner.kv_bytes_per_block(llm.engine.hf_config, 16, llm.engine.dtype)
     kv_bytes = llm.engine.kv.num_blocks * per_block
     assert 0.2 * total < kv_bytes < 0.3 * total  # most of the 30% budget, never more
+
+
+def test_async_scheduling_changes_no_token_on_gpu(tiny_model_factory):
+    path = tiny_model_factory("qwen3")
+    prompts = prompts_for("qwen3", seed=6)
+    kw = dict(skip_tokenizer_init=True, device="cuda", dtype="bfloat16", max_model_len=256, num_kv_blocks=256,
+              max_num_seqs=8)
+    sync = LLM(path, async_scheduling=False, **kw)
+    asyn = LLM(path, **kw)
+    assert asyn.engine.async_scheduling, "async scheduling is the CUDA default"
+    assert greedy(asyn, prompts) == greedy(sync, prompts)
+    seeded = [SamplingParams(temperature=0.6, seed=s, max_tokens=NUM_TOKENS, ignore_eos=True) for s in range(4)]
+    a = [o.outputs[0].token_ids for o in asyn.generate(prompts, seeded, use_tqdm=False)]
+    b = [o.outputs[0].token_ids for o in sync.generate(prompts, seeded, use_tqdm=False)]
+    assert a == b
+    assert asyn.engine.kv.num_free_blocks == asyn.engine.kv.num_blocks
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.6])
+def test_launching_a_step_never_waits_for_the_gpu(tiny_model_factory, temperature):
+    """Async scheduling only overlaps if launch() queues work without a host<->device sync."""
+    import warnings
+
+    path = tiny_model_factory("qwen3")
+    llm = LLM(path, skip_tokenizer_init=True, device="cuda", dtype="bfloat16", max_model_len=256,
+              num_kv_blocks=256, max_num_seqs=8)
+    params = SamplingParams(temperature=temperature, max_tokens=NUM_TOKENS, ignore_eos=True)
+    llm.generate(prompts_for("qwen3"), params, use_tqdm=False)  # warm-up: caches, autotuning
+    runner = llm.engine.runner
+    original = runner.launch
+    syncs = []
+
+    def watched_launch(sched):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                return original(sched)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                syncs.extend(f"{w.filename}:{w.lineno}: {w.message}" for w in caught
+                             if "synchroniz" in str(w.message))
+
+    runner.launch = watched_launch
+    llm.generate(prompts_for("qwen3", seed=8), params, use_tqdm=False)
+    assert syncs == [], "launch() synchronized with the GPU:\n" + "\n".join(syncs)
