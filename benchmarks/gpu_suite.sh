@@ -12,7 +12,7 @@ for s in $steps; do
   echo "=================== $s"
   case $s in
     tests)   timeout 240 python3 -m pytest -q -x -m gpu tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
-    kernels) timeout 300 python3 -m pytest -q -m gpu tests/kernels -p no:cacheprovider 2>&1 | tee "$OUT/kernel_tests.log" | tail -8 ;;
+    kernels) timeout 300 python3 -m pytest -q -m gpu ${KERNEL_TESTS:-tests/kernels} -p no:cacheprovider 2>&1 | tee "$OUT/kernel_tests.log" | tail -8 ;;
     gemv)    timeout 200 python3 benchmarks/kernels_bench.py --only gemv 2>&1 | tee "$OUT/gemv_bench.log" | tail -30 ;;
     bench)   timeout 120 $nv bench latency --model benchmarks/configs/qwen3-0.6b 2>&1 | tee "$OUT/latency.log" | tail -3
              timeout 200 $nv bench throughput --model benchmarks/configs/qwen3-0.6b 2>&1 | tee "$OUT/throughput.log" | tail -4 ;;
