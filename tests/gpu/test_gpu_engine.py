@@ -106,7 +106,7 @@ def test_launching_a_step_never_waits_for_the_gpu(tiny_model_factory, temperatur
             finally:
                 torch.cuda.set_sync_debug_mode("default")
                 syncs.extend(f"{w.filename}:{w.lineno}: {w.message}" for w in caught
-                             if "synchroniz" in str(w.message))
+                             if "called a synchronizing" in str(w.message))
 
     runner.launch = watched_launch
     llm.generate(prompts_for("qwen3", seed=8), params, use_tqdm=False)
