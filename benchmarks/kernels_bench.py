@@ -2,6 +2,7 @@
 
     python benchmarks/kernels_bench.py            # compact table + benchmarks/results/kernels_<device>.csv
     python benchmarks/kernels_bench.py --sweep    # also sweep decode split counts / prefill tiles
+    python benchmarks/kernels_bench.py --only gemv  # one section (decode, prefill, launch, small, gemv)
 
 Shapes are Qwen3-0.6B's (16 query heads, 8 KV heads, head_dim 128, hidden 1024,
 intermediate 3072, bf16). GPU times are `triton.testing.do_bench` medians of a CUDA-graph
@@ -10,6 +11,10 @@ flushed before each run, so memory-bound kernels read from HBM); the `eager` col
 wall time per back-to-back eager call, i.e. what launch overhead costs without graphs. Memory-bound kernels are
 reported in GB/s against PEAK_GBPS (H100 HBM3, measured device-to-device copy); the prefill
 kernel in TFLOP/s next to torch SDPA on the same (contiguous, non-paged) data.
+
+The gemv section times the decode-step projections (M = 1..8 rows x nn.Linear weights of
+Qwen3-0.6B and Qwen3-8B) with cuBLAS (`F.linear`) and the Triton skinny GEMM (autotuned on
+first call, before capture), bytes = W + x + out, against PEAK_GBPS.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from nanovllm.kernels import paged_attention as pa  # noqa: E402
+from nanovllm.kernels import gemv  # noqa: E402
 from nanovllm.kernels.activation import silu_and_mul  # noqa: E402
 from nanovllm.kernels.rmsnorm import fused_add_rms_norm, rms_norm  # noqa: E402
 from nanovllm.kernels.rope_kv_store import rope_and_store_kv  # noqa: E402
@@ -49,6 +55,15 @@ PREFILL_LEN = 1024
 PREFILL_LEN_LONG = 8192  # --sweep only: does a long prompt want bigger tiles?
 TOKEN_COUNTS = (1, 256, 4096)  # rows for the norm / rope / activation kernels
 ELEM = torch.finfo(DTYPE).bits // 8
+# (model, projection, N, K, layers): per-layer nn.Linear weights [N, K] of the decode step
+GEMV_SHAPES = (
+    ("qwen3-0.6b", "qkv", 4096, 1024, 28), ("qwen3-0.6b", "o", 1024, 2048, 28),
+    ("qwen3-0.6b", "gate_up", 6144, 1024, 28), ("qwen3-0.6b", "down", 1024, 3072, 28),
+    ("qwen3-8b", "qkv", 6144, 4096, 36), ("qwen3-8b", "o", 4096, 4096, 36),
+    ("qwen3-8b", "gate_up", 24576, 4096, 36), ("qwen3-8b", "down", 4096, 12288, 36),
+)
+GEMV_ROWS = (1, 4, 8)
+SECTIONS = ("decode", "prefill", "launch", "small", "gemv")
 
 
 def bench(fn) -> float:
@@ -201,6 +216,76 @@ def bench_small_kernels(rows: list[dict]) -> None:
             gate_up.numel() * ELEM * 3 // 2)
 
 
+def _bench_gemv_shape(rows: list[dict], label: str, n: int, k: int, l2: int) -> list[tuple]:
+    """[(M, cuBLAS ms, Triton ms)] per call for one [n, k] weight; rows get both."""
+    w = torch.randn(n, k, device="cuda", dtype=DTYPE) * k**-0.5
+    copies = [w] + [w.clone() for _ in range(gemv.rotation_copies(w.numel() * ELEM, l2) - 1)]
+    result = []
+    for m in GEMV_ROWS:
+        x = torch.randn(m, k, device="cuda", dtype=DTYPE)
+        out = torch.empty(m, n, device="cuda", dtype=DTYPE)
+        nbytes = (n * k + m * k + m * n) * ELEM
+
+        def run_cublas():
+            for wc in copies:
+                F.linear(x, wc)
+
+        def run_triton():
+            for wc in copies:
+                gemv.skinny_gemm(x, wc, out=out)
+
+        times = []
+        for name, fn in (("gemv_cublas", run_cublas), ("gemv_triton", run_triton)):
+            ms = bench(fn) / len(copies)
+            times.append(ms)
+            gbps = nbytes / ms / 1e6
+            config = (gemv.best_config(m, n, k) or "") if name == "gemv_triton" else ""
+            rows.append(dict(kernel=name, shape=f"{n}x{k} M{m}", config=f"{label} {config}".strip(), ms=ms,
+                             eager_ms=eager_ms(fn) / len(copies), gbps=gbps, pct_peak=100 * gbps / PEAK_GBPS,
+                             tflops=None))
+        result.append((m, *times))
+    return result
+
+
+def bench_gemv(rows: list[dict]) -> list[tuple]:
+    """cuBLAS vs Triton skinny GEMM on the decode projections, weights read from HBM.
+
+    One graph replay runs the GEMM once per weight copy, cycling through copies that total
+    >= 2x L2 (gemv.rotation_copies; one copy for matrices above ~L2 size), and the time is
+    divided by the number of copies: per-call GPU time with cold weights, and the graph's
+    launch cost amortised (at 2-5 us per call it would otherwise dominate)."""
+    summary = []
+    l2 = gemv._l2_bytes(torch.device("cuda"))
+    for model, proj, n, k, layers in GEMV_SHAPES:
+        for m, c_ms, t_ms in _bench_gemv_shape(rows, f"{model} {proj}", n, k, l2):
+            summary.append((model, proj, n, k, layers, m, (n * k + m * k + m * n) * ELEM, c_ms, t_ms))
+        torch.cuda.empty_cache()  # the copies are gone
+    return summary
+
+
+def print_gemv_summary(summary: list[tuple]) -> None:
+    """The GEMV table (29 lines, printed last so that `| tail -30` shows it whole)."""
+    print(f"# GEMV {str(DTYPE).replace('torch.', '')}: GPU us per call (CUDA graph, weights from HBM), "
+          f"% of {PEAK_GBPS:.0f} GB/s")
+    header = (f"{'model':<11} {'proj':<8} {'N x K':<12} {'M':>2} {'cuBLAS us':>10} {'%peak':>6} {'Triton us':>10} "
+              f"{'%peak':>6} {'speedup':>8}  triton config")
+    print(header)
+    print("-" * len(header))
+    for model, proj, n, k, layers, m, nbytes, c_ms, t_ms in summary:
+        pct = [100 * nbytes / t / 1e6 / PEAK_GBPS for t in (c_ms, t_ms)]
+        print(f"{model:<11} {proj:<8} {f'{n}x{k}':<12} {m:>2} {c_ms * 1e3:>10.1f} {pct[0]:>5.1f}% {t_ms * 1e3:>10.1f} "
+              f"{pct[1]:>5.1f}% {c_ms / t_ms:>7.2f}x  {gemv.best_config(m, n, k) or '-'}")
+    for model in dict.fromkeys(r[0] for r in summary):
+        parts = []
+        for m in GEMV_ROWS:
+            picked = [r for r in summary if r[0] == model and r[5] == m]
+            c = sum(r[4] * r[7] for r in picked)  # layers x per-call time
+            t = sum(r[4] * r[8] for r in picked)
+            best = sum(r[4] * min(r[7], r[8]) for r in picked)
+            parts.append(f"M={m} {c:.3f}/{t:.3f}/{best:.3f}")
+        print(f"# {model} all layers' projections per step, ms cuBLAS/Triton/best-per-shape: {'  '.join(parts)}")
+
+
 @triton.jit
 def _noop_kernel(x_ptr, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15, a16, a17, a18, a19,
                  BLOCK: tl.constexpr):
@@ -221,18 +306,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true", help="also sweep decode splits and prefill tile configs")
     parser.add_argument("--out", default=None, help="CSV path (default benchmarks/results/kernels_<device>.csv)")
+    parser.add_argument("--only", action="append", choices=SECTIONS, default=None,
+                        help="run only this section (repeatable; default: all). The CSV gets a _<sections> suffix")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("kernels_bench.py needs a CUDA GPU")
     torch.manual_seed(0)
     device_name = torch.cuda.get_device_name()
     rows: list[dict] = []
-    bench_decode(rows, args.sweep)
-    bench_prefill(rows, args.sweep)
-    if args.sweep:
-        bench_prefill(rows, args.sweep, seq=PREFILL_LEN_LONG)
-    bench_launch_overhead(rows)
-    bench_small_kernels(rows)
+    sections = args.only or SECTIONS
+    if "decode" in sections:
+        bench_decode(rows, args.sweep)
+    if "prefill" in sections:
+        bench_prefill(rows, args.sweep)
+        if args.sweep:
+            bench_prefill(rows, args.sweep, seq=PREFILL_LEN_LONG)
+    if "launch" in sections:
+        bench_launch_overhead(rows)
+    if "small" in sections:
+        bench_small_kernels(rows)
+    gemv_summary = bench_gemv(rows) if "gemv" in sections else None
 
     date = datetime.datetime.now().isoformat(timespec="seconds")
     commit = git_commit()
@@ -251,7 +344,9 @@ def main() -> None:
               f"{tflops:>8} {r['pct_peak']:>5.1f}%")
 
     slug = "".join(c if c.isalnum() else "_" for c in device_name).strip("_")
-    path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"kernels_{slug}.csv")
+    suffix = "" if args.only is None else "_" + "_".join(sorted(set(args.only)))  # a partial run keeps the full CSV
+    path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                    f"kernels_{slug}{suffix}.csv")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["device", "date", "commit", "kernel", "shape", "config", "us",
@@ -265,6 +360,8 @@ def main() -> None:
                                  tflops=None if r["tflops"] is None else round(r["tflops"], 2),
                                  pct_peak=round(r["pct_peak"], 1)))
     print(f"# wrote {path}")
+    if gemv_summary:
+        print_gemv_summary(gemv_summary)
 
 
 if __name__ == "__main__":

@@ -3,15 +3,25 @@
 Packed projections (one GEMM instead of three or two): `qkv_proj` holds q, k, v rows
 stacked; `gate_up_proj` holds gate and up rows. Each parameter carries a
 `weight_loader(param, tensor, shard)` that copies a checkpoint tensor into its slice.
+
+GEMM dispatch (`Linear.forward`): cuBLAS (`F.linear`) by default. For an explicit set of
+weight shapes `(N, K, dtype)` (`set_gemv_shapes`, empty by default, normally filled by
+`nanovllm.kernels.gemv.calibrate_gemv`, which times both on the model's shapes), calls with
+at most `max_m` rows (leading dims flattened) on CUDA use the Triton skinny GEMM
+(`kernels/gemv.py`), which streams the weight at closer to HBM bandwidth than cuBLAS's
+small-M tiles. The CPU fp16-packed path is unaffected.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 
 class WeightShapeError(ValueError):
@@ -36,6 +46,64 @@ def cpu_fp16_gemm_available() -> bool:
         return True
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
+
+
+# ----------------------------------------------------------------------------- GEMV policy
+
+_gemv_shapes: frozenset = frozenset()  # {(N, K, weight dtype)} that use the Triton skinny GEMM
+_gemv_max_m = 0  # at most this many rows (x.numel() // K); 0 = never
+_gemv_allow_cpu = False  # test hook: also dispatch CPU tensors (the kernel then runs in the Triton interpreter)
+_gemv = None  # the nanovllm.kernels.gemv module, imported when a policy is first set
+_PLAIN_TENSOR_TYPES = (torch.Tensor, nn.Parameter)
+
+
+def gemv_shapes() -> frozenset:
+    """The (N, K, dtype) weight shapes now served by the Triton skinny GEMM."""
+    return _gemv_shapes
+
+
+def set_gemv_shapes(shapes, max_m: Optional[int] = None, allow_cpu: bool = False) -> None:
+    """Serve Linear calls with a weight of shape `(N, K)` and dtype in `shapes` and at most
+    `max_m` rows (default and cap `gemv.GEMV_MAX_M`) with the Triton skinny GEMM, on CUDA.
+    An empty `shapes` restores cuBLAS everywhere. `allow_cpu` is a test hook only (CPU
+    tensors through the Triton interpreter). Set it before CUDA-graph capture: graphs keep
+    whichever GEMM they captured."""
+    global _gemv_shapes, _gemv_max_m, _gemv_allow_cpu, _gemv
+    shapes = frozenset((int(n), int(k), dtype) for n, k, dtype in shapes)
+    if shapes and _gemv is None:
+        from nanovllm.kernels import gemv
+
+        _gemv = gemv
+    cap = _gemv.GEMV_MAX_M if _gemv is not None else 0
+    _gemv_max_m = cap if max_m is None else max(0, min(int(max_m), cap))
+    _gemv_shapes, _gemv_allow_cpu = shapes, bool(allow_cpu)
+
+
+def _use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether this call goes to the Triton skinny GEMM (policy non-empty: checked by the caller)."""
+    if weight.dim() != 2 or type(weight) not in _PLAIN_TENSOR_TYPES:
+        return False
+    n, k = weight.shape
+    if (n, k, weight.dtype) not in _gemv_shapes or x.dtype != weight.dtype or x.shape[-1] != k or k == 0:
+        return False
+    if not (x.is_cuda and weight.is_cuda) and not _gemv_allow_cpu:
+        return False
+    if torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad):  # the kernel has no backward
+        return False
+    return 0 < x.numel() // k <= _gemv_max_m and weight.stride(1) == 1 and x.device == weight.device
+
+
+def _gemv_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    k = weight.shape[1]
+    try:
+        out = _gemv.skinny_gemm(x.reshape(-1, k), weight, bias)  # [M, N]
+    except _gemv.NotTunedError as e:  # first call of a shape inside a graph capture: keep cuBLAS there
+        logger.warning("%s; this graph uses cuBLAS for it", e)
+        return F.linear(x, weight, bias)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+# ----------------------------------------------------------------------------- layers
 
 
 class Linear(nn.Module):
@@ -64,6 +132,8 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed_fp16 is not None:
             return torch.ops.quantized.linear_dynamic_fp16(x, self.packed_fp16)
+        if _gemv_shapes and _use_gemv(x, self.weight):
+            return _gemv_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 

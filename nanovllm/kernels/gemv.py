@@ -1,0 +1,425 @@
+"""Triton skinny GEMM (GEMV for a few rows): `x [M, K] @ W[N, K]^T (+ b) -> [M, N]`, M <= 8.
+
+Why. A batch-1..8 decode step multiplies a handful of activation rows by every projection
+weight: M tiny, N x K large, so the step is pure weight streaming (each weight byte is used
+M times, ~1-8 FLOP/byte). On an H100, cuBLAS picks `nvjet ... 64x8` tiles for these shapes
+and reaches ~41% of HBM bandwidth. This kernel is built to stream W once, as fast as the
+memory system allows:
+
+  * program p owns output columns `[p * BLOCK_N, (p + 1) * BLOCK_N)` for all M rows and
+    streams its `[BLOCK_N, K]` slab of W (nn.Linear layout: each W row is contiguous along
+    K), BLOCK_K at a time, as 16-byte vectors with all threads side by side along K;
+  * BLOCK_N is small (1..8) so that even N = 1024 gives hundreds to a thousand programs:
+    every SM holds several, each thread with BLOCK_N (or 2 x BLOCK_N) vectors in flight;
+  * the loads of chunk i + 1 are issued before chunk i is multiplied (register double
+    buffering by hand: Triton does not software-pipeline loads that feed no tl.dot);
+  * the x chunk `[M, BLOCK_K]` is re-read by every program from L2 / L1 (it is tiny and
+    hot); W loads are marked evict-first since each byte is read exactly once;
+  * W `[1, BLOCK_N, BLOCK_K]` and x `[BLOCK_M, 1, BLOCK_K]` are 3-D tiles with the same
+    register layout, so their broadcast product needs no layout conversion (no shared
+    memory, no barrier in the loop); each thread sums its own vector's products in fp32
+    into `acc [BLOCK_M, BLOCK_N, BLOCK_K / VEC]`, and the one cross-thread reduction runs
+    after the K loop; bias added in fp32, one rounding to the output dtype;
+  * no split-K, no atomics: one program computes each output element from start to end, so
+    results are deterministic for a given config and the launch is a single kernel with
+    no host sync (CUDA-graph capturable once tuned).
+
+Tuning. `triton.autotune` over a small config set (`CONFIGS`) keyed on (BLOCK_M, N, K) and
+the tensors' dtypes, where BLOCK_M = next_pow2(M) (1, 2, 4 or 8: the decode graphs'
+padded batch sizes); `_prune_configs` first drops configs that would spill registers at that
+BLOCK_M or whose K chunk far exceeds K. Tuning benchmarks (timing syncs the host), so it must not first happen
+inside a CUDA-graph capture: `warm_up` pre-tunes a weight shape for every bucket, and the
+engine's eager warm-up runs before each capture do it too. `skinny_gemm` raises
+`NotTunedError` rather than tune while the stream is capturing. Under TRITON_INTERPRET
+(CPU tests) there is no autotuning: `INTERPRET_CONFIG` is used.
+
+Whether the kernel is used at all is the Linear layer's explicit per-shape policy
+(`nanovllm.layers.linear.set_gemv_shapes`), filled by `calibrate_gemv` below, which times
+this kernel against cuBLAS on the model's own weight shapes.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+logger = logging.getLogger(__name__)
+
+GEMV_MAX_M = 8  # rows handled (decode batch sizes at low concurrency); more rows -> cuBLAS
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton at decoration, as here
+
+# autotune's own benchmark (ms): short, the candidates differ by microseconds
+TUNE_WARMUP_MS = 5
+TUNE_REP_MS = 25
+
+# calibrate_gemv
+CALIBRATE_REPS = 20  # timed graph replays per (shape, M, implementation); the median is kept
+CALIBRATE_WARMUP_REPLAYS = 3
+CALIBRATE_MARGIN = 0.05  # Triton must be >= 5% faster than cuBLAS at every timed M
+ROTATE_L2_FACTOR = 2  # rotate over weight copies totalling >= this many L2 sizes
+MAX_ROTATE_COPIES = 32
+MAX_ROTATE_BYTES = 512 * 2**20  # never allocate more than this for copies of one weight
+DEFAULT_L2_BYTES = 50 * 2**20  # H100; used when the device does not report its L2 size
+
+
+class GemvConfig(NamedTuple):
+    block_n: int  # output columns (W rows) per program
+    block_k: int  # K elements per loop iteration
+    num_warps: int
+    num_stages: int
+
+
+# All configs keep BLOCK_K >= 8 * 32 * num_warps (bf16 / fp16; fp32: 4 * 32 * num_warps), so
+# every thread loads one or two 16-byte W vectors per W row per chunk and the x and W tiles
+# share one layout. Per thread, block_n * (1 or 2) vectors of the next chunk are in flight.
+# Small block_n: more programs for small N (N = 1024 / block_n 1 = 1024 programs on 132
+# SMs); larger block_n: fewer, longer-lived programs with more loads in flight each.
+# num_stages stays 1: the loads are pipelined by hand in registers (Triton's pipeliner does
+# not stage these non-dot loads through shared memory; their TTGIR has no async copies).
+CONFIGS = (
+    GemvConfig(1, 2048, 8, 1),
+    GemvConfig(2, 1024, 4, 1),
+    GemvConfig(2, 2048, 4, 1),
+    GemvConfig(4, 1024, 4, 1),
+    GemvConfig(4, 2048, 4, 1),
+    GemvConfig(4, 2048, 8, 1),
+    GemvConfig(8, 1024, 4, 1),
+    GemvConfig(8, 2048, 8, 1),
+)
+INTERPRET_CONFIG = GemvConfig(4, 128, 1, 1)  # CPU interpreter: small tiles, several chunks and a K tail
+MAX_ACC_PER_THREAD = 32  # prune configs whose BLOCK_M * BLOCK_N * vectors-per-row accumulators exceed this
+
+
+class NotTunedError(RuntimeError):
+    """The autotuner would have to benchmark while a CUDA graph is being captured."""
+
+
+def _next_pow2(n: int) -> int:
+    # plain-int twin of triton.next_power_of_2 (that one costs ~5 us per call on the host)
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@triton.jit
+def _chunk_dot(x_ptrs, k_mask, w, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               VEC: tl.constexpr):
+    """[BLOCK_M, BLOCK_N, BLOCK_K // VEC] partial sums of one K chunk, each over VEC
+    consecutive k that one thread holds (no cross-thread reduction)."""
+    x = tl.load(x_ptrs, mask=k_mask, other=0.0, eviction_policy="evict_last").to(tl.float32)  # [BM, 1, BK]
+    prod = x * w.to(tl.float32)  # [BM, BN, BK]
+    return tl.sum(tl.reshape(prod, [BLOCK_M, BLOCK_N, BLOCK_K // VEC, VEC]), axis=3)
+
+
+@triton.jit
+def _skinny_gemm_kernel(
+    x_ptr,  # [M, K], row stride stride_xm, unit column stride
+    w_ptr,  # [N, K], row stride stride_wn, unit column stride
+    b_ptr,  # [N], read only when HAS_BIAS (else any pointer)
+    out_ptr,  # [M, N], row stride stride_om, unit column stride
+    M,
+    N,
+    K,  # >= 1
+    stride_xm,
+    stride_wn,
+    stride_om,
+    HAS_BIAS: tl.constexpr,
+    VEC: tl.constexpr,  # elements per 16-byte vector of W's dtype (8 for bf16 / fp16, 4 for fp32)
+    BLOCK_M: tl.constexpr,  # next_pow2(M) <= GEMV_MAX_M
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # >= VEC * 32 * num_warps: all threads side by side along K
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    rows_n = offs_n % N  # past-the-end columns re-read valid W rows (no load mask); not stored
+    offs_m = tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    rows_m = tl.minimum(offs_m, M - 1)  # padding rows re-read row M-1; not stored
+    offs_k = tl.arange(0, BLOCK_K)[None, None, :]  # [1, 1, BLOCK_K]
+    # 3-D tiles so that W [1, BN, BK] and x [BM, 1, BK] get the same register layout (16-byte
+    # vectors along K, threads side by side along K; N and M rows repeat in registers):
+    # the product and its in-thread partial sums then need no layout conversion.
+    w_ptrs = w_ptr + (rows_n.to(tl.int64) * stride_wn)[None, :, None] + offs_k  # [1, BLOCK_N, BLOCK_K]
+    x_ptrs = x_ptr + (rows_m.to(tl.int64) * stride_xm)[:, None, None] + offs_k  # [BLOCK_M, 1, BLOCK_K]
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)
+    # Software pipelining by hand, in registers: the loads of chunk i + 1 are issued before
+    # chunk i is multiplied, so each thread always has a chunk of W in flight.
+    w = tl.load(w_ptrs, mask=offs_k < K, other=0.0, eviction_policy="evict_first")  # chunk 0
+    for k in range(BLOCK_K, K, BLOCK_K):  # k: start of the next chunk
+        k_mask = (offs_k + k) < K
+        w_next = tl.load(w_ptrs + k, mask=k_mask, other=0.0, eviction_policy="evict_first")
+        acc += _chunk_dot(x_ptrs + (k - BLOCK_K), offs_k + (k - BLOCK_K) < K, w, BLOCK_M, BLOCK_N, BLOCK_K, VEC)
+        w = w_next
+    k_last = (K - 1) // BLOCK_K * BLOCK_K
+    acc += _chunk_dot(x_ptrs + k_last, offs_k + k_last < K, w, BLOCK_M, BLOCK_N, BLOCK_K, VEC)
+
+    out = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]: the one cross-thread reduction
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rows_n).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]  # [BLOCK_M, BLOCK_N]
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _vec(dtype: torch.dtype) -> int:
+    return max(1, 16 // dtype.itemsize)  # elements per 16-byte vector
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop configs that need too many accumulator registers at this BLOCK_M, or whose K chunk
+    is more than twice the (power-of-two rounded) K; keep at least one."""
+    block_m, k = kwargs["BLOCK_M"], named_args["K"]
+    vec = kwargs["VEC"]
+
+    def fits(c):
+        per_row = max(1, c.kwargs["BLOCK_K"] // (vec * 32 * c.num_warps))  # vectors per W row per thread
+        return (block_m * c.kwargs["BLOCK_N"] * per_row <= MAX_ACC_PER_THREAD
+                and c.kwargs["BLOCK_K"] < 2 * _next_pow2(k))
+
+    kept = [c for c in configs if fits(c)]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+
+
+def _autotuned_kernel():
+    configs = [
+        triton.Config({"BLOCK_N": c.block_n, "BLOCK_K": c.block_k}, num_warps=c.num_warps, num_stages=c.num_stages)
+        for c in CONFIGS
+    ]
+    key = ["BLOCK_M", "N", "K"]  # autotune appends the tensor arguments' dtypes
+    from triton.testing import do_bench
+
+    bench = functools.partial(do_bench, warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS)
+    # cache_results: tuned configs persist in triton's cache dir across processes. Older
+    # triton versions lack these keywords (TypeError): drop them one by one.
+    prune = {"early_config_prune": _prune_configs}
+    for extra in (dict(do_bench=bench, cache_results=True), dict(do_bench=bench), {}):
+        try:
+            return triton.autotune(configs=configs, key=key, prune_configs_by=prune, **extra)(_skinny_gemm_kernel)
+        except TypeError:
+            if not extra:
+                raise
+
+
+_tuned_kernel = None if INTERPRET else _autotuned_kernel()
+_tuned_keys: set = set()  # (BLOCK_M, N, K, dtypes) the autotuner has seen: launching them needs no benchmark
+
+
+def skinny_gemm(
+    x: torch.Tensor,  # [M, K], M <= GEMV_MAX_M, unit stride along K
+    weight: torch.Tensor,  # [N, K], unit stride along K (nn.Linear layout)
+    bias: Optional[torch.Tensor] = None,  # [N]
+    out: Optional[torch.Tensor] = None,  # [M, N], unit stride along N
+    config: Optional[GemvConfig] = None,  # bypass autotuning (tests, sweeps)
+) -> torch.Tensor:
+    """x @ weight^T (+ bias) with fp32 accumulation, returned in x's dtype ([M, N])."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"skinny_gemm needs x [M, K] and weight [N, K], got {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
+    m, k = x.shape
+    n = weight.shape[0]
+    if m > GEMV_MAX_M:
+        raise ValueError(f"skinny_gemm handles at most {GEMV_MAX_M} rows, got {m}")
+    if weight.stride(1) != 1 and k > 1:
+        raise ValueError("skinny_gemm needs a weight with unit stride along K (copying it per call defeats the point)")
+    if bias is not None and (bias.shape != (n,) or bias.stride(0) != 1):
+        raise ValueError(f"bias must be a contiguous [{n}] vector, got {tuple(bias.shape)}")
+    if x.stride(1) != 1 and k > 1:
+        x = x.contiguous()
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    elif out.shape != (m, n) or (out.stride(1) != 1 and n > 1):
+        raise ValueError(f"out must be a [{m}, {n}] tensor with unit stride along N")
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.copy_(bias.expand(m, n)) if bias is not None else out.zero_()
+    block_m, vec = _next_pow2(m), _vec(weight.dtype)
+    args = (x, weight, weight if bias is None else bias, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0))
+    if config is None and _tuned_kernel is not None:
+        key = (block_m, n, k, x.dtype, weight.dtype, None if bias is None else bias.dtype, out.dtype)
+        if key not in _tuned_keys:
+            if torch.cuda.is_current_stream_capturing():
+                raise NotTunedError(f"skinny_gemm shape M<={block_m} N={n} K={k} {x.dtype} is not tuned yet; "
+                                    "call gemv.warm_up (or run it once) before capturing a CUDA graph")
+            _tuned_keys.add(key)
+        _tuned_kernel[lambda meta: (_cdiv(n, meta["BLOCK_N"]),)](
+            *args, HAS_BIAS=bias is not None, VEC=vec, BLOCK_M=block_m)
+        return out
+    c = config or INTERPRET_CONFIG
+    _skinny_gemm_kernel[(_cdiv(n, c.block_n),)](
+        *args, HAS_BIAS=bias is not None, VEC=vec, BLOCK_M=block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+        num_warps=c.num_warps, num_stages=c.num_stages,
+    )
+    return out
+
+
+def best_config(m: int, n: int, k: int) -> Optional[str]:
+    """The autotuner's pick for a shape already tuned (any dtype), as text; None if not tuned."""
+    if _tuned_kernel is None:
+        return None
+    block_m = _next_pow2(m)
+    for key, cfg in _tuned_kernel.cache.items():
+        if tuple(key[:3]) == (block_m, n, k):
+            kw = cfg.kwargs
+            return f"n{kw['BLOCK_N']} k{kw['BLOCK_K']} w{cfg.num_warps} s{cfg.num_stages}"
+    return None
+
+
+def warm_up(weight: torch.Tensor, bias: Optional[torch.Tensor] = None, max_m: int = GEMV_MAX_M) -> None:
+    """Tune (and compile) the kernel for this weight's shape at every row bucket up to max_m
+    (1, 2, 4, 8), so that no later call benchmarks, e.g. inside a CUDA-graph capture."""
+    k = weight.shape[1]
+    x = torch.zeros(GEMV_MAX_M, k, dtype=weight.dtype, device=weight.device)
+    m = 1
+    while m <= min(max_m, GEMV_MAX_M):
+        skinny_gemm(x[:m], weight, bias)
+        m *= 2
+    if max_m > 1 and max_m & (max_m - 1):  # not a power of two: its own bucket
+        skinny_gemm(x[: min(max_m, GEMV_MAX_M)], weight, bias)
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def _l2_bytes(device: torch.device) -> int:
+    return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or DEFAULT_L2_BYTES)
+
+
+def rotation_copies(weight_bytes: int, l2_bytes: int) -> int:
+    """How many copies of a weight to cycle through so that each read comes from HBM.
+
+    Cycling through copies totalling >= ROTATE_L2_FACTOR x L2 means that between two reads of
+    one copy, at least twice the L2 capacity of other weights has streamed through, so the
+    copy has (mostly) been evicted, as in a real decode step, where the ~hundreds of MB of
+    per-layer weights all differ. This is approximate (L2 replacement is not strict LRU and the
+    H100 L2 is two partitions), and matrices above ~L2 / 2 get few or one copy: a single
+    50+ MB matrix does not fit in L2 anyway, so the reads of its one copy largely come from
+    HBM. The activations x stay L2-resident, as they are in the model.
+    """
+    want = _cdiv(ROTATE_L2_FACTOR * l2_bytes, max(weight_bytes, 1))
+    return max(1, min(want, MAX_ROTATE_COPIES, MAX_ROTATE_BYTES // max(weight_bytes, 1)))
+
+
+def time_us(fn, reps: int = CALIBRATE_REPS, calls: int = 1) -> float:
+    """Median GPU microseconds per call of `fn` (which makes `calls` calls), replayed from a
+    CUDA graph so host launch cost is excluded (as in the engine's graphed decode step).
+    Falls back to an eager loop if capture fails. fn must already be compiled / tuned."""
+    fn()
+    torch.cuda.synchronize()
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        run = graph.replay
+    except RuntimeError as e:  # pragma: no cover - depends on the driver
+        logger.warning("gemv calibration: CUDA-graph capture failed (%s); timing eagerly", e)
+        run = fn
+    for _ in range(CALIBRATE_WARMUP_REPLAYS):
+        run()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        run()
+        end.record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in events)
+    return times[len(times) // 2] * 1e3 / calls
+
+
+def _time_pair(copies: list, bias: Optional[torch.Tensor], m: int) -> tuple[float, float]:
+    """(cuBLAS us, Triton us) per call at M = m, cycling through the weight `copies`."""
+    w = copies[0]
+    x = torch.randn(m, w.shape[1], dtype=w.dtype, device=w.device)  # [m, K]
+    out = torch.empty(m, w.shape[0], dtype=w.dtype, device=w.device)  # [m, N]
+
+    def run_cublas():
+        for wc in copies:
+            torch.nn.functional.linear(x, wc, bias)
+
+    def run_triton():
+        for wc in copies:
+            skinny_gemm(x, wc, bias, out=out)
+
+    return time_us(run_cublas, calls=len(copies)), time_us(run_triton, calls=len(copies))
+
+
+def _linear_weights(model: torch.nn.Module) -> dict:
+    """{(N, K, dtype): (weight, bias)} of the first Linear of each distinct weight shape (one with a bias if any)."""
+    from nanovllm.layers.linear import Linear
+
+    shapes: dict = {}
+    for module in model.modules():
+        if not isinstance(module, Linear) or module.packed_fp16 is not None:
+            continue
+        w = module.weight
+        if w.dim() != 2 or not w.is_cuda:
+            continue
+        key = (w.shape[0], w.shape[1], w.dtype)
+        if key not in shapes or (shapes[key][1] is None and module.bias is not None):
+            shapes[key] = (w.detach(), None if module.bias is None else module.bias.detach())
+    return shapes
+
+
+def _format_shape(key) -> str:
+    n, k, dtype = key
+    return f"{n}x{k} {str(dtype).replace('torch.', '')}"
+
+
+@torch.inference_mode()
+def calibrate_gemv(model: torch.nn.Module, device, max_m: int = GEMV_MAX_M) -> dict:
+    """Time cuBLAS vs this kernel on every distinct Linear weight shape of `model`; enable the
+    kernel (`linear.set_gemv_shapes`) for the shapes where it is >= CALIBRATE_MARGIN faster at
+    both M = 1 and M = max_m. Returns {(N, K, dtype): (cublas_us, triton_us, enabled)}, the
+    times being means over those two M values (the log line has both).
+
+    Call it on CUDA, after loading weights and before CUDA-graph capture (it captures and
+    replays its own small graphs, and tunes the kernel for every row bucket up to max_m).
+    Environment: NANOVLLM_GEMV=0 -> enables nothing, returns {}; NANOVLLM_GEMV=force ->
+    enables every shape without timing (times reported as nan). Shapes found are timed
+    independently of what was enabled before; shapes this model lacks keep their status.
+    """
+    from nanovllm.layers import linear
+
+    device = torch.device(device)
+    mode = os.environ.get("NANOVLLM_GEMV", "").strip().lower()
+    if mode == "0" or device.type != "cuda" or INTERPRET or os.environ.get("NANOVLLM_DISABLE_TRITON") == "1":
+        return {}
+    max_m = max(1, min(int(max_m), GEMV_MAX_M))
+    shapes = _linear_weights(model)
+    results: dict = {}
+    if mode == "force":
+        for key, (w, b) in shapes.items():
+            warm_up(w, b, max_m)
+            results[key] = (math.nan, math.nan, True)
+    else:
+        l2 = _l2_bytes(device)
+        ms = sorted({1, max_m})
+        for key, (w, b) in shapes.items():
+            warm_up(w, b, max_m)
+            copies = [w] + [w.clone() for _ in range(rotation_copies(w.numel() * w.element_size(), l2) - 1)]
+            cublas, triton_ = zip(*(_time_pair(copies, b, m) for m in ms))
+            del copies
+            enabled = all(t <= (1 - CALIBRATE_MARGIN) * c for c, t in zip(cublas, triton_))
+            results[key] = (sum(cublas) / len(cublas), sum(triton_) / len(triton_), enabled)
+            logger.info("gemv calibrate %-16s cublas/triton us: %s -> %s", _format_shape(key),
+                        "  ".join(f"M={m} {c:.1f}/{t:.1f}" for m, c, t in zip(ms, cublas, triton_)),
+                        "triton" if enabled else "cublas")
+        torch.cuda.empty_cache()  # hand the copies' memory back before the KV cache is sized
+    measured = set(results)
+    enabled = {key for key, (_, _, on) in results.items() if on}
+    linear.set_gemv_shapes((linear.gemv_shapes() - measured) | enabled, max_m=max_m)
+    if results:
+        logger.info("gemv: Triton for %d of %d Linear shapes (M <= %d)%s: %s", len(enabled), len(results), max_m,
+                    " [NANOVLLM_GEMV=force]" if mode == "force" else "",
+                    ", ".join(f"{_format_shape(k)} {'on' if v[2] else 'off'}"
+                              + ("" if math.isnan(v[0]) else f" ({v[0]:.1f}/{v[1]:.1f} us)")
+                              for k, v in results.items()))
+    return results

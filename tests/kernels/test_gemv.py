@@ -1,0 +1,334 @@
+"""Triton skinny GEMM vs `reference.skinny_gemm_reference`; the Linear layer's GEMV dispatch policy.
+
+CPU: interpreter, fp32, small awkward shapes (one fixed config, no autotuning). GPU
+(`@pytest.mark.gpu`): bf16 / fp16, the autotuned path, every config, real decode shapes,
+CUDA-graph capture and `calibrate_gemv`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanovllm.kernels import gemv, reference
+from nanovllm.kernels.gemv import GEMV_MAX_M, skinny_gemm
+from nanovllm.layers import linear
+from nanovllm.layers.linear import GateUpLinear, Linear, LMHead, QKVLinear
+
+from kernel_params import DEVICE, GPU, HAS_CUDA, PRECISIONS
+
+SHAPES = [(96, 64), (130, 200), (64, 1000)]  # (N, K): N not a multiple of BLOCK_N, K with a tail chunk
+
+
+def gpu_only(fn):
+    for mark in reversed(GPU):
+        fn = mark(fn)
+    return fn
+
+
+def rand(*shape, dtype, seed, scale=1.0, device=DEVICE):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=gen) * scale).to(device, dtype)
+
+
+def operands(m, n, k, dtype, bias, seed=0, device=DEVICE):
+    x = rand(m, k, dtype=dtype, seed=seed, device=device)
+    w = rand(n, k, dtype=dtype, seed=seed + 1, scale=k**-0.5, device=device)  # outputs O(1)
+    b = rand(n, dtype=dtype, seed=seed + 2, device=device) if bias else None
+    return x, w, b
+
+
+def check(out: torch.Tensor, ref: torch.Tensor) -> None:
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    if out.dtype == torch.float32:
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    else:  # fp32 sums in another order, then one rounding to 16 bits: at most ~1 ulp apart
+        torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=1e-2)
+
+
+@pytest.fixture
+def policy():
+    """Restore the Linear GEMV policy (module state) after the test."""
+    saved = (linear._gemv_shapes, linear._gemv_max_m, linear._gemv_allow_cpu)
+    yield linear
+    linear._gemv_shapes, linear._gemv_max_m, linear._gemv_allow_cpu = saved
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Count calls of gemv.skinny_gemm (which the Linear dispatch looks up on the module)."""
+    calls = []
+    original = gemv.skinny_gemm
+
+    def wrapped(x, weight, bias=None, **kw):
+        calls.append((tuple(x.shape), tuple(weight.shape)))
+        return original(x, weight, bias, **kw)
+
+    monkeypatch.setattr(gemv, "skinny_gemm", wrapped)
+    return calls
+
+
+# ----------------------------------------------------------------------------- kernel
+
+
+@pytest.mark.parametrize("dtype", PRECISIONS)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("m", [1, 2, 5, 8])
+def test_skinny_gemm_matches_reference(m, n, k, bias, dtype):
+    x, w, b = operands(m, n, k, dtype, bias, seed=m + n)
+    check(skinny_gemm(x, w, b), reference.skinny_gemm_reference(x, w, b))
+
+
+@pytest.mark.parametrize("dtype", PRECISIONS)
+@pytest.mark.parametrize("config", gemv.CONFIGS, ids=lambda c: f"n{c.block_n}k{c.block_k}w{c.num_warps}s{c.num_stages}")
+@pytest.mark.parametrize("m", [1, 5])
+def test_every_autotune_config_matches_reference(m, config, dtype):
+    x, w, b = operands(m, 130, 1000, dtype, bias=True, seed=7)
+    check(skinny_gemm(x, w, b, config=config), reference.skinny_gemm_reference(x, w, b))
+
+
+def test_strided_rows_out_buffer_and_edge_cases():
+    n, k = 40, 72
+    buf = rand(3, 2 * k, dtype=torch.float32, seed=1)
+    x = buf[:, 10 : 10 + k]  # row stride 2k: used in place
+    w = rand(n, k, dtype=torch.float32, seed=2)
+    out = torch.full((3, n), float("nan"), device=DEVICE)
+    assert skinny_gemm(x, w, out=out) is out
+    check(out, reference.skinny_gemm_reference(x, w, None))
+    xt = rand(k, 2, dtype=torch.float32, seed=3).t()  # [2, k] with column stride 2: copied
+    check(skinny_gemm(xt, w), reference.skinny_gemm_reference(xt, w, None))
+    assert skinny_gemm(x[:0], w).shape == (0, n)
+    with pytest.raises(ValueError, match="at most"):
+        skinny_gemm(rand(GEMV_MAX_M + 1, k, dtype=torch.float32, seed=4), w)
+    with pytest.raises(ValueError):
+        skinny_gemm(x, w[:, :-1])  # K mismatch
+    with pytest.raises(ValueError, match="unit stride"):
+        skinny_gemm(x, rand(k, n, dtype=torch.float32, seed=5).t())  # transposed weight: no silent copy
+    with pytest.raises(ValueError):
+        skinny_gemm(x, w, rand(n + 1, dtype=torch.float32, seed=6))
+
+
+# ----------------------------------------------------------------------------- Linear dispatch
+
+
+def _linear(n, k, dtype=torch.float32, bias=True, device=DEVICE):
+    layer = Linear(k, n, bias=bias).to(device, dtype)
+    with torch.no_grad():
+        layer.weight.copy_(rand(n, k, dtype=dtype, seed=n, scale=k**-0.5, device=device))
+        if bias:
+            layer.bias.copy_(rand(n, dtype=dtype, seed=k, device=device))
+    return layer
+
+
+@torch.inference_mode()
+def test_linear_uses_gemv_only_for_enabled_shapes(policy, spy):
+    layer, other = _linear(130, 200), _linear(96, 64, bias=False)
+    assert linear.gemv_shapes() == frozenset()  # default: cuBLAS everywhere
+    x = rand(2, 3, 200, dtype=torch.float32, seed=1)  # 6 rows after flattening
+    expected = F.linear(x, layer.weight, layer.bias)
+    check(layer(x), expected)
+    assert spy == []
+
+    linear.set_gemv_shapes({(130, 200, torch.float32)}, allow_cpu=not HAS_CUDA)
+    got = layer(x)
+    assert spy == [((6, 200), (130, 200))]
+    assert got.shape == (2, 3, 130)
+    check(got, expected)
+    check(layer(x[0, 0]), expected[0, 0])  # a 1-D input: one row
+    assert len(spy) == 2
+
+    other(rand(1, 64, dtype=torch.float32, seed=2))  # shape not enabled
+    layer(rand(GEMV_MAX_M + 1, 200, dtype=torch.float32, seed=3))  # too many rows
+    assert len(spy) == 2
+
+    linear.set_gemv_shapes({(130, 200, torch.float32)}, max_m=4, allow_cpu=not HAS_CUDA)
+    layer(rand(5, 200, dtype=torch.float32, seed=4))  # above this policy's max_m
+    assert len(spy) == 2
+    layer(rand(4, 200, dtype=torch.float32, seed=5))
+    assert len(spy) == 3
+
+    linear.set_gemv_shapes({(130, 200, torch.bfloat16)}, allow_cpu=not HAS_CUDA)  # other dtype
+    layer(rand(1, 200, dtype=torch.float32, seed=6))
+    linear.set_gemv_shapes(())
+    layer(rand(1, 200, dtype=torch.float32, seed=6))
+    assert len(spy) == 3
+
+
+@torch.inference_mode()
+def test_packed_and_lm_head_layers_dispatch(policy, spy):
+    qkv = QKVLinear(hidden=64, head_dim=16, num_heads=4, num_kv_heads=2, bias=True).to(DEVICE)  # [128, 64]
+    gate_up = GateUpLinear(64, 48).to(DEVICE)  # [96, 64]
+    head = LMHead(64, 130).to(DEVICE)
+    for layer in (qkv, gate_up, head):
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.copy_(rand(*p.shape, dtype=torch.float32, seed=p.numel(), scale=0.125))
+    x = rand(7, 64, dtype=torch.float32, seed=9)
+    idx = torch.tensor([1, 4, 6], device=DEVICE)
+    expected = [qkv(x), gate_up(x), head(x, idx)]
+    linear.set_gemv_shapes({(128, 64, torch.float32), (96, 64, torch.float32), (130, 64, torch.float32)},
+                           allow_cpu=not HAS_CUDA)
+    for got, want in zip([qkv(x), gate_up(x), head(x, idx)], expected):
+        check(got, want)
+    assert spy == [((7, 64), (128, 64)), ((7, 64), (96, 64)), ((3, 64), (130, 64))]
+
+
+def test_no_dispatch_for_cpu_tensors_without_the_hook_or_with_autograd(policy, spy):
+    layer = _linear(96, 64, device="cpu")
+    x = rand(1, 64, dtype=torch.float32, seed=1, device="cpu")
+    linear.set_gemv_shapes({(96, 64, torch.float32)})  # no allow_cpu: CUDA only
+    with torch.inference_mode():
+        layer(x)
+    assert spy == []
+    linear.set_gemv_shapes({(96, 64, torch.float32)}, allow_cpu=True)
+    y = layer(x)  # grad mode, weight requires grad: the kernel has no backward
+    assert spy == [] and y.requires_grad
+    with torch.no_grad():
+        layer(x)
+    assert len(spy) == 1
+
+
+def test_calibrate_is_a_no_op_off_cuda(policy, monkeypatch):
+    monkeypatch.delenv("NANOVLLM_GEMV", raising=False)
+    model = torch.nn.Sequential(_linear(96, 64, device="cpu"))
+    assert gemv.calibrate_gemv(model, "cpu") == {}
+    assert linear.gemv_shapes() == frozenset()
+
+
+def test_prune_keeps_register_budget_and_never_empties():
+    import triton
+
+    configs = [triton.Config({"BLOCK_N": c.block_n, "BLOCK_K": c.block_k}, num_warps=c.num_warps)
+               for c in gemv.CONFIGS]
+    assert gemv._prune_configs(configs, {"K": 4096}, BLOCK_M=1, VEC=8) == configs
+    kept = gemv._prune_configs(configs, {"K": 4096}, BLOCK_M=8, VEC=8)
+    assert kept and all(8 * c.kwargs["BLOCK_N"] * max(1, c.kwargs["BLOCK_K"] // (256 * c.num_warps)) <= 32
+                        for c in kept)
+    assert all(c.kwargs["BLOCK_K"] <= 1024 for c in gemv._prune_configs(configs, {"K": 1024}, BLOCK_M=1, VEC=8))
+    assert len(gemv._prune_configs(configs, {"K": 8}, BLOCK_M=8, VEC=4)) == 1  # nothing fits: the smallest
+
+
+def test_rotation_copies_cover_l2():
+    l2 = 50 * 2**20
+    assert gemv.rotation_copies(4 * 2**20, l2) == 25  # 4 MB weight: 100 MB rotation
+    assert gemv.rotation_copies(300 * 2**20, l2) == 1  # bigger than L2: one copy
+    assert gemv.rotation_copies(1024, l2) == gemv.MAX_ROTATE_COPIES
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k", [(4096, 1024), (1024, 3072), (6144, 1024), (1000, 2056)])
+@pytest.mark.parametrize("m", [1, 3, 8])
+@gpu_only
+def test_autotuned_decode_shapes_on_gpu(m, n, k, dtype):
+    x, w, b = operands(m, n, k, dtype, bias=n == 1000, seed=m)
+    check(skinny_gemm(x, w, b), reference.skinny_gemm_reference(x, w, b))
+    assert gemv.best_config(m, n, k) is not None
+
+
+@gpu_only
+@torch.inference_mode()
+def test_cuda_graph_capture_and_untuned_fallback(policy, spy):
+    layer = _linear(136, 72, dtype=torch.bfloat16, bias=False)
+    x = rand(2, 72, dtype=torch.bfloat16, seed=1)
+    expected = F.linear(x, layer.weight)
+    linear.set_gemv_shapes({(136, 72, torch.bfloat16)})
+    # Never run at M=2 for this shape: inside the capture it falls back to cuBLAS (no tuning).
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = layer(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    check(y, expected)
+    gemv.warm_up(layer.weight, None)  # tunes every row bucket
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = layer(x)
+    x.copy_(rand(2, 72, dtype=torch.bfloat16, seed=2))
+    graph.replay()
+    torch.cuda.synchronize()
+    check(y, F.linear(x, layer.weight))
+    assert len(spy) == 2  # both captures went through the dispatch; the second launched the kernel
+
+
+def _tiny_model():
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict(dict(
+        qkv=QKVLinear(hidden=256, head_dim=64, num_heads=4, num_kv_heads=2, bias=True),  # [512, 256]
+        o=Linear(256, 256), gate_up=GateUpLinear(256, 384), down=Linear(384, 256), head=LMHead(256, 1000),
+    )).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    return model
+
+
+def _outputs(model, xs):
+    return [{name: layer(x) for name, layer in model.items() if layer.in_features == x.shape[-1]} for x in xs]
+
+
+@gpu_only
+@torch.inference_mode()
+def test_calibrate_gemv_on_a_tiny_model(policy, spy, monkeypatch):
+    model = _tiny_model()
+    xs = [rand(m, k, dtype=torch.bfloat16, seed=m + k) for m in (1, 4, 8) for k in (256, 384)]
+    before = _outputs(model, xs)
+    shapes = {(512, 256), (256, 256), (768, 256), (256, 384), (1000, 256)}
+
+    monkeypatch.setenv("NANOVLLM_GEMV", "0")
+    assert gemv.calibrate_gemv(model, "cuda") == {}
+    assert linear.gemv_shapes() == frozenset()
+
+    monkeypatch.delenv("NANOVLLM_GEMV")
+    result = gemv.calibrate_gemv(model, "cuda")
+    assert {(n, k) for n, k, _ in result} == shapes and all(d == torch.bfloat16 for *_, d in result)
+    for cublas_us, triton_us, enabled in result.values():
+        assert 0 < cublas_us < 1e4 and 0 < triton_us < 1e4 and isinstance(enabled, bool)
+    assert linear.gemv_shapes() == {key for key, v in result.items() if v[2]}
+    for got, want in zip(_outputs(model, xs), before):
+        for name in want:
+            check(got[name], want[name])
+
+    monkeypatch.setenv("NANOVLLM_GEMV", "force")
+    result = gemv.calibrate_gemv(model, "cuda", max_m=4)
+    spy.clear()  # drop calibrate's own (warm-up) calls
+    assert all(v[2] and math.isnan(v[0]) for v in result.values()) and len(result) == len(shapes)
+    assert linear.gemv_shapes() == set(result) and linear._gemv_max_m == 4
+    for got, want in zip(_outputs(model, xs), before):
+        for name in want:
+            check(got[name], want[name])
+    assert len(spy) == 2 * 5  # the M=1 and M=4 inputs of each of the five layers; M=8 stayed on cuBLAS
+
+
+@gpu_only
+def test_engine_tokens_unchanged_with_gemv_forced(policy, monkeypatch, tiny_model_factory):
+    """fp32 tiny model: greedy tokens with the Triton GEMV (eager and inside CUDA graphs) equal cuBLAS's."""
+    from nanovllm import LLM, SamplingParams
+
+    path = tiny_model_factory("qwen3")
+    kw = dict(skip_tokenizer_init=True, device="cuda", dtype="float32", max_model_len=256, num_kv_blocks=256,
+              max_num_seqs=4)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [{"prompt_token_ids": torch.randint(3, 1000, (n,), generator=gen).tolist()} for n in (1, 5, 9)]
+
+    def greedy(llm):
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    monkeypatch.setenv("NANOVLLM_GEMV", "0")  # the engine calibrates at start-up: baseline = cuBLAS only
+    linear.set_gemv_shapes(())
+    eager = LLM(path, enforce_eager=True, **kw)
+    assert linear.gemv_shapes() == frozenset()
+    baseline = greedy(eager)
+    monkeypatch.setenv("NANOVLLM_GEMV", "force")
+    assert gemv.calibrate_gemv(eager.engine.model, "cuda")
+    assert greedy(eager) == baseline
+    graphs = LLM(path, enforce_eager=False, **kw)  # captured with the kernel enabled
+    assert greedy(graphs) == baseline
+
