@@ -95,6 +95,12 @@ class LLMEngine:
         )
         self.cpu_fp16_weights = self.device.type == "cpu" and model_loader.maybe_pack_cpu_weights(
             self.model, config.cpu_weight_format, self.source, self.hf_config)
+        if self.device.type == "cuda":
+            # Small-batch decode GEMMs: Triton GEMV where it beats cuBLAS on this GPU and these
+            # shapes (timed here, before the KV cache takes the free memory and before graphs).
+            from nanovllm.kernels.gemv import GEMV_MAX_M, calibrate_gemv
+
+            calibrate_gemv(self.model, self.device, max_m=min(GEMV_MAX_M, config.max_num_seqs))
         num_blocks = self._num_kv_blocks()
         self.runner = ModelRunner(
             self.model, self.hf_config, self.device, self.dtype, num_blocks, config.block_size,
