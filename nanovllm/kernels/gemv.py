@@ -375,16 +375,18 @@ def _format_shape(key) -> str:
 
 @torch.inference_mode()
 def calibrate_gemv(model: torch.nn.Module, device, max_m: int = GEMV_MAX_M) -> dict:
-    """Time cuBLAS vs this kernel on every distinct Linear weight shape of `model`; enable the
-    kernel (`linear.set_gemv_shapes`) for the shapes where it is >= CALIBRATE_MARGIN faster at
-    both M = 1 and M = max_m. Returns {(N, K, dtype): (cublas_us, triton_us, enabled)}, the
-    times being means over those two M values (the log line has both).
+    """Time cuBLAS vs this kernel on every distinct Linear weight shape of `model` at each row
+    bucket (1, 2, 4, 8 up to max_m) and enable the kernel (`linear.set_gemv_shapes`) for each
+    shape up to the largest bucket below which it is >= CALIBRATE_MARGIN faster at every
+    bucket (on an H100 it wins at 1 row on every Qwen3 shape but loses at 8 on the wide
+    ones). Returns {(N, K, dtype): (cublas_us, triton_us, row_limit)}, times at M = 1,
+    row_limit 0 = cuBLAS for this shape.
 
     Call it on CUDA, after loading weights and before CUDA-graph capture (it captures and
     replays its own small graphs, and tunes the kernel for every row bucket up to max_m).
     Environment: NANOVLLM_GEMV=0 -> enables nothing, returns {}; NANOVLLM_GEMV=force ->
-    enables every shape without timing (times reported as nan). Shapes found are timed
-    independently of what was enabled before; shapes this model lacks keep their status.
+    enables every shape up to max_m without timing (times reported as nan). Shapes found are
+    timed independently of what was enabled before; shapes this model lacks keep their status.
     """
     from nanovllm.layers import linear
 
@@ -398,28 +400,31 @@ def calibrate_gemv(model: torch.nn.Module, device, max_m: int = GEMV_MAX_M) -> d
     if mode == "force":
         for key, (w, b) in shapes.items():
             warm_up(w, b, max_m)
-            results[key] = (math.nan, math.nan, True)
+            results[key] = (math.nan, math.nan, max_m)
     else:
         l2 = _l2_bytes(device)
-        ms = sorted({1, max_m})
+        ms = sorted({m for m in (1, 2, 4, 8) if m < max_m} | {max_m})
         for key, (w, b) in shapes.items():
             warm_up(w, b, max_m)
             copies = [w] + [w.clone() for _ in range(rotation_copies(w.numel() * w.element_size(), l2) - 1)]
             cublas, triton_ = zip(*(_time_pair(copies, b, m) for m in ms))
             del copies
-            enabled = all(t <= (1 - CALIBRATE_MARGIN) * c for c, t in zip(cublas, triton_))
-            results[key] = (sum(cublas) / len(cublas), sum(triton_) / len(triton_), enabled)
-            logger.info("gemv calibrate %-16s cublas/triton us: %s -> %s", _format_shape(key),
-                        "  ".join(f"M={m} {c:.1f}/{t:.1f}" for m, c, t in zip(ms, cublas, triton_)),
-                        "triton" if enabled else "cublas")
+            limit = 0
+            for m, c, t in zip(ms, cublas, triton_):
+                if t > (1 - CALIBRATE_MARGIN) * c:
+                    break
+                limit = m
+            results[key] = (cublas[0], triton_[0], limit)
+            logger.info("gemv calibrate %-16s cublas/triton us: %s -> triton up to M=%d", _format_shape(key),
+                        "  ".join(f"M={m} {c:.1f}/{t:.1f}" for m, c, t in zip(ms, cublas, triton_)), limit)
         torch.cuda.empty_cache()  # hand the copies' memory back before the KV cache is sized
-    measured = set(results)
-    enabled = {key for key, (_, _, on) in results.items() if on}
-    linear.set_gemv_shapes((linear.gemv_shapes() - measured) | enabled, max_m=max_m)
+    kept = {key: m for key, m in linear.gemv_row_limits().items() if key not in results}
+    enabled = {**kept, **{key: v[2] for key, v in results.items() if v[2]}}
+    linear.set_gemv_shapes(enabled, max_m=max_m)
     if results:
-        logger.info("gemv: Triton for %d of %d Linear shapes (M <= %d)%s: %s", len(enabled), len(results), max_m,
-                    " [NANOVLLM_GEMV=force]" if mode == "force" else "",
-                    ", ".join(f"{_format_shape(k)} {'on' if v[2] else 'off'}"
-                              + ("" if math.isnan(v[0]) else f" ({v[0]:.1f}/{v[1]:.1f} us)")
+        logger.info("gemv: Triton for %d of %d Linear shapes%s: %s", sum(1 for v in results.values() if v[2]),
+                    len(results), " [NANOVLLM_GEMV=force]" if mode == "force" else "",
+                    ", ".join(f"{_format_shape(k)} M<={v[2]}"
+                              + ("" if math.isnan(v[0]) else f" ({v[0]:.1f}/{v[1]:.1f} us at M=1)")
                               for k, v in results.items()))
     return results

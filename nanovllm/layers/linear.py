@@ -52,6 +52,7 @@ def cpu_fp16_gemm_available() -> bool:
 
 _gemv_shapes: frozenset = frozenset()  # {(N, K, weight dtype)} that use the Triton skinny GEMM
 _gemv_max_m = 0  # at most this many rows (x.numel() // K); 0 = never
+_gemv_row_limit: dict = {}  # (N, K, dtype) -> its own row limit (<= _gemv_max_m), where set
 _gemv_allow_cpu = False  # test hook: also dispatch CPU tensors (the kernel then runs in the Triton interpreter)
 _gemv = None  # the nanovllm.kernels.gemv module, imported when a policy is first set
 _PLAIN_TENSOR_TYPES = (torch.Tensor, nn.Parameter)
@@ -65,10 +66,12 @@ def gemv_shapes() -> frozenset:
 def set_gemv_shapes(shapes, max_m: Optional[int] = None, allow_cpu: bool = False) -> None:
     """Serve Linear calls with a weight of shape `(N, K)` and dtype in `shapes` and at most
     `max_m` rows (default and cap `gemv.GEMV_MAX_M`) with the Triton skinny GEMM, on CUDA.
-    An empty `shapes` restores cuBLAS everywhere. `allow_cpu` is a test hook only (CPU
-    tensors through the Triton interpreter). Set it before CUDA-graph capture: graphs keep
-    whichever GEMM they captured."""
-    global _gemv_shapes, _gemv_max_m, _gemv_allow_cpu, _gemv
+    `shapes` is an iterable of `(N, K, dtype)`, or a dict mapping each to its own row limit
+    (the kernel may beat cuBLAS at 1 row and lose at 8). An empty `shapes` restores cuBLAS
+    everywhere. `allow_cpu` is a test hook only (CPU tensors through the Triton
+    interpreter). Set it before CUDA-graph capture: graphs keep whichever GEMM they captured."""
+    global _gemv_shapes, _gemv_max_m, _gemv_allow_cpu, _gemv, _gemv_row_limit
+    limits = dict(shapes) if isinstance(shapes, dict) else {}
     shapes = frozenset((int(n), int(k), dtype) for n, k, dtype in shapes)
     if shapes and _gemv is None:
         from nanovllm.kernels import gemv
@@ -76,7 +79,13 @@ def set_gemv_shapes(shapes, max_m: Optional[int] = None, allow_cpu: bool = False
         _gemv = gemv
     cap = _gemv.GEMV_MAX_M if _gemv is not None else 0
     _gemv_max_m = cap if max_m is None else max(0, min(int(max_m), cap))
+    _gemv_row_limit = {(int(n), int(k), dtype): min(int(m), _gemv_max_m) for (n, k, dtype), m in limits.items()}
     _gemv_shapes, _gemv_allow_cpu = shapes, bool(allow_cpu)
+
+
+def gemv_row_limits() -> dict:
+    """{(N, K, dtype): most rows served by the Triton kernel} of the shapes now enabled."""
+    return {key: _gemv_row_limit.get(key, _gemv_max_m) for key in _gemv_shapes}
 
 
 def _use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -84,13 +93,15 @@ def _use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if weight.dim() != 2 or type(weight) not in _PLAIN_TENSOR_TYPES:
         return False
     n, k = weight.shape
-    if (n, k, weight.dtype) not in _gemv_shapes or x.dtype != weight.dtype or x.shape[-1] != k or k == 0:
+    key = (n, k, weight.dtype)
+    if key not in _gemv_shapes or x.dtype != weight.dtype or x.shape[-1] != k or k == 0:
         return False
     if not (x.is_cuda and weight.is_cuda) and not _gemv_allow_cpu:
         return False
     if torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad):  # the kernel has no backward
         return False
-    return 0 < x.numel() // k <= _gemv_max_m and weight.stride(1) == 1 and x.device == weight.device
+    limit = _gemv_row_limit.get(key, _gemv_max_m)
+    return 0 < x.numel() // k <= limit and weight.stride(1) == 1 and x.device == weight.device
 
 
 def _gemv_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:

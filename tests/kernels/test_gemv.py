@@ -52,9 +52,9 @@ def check(out: torch.Tensor, ref: torch.Tensor) -> None:
 @pytest.fixture
 def policy():
     """Restore the Linear GEMV policy (module state) after the test."""
-    saved = (linear._gemv_shapes, linear._gemv_max_m, linear._gemv_allow_cpu)
+    saved = (linear._gemv_shapes, linear._gemv_max_m, linear._gemv_allow_cpu, linear._gemv_row_limit)
     yield linear
-    linear._gemv_shapes, linear._gemv_max_m, linear._gemv_allow_cpu = saved
+    linear._gemv_shapes, linear._gemv_max_m, linear._gemv_allow_cpu, linear._gemv_row_limit = saved
 
 
 @pytest.fixture
@@ -151,11 +151,19 @@ def test_linear_uses_gemv_only_for_enabled_shapes(policy, spy):
     layer(rand(4, 200, dtype=torch.float32, seed=5))
     assert len(spy) == 3
 
+    # a row limit per shape (calibration found the kernel faster only up to 2 rows)
+    linear.set_gemv_shapes({(130, 200, torch.float32): 2}, allow_cpu=not HAS_CUDA)
+    assert linear.gemv_row_limits() == {(130, 200, torch.float32): 2}
+    layer(rand(3, 200, dtype=torch.float32, seed=4))
+    assert len(spy) == 3
+    check(layer(x[0, :2]), expected[0, :2])
+    assert len(spy) == 4
+
     linear.set_gemv_shapes({(130, 200, torch.bfloat16)}, allow_cpu=not HAS_CUDA)  # other dtype
     layer(rand(1, 200, dtype=torch.float32, seed=6))
     linear.set_gemv_shapes(())
     layer(rand(1, 200, dtype=torch.float32, seed=6))
-    assert len(spy) == 3
+    assert len(spy) == 4
 
 
 @torch.inference_mode()
@@ -247,6 +255,7 @@ def test_cuda_graph_capture_and_untuned_fallback(policy, spy):
     torch.cuda.synchronize()
     check(y, expected)
     gemv.warm_up(layer.weight, None)  # tunes every row bucket
+    spy.clear()  # drop warm_up's own calls
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = layer(x)
@@ -254,7 +263,7 @@ def test_cuda_graph_capture_and_untuned_fallback(policy, spy):
     graph.replay()
     torch.cuda.synchronize()
     check(y, F.linear(x, layer.weight))
-    assert len(spy) == 2  # both captures went through the dispatch; the second launched the kernel
+    assert len(spy) == 1  # the second capture launched the kernel
 
 
 def _tiny_model():
@@ -288,9 +297,9 @@ def test_calibrate_gemv_on_a_tiny_model(policy, spy, monkeypatch):
     monkeypatch.delenv("NANOVLLM_GEMV")
     result = gemv.calibrate_gemv(model, "cuda")
     assert {(n, k) for n, k, _ in result} == shapes and all(d == torch.bfloat16 for *_, d in result)
-    for cublas_us, triton_us, enabled in result.values():
-        assert 0 < cublas_us < 1e4 and 0 < triton_us < 1e4 and isinstance(enabled, bool)
-    assert linear.gemv_shapes() == {key for key, v in result.items() if v[2]}
+    for cublas_us, triton_us, row_limit in result.values():
+        assert 0 < cublas_us < 1e4 and 0 < triton_us < 1e4 and row_limit in (0, 1, 2, 4, 8)
+    assert linear.gemv_row_limits() == {key: v[2] for key, v in result.items() if v[2]}
     for got, want in zip(_outputs(model, xs), before):
         for name in want:
             check(got[name], want[name])
@@ -298,7 +307,7 @@ def test_calibrate_gemv_on_a_tiny_model(policy, spy, monkeypatch):
     monkeypatch.setenv("NANOVLLM_GEMV", "force")
     result = gemv.calibrate_gemv(model, "cuda", max_m=4)
     spy.clear()  # drop calibrate's own (warm-up) calls
-    assert all(v[2] and math.isnan(v[0]) for v in result.values()) and len(result) == len(shapes)
+    assert all(v[2] == 4 and math.isnan(v[0]) for v in result.values()) and len(result) == len(shapes)
     assert linear.gemv_shapes() == set(result) and linear._gemv_max_m == 4
     for got, want in zip(_outputs(model, xs), before):
         for name in want:
