@@ -50,6 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.launch_math import cdiv, next_pow2
+
 logger = logging.getLogger(__name__)
 
 GEMV_MAX_M = 8  # rows handled (decode batch sizes at low concurrency); more rows -> cuBLAS
@@ -99,15 +101,6 @@ MAX_ACC_PER_THREAD = 32  # prune configs whose BLOCK_M * BLOCK_N * vectors-per-r
 
 class NotTunedError(RuntimeError):
     """The autotuner would have to benchmark while a CUDA graph is being captured."""
-
-
-def _next_pow2(n: int) -> int:
-    # plain-int twin of triton.next_power_of_2 (that one costs ~5 us per call on the host)
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @triton.jit
@@ -182,7 +175,7 @@ def _prune_configs(configs, named_args, **kwargs):
     def fits(c):
         per_row = max(1, c.kwargs["BLOCK_K"] // (vec * 32 * c.num_warps))  # vectors per W row per thread
         return (block_m * c.kwargs["BLOCK_N"] * per_row <= MAX_ACC_PER_THREAD
-                and c.kwargs["BLOCK_K"] < 2 * _next_pow2(k))
+                and c.kwargs["BLOCK_K"] < 2 * next_pow2(k))
 
     kept = [c for c in configs if fits(c)]
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
@@ -241,7 +234,7 @@ def skinny_gemm(
         return out
     if k == 0:
         return out.copy_(bias.expand(m, n)) if bias is not None else out.zero_()
-    block_m, vec = _next_pow2(m), _vec(weight.dtype)
+    block_m, vec = next_pow2(m), _vec(weight.dtype)
     args = (x, weight, weight if bias is None else bias, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0))
     if config is None and _tuned_kernel is not None:
         key = (block_m, n, k, x.dtype, weight.dtype, None if bias is None else bias.dtype, out.dtype)
@@ -250,11 +243,11 @@ def skinny_gemm(
                 raise NotTunedError(f"skinny_gemm shape M<={block_m} N={n} K={k} {x.dtype} is not tuned yet; "
                                     "call gemv.warm_up (or run it once) before capturing a CUDA graph")
             _tuned_keys.add(key)
-        _tuned_kernel[lambda meta: (_cdiv(n, meta["BLOCK_N"]),)](
+        _tuned_kernel[lambda meta: (cdiv(n, meta["BLOCK_N"]),)](
             *args, HAS_BIAS=bias is not None, VEC=vec, BLOCK_M=block_m)
         return out
     c = config or INTERPRET_CONFIG
-    _skinny_gemm_kernel[(_cdiv(n, c.block_n),)](
+    _skinny_gemm_kernel[(cdiv(n, c.block_n),)](
         *args, HAS_BIAS=bias is not None, VEC=vec, BLOCK_M=block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
         num_warps=c.num_warps, num_stages=c.num_stages,
     )
@@ -265,7 +258,7 @@ def best_config(m: int, n: int, k: int) -> Optional[str]:
     """The autotuner's pick for a shape already tuned (any dtype), as text; None if not tuned."""
     if _tuned_kernel is None:
         return None
-    block_m = _next_pow2(m)
+    block_m = next_pow2(m)
     for key, cfg in _tuned_kernel.cache.items():
         if tuple(key[:3]) == (block_m, n, k):
             kw = cfg.kwargs
@@ -304,7 +297,7 @@ def rotation_copies(weight_bytes: int, l2_bytes: int) -> int:
     50+ MB matrix does not fit in L2 anyway, so the reads of its one copy largely come from
     HBM. The activations x stay L2-resident, as they are in the model.
     """
-    want = _cdiv(ROTATE_L2_FACTOR * l2_bytes, max(weight_bytes, 1))
+    want = cdiv(ROTATE_L2_FACTOR * l2_bytes, max(weight_bytes, 1))
     return max(1, min(want, MAX_ROTATE_COPIES, MAX_ROTATE_BYTES // max(weight_bytes, 1)))
 
 

@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.launch_math import cdiv, next_pow2
+
 LOG2E = 1.4426950408889634  # log2(e): scores * scale * LOG2E feed exp2
 
 # Unified (prefill / mixed) kernel. BLOCK_M query rows = BLOCK_Q tokens x group heads.
@@ -58,15 +60,6 @@ DEFAULT_NUM_SMS = 132  # H100 SXM; used when no CUDA device is present (interpre
 
 REDUCE_NUM_WARPS = 1
 MERGE_NUM_WARPS = 1
-
-
-def _next_pow2(n: int) -> int:
-    # plain-int twin of triton.next_power_of_2 (that one costs ~5 us per call on the host)
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @functools.lru_cache(maxsize=None)
@@ -366,7 +359,7 @@ def _launch_unified(
     num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
     num_seqs = seq_lens.shape[0]
-    block_m = max(block_m, _next_pow2(group))
+    block_m = max(block_m, next_pow2(group))
     block_q = block_m // group
     num_tiles = num_tokens // block_q + num_seqs  # upper bound, no host sync (see _find_seq)
     _unified_attention_kernel[(num_tiles * num_kv_heads,)](
@@ -560,11 +553,11 @@ def choose_num_splits(
     """
     target_programs = DECODE_PROGRAMS_PER_SM * num_sms(device)
     base = max(1, num_seqs * num_kv_heads)
-    by_occupancy = _cdiv(target_programs, base)
+    by_occupancy = cdiv(target_programs, base)
     max_seq_len = max(1, max_seq_len)
     by_length = max(
-        _cdiv(max_seq_len, DECODE_MIN_KEYS_PER_SPLIT),
-        min(DECODE_SHORT_CONTEXT_SPLITS, _cdiv(max_seq_len, tile_n)),
+        cdiv(max_seq_len, DECODE_MIN_KEYS_PER_SPLIT),
+        min(DECODE_SHORT_CONTEXT_SPLITS, cdiv(max_seq_len, tile_n)),
     )
     return max(1, min(by_occupancy, by_length, DECODE_MAX_SPLITS))
 
@@ -590,7 +583,7 @@ def _launch_decode(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
-        GROUP=group, GROUP_PAD=max(DECODE_MIN_ROWS, _next_pow2(group)),
+        GROUP=group, GROUP_PAD=max(DECODE_MIN_ROWS, next_pow2(group)),
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, TILE_N=tile_n,
         USE_WINDOW=sliding_window is not None, DIRECT=direct,
         DOT_PRECISION=_dot_precision(query.dtype),

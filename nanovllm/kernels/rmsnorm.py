@@ -21,17 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.launch_math import cdiv, next_pow2
+
 TILE_ELEMENTS = 4096  # elements per program: several short rows share one program
 MAX_ROWS_PER_PROGRAM = 64
-
-
-def _next_pow2(n: int) -> int:
-    # plain-int twin of triton.next_power_of_2 (that one costs ~5 us per call on the host)
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @triton.jit(do_not_specialize=["num_rows"])  # varies every step: no recompiles
@@ -112,11 +105,11 @@ def _launch(x, residual, weight, out, residual_out, eps: float) -> None:
         residual_out, _, sroo, sroi = _rows_view(residual_out)
     else:  # placeholders, never touched
         residual, sro, sri, residual_out, sroo, sroi = x, sxo, sxi, out, soo, soi
-    block_n = _next_pow2(n)
-    rows = max(1, min(TILE_ELEMENTS // block_n, MAX_ROWS_PER_PROGRAM, _next_pow2(num_rows)))
+    block_n = next_pow2(n)
+    rows = max(1, min(TILE_ELEMENTS // block_n, MAX_ROWS_PER_PROGRAM, next_pow2(num_rows)))
     elements = rows * block_n
     num_warps = 4 if elements <= 4096 else (8 if elements <= 8192 else 16)
-    _rms_norm_kernel[(_cdiv(num_rows, rows),)](
+    _rms_norm_kernel[(cdiv(num_rows, rows),)](
         x, residual, weight, out, residual_out, num_rows, inner_rows,
         sxo, sxi, sro, sri, soo, soi, sroo, sroi,
         eps, N=n, BLOCK_N=block_n, ROWS=rows, HAS_RESIDUAL=has_res, num_warps=num_warps,

@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.launch_math import next_pow2
+
 SMALL_TILE = 2048  # elements (heads x features) per tile up to which 4 warps suffice
 NUM_WARPS_SMALL = 4
 NUM_WARPS_LARGE = 8
@@ -40,11 +42,6 @@ NUM_WARPS_LARGE = 8
 
 def _num_warps(elements: int) -> int:
     return NUM_WARPS_SMALL if elements <= SMALL_TILE else NUM_WARPS_LARGE
-
-
-def _next_pow2(n: int) -> int:
-    # plain-int twin of triton.next_power_of_2 (that one costs ~5 us per call on the host)
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 @triton.jit
@@ -276,7 +273,7 @@ def rope_and_store_kv(
     if num_tokens == 0:
         return query, key
     half = rotary_dim // 2
-    heads_pad = _next_pow2(num_heads)
+    heads_pad = next_pow2(num_heads)
     dummy = key  # placeholder pointer for what is not given (never read or written)
     _rope_store_kernel[(num_tokens,)](
         query, key, value, positions, cos_sin_cache,
@@ -291,13 +288,13 @@ def rope_and_store_kv(
         cos_sin_cache.stride(0),
         *(k_cache.stride()[:3] if store else (0, 0, 0)),
         *(v_cache.stride()[:3] if store else (0, 0, 0)),
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=_next_pow2(head_dim),
-        HALF=half, HALF_PAD=_next_pow2(half),
-        PASS_PAD=_next_pow2(head_dim - rotary_dim) if head_dim > rotary_dim else 0,
-        HEADS_PAD=heads_pad, KV_HEADS_PAD=_next_pow2(num_kv_heads),
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=next_pow2(head_dim),
+        HALF=half, HALF_PAD=next_pow2(half),
+        PASS_PAD=next_pow2(head_dim - rotary_dim) if head_dim > rotary_dim else 0,
+        HEADS_PAD=heads_pad, KV_HEADS_PAD=next_pow2(num_kv_heads),
         BLOCK_SIZE=k_cache.shape[2] if store else 1, STORE=store,
         Q_NORM=q_norm_weight is not None, K_NORM=k_norm_weight is not None,
-        num_warps=_num_warps(heads_pad * _next_pow2(half)),
+        num_warps=_num_warps(heads_pad * next_pow2(half)),
     )
     return query, key
 
@@ -318,8 +315,8 @@ def store_kv(
         raise ValueError("key, value and slot_mapping must agree on num_tokens / shape")
     if num_tokens == 0:
         return
-    kv_pad = _next_pow2(num_kv_heads)
-    d_pad = _next_pow2(head_dim)
+    kv_pad = next_pow2(num_kv_heads)
+    d_pad = next_pow2(head_dim)
     _store_kv_kernel[(num_tokens,)](
         key, value, k_cache, v_cache, slot_mapping, num_kv_heads,
         key.stride(0), key.stride(1),

@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.launch_math import cdiv, next_pow2
 from nanovllm.worker.sampler import (
     _HASH_MUL_1,
     _HASH_MUL_2,
@@ -55,15 +56,6 @@ SEED_SALT = tl.constexpr(_SEED_SALT)
 TOKEN_SALT = tl.constexpr(_TOKEN_SALT)
 UNIFORM_SHIFT = tl.constexpr(32 - _UNIFORM_BITS)  # keep the top 23 bits
 UNIFORM_SCALE = tl.constexpr(2.0**-_UNIFORM_BITS)
-
-
-def _next_pow2(n: int) -> int:
-    # plain-int twin of triton.next_power_of_2 (that one costs ~5 us per call on the host)
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @triton.jit
@@ -209,21 +201,21 @@ def fused_sample(
     out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
     if num_rows == 0:
         return out
-    block = min(block_v, _next_pow2(vocab))
-    num_chunks = _cdiv(vocab, block)
-    rows = max(1, min(TILE_ELEMENTS // block, _next_pow2(num_rows)))
+    block = min(block_v, next_pow2(vocab))
+    num_chunks = cdiv(vocab, block)
+    rows = max(1, min(TILE_ELEMENTS // block, next_pow2(num_rows)))
     best_val = torch.empty(num_rows, num_chunks, dtype=torch.float32, device=logits.device)
     # one chunk per row: stage 1's index is the answer, written straight into `out`
     best_idx = out.view(num_rows, 1) if num_chunks == 1 else torch.empty_like(best_val, dtype=torch.int64)
-    _sample_chunk_kernel[(_cdiv(num_rows, rows), num_chunks)](
+    _sample_chunk_kernel[(cdiv(num_rows, rows), num_chunks)](
         logits, temperature, seed_words, steps, best_val, best_idx, num_rows,
         logits.stride(0), seed_words.stride(0), seed_words.stride(1), steps.stride(0),
         vocab, num_chunks, BLOCK=block, ROWS=rows, num_warps=NUM_WARPS,
     )
     if num_chunks > 1:
-        block_c = _next_pow2(num_chunks)
-        rows_c = max(1, min(TILE_ELEMENTS // block_c, _next_pow2(num_rows)))
-        _pick_chunk_kernel[(_cdiv(num_rows, rows_c),)](
+        block_c = next_pow2(num_chunks)
+        rows_c = max(1, min(TILE_ELEMENTS // block_c, next_pow2(num_rows)))
+        _pick_chunk_kernel[(cdiv(num_rows, rows_c),)](
             best_val, best_idx, out, num_rows, num_chunks, BLOCK_C=block_c, ROWS=rows_c, num_warps=NUM_WARPS
         )
     return out
@@ -239,9 +231,9 @@ def seeded_uniform_bits(seed_words: torch.Tensor, steps: torch.Tensor, vocab_siz
     out = torch.empty(num_rows, vocab_size, dtype=torch.int64, device=seed_words.device)
     if num_rows == 0 or vocab_size == 0:
         return out
-    block = min(BLOCK_V, _next_pow2(vocab_size))
-    rows = max(1, min(TILE_ELEMENTS // block, _next_pow2(num_rows)))
-    _uniform_bits_kernel[(_cdiv(num_rows, rows), _cdiv(vocab_size, block))](
+    block = min(BLOCK_V, next_pow2(vocab_size))
+    rows = max(1, min(TILE_ELEMENTS // block, next_pow2(num_rows)))
+    _uniform_bits_kernel[(cdiv(num_rows, rows), cdiv(vocab_size, block))](
         seed_words, steps, out, num_rows, seed_words.stride(0), seed_words.stride(1), steps.stride(0),
         vocab_size, BLOCK=block, ROWS=rows, num_warps=NUM_WARPS,
     )
