@@ -24,7 +24,6 @@ import csv
 import datetime
 import math
 import os
-import subprocess
 import sys
 import time
 
@@ -36,6 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from nanovllm.bench.report import git_commit  # noqa: E402
 from nanovllm.kernels import paged_attention as pa  # noqa: E402
 from nanovllm.kernels import gemv  # noqa: E402
 from nanovllm.kernels.activation import silu_and_mul  # noqa: E402
@@ -86,16 +86,6 @@ def eager_ms(fn, iters: int = 100) -> float:
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - start) * 1e3 / iters
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-        ).stdout.strip()
-    except Exception:  # no git, not a checkout, ...
-        return "unknown"
 
 
 def paged_kv(batch: int, context: int):
