@@ -192,3 +192,71 @@ def test_random_workload_never_leaks_or_deadlocks():
             sched.add_request(r)
         run_to_end(sched, max_steps=5000)
         assert sched.kv.num_free_blocks == sched.kv.num_blocks, f"trial {trial} leaked blocks"
+
+
+# ----------------------------------------------------------------------------- async scheduling: pending tokens
+
+
+def test_scheduler_plans_the_pending_token_and_stops_at_max_tokens():
+    sched = make_sched(num_blocks=16, max_num_seqs=4, budget=64, max_model_len=64)
+    req = make_req("a", 5, max_tokens=3)
+    sched.add_request(req)
+    first = sched.schedule()
+    sched.advance(first)
+    assert req.num_pending_tokens == 1 and req.num_computed_tokens == 5
+    second = sched.schedule()  # planned before the first token is known
+    item = second.scheduled[0]
+    assert (item.start_position, item.num_new_tokens, item.needs_sample) == (5, 1, True)
+    sched.advance(second)
+    assert req.num_pending_tokens == 2
+    sched.update(first, ModelRunnerOutput({"a": 11}), advanced=True)
+    assert req.output_token_ids == [11] and req.num_pending_tokens == 1
+    third = sched.schedule()  # token 3 of 3 is pending after this: nothing left to plan
+    sched.advance(third)
+    sched.update(second, ModelRunnerOutput({"a": 12}), advanced=True)
+    assert req.num_pending_tokens == 1
+    fourth = sched.schedule()
+    assert fourth.is_empty, "a request whose last token is in flight must not be scheduled again"
+    sched.update(third, ModelRunnerOutput({"a": 13}), advanced=True)
+    assert req.output_token_ids == [11, 12, 13] and req.status == RequestStatus.FINISHED_LENGTH
+    assert sched.kv.num_free_blocks == sched.kv.num_blocks
+
+
+def test_scheduler_finished_request_ignores_its_in_flight_token():
+    sched = make_sched(num_blocks=16, max_num_seqs=4, budget=64, max_model_len=64)
+    req = make_req("a", 3, max_tokens=10)
+    sched.add_request(req)
+    first = sched.schedule()
+    sched.advance(first)
+    second = sched.schedule()
+    sched.advance(second)
+    sched.finish_requests(["a"], RequestStatus.FINISHED_ABORTED)
+    assert sched.update(first, ModelRunnerOutput({"a": 4}), advanced=True) == []
+    assert sched.update(second, ModelRunnerOutput({"a": 5}), advanced=True) == []
+    assert req.output_token_ids == [] and sched.kv.num_free_blocks == sched.kv.num_blocks
+
+
+def test_scheduler_preempted_request_waits_for_its_pending_token():
+    # 24 slots: each request fits alone (15 tokens), not both
+    sched = make_sched(num_blocks=6, max_num_seqs=4, budget=64, max_model_len=64)
+    a, b = make_req("a", 5, max_tokens=10), make_req("b", 5, max_tokens=10)
+    sched.add_request(a)
+    sched.add_request(b)
+    prev = None
+    preempted_pending = False
+    for _ in range(100):
+        out = sched.schedule()
+        for s in out.scheduled:  # a pending token is only ever planned as a lone decode
+            assert s.request.num_pending_tokens == 0 or s.num_new_tokens == 1
+        preempted_pending |= any(r.num_pending_tokens for r in out.preempted)
+        sched.advance(out)
+        if prev is not None:
+            sched.update(prev, ModelRunnerOutput({s.request.request_id: 7 for s in prev.scheduled
+                                                  if s.needs_sample}), advanced=True)
+        prev = out
+        if not sched.has_unfinished():
+            break
+    assert not sched.has_unfinished()
+    assert preempted_pending, "the pool was meant to force preemption of a request with a token in flight"
+    assert a.output_token_ids == [7] * 10 and b.output_token_ids == [7] * 10
+    assert sched.kv.num_free_blocks == sched.kv.num_blocks
