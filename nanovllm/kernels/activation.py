@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels.launch_math import cdiv, next_pow2
+from nanovllm.kernels.pdl import pdl_launch_options, pdl_wait, use_pdl
 
 MAX_BLOCK = 1024  # features of one output row per program
 NUM_WARPS = 4
@@ -29,7 +30,9 @@ def _silu_and_mul_kernel(
     stride_o,
     D,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
+    pdl_wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < D
@@ -57,8 +60,10 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
         return out
     target = o2 if o2 is not None else torch.empty(rows, d, dtype=out.dtype, device=out.device)
     block = min(MAX_BLOCK, next_pow2(d))
+    pdl = use_pdl(x2)
     _silu_and_mul_kernel[(rows, cdiv(d, block))](
-        x2, target, x2.stride(0), target.stride(0), d, BLOCK=block, num_warps=NUM_WARPS
+        x2, target, x2.stride(0), target.stride(0), d, BLOCK=block, num_warps=NUM_WARPS,
+        USE_PDL=pdl, **pdl_launch_options(pdl),
     )
     if o2 is None:
         out.copy_(target.view(out.shape))

@@ -1,4 +1,5 @@
-"""Triton skinny GEMM (GEMV for a few rows): `x [M, K] @ W[N, K]^T (+ b) -> [M, N]`, M <= 8.
+"""Triton skinny GEMM (GEMV for a few rows): `x [M, K] @ W[N, K]^T (+ b) -> [M, N]`, M <= 8,
+optionally with the layer's preceding elementwise op folded in as a prologue on x.
 
 Why. A batch-1..8 decode step multiplies a handful of activation rows by every projection
 weight: M tiny, N x K large, so the step is pure weight streaming (each weight byte is used
@@ -23,6 +24,12 @@ memory system allows:
   * no split-K, no atomics: one program computes each output element from start to end, so
     results are deterministic for a given config and the launch is a single kernel with
     no host sync (CUDA-graph capturable once tuned).
+
+Prologues. At decode batch sizes every launch costs about as much as a small kernel's work,
+so the op in front of each GEMM is folded into it: `rms_norm_skinny_gemm` (residual add +
+RMSNorm before qkv and gate_up; the 1 / rms factor is applied to the dot products after the
+K loop, since each program streams all of x anyway) and `silu_mul_skinny_gemm` (SiLU-and-mul
+before down). Two to three launches fewer per decoder layer.
 
 Tuning. `triton.autotune` over a small config set (`CONFIGS`) keyed on (BLOCK_M, N, K) and
 the tensors' dtypes, where BLOCK_M = next_pow2(M) (1, 2, 4 or 8: the decode graphs'
@@ -51,6 +58,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels.launch_math import cdiv, next_pow2
+from nanovllm.kernels.pdl import pdl_launch_options, pdl_wait, use_pdl
 
 logger = logging.getLogger(__name__)
 
@@ -103,58 +111,118 @@ class NotTunedError(RuntimeError):
     """The autotuner would have to benchmark while a CUDA graph is being captured."""
 
 
+PROLOGUE_NONE = 0
+PROLOGUE_RMS_NORM = 1  # x -> [x + residual ->] RMSNorm(x) * norm_weight, rstd applied after the K loop
+PROLOGUE_SILU_MUL = 2  # x = [gate | up] ([M, 2K]) -> silu(gate) * up
+
+
 @triton.jit
-def _chunk_dot(x_ptrs, k_mask, w, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               VEC: tl.constexpr):
+def _input_chunk(
+    x_ptrs,  # [BLOCK_M, 1, BLOCK_K] pointers to x[:, k0:k0 + BLOCK_K]
+    res_ptrs, res_out_ptrs,  # same layout into residual / residual_out (PROLOGUE_RMS_NORM + HAS_RESIDUAL)
+    nw_ptr,  # [K] RMSNorm weight (PROLOGUE_RMS_NORM)
+    k0, offs_k, K, store_res,  # store_res [BLOCK_M, 1, 1]: this program writes the new residual rows
+    PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """One K chunk of the GEMM's input in fp32 after the prologue, and its rows' sums of
+    squares (RMSNorm: the norm's 1 / rms is applied to the dot product at the end, so the
+    sums accumulate in the same pass over x)."""
+    k_mask = offs_k + k0 < K  # [1, 1, BLOCK_K]
+    x = tl.load(x_ptrs + k0, mask=k_mask, other=0.0, eviction_policy="evict_last")
+    sq = tl.zeros([BLOCK_M, 1], dtype=tl.float32)
+    if PROLOGUE == 1:
+        if HAS_RESIDUAL:
+            r = tl.load(res_ptrs + k0, mask=k_mask, other=0.0, eviction_policy="evict_last")
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # the new residual, rounded like rmsnorm.py
+            tl.store(res_out_ptrs + k0, x, mask=k_mask & store_res)
+        xf = x.to(tl.float32)
+        sq = tl.sum(xf * xf, axis=2)  # [BLOCK_M, 1]
+        g = tl.load(nw_ptr + k0 + offs_k, mask=k_mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        xf = xf * g
+    elif PROLOGUE == 2:
+        up = tl.load(x_ptrs + K + k0, mask=k_mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        gate = x.to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(x.dtype).to(tl.float32)  # silu rounded like activation.py
+        xf = (act * up).to(x.dtype).to(tl.float32)
+    else:
+        xf = x.to(tl.float32)
+    return xf, sq
+
+
+@triton.jit
+def _chunk_dot(x, w, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr):
     """[BLOCK_M, BLOCK_N, BLOCK_K // VEC] partial sums of one K chunk, each over VEC
     consecutive k that one thread holds (no cross-thread reduction)."""
-    x = tl.load(x_ptrs, mask=k_mask, other=0.0, eviction_policy="evict_last").to(tl.float32)  # [BM, 1, BK]
-    prod = x * w.to(tl.float32)  # [BM, BN, BK]
+    prod = x * w.to(tl.float32)  # [BM, 1, BK] x [1, BN, BK] -> [BM, BN, BK]
     return tl.sum(tl.reshape(prod, [BLOCK_M, BLOCK_N, BLOCK_K // VEC, VEC]), axis=3)
 
 
 @triton.jit
 def _skinny_gemm_kernel(
-    x_ptr,  # [M, K], row stride stride_xm, unit column stride
+    x_ptr,  # [M, K] ([M, 2K] for PROLOGUE_SILU_MUL), row stride stride_xm, unit column stride
     w_ptr,  # [N, K], row stride stride_wn, unit column stride
     b_ptr,  # [N], read only when HAS_BIAS (else any pointer)
     out_ptr,  # [M, N], row stride stride_om, unit column stride
+    nw_ptr,  # [K] RMSNorm weight (PROLOGUE_RMS_NORM)
+    res_ptr,  # [M, K] residual, row stride stride_rm (PROLOGUE_RMS_NORM + HAS_RESIDUAL)
+    res_out_ptr,  # [M, K] x + residual, row stride stride_rom, written by program 0
     M,
     N,
     K,  # >= 1
     stride_xm,
     stride_wn,
     stride_om,
+    stride_rm,
+    stride_rom,
+    eps,
     HAS_BIAS: tl.constexpr,
+    PROLOGUE: tl.constexpr,  # PROLOGUE_NONE / _RMS_NORM / _SILU_MUL
+    HAS_RESIDUAL: tl.constexpr,
+    USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels/pdl.py)
     VEC: tl.constexpr,  # elements per 16-byte vector of W's dtype (8 for bf16 / fp16, 4 for fp32)
     BLOCK_M: tl.constexpr,  # next_pow2(M) <= GEMV_MAX_M
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # >= VEC * 32 * num_warps: all threads side by side along K
 ):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     rows_n = offs_n % N  # past-the-end columns re-read valid W rows (no load mask); not stored
     offs_m = tl.arange(0, BLOCK_M)  # [BLOCK_M]
-    rows_m = tl.minimum(offs_m, M - 1)  # padding rows re-read row M-1; not stored
+    rows_m = tl.minimum(offs_m, M - 1).to(tl.int64)  # padding rows re-read row M-1; not stored
     offs_k = tl.arange(0, BLOCK_K)[None, None, :]  # [1, 1, BLOCK_K]
     # 3-D tiles so that W [1, BN, BK] and x [BM, 1, BK] get the same register layout (16-byte
     # vectors along K, threads side by side along K; N and M rows repeat in registers):
     # the product and its in-thread partial sums then need no layout conversion.
     w_ptrs = w_ptr + (rows_n.to(tl.int64) * stride_wn)[None, :, None] + offs_k  # [1, BLOCK_N, BLOCK_K]
-    x_ptrs = x_ptr + (rows_m.to(tl.int64) * stride_xm)[:, None, None] + offs_k  # [BLOCK_M, 1, BLOCK_K]
+    x_ptrs = x_ptr + (rows_m * stride_xm)[:, None, None] + offs_k  # [BLOCK_M, 1, BLOCK_K]
+    res_ptrs = res_ptr + (rows_m * stride_rm)[:, None, None] + offs_k
+    res_out_ptrs = res_out_ptr + (rows_m * stride_rom)[:, None, None] + offs_k
+    store_res = (offs_m < tl.where(pid == 0, M, 0))[:, None, None]  # [BLOCK_M, 1, 1]: program 0's real rows
 
     acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)
+    sumsq = tl.zeros([BLOCK_M, 1], dtype=tl.float32)
     # Software pipelining by hand, in registers: the loads of chunk i + 1 are issued before
     # chunk i is multiplied, so each thread always has a chunk of W in flight.
     w = tl.load(w_ptrs, mask=offs_k < K, other=0.0, eviction_policy="evict_first")  # chunk 0
+    # PDL: the weight chunk above is issued while the previous kernel (which produces x)
+    # may still run; x, the residual, the output and the bias are touched only after the wait.
+    pdl_wait(USE_PDL)
     for k in range(BLOCK_K, K, BLOCK_K):  # k: start of the next chunk
-        k_mask = (offs_k + k) < K
-        w_next = tl.load(w_ptrs + k, mask=k_mask, other=0.0, eviction_policy="evict_first")
-        acc += _chunk_dot(x_ptrs + (k - BLOCK_K), offs_k + (k - BLOCK_K) < K, w, BLOCK_M, BLOCK_N, BLOCK_K, VEC)
+        w_next = tl.load(w_ptrs + k, mask=(offs_k + k) < K, other=0.0, eviction_policy="evict_first")
+        x, sq = _input_chunk(x_ptrs, res_ptrs, res_out_ptrs, nw_ptr, k - BLOCK_K, offs_k, K, store_res,
+                             PROLOGUE, HAS_RESIDUAL, BLOCK_M)
+        acc += _chunk_dot(x, w, BLOCK_M, BLOCK_N, BLOCK_K, VEC)
+        sumsq += sq
         w = w_next
     k_last = (K - 1) // BLOCK_K * BLOCK_K
-    acc += _chunk_dot(x_ptrs + k_last, offs_k + k_last < K, w, BLOCK_M, BLOCK_N, BLOCK_K, VEC)
+    x, sq = _input_chunk(x_ptrs, res_ptrs, res_out_ptrs, nw_ptr, k_last, offs_k, K, store_res,
+                         PROLOGUE, HAS_RESIDUAL, BLOCK_M)
+    acc += _chunk_dot(x, w, BLOCK_M, BLOCK_N, BLOCK_K, VEC)
+    sumsq += sq
 
     out = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]: the one cross-thread reduction
+    if PROLOGUE == 1:
+        out = out * tl.rsqrt(sumsq / K + eps)  # [BLOCK_M, 1] per row
     if HAS_BIAS:
         out += tl.load(b_ptr + rows_n).to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]  # [BLOCK_M, BLOCK_N]
@@ -186,7 +254,7 @@ def _autotuned_kernel():
         triton.Config({"BLOCK_N": c.block_n, "BLOCK_K": c.block_k}, num_warps=c.num_warps, num_stages=c.num_stages)
         for c in CONFIGS
     ]
-    key = ["BLOCK_M", "N", "K"]  # autotune appends the tensor arguments' dtypes
+    key = ["BLOCK_M", "N", "K", "PROLOGUE", "HAS_RESIDUAL"]  # autotune appends the tensor arguments' dtypes
     from triton.testing import do_bench
 
     bench = functools.partial(do_bench, warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS)
@@ -202,7 +270,62 @@ def _autotuned_kernel():
 
 
 _tuned_kernel = None if INTERPRET else _autotuned_kernel()
-_tuned_keys: set = set()  # (BLOCK_M, N, K, dtypes) the autotuner has seen: launching them needs no benchmark
+_tuned_keys: set = set()  # (BLOCK_M, N, K, prologue, residual, dtypes) the autotuner has seen: launching them needs no benchmark
+
+
+def _check_weight(weight: torch.Tensor, bias: Optional[torch.Tensor], k: int) -> None:
+    if weight.dim() != 2 or weight.shape[1] != k:
+        raise ValueError(f"weight must be [N, {k}], got {tuple(weight.shape)}")
+    if weight.stride(1) != 1 and k > 1:
+        raise ValueError("skinny_gemm needs a weight with unit stride along K (copying it per call defeats the point)")
+    n = weight.shape[0]
+    if bias is not None and (bias.shape != (n,) or bias.stride(0) != 1):
+        raise ValueError(f"bias must be a contiguous [{n}] vector, got {tuple(bias.shape)}")
+
+
+def _check_rows(x: torch.Tensor) -> torch.Tensor:
+    if x.dim() != 2:
+        raise ValueError(f"skinny_gemm needs a 2-D x [M, K], got {tuple(x.shape)}")
+    if x.shape[0] > GEMV_MAX_M:
+        raise ValueError(f"skinny_gemm handles at most {GEMV_MAX_M} rows, got {x.shape[0]}")
+    return x.contiguous() if x.stride(1) != 1 and x.shape[1] > 1 else x
+
+
+def _launch(x, weight, bias, out, config, prologue=PROLOGUE_NONE, norm_weight=None, eps=0.0,
+            residual=None, residual_out=None) -> None:
+    """Launch the kernel on checked operands (m, n, k >= 1); autotuned unless `config`."""
+    m, n, k = out.shape[0], weight.shape[0], weight.shape[1]
+    block_m, vec = next_pow2(m), _vec(weight.dtype)
+    pdl = use_pdl(x)
+    has_res = residual is not None
+    res, res_out = (residual, residual_out) if has_res else (x, x)  # placeholders, never touched
+    args = (x, weight, weight if bias is None else bias, out, weight if norm_weight is None else norm_weight,
+            res, res_out, m, n, k, x.stride(0), weight.stride(0), out.stride(0), res.stride(0), res_out.stride(0),
+            float(eps))
+    flags = dict(HAS_BIAS=bias is not None, PROLOGUE=prologue, HAS_RESIDUAL=has_res, USE_PDL=pdl, VEC=vec,
+                 BLOCK_M=block_m, **pdl_launch_options(pdl))
+    if config is None and _tuned_kernel is not None:
+        key = (block_m, n, k, prologue, has_res, x.dtype, weight.dtype, None if bias is None else bias.dtype, out.dtype)
+        if key not in _tuned_keys:
+            if torch.cuda.is_current_stream_capturing():
+                raise NotTunedError(f"skinny_gemm shape M<={block_m} N={n} K={k} {x.dtype} (prologue {prologue}) is "
+                                    "not tuned yet; call gemv.warm_up (or run it once) before capturing a CUDA graph")
+            _tuned_keys.add(key)
+        _tuned_kernel[lambda meta: (cdiv(n, meta["BLOCK_N"]),)](*args, **flags)
+        return
+    c = config or INTERPRET_CONFIG
+    _skinny_gemm_kernel[(cdiv(n, c.block_n),)](
+        *args, **flags, BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages,
+    )
+
+
+def _new_out(x: torch.Tensor, n: int, out: Optional[torch.Tensor]) -> torch.Tensor:
+    m = x.shape[0]
+    if out is None:
+        return torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if out.shape != (m, n) or (out.stride(1) != 1 and n > 1):
+        raise ValueError(f"out must be a [{m}, {n}] tensor with unit stride along N")
+    return out
 
 
 def skinny_gemm(
@@ -213,44 +336,75 @@ def skinny_gemm(
     config: Optional[GemvConfig] = None,  # bypass autotuning (tests, sweeps)
 ) -> torch.Tensor:
     """x @ weight^T (+ bias) with fp32 accumulation, returned in x's dtype ([M, N])."""
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"skinny_gemm needs x [M, K] and weight [N, K], got {tuple(x.shape)} and "
-                         f"{tuple(weight.shape)}")
+    x = _check_rows(x)
     m, k = x.shape
-    n = weight.shape[0]
-    if m > GEMV_MAX_M:
-        raise ValueError(f"skinny_gemm handles at most {GEMV_MAX_M} rows, got {m}")
-    if weight.stride(1) != 1 and k > 1:
-        raise ValueError("skinny_gemm needs a weight with unit stride along K (copying it per call defeats the point)")
-    if bias is not None and (bias.shape != (n,) or bias.stride(0) != 1):
-        raise ValueError(f"bias must be a contiguous [{n}] vector, got {tuple(bias.shape)}")
-    if x.stride(1) != 1 and k > 1:
-        x = x.contiguous()
-    if out is None:
-        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    elif out.shape != (m, n) or (out.stride(1) != 1 and n > 1):
-        raise ValueError(f"out must be a [{m}, {n}] tensor with unit stride along N")
-    if m == 0 or n == 0:
+    _check_weight(weight, bias, k)
+    out = _new_out(x, weight.shape[0], out)
+    if m == 0 or weight.shape[0] == 0:
         return out
     if k == 0:
-        return out.copy_(bias.expand(m, n)) if bias is not None else out.zero_()
-    block_m, vec = next_pow2(m), _vec(weight.dtype)
-    args = (x, weight, weight if bias is None else bias, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0))
-    if config is None and _tuned_kernel is not None:
-        key = (block_m, n, k, x.dtype, weight.dtype, None if bias is None else bias.dtype, out.dtype)
-        if key not in _tuned_keys:
-            if torch.cuda.is_current_stream_capturing():
-                raise NotTunedError(f"skinny_gemm shape M<={block_m} N={n} K={k} {x.dtype} is not tuned yet; "
-                                    "call gemv.warm_up (or run it once) before capturing a CUDA graph")
-            _tuned_keys.add(key)
-        _tuned_kernel[lambda meta: (cdiv(n, meta["BLOCK_N"]),)](
-            *args, HAS_BIAS=bias is not None, VEC=vec, BLOCK_M=block_m)
-        return out
-    c = config or INTERPRET_CONFIG
-    _skinny_gemm_kernel[(cdiv(n, c.block_n),)](
-        *args, HAS_BIAS=bias is not None, VEC=vec, BLOCK_M=block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-        num_warps=c.num_warps, num_stages=c.num_stages,
-    )
+        return out.copy_(bias.expand(m, out.shape[1])) if bias is not None else out.zero_()
+    _launch(x, weight, bias, out, config)
+    return out
+
+
+def rms_norm_skinny_gemm(
+    x: torch.Tensor,  # [M, K]
+    residual: Optional[torch.Tensor],  # [M, K] or None (no add)
+    norm_weight: torch.Tensor,  # [K]
+    eps: float,
+    weight: torch.Tensor,  # [N, K]
+    bias: Optional[torch.Tensor] = None,  # [N]
+    config: Optional[GemvConfig] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x [+ residual]) @ weight^T (+ bias), the new residual) in one kernel.
+
+    The residual-add + RMSNorm that precedes the qkv and gate_up projections, folded into the
+    GEMM: each program sums the squares of the x chunks it streams anyway and scales its dot
+    products by 1 / rms at the end, so the norm costs no pass and no launch. The new residual
+    `x + residual` (rounded to x's dtype, as `rmsnorm.fused_add_rms_norm`) is written by
+    program 0 into a new tensor; with `residual=None` the new residual is x itself. Unlike the
+    unfused pair, the normalised x is never rounded to x's dtype before the product.
+    """
+    x = _check_rows(x)
+    m, k = x.shape
+    _check_weight(weight, bias, k)
+    if k == 0:
+        raise ValueError("rms_norm_skinny_gemm needs at least one feature (K >= 1)")
+    if norm_weight.shape != (k,) or norm_weight.stride(0) != 1:
+        raise ValueError(f"norm_weight must be a contiguous [{k}] vector, got {tuple(norm_weight.shape)}")
+    residual_out = x
+    if residual is not None:
+        if residual.shape != x.shape or residual.stride(1) != 1 or residual.dtype != x.dtype:
+            raise ValueError(f"residual must match x {tuple(x.shape)} {x.dtype} with a contiguous last dim")
+        residual_out = torch.empty_like(x)
+    out = _new_out(x, weight.shape[0], None)
+    if m and weight.shape[0]:
+        _launch(x, weight, bias, out, config, PROLOGUE_RMS_NORM, norm_weight, eps, residual,
+                None if residual is None else residual_out)
+    elif m and residual is not None:  # no output columns: only the residual add
+        residual_out.copy_(x + residual)
+    return out, residual_out
+
+
+def silu_mul_skinny_gemm(
+    x: torch.Tensor,  # [M, 2K] = [gate | up]
+    weight: torch.Tensor,  # [N, K]
+    bias: Optional[torch.Tensor] = None,  # [N]
+    config: Optional[GemvConfig] = None,
+) -> torch.Tensor:
+    """(silu(gate) * up) @ weight^T (+ bias) in one kernel: the MLP's activation folded into
+    the down projection (rounded as `activation.silu_and_mul` before the product)."""
+    x = _check_rows(x)
+    m, two_k = x.shape
+    if two_k % 2:
+        raise ValueError(f"silu_mul_skinny_gemm needs x [M, 2K], got an odd last dim {two_k}")
+    _check_weight(weight, bias, two_k // 2)
+    out = _new_out(x, weight.shape[0], None)
+    if m and two_k and weight.shape[0]:
+        _launch(x, weight, bias, out, config, PROLOGUE_SILU_MUL)
+    elif m and weight.shape[0]:
+        out.copy_(bias.expand_as(out)) if bias is not None else out.zero_()
     return out
 
 

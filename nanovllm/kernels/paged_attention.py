@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels.launch_math import cdiv, next_pow2
+from nanovllm.kernels.pdl import pdl_launch_options, pdl_wait, use_pdl
 
 LOG2E = 1.4426950408889634  # log2(e): scores * scale * LOG2E feed exp2
 
@@ -256,7 +257,7 @@ def _attend_tile(
     return acc, m_new, l_i
 
 
-@triton.jit(do_not_specialize=["num_seqs", "num_tiles", "window"])  # vary per step: no recompiles
+@triton.jit(do_not_specialize=["num_seqs", "num_tiles", "window", "stride_bt_seq"])  # vary per step: no recompiles
 def _unified_attention_kernel(
     out_ptr,  # [num_tokens, num_heads, head_dim]
     q_ptr,  # [num_tokens, num_heads, head_dim]
@@ -424,7 +425,7 @@ def paged_attention(
 # ----------------------------------------------------------------------------- split-KV decode
 
 
-@triton.jit(do_not_specialize=["num_splits", "window"])
+@triton.jit(do_not_specialize=["num_splits", "window", "stride_bt_seq"])  # block-table width varies per step
 def _decode_split_kernel(
     out_ptr,  # [num_seqs, num_heads, head_dim] (DIRECT) or unused
     part_out_ptr,  # [num_seqs, num_heads, num_splits, head_dim] fp32 (not DIRECT)
@@ -451,7 +452,9 @@ def _decode_split_kernel(
     USE_WINDOW: tl.constexpr,
     DIRECT: tl.constexpr,  # one split: write the normalised output, no reduce
     DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
+    pdl_wait(USE_PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -525,7 +528,9 @@ def _decode_reduce_kernel(
     num_splits,
     stride_o_tok, stride_o_head,
     HEAD_DIM: tl.constexpr,
+    USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
+    pdl_wait(USE_PDL)
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -570,6 +575,7 @@ def _launch_decode(
     num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
     direct = num_splits == 1
+    pdl = use_pdl(query)
     if direct:
         part_out = part_lse = out  # unused placeholders
     else:
@@ -587,13 +593,13 @@ def _launch_decode(
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, TILE_N=tile_n,
         USE_WINDOW=sliding_window is not None, DIRECT=direct,
         DOT_PRECISION=_dot_precision(query.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, USE_PDL=pdl, **pdl_launch_options(pdl),
     )
     if not direct:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             out, part_out, part_lse, num_heads, num_splits,
             out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, num_warps=REDUCE_NUM_WARPS,
+            HEAD_DIM=head_dim, num_warps=REDUCE_NUM_WARPS, USE_PDL=pdl, **pdl_launch_options(pdl),
         )
 
 

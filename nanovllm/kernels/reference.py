@@ -244,3 +244,31 @@ def skinny_gemm_reference(
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)
+
+
+def rms_norm_skinny_gemm_reference(
+    x: torch.Tensor,  # [M, K]
+    residual: Optional[torch.Tensor],  # [M, K] or None
+    norm_weight: torch.Tensor,  # [K]
+    eps: float,
+    weight: torch.Tensor,  # [N, K]
+    bias: Optional[torch.Tensor] = None,  # [N]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gemv.rms_norm_skinny_gemm` numerics: the new residual rounded to x's dtype, then in
+    fp32 (h * g) @ W^T scaled by 1 / rms(h) (+ bias), rounded once."""
+    h = x if residual is None else (x.float() + residual.float()).to(x.dtype)
+    hf = h.float()
+    rstd = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)  # [M, 1]
+    out = (hf * norm_weight.float()) @ weight.float().t() * rstd
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype), h
+
+
+def silu_mul_skinny_gemm_reference(
+    x: torch.Tensor,  # [M, 2K] = [gate | up]
+    weight: torch.Tensor,  # [N, K]
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """`gemv.silu_mul_skinny_gemm` numerics: `silu_and_mul` in x's dtype, then `skinny_gemm_reference`."""
+    return skinny_gemm_reference(silu_and_mul(x), weight, bias)

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels.launch_math import cdiv, next_pow2
+from nanovllm.kernels.pdl import pdl_launch_options, pdl_wait, use_pdl
 
 TILE_ELEMENTS = 4096  # elements per program: several short rows share one program
 MAX_ROWS_PER_PROGRAM = 64
@@ -45,7 +46,9 @@ def _rms_norm_kernel(
     BLOCK_N: tl.constexpr,  # next_pow2(N)
     ROWS: tl.constexpr,  # rows per program
     HAS_RESIDUAL: tl.constexpr,
+    USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
+    pdl_wait(USE_PDL)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]
     outer = rows // inner_rows
     inner = rows % inner_rows
@@ -109,10 +112,12 @@ def _launch(x, residual, weight, out, residual_out, eps: float) -> None:
     rows = max(1, min(TILE_ELEMENTS // block_n, MAX_ROWS_PER_PROGRAM, next_pow2(num_rows)))
     elements = rows * block_n
     num_warps = 4 if elements <= 4096 else (8 if elements <= 8192 else 16)
+    pdl = use_pdl(x)
     _rms_norm_kernel[(cdiv(num_rows, rows),)](
         x, residual, weight, out, residual_out, num_rows, inner_rows,
         sxo, sxi, sro, sri, soo, soi, sroo, sroi,
         eps, N=n, BLOCK_N=block_n, ROWS=rows, HAS_RESIDUAL=has_res, num_warps=num_warps,
+        USE_PDL=pdl, **pdl_launch_options(pdl),
     )
 
 

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels.launch_math import next_pow2
+from nanovllm.kernels.pdl import pdl_launch_options, pdl_wait, use_pdl
 
 SMALL_TILE = 2048  # elements (heads x features) per tile up to which 4 warps suffice
 NUM_WARPS_SMALL = 4
@@ -147,7 +148,9 @@ def _rope_store_kernel(
     STORE: tl.constexpr,  # False: rotate only (no cache given)
     Q_NORM: tl.constexpr,  # per-head RMSNorm of q before RoPE (Qwen3)
     K_NORM: tl.constexpr,  # per-head RMSNorm of k before RoPE (Qwen3)
+    USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
+    pdl_wait(USE_PDL)
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + tok).to(tl.int64)
     offs_r = tl.arange(0, HALF_PAD)
@@ -196,7 +199,9 @@ def _store_kv_kernel(
     HEAD_DIM_PAD: tl.constexpr,
     KV_HEADS_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
+    pdl_wait(USE_PDL)
     tok = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
     if slot >= 0:
@@ -275,6 +280,7 @@ def rope_and_store_kv(
     half = rotary_dim // 2
     heads_pad = next_pow2(num_heads)
     dummy = key  # placeholder pointer for what is not given (never read or written)
+    pdl = use_pdl(query)
     _rope_store_kernel[(num_tokens,)](
         query, key, value, positions, cos_sin_cache,
         k_cache if store else dummy, v_cache if store else dummy, slot_mapping if store else positions,
@@ -295,6 +301,7 @@ def rope_and_store_kv(
         BLOCK_SIZE=k_cache.shape[2] if store else 1, STORE=store,
         Q_NORM=q_norm_weight is not None, K_NORM=k_norm_weight is not None,
         num_warps=_num_warps(heads_pad * next_pow2(half)),
+        USE_PDL=pdl, **pdl_launch_options(pdl),
     )
     return query, key
 
@@ -317,6 +324,7 @@ def store_kv(
         return
     kv_pad = next_pow2(num_kv_heads)
     d_pad = next_pow2(head_dim)
+    pdl = use_pdl(key)
     _store_kv_kernel[(num_tokens,)](
         key, value, k_cache, v_cache, slot_mapping, num_kv_heads,
         key.stride(0), key.stride(1),
@@ -325,4 +333,5 @@ def store_kv(
         *v_cache.stride()[:3],
         HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, KV_HEADS_PAD=kv_pad, BLOCK_SIZE=k_cache.shape[2],
         num_warps=_num_warps(kv_pad * d_pad),
+        USE_PDL=pdl, **pdl_launch_options(pdl),
     )

@@ -10,16 +10,24 @@ weight shapes `(N, K, dtype)` (`set_gemv_shapes`, empty by default, normally fil
 at most `max_m` rows (leading dims flattened) on CUDA use the Triton skinny GEMM
 (`kernels/gemv.py`), which streams the weight at closer to HBM bandwidth than cuBLAS's
 small-M tiles. The CPU fp16-packed path is unaffected.
+
+When the skinny GEMM serves a call, the elementwise op in front of it runs inside it
+(`Linear.forward_after_norm`: residual add + RMSNorm before qkv / gate_up;
+`forward_after_silu_mul`: the MLP activation before down): two launches fewer per decoder
+layer at decode batch sizes. `NANOVLLM_GEMV_FUSE=0` keeps them separate (A/B timing).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from nanovllm.layers import ops
 
 logger = logging.getLogger(__name__)
 
@@ -88,20 +96,21 @@ def gemv_row_limits() -> dict:
     return {key: _gemv_row_limit.get(key, _gemv_max_m) for key in _gemv_shapes}
 
 
-def _use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether this call goes to the Triton skinny GEMM (policy non-empty: checked by the caller)."""
+def _use_gemv(x: torch.Tensor, weight: torch.Tensor, x_features: Optional[int] = None) -> bool:
+    """Whether this call goes to the Triton skinny GEMM (policy non-empty: checked by the caller).
+    `x_features`: x's last dim when it is not K (the [gate | up] input of the SiLU prologue)."""
     if weight.dim() != 2 or type(weight) not in _PLAIN_TENSOR_TYPES:
         return False
     n, k = weight.shape
     key = (n, k, weight.dtype)
-    if key not in _gemv_shapes or x.dtype != weight.dtype or x.shape[-1] != k or k == 0:
+    if key not in _gemv_shapes or x.dtype != weight.dtype or x.shape[-1] != (x_features or k) or k == 0:
         return False
     if not (x.is_cuda and weight.is_cuda) and not _gemv_allow_cpu:
         return False
     if torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad):  # the kernel has no backward
         return False
     limit = _gemv_row_limit.get(key, _gemv_max_m)
-    return 0 < x.numel() // k <= limit and weight.stride(1) == 1 and x.device == weight.device
+    return 0 < x.numel() // (x_features or k) <= limit and weight.stride(1) == 1 and x.device == weight.device
 
 
 def _gemv_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -112,6 +121,18 @@ def _gemv_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         logger.warning("%s; this graph uses cuBLAS for it", e)
         return F.linear(x, weight, bias)
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _fuse_prologues() -> bool:
+    return os.environ.get("NANOVLLM_GEMV_FUSE", "1").strip() != "0"
+
+
+def _fusable_norm(x: torch.Tensor, residual: Optional[torch.Tensor], norm) -> bool:
+    w = norm.weight
+    return (_fuse_prologues() and x.dim() == 2 and x.stride(-1) == 1 and w.dtype == x.dtype and w.dim() == 1
+            and w.stride(0) == 1
+            and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype
+                                      and residual.stride(-1) == 1)))
 
 
 # ----------------------------------------------------------------------------- layers
@@ -146,6 +167,35 @@ class Linear(nn.Module):
         if _gemv_shapes and _use_gemv(x, self.weight):
             return _gemv_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+    def forward_after_norm(self, x: torch.Tensor, residual: Optional[torch.Tensor], norm) -> tuple:
+        """`norm` (an RMSNorm: residual add when residual is given) then this projection.
+
+        Returns (projection [T, N], new residual [T, K]); with residual None the new residual
+        is x. One kernel when the skinny GEMM serves this call, else the two layers.
+        """
+        if (self.packed_fp16 is None and _gemv_shapes and _use_gemv(x, self.weight)
+                and _fusable_norm(x, residual, norm)):
+            try:
+                return _gemv.rms_norm_skinny_gemm(x, residual, norm.weight, norm.eps, self.weight, self.bias)
+            except _gemv.NotTunedError as e:
+                logger.warning("%s; this graph runs the norm and the projection separately", e)
+        if residual is None:
+            return self(norm(x)), x
+        hidden, residual = norm(x, residual)
+        return self(hidden), residual
+
+    def forward_after_silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(x[..., :K]) * x[..., K:] then this projection; one kernel when the skinny GEMM
+        serves this call."""
+        k = self.in_features
+        if (self.packed_fp16 is None and _gemv_shapes and _fuse_prologues() and x.dim() == 2
+                and _use_gemv(x, self.weight, x_features=2 * k)):
+            try:
+                return _gemv.silu_mul_skinny_gemm(x, self.weight, self.bias)
+            except _gemv.NotTunedError as e:
+                logger.warning("%s; this graph runs the activation and the projection separately", e)
+        return self(ops.silu_and_mul(x))
 
 
 class PackedLinear(Linear):

@@ -13,7 +13,6 @@ from typing import Optional
 import torch
 from torch import nn
 
-from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.attention import PagedAttention
 from nanovllm.layers.linear import GateUpLinear, Linear, LMHead, QKVLinear, VocabEmbedding
 from nanovllm.layers.norm import RMSNorm
@@ -49,8 +48,9 @@ class DecoderAttention(nn.Module):
             self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, sliding_window_of(cfg)
         )
 
-    def forward(self, hidden, positions, cos_sin_cache, ctx: ForwardContext):
-        qkv = self.qkv_proj(hidden)  # [T, q + 2 kv]
+    def forward(self, qkv, positions, cos_sin_cache, ctx: ForwardContext):
+        """Attention from the qkv projection's output [T, q + 2 kv] (the layer runs the
+        projection, fused with the input norm where it can) through o_proj."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)  # [T, H, D]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
@@ -68,10 +68,11 @@ class DecoderMLP(nn.Module):
             raise ValueError(f"hidden_act={act!r} is not supported (only silu)")
         self.gate_up_proj = GateUpLinear(cfg.hidden_size, cfg.intermediate_size)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
-        self.act = SiluAndMul()
 
-    def forward(self, x):
-        return self.down_proj(self.act(self.gate_up_proj(x)))  # [T, hidden]
+    def forward(self, gate_up):
+        """From the gate_up projection's output [T, 2 I] (the layer runs it, fused with the
+        post-attention norm where it can): activation and down projection -> [T, hidden]."""
+        return self.down_proj.forward_after_silu_mul(gate_up)
 
 
 class DecoderLayer(nn.Module):
@@ -83,14 +84,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, hidden, residual, positions, cos_sin_cache, ctx):
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, positions, cos_sin_cache, ctx)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        # Each norm runs with the projection after it: one kernel at decode batch sizes.
+        qkv, residual = self.self_attn.qkv_proj.forward_after_norm(hidden, residual, self.input_layernorm)
+        hidden = self.self_attn(qkv, positions, cos_sin_cache, ctx)
+        gate_up, residual = self.mlp.gate_up_proj.forward_after_norm(hidden, residual,
+                                                                     self.post_attention_layernorm)
+        return self.mlp(gate_up), residual
 
 
 class DecoderModel(nn.Module):

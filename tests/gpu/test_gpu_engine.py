@@ -111,3 +111,23 @@ def test_launching_a_step_never_waits_for_the_gpu(tiny_model_factory, temperatur
     runner.launch = watched_launch
     llm.generate(prompts_for("qwen3", seed=8), params, use_tqdm=False)
     assert syncs == [], "launch() synchronized with the GPU:\n" + "\n".join(syncs)
+
+
+def test_programmatic_dependent_launch_changes_no_token(tiny_model_factory, monkeypatch):
+    """The decode graphs with PDL launches (Hopper) give the tokens of plain launches."""
+    from nanovllm.kernels import pdl
+
+    if not pdl._device_supports_pdl(torch.cuda.current_device()):
+        pytest.skip("PDL needs compute capability >= 9")
+    monkeypatch.setenv("NANOVLLM_GEMV", "force")  # the skinny GEMM (weight prefetch before the wait) in the graphs
+    path = tiny_model_factory("qwen3")
+    prompts = prompts_for("qwen3", seed=7)
+    kw = dict(skip_tokenizer_init=True, device="cuda", dtype="bfloat16", max_model_len=256, num_kv_blocks=256,
+              max_num_seqs=8)
+    try:
+        pdl.set_pdl(False)
+        plain = greedy(LLM(path, **kw), prompts)
+        pdl.set_pdl(True)
+        assert greedy(LLM(path, **kw), prompts) == plain
+    finally:
+        pdl.set_pdl(None)

@@ -112,6 +112,52 @@ def test_strided_rows_out_buffer_and_edge_cases():
         skinny_gemm(x, w, rand(n + 1, dtype=torch.float32, seed=6))
 
 
+# ----------------------------------------------------------------------------- prologues
+
+
+@pytest.mark.parametrize("dtype", PRECISIONS)
+@pytest.mark.parametrize("with_residual", [False, True], ids=["norm", "add_norm"])
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_rms_norm_prologue_matches_reference(m, n, k, with_residual, dtype):
+    x, w, b = operands(m, n, k, dtype, bias=m == 3, seed=m + k)
+    residual = rand(m, k, dtype=dtype, seed=11) if with_residual else None
+    norm_w = rand(k, dtype=dtype, seed=12, scale=0.2) + 1
+    got, new_res = gemv.rms_norm_skinny_gemm(x, residual, norm_w, 1e-6, w, b)
+    ref, ref_res = reference.rms_norm_skinny_gemm_reference(x, residual, norm_w, 1e-6, w, b)
+    check(got, ref)
+    torch.testing.assert_close(new_res, ref_res, atol=0, rtol=0)  # the same rounding of x + residual
+    if residual is None:
+        assert new_res is x
+    # and it is the unfused norm + GEMM up to the rounding of the normalised x
+    h, _ = reference.fused_add_rms_norm(x, residual, norm_w, 1e-6) if with_residual else \
+        (reference.rms_norm(x, norm_w, 1e-6), None)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(got.float(), reference.skinny_gemm_reference(h, w, b).float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", PRECISIONS)
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("m", [1, 5])
+def test_silu_mul_prologue_matches_reference(m, n, k, dtype):
+    x = rand(m, 2 * k, dtype=dtype, seed=k, scale=2.0)  # [gate | up]
+    _, w, b = operands(m, n, k, dtype, bias=m == 5, seed=n)
+    check(gemv.silu_mul_skinny_gemm(x, w, b), reference.silu_mul_skinny_gemm_reference(x, w, b))
+
+
+def test_prologue_argument_errors():
+    x, w, _ = operands(2, 40, 72, torch.float32, bias=False)
+    norm_w = torch.ones(72, device=DEVICE)
+    with pytest.raises(ValueError, match="norm_weight"):
+        gemv.rms_norm_skinny_gemm(x, None, norm_w[:-1], 1e-6, w)
+    with pytest.raises(ValueError, match="residual"):
+        gemv.rms_norm_skinny_gemm(x, x[:1], norm_w, 1e-6, w)
+    with pytest.raises(ValueError, match="odd"):
+        gemv.silu_mul_skinny_gemm(x[:, :71], w)
+    with pytest.raises(ValueError, match="weight"):
+        gemv.silu_mul_skinny_gemm(x, w)  # x is [M, 2K] for K = 36, the weight has K = 72
+
+
 # ----------------------------------------------------------------------------- Linear dispatch
 
 
@@ -341,3 +387,51 @@ def test_engine_tokens_unchanged_with_gemv_forced(policy, monkeypatch, tiny_mode
     graphs = LLM(path, enforce_eager=False, **kw)  # captured with the kernel enabled
     assert greedy(graphs) == baseline
 
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("fuse", ["1", "0"])
+def test_linear_runs_norm_and_activation_inside_the_gemv(policy, monkeypatch, fuse):
+    """forward_after_norm / forward_after_silu_mul: one fused kernel when the skinny GEMM
+    serves the call (unless NANOVLLM_GEMV_FUSE=0), the separate ops otherwise; same results."""
+    from nanovllm.layers.norm import RMSNorm
+
+    monkeypatch.setenv("NANOVLLM_GEMV_FUSE", fuse)
+    k, n, inter = 64, 96, 48
+    qkv, down = _linear(n, k, bias=False), _linear(k, inter, bias=False)
+    norm = RMSNorm(k).to(DEVICE)
+    with torch.no_grad():
+        norm.weight.copy_(rand(k, dtype=torch.float32, seed=3, scale=0.2) + 1)
+    x, residual = rand(2, k, dtype=torch.float32, seed=4), rand(2, k, dtype=torch.float32, seed=5)
+    gate_up = rand(2, 2 * inter, dtype=torch.float32, seed=6)
+
+    expected_h, expected_res = reference.fused_add_rms_norm(x, residual, norm.weight, norm.eps)
+    expected = F.linear(expected_h, qkv.weight)
+    expected_first = F.linear(reference.rms_norm(x, norm.weight, norm.eps), qkv.weight)
+    expected_down = F.linear(reference.silu_and_mul(gate_up), down.weight)
+
+    calls = []
+    for name in ("skinny_gemm", "rms_norm_skinny_gemm", "silu_mul_skinny_gemm"):
+        def wrapped(*a, _f=getattr(gemv, name), _n=name, **kw):
+            calls.append(_n)
+            return _f(*a, **kw)
+        monkeypatch.setattr(gemv, name, wrapped)
+
+    linear.set_gemv_shapes({(n, k, torch.float32), (k, inter, torch.float32)}, allow_cpu=not HAS_CUDA)
+    out, new_res = qkv.forward_after_norm(x, residual, norm)
+    check(out, expected)
+    check(new_res, expected_res)
+    out, new_res = qkv.forward_after_norm(x, None, norm)  # first layer: no residual yet
+    check(out, expected_first)
+    assert new_res is x
+    check(down.forward_after_silu_mul(gate_up), expected_down)
+    if fuse == "1":
+        assert calls == ["rms_norm_skinny_gemm", "rms_norm_skinny_gemm", "silu_mul_skinny_gemm"]
+    else:
+        assert calls == ["skinny_gemm"] * 3
+
+    calls.clear()
+    linear.set_gemv_shapes(set())  # cuBLAS: the separate ops, same results
+    check(qkv.forward_after_norm(x, residual, norm)[0], expected)
+    check(down.forward_after_silu_mul(gate_up), expected_down)
+    assert calls == []

@@ -57,7 +57,7 @@ def test_fused_qk_norm_matches_unfused_cpu_path(head_dim, partial, monkeypatch):
     caches = [torch.randn(num_blocks, 2, BLOCK_SIZE, head_dim, generator=g) for _ in range(2)]
 
     layer.attn.k_cache, layer.attn.v_cache = caches[0].clone(), caches[1].clone()
-    expected = layer(hidden, ctx.positions, cos_sin, ctx)  # CPU: q_norm, k_norm, then RoPE + store
+    expected = layer(layer.qkv_proj(hidden), ctx.positions, cos_sin, ctx)  # CPU: q_norm, k_norm, then RoPE + store
     expected_kc, expected_vc = layer.attn.k_cache, layer.attn.v_cache
 
     calls = []
@@ -75,7 +75,7 @@ def test_fused_qk_norm_matches_unfused_cpu_path(head_dim, partial, monkeypatch):
     monkeypatch.setattr(rope_kv_store, "rope_and_store_kv", spy)
     layer.attn.k_cache, layer.attn.v_cache = caches[0].clone(), caches[1].clone()
     ctx.scratch.clear()
-    got = layer(hidden, ctx.positions, cos_sin, ctx)
+    got = layer(layer.qkv_proj(hidden), ctx.positions, cos_sin, ctx)
 
     assert len(calls) == 1 and calls[0]["q_norm_weight"] is layer.q_norm.weight
     assert calls[0]["k_norm_weight"] is layer.k_norm.weight and calls[0]["norm_eps"] == 1e-6

@@ -1,0 +1,86 @@
+"""Programmatic dependent launch (PDL) for the decode-path Triton kernels (Hopper and newer).
+
+Why. A batch-1 decode step of a small model is ~300 kernels of a few microseconds each;
+between two of them the GPU drains the first grid, flushes its writes and only then starts
+launching the second: a couple of microseconds per boundary in which no memory traffic
+flows, about a third of the step. Launched with PDL, the next kernel's blocks are scheduled
+as soon as every block of the running kernel has signalled (`gdc_launch_dependents`); they
+do their independent work (index math, loads of weights, which no kernel writes) and then
+block in `gdc_wait` until the previous grid has completed and its memory is visible.
+
+The contract every kernel launched with PDL keeps (all checked by reading the kernel):
+  * before `pdl_wait`, it reads only data no kernel of the step writes (weights, constants)
+    and writes nothing;
+  * every program reaches `pdl_wait` (no early exit before it): a grid whose programs all
+    left without waiting could complete before its predecessor and so break the chain of
+    completions the next kernel's wait relies on;
+  * `gdc_launch_dependents` is called right after the wait, so at most one further kernel is
+    scheduled ahead (no spinning grids piling up).
+
+Kernels take a `USE_PDL` constexpr and are launched with `**pdl_launch_options(flag)`.
+It is on for CUDA tensors on compute capability >= 9 when the installed Triton supports it;
+`NANOVLLM_PDL=0` turns it off (A/B timing, debugging). Under TRITON_INTERPRET it is off.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+PDL_MIN_CAPABILITY = 9  # griddepcontrol needs sm_90
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _triton_has_pdl() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        from triton.language.extra import cuda as tl_cuda
+    except ImportError:
+        return False
+    return hasattr(tl_cuda, "gdc_wait") and "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
+@functools.lru_cache(maxsize=None)
+def _device_supports_pdl(device_index: int) -> bool:
+    if INTERPRET or not _triton_has_pdl():
+        return False
+    return torch.cuda.get_device_capability(device_index)[0] >= PDL_MIN_CAPABILITY
+
+
+_override: Optional[bool] = None  # set_pdl(): tests and same-process A/B runs
+
+
+def set_pdl(enabled: Optional[bool]) -> None:
+    """Force PDL on (where the device supports it) or off for later launches; None restores
+    the default. CUDA graphs already captured keep the launches they recorded."""
+    global _override
+    _override = enabled
+
+
+def use_pdl(t: torch.Tensor) -> bool:
+    """Whether kernels working on `t` are launched with PDL."""
+    if not t.is_cuda or _override is False:
+        return False
+    if _override is None and os.environ.get("NANOVLLM_PDL", "1").strip() == "0":
+        return False
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    return _device_supports_pdl(index)
+
+
+def pdl_launch_options(enabled: bool) -> dict:
+    """Extra launch keywords: `launch_pdl=True` when enabled, nothing otherwise (the CPU
+    interpreter and older Triton versions do not know the keyword)."""
+    return {"launch_pdl": True} if enabled else {}
+
+
+@triton.jit
+def pdl_wait(USE_PDL: tl.constexpr):
+    """Wait for the previous grid (and its writes), then let the next grid be scheduled."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
