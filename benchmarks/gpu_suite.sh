@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU issue's checks and benchmarks in one device call; logs and CSVs to $OUT.
-#   bash benchmarks/gpu_suite.sh [tests] [kernels] [gemv] [bench] [sync] [tp] [bench8b] [hf] [serve] [profile]
+#   bash benchmarks/gpu_suite.sh [tests] [kernels] [gemv] [bench] [sync] [nopdl] [tp] [bench8b] [hf] [serve] [profile]
 set -uo pipefail
 DEST=${OUT:-/tmp/nanovllm-out}; OUT=/tmp/suite-logs; mkdir -p "$OUT" "$DEST"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
@@ -9,7 +9,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 nv="python3 -m nanovllm.cli.main"
 for s in $steps; do
-  echo "=================== $s"
+  echo "=================== $s (t=${SECONDS}s)"
   case $s in
     tests)   timeout 240 python3 -m pytest -q -x -m gpu tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
     kernels) timeout 300 python3 -m pytest -q -m gpu ${KERNEL_TESTS:-tests/kernels} -p no:cacheprovider 2>&1 | tee "$OUT/kernel_tests.log" | tail -8 ;;
@@ -20,6 +20,8 @@ for s in $steps; do
              timeout 120 $nv bench latency --model benchmarks/configs/qwen3-0.6b --no-async-scheduling 2>&1 | tee "$OUT/latency_sync.log" | tail -3
              timeout 200 $nv bench throughput --model benchmarks/configs/qwen3-0.6b --no-async-scheduling 2>&1 | tee "$OUT/throughput_sync.log" | tail -4 ;;
     tp)      NANOVLLM_STEP_TIMING=1 timeout 150 $nv bench throughput --model benchmarks/configs/qwen3-0.6b 2>&1 | tee "$OUT/throughput_timed.log" | grep -v "^INFO" | tail -3 ;;
+    nopdl)   # same-run baseline: decode kernels launched without programmatic dependent launch
+             NANOVLLM_PDL=0 timeout 120 $nv bench latency --model benchmarks/configs/qwen3-0.6b 2>&1 | tee "$OUT/latency_nopdl.log" | tail -3 ;;
     bench8b) timeout 150 $nv bench latency --model benchmarks/configs/qwen3-8b 2>&1 | tee "$OUT/latency8b.log" | tail -3 ;;
     hf)      timeout 150 $nv bench throughput --model benchmarks/configs/qwen3-0.6b --backend hf --num-seqs ${HF_SEQS:-64} 2>&1 | tee "$OUT/hf.log" | tail -4 ;;
     serve)   # needs the carried wheels in .whl (fastapi, uvicorn, pydantic are not in the device image)
@@ -28,10 +30,10 @@ for s in $steps; do
                  --max-model-len 2048 --port 8123 > "$OUT/server.log" 2>&1 &
              for i in $(seq 120); do curl -sf http://127.0.0.1:8123/health >/dev/null && break; sleep 1; done
              timeout 200 $nv bench serve --base-url http://127.0.0.1:8123 --num-prompts 512 --max-concurrency 64 \
-                 --input-len 512 --output-len 256 --ignore-eos --temperature 0.6 --label "qwen3-0.6b random, H100" 2>&1 | tee "$OUT/serve.log" | tail -20
+                 --input-len 512 --output-len 256 --ignore-eos --temperature 0.6 --label "qwen3-0.6b random, $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" 2>&1 | tee "$OUT/serve.log" | tail -20
              curl -s http://127.0.0.1:8123/metrics | grep -E "^nanovllm:(num_requests|kv_cache)" | tee -a "$OUT/serve.log"
              pkill -f "nanovllm.cli.main serve" ;;
-    profile) for b in 1 64 256; do timeout 90 python3 benchmarks/profile_decode.py --batch $b 2>&1 | grep -v "^INFO" | tail -19; done 2>&1 | tee "$OUT/profile.log" ;;
+    profile) for b in ${PROFILE_BATCHES:-1 64 256}; do timeout 90 python3 benchmarks/profile_decode.py --batch $b 2>&1 | grep -v "^INFO" | tail -19; done 2>&1 | tee "$OUT/profile.log" ;;
   esac
 done
 cp benchmarks/results/*.csv benchmarks/results/*.png "$OUT/" 2>/dev/null

@@ -14,9 +14,8 @@ import time
 import torch
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.bench.latency import measure_copy_bandwidth
 from nanovllm.bench.report import param_bytes
-
-BANDWIDTH = 3.0e12  # H100 measured device copy (bytes/s)
 
 
 def main() -> None:
@@ -51,8 +50,9 @@ def main() -> None:
           f"-> host overhead {max(0.0, wall * 1e3 - gpu_total):.3f} ms")
     params = param_bytes(eng.model)
     kv = args.batch * (args.context + 100) * eng.runner.kv_bytes_per_block(eng.hf_config, 1, eng.dtype)
-    print(f"bandwidth limit: weights {params / 1e9:.2f} GB + KV {kv / 1e9:.3f} GB -> "
-          f"{(params + kv) / BANDWIDTH * 1e3:.3f} ms/step")
+    bandwidth = measure_copy_bandwidth()  # this device's, measured in the same run
+    print(f"bandwidth limit: weights {params / 1e9:.2f} GB + KV {kv / 1e9:.3f} GB at {bandwidth / 1e9:,.0f} GB/s -> "
+          f"{(params + kv) / bandwidth * 1e3:.3f} ms/step")
     rows = sorted(events, key=lambda e: -e.self_device_time_total)[:15]
     print(f"{'kernel':<70} {'ms/step':>8} {'calls/step':>10}")
     for e in rows:
