@@ -6,9 +6,11 @@ that every query head of a GQA group shares the K/V pages it loads, and a tile o
 rows turns QK^T and PV into tensor-core `tl.dot`s. A decode-only batch has one query row
 per sequence, so that grid would leave the GPU idle at small batch and long context:
 `paged_attention_decode` splits each sequence's keys over several programs
-(flash-decoding), writes partial outputs plus their log-sum-exp, and a small reduce kernel
-merges the splits. The merge is written once (`_merge_states`) and is also exposed as
-`merge_attention_states`, the twin of `reference.merge_attention_states`.
+(flash-decoding), writes partial outputs plus their log-sum-exp, and the last program of
+each (sequence, KV head) to finish merges the splits, found by an atomic counter: one
+launch per layer, not a split kernel plus a reduce kernel (at batch 1 a launch costs about
+as much as the reduce's work). The merge is written once (`_merge_states`) and is also
+exposed as `merge_attention_states`, the twin of `reference.merge_attention_states`.
 
 Batch description (see `reference.py`): the new tokens of all sequences are concatenated;
 `query_start_loc[i]:query_start_loc[i+1]` are sequence i's tokens, `seq_lens[i]` is its
@@ -59,7 +61,6 @@ DECODE_SHORT_CONTEXT_SPLITS = 8  # short contexts: up to this many splits of >= 
 DECODE_MAX_SPLITS = 64
 DEFAULT_NUM_SMS = 132  # H100 SXM; used when no CUDA device is present (interpreter)
 
-REDUCE_NUM_WARPS = 1
 MERGE_NUM_WARPS = 1
 
 
@@ -427,15 +428,17 @@ def paged_attention(
 
 @triton.jit(do_not_specialize=["num_splits", "window", "stride_bt_seq"])  # block-table width varies per step
 def _decode_split_kernel(
-    out_ptr,  # [num_seqs, num_heads, head_dim] (DIRECT) or unused
+    out_ptr,  # [num_seqs, num_heads, head_dim]
     part_out_ptr,  # [num_seqs, num_heads, num_splits, head_dim] fp32 (not DIRECT)
     part_lse_ptr,  # [num_seqs, num_heads, num_splits] fp32 (not DIRECT)
+    counter_ptr,  # [num_seqs, num_kv_heads] int32, all 0 on entry and on exit (not DIRECT)
     q_ptr,  # [num_seqs, num_heads, head_dim]
     k_cache_ptr,  # [num_blocks, num_kv_heads, block_size, head_dim]
     v_cache_ptr,
     seq_lens_ptr,  # [num_seqs]
     block_tables_ptr,  # [num_seqs, max_blocks_per_seq]
     num_heads,
+    num_kv_heads,
     num_splits,
     qk_scale,  # softmax scale * log2(e)
     window,
@@ -450,7 +453,7 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr,
     TILE_N: tl.constexpr,
     USE_WINDOW: tl.constexpr,
-    DIRECT: tl.constexpr,  # one split: write the normalised output, no reduce
+    DIRECT: tl.constexpr,  # one split: write the normalised output, no merge
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
@@ -517,31 +520,36 @@ def _decode_split_kernel(
         part_row = (seq.to(tl.int64) * num_heads + head) * num_splits + split  # [GROUP_PAD]
         tl.store(part_out_ptr + part_row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
         tl.store(part_lse_ptr + part_row, lse, mask=row_ok)
+        # The last split of this (seq, kv head) to arrive merges them all. The barrier puts
+        # every thread's partial stores before the counter update, whose release / acquire
+        # (GPU scope) makes them visible to the program that sees the final count.
+        tl.debug_barrier()
+        counter = counter_ptr + seq * num_kv_heads + kv_head
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if arrived == num_splits - 1:
+            tl.store(counter, 0)  # zero again for the next launch (graph replays reuse the buffer)
+            first_row = (seq.to(tl.int64) * num_heads + head) * num_splits  # [GROUP_PAD]
+            _merge_splits(
+                out_ptr + seq.to(tl.int64) * stride_o_tok + head * stride_o_head, part_out_ptr, part_lse_ptr,
+                first_row, num_splits, row_ok, offs_d, HEAD_DIM,
+            )
 
 
-@triton.jit(do_not_specialize=["num_splits"])
-def _decode_reduce_kernel(
-    out_ptr,  # [num_seqs, num_heads, head_dim]
-    part_out_ptr,  # [num_seqs, num_heads, num_splits, head_dim] fp32
-    part_lse_ptr,  # [num_seqs, num_heads, num_splits] fp32
-    num_heads,
-    num_splits,
-    stride_o_tok, stride_o_head,
-    HEAD_DIM: tl.constexpr,
-    USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels/pdl.py)
-):
-    pdl_wait(USE_PDL)
-    seq = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row = (seq * num_heads + head) * num_splits
-    o = tl.load(part_out_ptr + row * HEAD_DIM + offs_d)  # split 0
-    lse = tl.load(part_lse_ptr + row)
-    for s in range(1, num_splits):  # empty splits carry lse = -inf and drop out of the merge
-        o_s = tl.load(part_out_ptr + (row + s) * HEAD_DIM + offs_d)
-        lse_s = tl.load(part_lse_ptr + row + s)
-        o, lse = _merge_states(o, lse, o_s, lse_s)
-    tl.store(out_ptr + seq * stride_o_tok + head * stride_o_head + offs_d, o.to(out_ptr.dtype.element_ty))
+@triton.jit
+def _merge_splits(out_ptrs, part_out_ptr, part_lse_ptr, first_row, num_splits, row_ok, offs_d,
+                  HEAD_DIM: tl.constexpr):
+    """out[rows] = merge of the rows' num_splits partial results (rows = query heads of one
+    KV group, [GROUP_PAD]). Partials written by other programs are read from L2 (`.cg`):
+    the L1 of this SM may hold stale lines of the buffer. Empty splits (lse = -inf) drop out."""
+    o = tl.load(part_out_ptr + first_row[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0,
+                cache_modifier=".cg")  # [GROUP_PAD, D], split 0
+    lse = tl.load(part_lse_ptr + first_row, mask=row_ok, other=float("-inf"), cache_modifier=".cg")[:, None]
+    for s in range(1, num_splits):
+        o_s = tl.load(part_out_ptr + (first_row + s)[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None],
+                      other=0.0, cache_modifier=".cg")
+        lse_s = tl.load(part_lse_ptr + first_row + s, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+        o, lse = _merge_states(o, lse, o_s, lse_s[:, None])  # lse as [GROUP_PAD, 1]: broadcasts over D
+    tl.store(out_ptrs[:, None] + offs_d[None, :], o.to(out_ptrs.dtype.element_ty), mask=row_ok[:, None])
 
 
 def choose_num_splits(
@@ -550,7 +558,7 @@ def choose_num_splits(
     """KV splits per sequence so that (seqs x kv heads x splits) programs fill the GPU.
 
     Host-side and sync-free (plain ints). Enough programs for DECODE_PROGRAMS_PER_SM per SM
-    (a batch that fills the GPU on its own gets one split: no reduce kernel); splits of at
+    (a batch that fills the GPU on its own gets one split: no merge); splits of at
     least DECODE_MIN_KEYS_PER_SPLIT keys, except that short contexts may still use up to
     DECODE_SHORT_CONTEXT_SPLITS splits of one tile each (there latency, not bandwidth, rules);
     at most DECODE_MAX_SPLITS. Tuned on H100 for Qwen3-0.6B shapes (benchmarks/kernels_bench.py
@@ -577,13 +585,14 @@ def _launch_decode(
     direct = num_splits == 1
     pdl = use_pdl(query)
     if direct:
-        part_out = part_lse = out  # unused placeholders
+        part_out = part_lse = counters = out  # unused placeholders
     else:
         part_out = query.new_empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32)
         part_lse = query.new_empty((num_seqs, num_heads, num_splits), dtype=torch.float32)
+        counters = split_counters(query.device, num_seqs * num_kv_heads)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-        out, part_out, part_lse, query, k_cache, v_cache, seq_lens, block_tables,
-        num_heads, num_splits, scale * LOG2E, sliding_window or 0,
+        out, part_out, part_lse, counters, query, k_cache, v_cache, seq_lens, block_tables,
+        num_heads, num_kv_heads, num_splits, scale * LOG2E, sliding_window or 0,
         query.stride(0), query.stride(1),
         out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -595,12 +604,20 @@ def _launch_decode(
         DOT_PRECISION=_dot_precision(query.dtype),
         num_warps=num_warps, num_stages=num_stages, USE_PDL=pdl, **pdl_launch_options(pdl),
     )
-    if not direct:
-        _decode_reduce_kernel[(num_seqs, num_heads)](
-            out, part_out, part_lse, num_heads, num_splits,
-            out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, num_warps=REDUCE_NUM_WARPS, USE_PDL=pdl, **pdl_launch_options(pdl),
-        )
+
+
+# Arrival counters of the split merge, per device. Kernels leave them at zero, so one buffer
+# serves every launch on the device's stream. A grown buffer never replaces the old one in
+# memory: CUDA graphs captured with the old address keep using it.
+_split_counter_buffers: dict = {}
+
+
+def split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """A zeroed int32 buffer of at least n counters on `device` for `_decode_split_kernel`."""
+    bufs = _split_counter_buffers.setdefault(str(device), [])
+    if not bufs or bufs[-1].numel() < n:
+        bufs.append(torch.zeros(max(n, 2 * bufs[-1].numel() if bufs else n), dtype=torch.int32, device=device))
+    return bufs[-1]
 
 
 def paged_attention_decode(
@@ -620,7 +637,7 @@ def paged_attention_decode(
     `max_seq_len` is only an upper bound used to choose the split count (None: the block
     table's capacity, `max_blocks_per_seq * block_size`); the kernels read the real lengths
     from `seq_lens`, and splits past a sequence's end are empty (lse = -inf) and drop out
-    of the reduce. Pass a fixed `num_splits`/`max_seq_len` when capturing a graph.
+    of the merge. Pass a fixed `num_splits`/`max_seq_len` when capturing a graph.
     A sequence with seq_len 0 (batch padding) gets a zero output.
     """
     _check_common(query, k_cache, v_cache)

@@ -19,6 +19,7 @@ from nanovllm.kernels.paged_attention import (
     merge_attention_states,
     paged_attention,
     paged_attention_decode,
+    split_counters,
 )
 
 from kernel_params import DEVICE, HAS_CUDA, PRECISIONS
@@ -149,6 +150,20 @@ def test_decode_bound_larger_than_lengths_and_padding():
     assert torch.all(out[2] == 0)
     keep = [0, 1, 3]
     assert_close(out[keep], ref[keep])
+
+
+def test_split_merge_leaves_counters_zero_and_repeats():
+    """The last split of each (seq, kv head) merges and re-zeroes its arrival counter, so
+    back-to-back launches on one counter buffer (layers, graph replays) stay correct."""
+    q_lens, seq_lens = [1] * 3, [70, 5, 129]
+    query, k_cache, v_cache, qsl, lens, tables = make_batch(q_lens, seq_lens, 4, 2, 64, 16, torch.float32, DEVICE, 9)
+    ref = reference_attention(query, k_cache, v_cache, qsl, lens, tables, 0.2, None)
+    for num_splits in (3, 5, 3):
+        out = torch.full_like(query, float("nan"))
+        paged_attention_decode(query, k_cache, v_cache, lens, tables, 0.2, out=out, num_splits=num_splits)
+        assert_close(out, ref)
+        counters = split_counters(query.device, len(seq_lens) * 2)
+        assert torch.all(counters == 0), f"counters left at {counters.tolist()}"
 
 
 def test_strided_query_and_output():
