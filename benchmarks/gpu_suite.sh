@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU issue's checks and benchmarks in one device call; logs and CSVs to $OUT.
-#   bash benchmarks/gpu_suite.sh [tests] [kernels] [gemv] [bench] [sync] [nopdl] [tp] [bench8b] [hf] [serve] [profile]
+#   bash benchmarks/gpu_suite.sh [tests] [kernels] [gemv] [bench] [sync] [nopdl] [base] [trace] [tp] [bench8b] [hf] [serve] [profile]
 set -uo pipefail
 DEST=${OUT:-/tmp/nanovllm-out}; OUT=/tmp/suite-logs; mkdir -p "$OUT" "$DEST"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
@@ -33,6 +33,16 @@ for s in $steps; do
                  --input-len 512 --output-len 256 --ignore-eos --temperature 0.6 --label "qwen3-0.6b random, $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" 2>&1 | tee "$OUT/serve.log" | tail -20
              curl -s http://127.0.0.1:8123/metrics | grep -E "^nanovllm:(num_requests|kv_cache)" | tee -a "$OUT/serve.log"
              pkill -f "nanovllm.cli.main serve" ;;
+    base)    # same-run baseline: an earlier commit's tree carried in $BASE_DIR (git archive C | tar -x -C .base),
+             # its rows go to this tree's CSVs under commit $BASE_COMMIT
+             csvdir=$PWD/benchmarks/results
+             (cd "${BASE_DIR:-.base}" && export NANOVLLM_COMMIT=${BASE_COMMIT:-base} PYTHONPATH=$PWD &&
+              for m in ${BASE_MODELS:-qwen3-0.6b qwen3-8b}; do
+                timeout 150 python3 -m nanovllm.cli.main bench latency --model benchmarks/configs/$m --csv "$csvdir/latency.csv" 2>&1 | tail -1
+              done) 2>&1 | tee "$OUT/base.log" ;;
+    trace)   # batch-1 Chrome trace (kernel gaps, work outside the graph) and a PDL-off 8B breakdown
+             timeout 90 python3 benchmarks/profile_decode.py --batch 1 --trace "$OUT/trace_b1.json" 2>&1 | grep -v "^INFO" | tail -19
+             NANOVLLM_PDL=0 timeout 120 python3 benchmarks/profile_decode.py --model benchmarks/configs/qwen3-8b --batch 1 2>&1 | grep -v "^INFO" | tail -19 ;;
     profile) for b in ${PROFILE_BATCHES:-1 64 256}; do timeout 90 python3 benchmarks/profile_decode.py --batch $b 2>&1 | grep -v "^INFO" | tail -19; done 2>&1 | tee "$OUT/profile.log" ;;
   esac
 done

@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--trace", help="also write the profiler's Chrome trace (JSON) here: gaps between kernels")
     args = ap.parse_args()
     llm = LLM(args.model, load_format="dummy", skip_tokenizer_init=True, max_model_len=args.context + 256,
               max_num_seqs=max(args.batch, 1), enforce_eager=args.enforce_eager)
@@ -44,6 +45,8 @@ def main() -> None:
             eng.step()
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) / args.steps
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     gpu_total = sum(e.self_device_time_total for e in events) / args.steps / 1e3  # ms per step
     print(f"batch {args.batch}, context {args.context}: wall {wall * 1e3:.3f} ms/step, GPU busy {gpu_total:.3f} ms/step "
