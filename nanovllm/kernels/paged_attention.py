@@ -62,6 +62,7 @@ DECODE_MAX_SPLITS = 64
 DEFAULT_NUM_SMS = 132  # H100 SXM; used when no CUDA device is present (interpreter)
 
 MERGE_NUM_WARPS = 1
+MERGE_TILE_ELEMENTS = 4096  # fp32 partials the split merge holds at once (32 registers per thread at 4 warps)
 
 
 @functools.lru_cache(maxsize=None)
@@ -449,19 +450,23 @@ def _decode_split_kernel(
     stride_bt_seq,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,  # max(16, next_pow2(GROUP)) rows so tl.dot applies
+    GROUP_P2: tl.constexpr,  # next_pow2(GROUP): the merge's rows
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     TILE_N: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     DIRECT: tl.constexpr,  # one split: write the normalised output, no merge
+    MERGE_SPLITS: tl.constexpr,  # splits the merge loads per iteration (power of two)
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
-    pdl_wait(USE_PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
+    # Before the PDL wait: the split's bounds and its first tile's block ids. seq_lens and
+    # block_tables are step inputs, written before the forward's first kernel and by no kernel
+    # of the forward (see kernels/pdl.py), so two dependent loads leave the critical path.
     # The real length comes from the tensor: a graph captured with a larger bound still works.
     seq_len = tl.load(seq_lens_ptr + seq)
     kv_lo = 0
@@ -470,6 +475,10 @@ def _decode_split_kernel(
     keys_per_split = tl.cdiv(tl.cdiv(seq_len - kv_lo, num_splits), TILE_N) * TILE_N
     s_lo = kv_lo + split * keys_per_split
     s_hi = tl.minimum(s_lo + keys_per_split, seq_len)  # empty when s_lo >= seq_len
+    offs_n = tl.arange(0, TILE_N)
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
+    blk = tl.load(bt_row + (s_lo + offs_n) // BLOCK_SIZE, mask=s_lo + offs_n < s_hi, other=0).to(tl.int64)
+    pdl_wait(USE_PDL)  # q and the new token's K/V come from the kernel before
 
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -482,14 +491,11 @@ def _decode_split_kernel(
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
 
-    offs_n = tl.arange(0, TILE_N)
-    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
     k_base = k_cache_ptr + kv_head * stride_k_head
     v_base = v_cache_ptr + kv_head * stride_v_head
     for start in range(s_lo, s_hi, TILE_N):
         k_pos = start + offs_n  # [TILE_N]
         k_ok = k_pos < s_hi
-        blk = tl.load(bt_row + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
         slot = k_pos % BLOCK_SIZE
         k = tl.load(
             k_base + (blk * stride_k_blk + slot * stride_k_slot)[:, None] + offs_d[None, :],
@@ -499,6 +505,8 @@ def _decode_split_kernel(
             v_base + (blk * stride_v_blk + slot * stride_v_slot)[:, None] + offs_d[None, :],
             mask=k_ok[:, None], other=0.0,
         )  # [TILE_N, D]
+        next_pos = k_pos + TILE_N  # the next tile's block ids, loaded while this tile computes
+        blk = tl.load(bt_row + next_pos // BLOCK_SIZE, mask=next_pos < s_hi, other=0).to(tl.int64)
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, TILE_N]
         s = tl.where(k_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every iteration has >= 1 valid key
@@ -528,28 +536,46 @@ def _decode_split_kernel(
         arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
         if arrived == num_splits - 1:
             tl.store(counter, 0)  # zero again for the next launch (graph replays reuse the buffer)
-            first_row = (seq.to(tl.int64) * num_heads + head) * num_splits  # [GROUP_PAD]
-            _merge_splits(
-                out_ptr + seq.to(tl.int64) * stride_o_tok + head * stride_o_head, part_out_ptr, part_lse_ptr,
-                first_row, num_splits, row_ok, offs_d, HEAD_DIM,
-            )
+            _merge_splits(out_ptr, part_out_ptr, part_lse_ptr, seq, kv_head, num_heads, num_splits,
+                          stride_o_tok, stride_o_head, GROUP, GROUP_P2, HEAD_DIM, MERGE_SPLITS)
 
 
 @triton.jit
-def _merge_splits(out_ptrs, part_out_ptr, part_lse_ptr, first_row, num_splits, row_ok, offs_d,
-                  HEAD_DIM: tl.constexpr):
-    """out[rows] = merge of the rows' num_splits partial results (rows = query heads of one
-    KV group, [GROUP_PAD]). Partials written by other programs are read from L2 (`.cg`):
-    the L1 of this SM may hold stale lines of the buffer. Empty splits (lse = -inf) drop out."""
-    o = tl.load(part_out_ptr + first_row[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0,
-                cache_modifier=".cg")  # [GROUP_PAD, D], split 0
-    lse = tl.load(part_lse_ptr + first_row, mask=row_ok, other=float("-inf"), cache_modifier=".cg")[:, None]
-    for s in range(1, num_splits):
-        o_s = tl.load(part_out_ptr + (first_row + s)[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None],
-                      other=0.0, cache_modifier=".cg")
-        lse_s = tl.load(part_lse_ptr + first_row + s, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
-        o, lse = _merge_states(o, lse, o_s, lse_s[:, None])  # lse as [GROUP_PAD, 1]: broadcasts over D
-    tl.store(out_ptrs[:, None] + offs_d[None, :], o.to(out_ptrs.dtype.element_ty), mask=row_ok[:, None])
+def _merge_splits(out_ptr, part_out_ptr, part_lse_ptr, seq, kv_head, num_heads, num_splits, stride_o_tok,
+                  stride_o_head, GROUP: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  MERGE_SPLITS: tl.constexpr):
+    """out[seq, heads of the KV group] = log-sum-exp merge of their num_splits partials.
+
+    MERGE_SPLITS splits are loaded per iteration as one [GROUP, MERGE_SPLITS, D] tile (one
+    memory round trip, not one per split), merged with a running max. The partials were
+    written by other programs: they are read from L2 (`.cg`), never from this SM's L1.
+    Empty splits (lse = -inf) get weight 0; a row with no keys at all gets 0.
+    """
+    offs_g = tl.arange(0, G)  # G = next_pow2(GROUP)
+    offs_s = tl.arange(0, MERGE_SPLITS)
+    offs_d = tl.arange(0, HEAD_DIM)
+    g_ok = offs_g < GROUP
+    head = kv_head * GROUP + offs_g  # [G]
+    first = (seq.to(tl.int64) * num_heads + head) * num_splits  # [G] row of split 0
+    m = tl.full([G], float("-inf"), dtype=tl.float32)  # running max of the splits' lse
+    l = tl.zeros([G], dtype=tl.float32)  # sum of exp(lse - m)
+    acc = tl.zeros([G, HEAD_DIM], dtype=tl.float32)
+    for s0 in range(0, num_splits, MERGE_SPLITS):
+        ok = g_ok[:, None] & (s0 + offs_s < num_splits)[None, :]  # [G, S]
+        rows = first[:, None] + s0 + offs_s[None, :]  # [G, S]
+        lse = tl.load(part_lse_ptr + rows, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        o = tl.load(part_out_ptr + rows[:, :, None] * HEAD_DIM + offs_d[None, None, :], mask=ok[:, :, None],
+                    other=0.0, cache_modifier=".cg")  # [G, S, D]
+        m_new = tl.maximum(m, tl.max(lse, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all empty so far: any finite reference
+        alpha = tl.exp(m - m_ref)  # 0 while m is -inf
+        w = tl.exp(lse - m_ref[:, None])  # [G, S], 0 for empty splits
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 1)
+        l = l * alpha + tl.sum(w, 1)
+        m = m_new
+    out = acc / tl.where(l > 0.0, l, 1.0)[:, None]
+    o_rows = seq.to(tl.int64) * stride_o_tok + head * stride_o_head
+    tl.store(out_ptr + o_rows[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
 
 
 def choose_num_splits(
@@ -598,12 +624,20 @@ def _launch_decode(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
-        GROUP=group, GROUP_PAD=max(DECODE_MIN_ROWS, next_pow2(group)),
+        GROUP=group, GROUP_PAD=max(DECODE_MIN_ROWS, next_pow2(group)), GROUP_P2=next_pow2(group),
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, TILE_N=tile_n,
         USE_WINDOW=sliding_window is not None, DIRECT=direct,
+        MERGE_SPLITS=merge_splits_per_load(num_splits, group, head_dim),
         DOT_PRECISION=_dot_precision(query.dtype),
         num_warps=num_warps, num_stages=num_stages, USE_PDL=pdl, **pdl_launch_options(pdl),
     )
+
+
+def merge_splits_per_load(num_splits: int, group: int, head_dim: int) -> int:
+    """Splits merged per load in `_merge_splits`: all of them when the [group, splits, D]
+    fp32 tile stays within MERGE_TILE_ELEMENTS (registers), else a power-of-two share."""
+    fit = max(1, MERGE_TILE_ELEMENTS // (next_pow2(group) * head_dim))
+    return min(next_pow2(num_splits), 1 << (fit.bit_length() - 1))
 
 
 # Arrival counters of the split merge, per device. Kernels leave them at zero, so one buffer

@@ -1,14 +1,14 @@
 """ModelRunner: turns a SchedulerOutput into one forward pass and sampled tokens.
 
-Host-side inputs are built with numpy (one pass per request, never per token) and copied
-to the device once; the forward pass gets an explicit ForwardContext. On CUDA, decode-only
+Host-side inputs are built with numpy (one pass per request, never per token) in one
+pinned buffer and copied to the device in one transfer (staging.py); the forward pass gets an explicit ForwardContext. On CUDA, decode-only
 batches replay a captured CUDA graph (see cuda_graphs.py).
 
 A step is `launch` (enqueue everything on the device, return at once) then `resolve`
 (wait for the sampled tokens, build the ModelRunnerOutput). With async scheduling the
 engine launches step N+1 before resolving step N: a decode token that step N sampled is
 then not known on the host yet, and step N+1 reads it from step N's sampled-token tensor
-on the device (see `_gather_pending_tokens`).
+on the device (the `pending_dst` / `pending_src` rows of `prepare_inputs`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 from nanovllm.engine.scheduler import ModelRunnerOutput, SchedulerOutput
 from nanovllm.outputs import Logprob
 from nanovllm.worker.forward_context import ForwardContext
+from nanovllm.worker.staging import StagingBuffer
 from nanovllm.worker.sampler import (Sampler, SamplerOutput, SamplingBatch, compute_prompt_logprobs,
                                      to_device_async)
 
@@ -69,8 +70,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_caches = self._allocate_kv_cache(num_kv_blocks)
         self.cuda_graphs = None  # a CUDAGraphRunner, set by the engine on CUDA unless enforce_eager
-        self._staged: list[dict[str, torch.Tensor]] = [{} for _ in range(NUM_STAGING_SETS)]
-        self._staged_sizes: list[dict[str, int]] = [{} for _ in range(NUM_STAGING_SETS)]
+        self._staging_sets = [StagingBuffer(pin=device.type == "cuda") for _ in range(NUM_STAGING_SETS)]
         self._num_launched = 0
         # the last step's sampled tokens on the device, and each sampling request's row there
         self._last_sampled: Optional[torch.Tensor] = None
@@ -106,35 +106,13 @@ class ModelRunner:
             v[dst] = v[src]
 
     # ------------------------------------------------------------------ inputs
-    def _staging(self, num_tokens: int, num_seqs: int, max_blocks: int) -> dict[str, torch.Tensor]:
-        """Host buffers for one step (pinned on CUDA for async copies), alternating between sets.
+    def _staging(self) -> StagingBuffer:
+        """This step's host buffer, alternating between sets.
 
         Reuse is safe: set i is refilled two launches later, and by then the engine has
         resolved the step that last used it, which waits for all of its device work.
         """
-        which = self._num_launched % NUM_STAGING_SETS
-        have = self._staged_sizes[which]
-        need = {"tokens": num_tokens, "seqs": num_seqs + 1, "blocks": num_seqs * max_blocks}
-        if any(need[k] > have.get(k, 0) for k in need):
-            sizes = {k: max(2 * v, have.get(k, 0)) for k, v in need.items()}
-            pin = self.device.type == "cuda"
-
-            def buf(n, dtype):
-                return torch.empty(n, dtype=dtype, pin_memory=pin)
-
-            self._staged[which] = {
-                "input_ids": buf(sizes["tokens"], torch.int64),
-                "positions": buf(sizes["tokens"], torch.int64),
-                "slot_mapping": buf(sizes["tokens"], torch.int64),
-                "query_start_loc": buf(sizes["seqs"], torch.int32),
-                "seq_lens": buf(sizes["seqs"], torch.int32),
-                "logits_indices": buf(sizes["seqs"], torch.int64),
-                "pending_dst": buf(sizes["seqs"], torch.int64),
-                "pending_src": buf(sizes["seqs"], torch.int64),
-                "block_tables": buf(sizes["blocks"], torch.int32),
-            }
-            self._staged_sizes[which] = sizes
-        return self._staged[which]
+        return self._staging_sets[self._num_launched % NUM_STAGING_SETS]
 
     def prepare_inputs(self, sched: SchedulerOutput) -> StepInputs:
         bs = self.block_size
@@ -142,16 +120,23 @@ class ModelRunner:
         num_seqs = len(items)
         num_tokens = sum(it.num_new_tokens for it in items)
         max_blocks = max(len(it.block_ids) for it in items)
-        st = self._staging(num_tokens, num_seqs, max_blocks)
-        input_ids = st["input_ids"][:num_tokens].numpy()
-        positions = st["positions"][:num_tokens].numpy()
-        slot_mapping = st["slot_mapping"][:num_tokens].numpy()
-        query_start_loc = st["query_start_loc"][: num_seqs + 1].numpy()
-        seq_lens = st["seq_lens"][:num_seqs].numpy()
-        block_tables = st["block_tables"][: num_seqs * max_blocks].numpy().reshape(num_seqs, max_blocks)
+        tokens, seqs = (num_tokens,), (num_seqs,)
+        host = self._staging().layout({
+            "input_ids": (tokens, torch.int64),
+            "positions": (tokens, torch.int64),
+            "slot_mapping": (tokens, torch.int64),
+            "query_start_loc": ((num_seqs + 1,), torch.int32),
+            "seq_lens": (seqs, torch.int32),
+            "block_tables": ((num_seqs, max_blocks), torch.int32),
+            "logits_indices": (seqs, torch.int64),  # first num_sample entries used
+            "pending_dst": (seqs, torch.int64),  # async: token rows to fill from the last step's samples
+            "pending_src": (seqs, torch.int64),
+        })
+        input_ids, positions, slot_mapping = host["input_ids"], host["positions"], host["slot_mapping"]
+        query_start_loc, seq_lens, block_tables = host["query_start_loc"], host["seq_lens"], host["block_tables"]
         query_start_loc[0] = 0
         logits_indices, sample_requests, prompt_spans = [], [], []
-        pending_dst, pending_src = [], []  # async: token rows to fill from the last step's samples
+        pending_dst, pending_src = [], []
         t = 0
         for i, it in enumerate(items):
             req, n, start = it.request, it.num_new_tokens, it.start_position
@@ -183,16 +168,18 @@ class ModelRunner:
                 logits_indices.append(t + n - 1)
                 sample_requests.append(req)
             t += n
-        num_sample = len(logits_indices)
-        st["logits_indices"][:num_sample].numpy()[:] = logits_indices
+        num_sample, num_pending = len(logits_indices), len(pending_dst)
+        host["logits_indices"][:num_sample] = logits_indices
+        host["pending_dst"][:num_pending] = pending_dst
+        host["pending_src"][:num_pending] = pending_src
         max_query_len = int(np.diff(query_start_loc).max())
-        dev = self._to_device
+        dev = self._staging().to_device(self.device)  # the step's one host-to-device copy
         ctx = ForwardContext(
-            positions=dev(st["positions"][:num_tokens]),
-            slot_mapping=dev(st["slot_mapping"][:num_tokens]),
-            query_start_loc=dev(st["query_start_loc"][: num_seqs + 1]),
-            seq_lens=dev(st["seq_lens"][:num_seqs]),
-            block_tables=dev(st["block_tables"][: num_seqs * max_blocks].view(num_seqs, max_blocks)),
+            positions=dev["positions"],
+            slot_mapping=dev["slot_mapping"],
+            query_start_loc=dev["query_start_loc"],
+            seq_lens=dev["seq_lens"],
+            block_tables=dev["block_tables"],
             max_query_len=max_query_len,
             max_seq_len=int(seq_lens.max()),
             num_seqs=num_seqs,
@@ -200,13 +187,15 @@ class ModelRunner:
             seq_lens_cpu=seq_lens.tolist() if self.device.type == "cpu" else None,
             use_triton=self.use_triton_attention,
         )
-        input_ids_dev = dev(st["input_ids"][:num_tokens])
-        if pending_dst:
-            self._gather_pending_tokens(input_ids_dev, st, pending_dst, pending_src)
+        input_ids_dev = dev["input_ids"]
+        if num_pending:
+            # input_ids[dst] = last step's sampled tokens[src], on the device (no host sync)
+            src = self._last_sampled.index_select(0, dev["pending_src"][:num_pending])
+            input_ids_dev.index_copy_(0, dev["pending_dst"][:num_pending], src)
         return StepInputs(
             input_ids=input_ids_dev,
             ctx=ctx,
-            logits_indices=dev(st["logits_indices"][:num_sample]),
+            logits_indices=dev["logits_indices"][:num_sample],
             sample_requests=sample_requests,
             prompt_logprob_spans=prompt_spans,
         )
@@ -216,20 +205,6 @@ class ModelRunner:
         if row is None:  # internal invariant (engine/scheduler bookkeeping), never user input
             raise RuntimeError(f"request {req.request_id} has a pending token but the last step did not sample it")
         return row
-
-    def _gather_pending_tokens(self, input_ids: torch.Tensor, st: dict, dst: list[int], src: list[int]) -> None:
-        """input_ids[dst] = last step's sampled tokens[src], on the device (no host sync)."""
-        k = len(dst)
-        st["pending_dst"][:k].numpy()[:] = dst
-        st["pending_src"][:k].numpy()[:] = src
-        dst_dev = self._to_device(st["pending_dst"][:k])
-        src_dev = self._to_device(st["pending_src"][:k])
-        input_ids.index_copy_(0, dst_dev, self._last_sampled.index_select(0, src_dev))
-
-    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cpu":
-            return t.clone()  # the staging buffer is reused next step
-        return t.to(self.device, non_blocking=True)
 
     # ------------------------------------------------------------------ execute
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:

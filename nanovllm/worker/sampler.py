@@ -36,7 +36,7 @@ they draw the same tokens as on the torch path (barring last-ulp ties of the sco
 other rows get a fresh random seed per step from the global CPU generator (one small
 host-to-device copy, no sync), so they follow the same distribution but not the torch
 path's draws. Greedy rows of such a batch are the kernel's argmax of the raw logits;
-all-greedy batches stay a bare argmax.
+all-greedy batches are a bare argmax (the same two-stage kernel without noise on CUDA).
 """
 
 from __future__ import annotations
@@ -347,6 +347,16 @@ class Sampler:
             return False
         return logits.is_cuda if self.use_triton == "auto" else self.use_triton
 
+    def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """Row argmax of raw logits: the Triton two-stage kernel on CUDA (torch's reduces a
+        long row in one thread block), torch elsewhere."""
+        use = logits.is_cuda if self.use_triton == "auto" else self.use_triton
+        if use and logits.dim() == 2 and logits.stride(-1) == 1 and logits.shape[1] > 0:
+            from nanovllm.kernels.sampling import greedy_argmax  # imports triton: only when used
+
+            return greedy_argmax(logits)
+        return logits.argmax(dim=-1)
+
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """`logits`: [B, V], any float dtype; it is never modified."""
         raw_logprobs = None
@@ -354,7 +364,7 @@ class Sampler:
             raw_logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # [B, V]
 
         if batch.all_greedy and not batch.needs_logits_processing:
-            sampled = logits.argmax(dim=-1)  # fast path: no copy, no float32 conversion
+            sampled = self._argmax(logits)  # fast path: no copy, no float32 conversion
         elif self.uses_fused_path(logits, batch):
             sampled = _fused_sample(logits, batch)  # one pass over the raw logits
         else:

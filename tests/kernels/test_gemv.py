@@ -246,6 +246,14 @@ def test_no_dispatch_for_cpu_tensors_without_the_hook_or_with_autograd(policy, s
     assert len(spy) == 1
 
 
+def test_row_limit_stops_at_the_first_loss_and_ties_go_to_triton():
+    ms = [1, 2, 4, 8]
+    assert gemv.row_limit(ms, [52.1, 52.0, 52.3, 56.5], [51.0, 56.4, 63.4, 101.7]) == 1  # Qwen3-8B gate_up, H200
+    assert gemv.row_limit(ms, [10.0] * 4, [10.0, 9.0, 11.0, 5.0]) == 2  # tie wins; a later win past a loss does not count
+    assert gemv.row_limit(ms, [10.0] * 4, [10.4] * 4, margin=0.05) == 8
+    assert gemv.row_limit(ms, [10.0] * 4, [12.0] * 4) == 0
+
+
 def test_calibrate_is_a_no_op_off_cuda(policy, monkeypatch):
     monkeypatch.delenv("NANOVLLM_GEMV", raising=False)
     model = torch.nn.Sequential(_linear(96, 64, device="cpu"))

@@ -19,6 +19,7 @@ from nanovllm.kernels.paged_attention import (
     merge_attention_states,
     paged_attention,
     paged_attention_decode,
+    merge_splits_per_load,
     split_counters,
 )
 
@@ -152,13 +153,19 @@ def test_decode_bound_larger_than_lengths_and_padding():
     assert_close(out[keep], ref[keep])
 
 
-def test_split_merge_leaves_counters_zero_and_repeats():
+@pytest.mark.parametrize("group,head_dim,splits", [(2, 64, (3, 5, 3)), (8, 128, (7, 2))],
+                         ids=["one-load-merge", "chunked-merge"])
+def test_split_merge_leaves_counters_zero_and_repeats(group, head_dim, splits):
     """The last split of each (seq, kv head) merges and re-zeroes its arrival counter, so
-    back-to-back launches on one counter buffer (layers, graph replays) stay correct."""
+    back-to-back launches on one counter buffer (layers, graph replays) stay correct; with
+    group 8 x head_dim 128 the merge loads its 7 splits in two register-sized chunks."""
     q_lens, seq_lens = [1] * 3, [70, 5, 129]
-    query, k_cache, v_cache, qsl, lens, tables = make_batch(q_lens, seq_lens, 4, 2, 64, 16, torch.float32, DEVICE, 9)
+    query, k_cache, v_cache, qsl, lens, tables = make_batch(
+        q_lens, seq_lens, 2 * group, 2, head_dim, 16, torch.float32, DEVICE, 9
+    )
+    assert merge_splits_per_load(max(splits), group, head_dim) < max(splits) or group == 2
     ref = reference_attention(query, k_cache, v_cache, qsl, lens, tables, 0.2, None)
-    for num_splits in (3, 5, 3):
+    for num_splits in splits:
         out = torch.full_like(query, float("nan"))
         paged_attention_decode(query, k_cache, v_cache, lens, tables, 0.2, out=out, num_splits=num_splits)
         assert_close(out, ref)

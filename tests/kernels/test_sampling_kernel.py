@@ -16,7 +16,7 @@ import torch
 from kernel_params import DEVICE, HAS_CUDA, PRECISIONS
 
 from nanovllm.kernels import reference
-from nanovllm.kernels.sampling import fused_sample, seeded_uniform_bits
+from nanovllm.kernels.sampling import fused_sample, greedy_argmax, seeded_uniform_bits
 from nanovllm.worker.sampler import seeded_exponential
 
 UNIFORM_SCALE = 2.0**-23  # u = (k + 0.5) / 2^23
@@ -121,6 +121,33 @@ def test_ties_pick_the_smallest_index_and_inf_rows():
         assert tokens[:4] == [10, 5, 0, 2222]
         assert tokens[4] in (1300, 4097)
         assert tokens == reference.fused_sample_reference(logits, temperature, seed_words, steps).tolist()
+
+
+GREEDY_SHAPES_CPU = [(1, 1), (3, 100), (2, 4099), (5, 3000)]
+GREEDY_SHAPES_GPU = [(1, LLM_VOCAB), (7, LLM_VOCAB), (256, LLM_VOCAB), (3, 100)]
+
+
+@pytest.mark.parametrize("dtype", PRECISIONS)
+@pytest.mark.parametrize("shape", GREEDY_SHAPES_GPU if HAS_CUDA else GREEDY_SHAPES_CPU, ids=str)
+def test_greedy_argmax_matches_torch(shape, dtype):
+    logits = make_inputs(*shape, dtype, seed=shape[0] * 7 + shape[1])[0]
+    assert torch.equal(greedy_argmax(logits), logits.argmax(-1))
+    # a strided row view (the rows of a wider buffer) and small chunks give the same answer
+    wide = torch.full((shape[0], shape[1] + 64), 1e4, device=DEVICE, dtype=dtype)
+    wide[:, : shape[1]] = logits
+    assert torch.equal(greedy_argmax(wide[:, : shape[1]], block_v=512), logits.argmax(-1))
+
+
+def test_greedy_argmax_ties_and_inf_rows():
+    logits = torch.zeros(3, 4099, device=DEVICE)
+    logits[0, [3000, 10, 1500, 4098]] = 5.0  # tie across chunks -> 10
+    logits[1, [7, 5]] = 5.0  # tie inside a chunk -> 5
+    logits[2] = float("-inf")  # all -inf -> 0 (torch.argmax)
+    for block_v in (512, 2048):
+        assert greedy_argmax(logits, block_v=block_v).tolist() == [10, 5, 0]
+    with pytest.raises(ValueError, match="logits"):
+        greedy_argmax(logits.t())
+    assert greedy_argmax(logits[:0]).shape == (0,)
 
 
 def test_bad_inputs_are_refused():
