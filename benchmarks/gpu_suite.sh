@@ -15,6 +15,8 @@ for s in $steps; do
     kernels) timeout 300 python3 -m pytest -q -m gpu ${KERNEL_TESTS:-tests/kernels} -p no:cacheprovider 2>&1 | tee "$OUT/kernel_tests.log" | tail -8 ;;
     gemv)    timeout 200 python3 benchmarks/kernels_bench.py --only gemv 2>&1 | tee "$OUT/gemv_bench.log" | tail -30 ;;
     bench)   timeout 120 $nv bench latency --model benchmarks/configs/qwen3-0.6b 2>&1 | tee "$OUT/latency.log" | tail -3
+             NANOVLLM_STEP_TIMING=1 timeout 60 $nv bench latency --model benchmarks/configs/qwen3-0.6b --repeats 1 \
+                 --csv /tmp/timed_latency.csv 2>&1 | tee "$OUT/latency_timed.log" | grep "step phases"
              timeout 200 $nv bench throughput --model benchmarks/configs/qwen3-0.6b 2>&1 | tee "$OUT/throughput.log" | tail -4 ;;
     sync)    # same-run baseline: the synchronous engine loop (no overlap of host and GPU work)
              timeout 120 $nv bench latency --model benchmarks/configs/qwen3-0.6b --no-async-scheduling 2>&1 | tee "$OUT/latency_sync.log" | tail -3

@@ -81,6 +81,8 @@ def run(args) -> int:
         last = time.perf_counter()
         decode_rates.append((n - 1) / (last - first))
     rate = statistics.median(decode_rates)
+    if engine.step_timer is not None:  # NANOVLLM_STEP_TIMING=1
+        print("step phases:", engine.step_timer.summary())
     param_bytes = model_param_bytes(engine.model)
     bw = measure_copy_bandwidth() if torch.cuda.is_available() else float("nan")
     roofline = bw / param_bytes

@@ -39,7 +39,7 @@ NUM_STAGING_SETS = 2
 class StepInputs:
     input_ids: torch.Tensor  # [T] int64
     ctx: ForwardContext
-    logits_indices: torch.Tensor  # [S] rows of the hidden states to sample from
+    logits_indices: Optional[torch.Tensor]  # [S] rows of the hidden states to sample from; None = all, in order
     sample_requests: list  # the Request objects that sample this step, in logits_indices order
     prompt_logprob_spans: list  # (request, token_offset, num_tokens, first_position)
 
@@ -195,7 +195,8 @@ class ModelRunner:
         return StepInputs(
             input_ids=input_ids_dev,
             ctx=ctx,
-            logits_indices=dev["logits_indices"][:num_sample],
+            # increasing row indices: as many as rows means every row (a decode step), no gather
+            logits_indices=None if num_sample == num_tokens else dev["logits_indices"][:num_sample],
             sample_requests=sample_requests,
             prompt_logprob_spans=prompt_spans,
         )
