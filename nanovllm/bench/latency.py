@@ -58,6 +58,7 @@ def run(args) -> int:
     import torch
 
     from nanovllm import LLM, SamplingParams, RequestOutputKind
+    from nanovllm.kernels.pdl import pdl_in_effect
 
     llm = LLM(args.model, load_format=args.load_format, skip_tokenizer_init=True, enforce_eager=args.enforce_eager,
               async_scheduling=args.async_scheduling, max_model_len=args.input_len + args.output_len + 16,
@@ -91,7 +92,7 @@ def run(args) -> int:
            "async_scheduling": args.async_scheduling,
            "decode_tok_per_s": round(rate, 1), "ms_per_token": round(1000 / rate, 3),
            "param_bytes": param_bytes, "copy_bw_GBps": round(bw / 1e9, 1), "roofline_tok_per_s": round(roofline, 1),
-           "pct_of_roofline": round(100 * rate / roofline, 1)}
+           "pct_of_roofline": round(100 * rate / roofline, 1), "pdl": pdl_in_effect()}
     path = append_rows(args.csv, [row])
     bar_plot(os.path.splitext(path)[0] + f"_{row['model']}.png", ["nanovllm", "weight-read roofline"],
              [rate, roofline], "decode tokens/s",

@@ -75,6 +75,11 @@ def use_pdl(t: torch.Tensor) -> bool:
     return _device_supports_pdl(index)
 
 
+def pdl_in_effect() -> bool:
+    """Whether decode kernels on the current CUDA device launch with PDL (benchmark CSVs)."""
+    return torch.cuda.is_available() and use_pdl(torch.empty(0, device="cuda"))
+
+
 def pdl_launch_options(enabled: bool) -> dict:
     """Extra launch keywords: `launch_pdl=True` when enabled, nothing otherwise (the CPU
     interpreter and older Triton versions do not know the keyword)."""
