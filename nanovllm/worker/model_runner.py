@@ -1,8 +1,9 @@
 """ModelRunner: turns a SchedulerOutput into one forward pass and sampled tokens.
 
 Host-side inputs are built with numpy (one pass per request, never per token) in one
-pinned buffer and copied to the device in one transfer (staging.py); the forward pass gets an explicit ForwardContext. On CUDA, decode-only
-batches replay a captured CUDA graph (see cuda_graphs.py).
+pinned buffer and copied to the device in one transfer (staging.py); the forward pass gets
+an explicit ForwardContext. On CUDA, decode-only batches replay a captured CUDA graph (see
+cuda_graphs.py).
 
 A step is `launch` (enqueue everything on the device, return at once) then `resolve`
 (wait for the sampled tokens, build the ModelRunnerOutput). With async scheduling the
