@@ -119,6 +119,8 @@ def run_hf(args, prompts, output_lens) -> float:
 
 
 def run(args) -> int:
+    from nanovllm.kernels.pdl import pdl_in_effect  # imports triton: only when benchmarking
+
     prompts, output_lens = make_workload(args.num_seqs, args.max_input_len, args.max_output_len)
     fn = run_hf if args.backend == "hf" else run_nanovllm
     elapsed = fn(args, prompts, output_lens)
@@ -128,17 +130,11 @@ def run(args) -> int:
            "seconds": round(elapsed, 2), "output_tok_per_s": round(total / elapsed, 1),
            "cuda_graphs": not args.enforce_eager,
            "async_scheduling": args.async_scheduling if args.backend == "nanovllm" else "",
-           "pdl": _pdl_in_effect() if args.backend == "nanovllm" else ""}
+           "pdl": pdl_in_effect() if args.backend == "nanovllm" else ""}
     path = append_rows(args.csv, [row])
     plot(path, os.path.splitext(path)[0] + ".png")
     print(f"{args.backend}: {total} output tokens in {elapsed:.2f} s = {total / elapsed:,.0f} tok/s  (CSV: {path})")
     return 0
-
-
-def _pdl_in_effect() -> bool:
-    from nanovllm.kernels.pdl import pdl_in_effect  # imports triton: only when benchmarking
-
-    return pdl_in_effect()
 
 
 def plot(csv_path: str, out_png: str) -> None:

@@ -9,8 +9,10 @@ per sequence, so that grid would leave the GPU idle at small batch and long cont
 (flash-decoding), writes partial outputs plus their log-sum-exp, and the last program of
 each (sequence, KV head) to finish merges the splits, found by an atomic counter: one
 launch per layer, not a split kernel plus a reduce kernel (at batch 1 a launch costs about
-as much as the reduce's work). The merge is written once (`_merge_states`) and is also
-exposed as `merge_attention_states`, the twin of `reference.merge_attention_states`.
+as much as the reduce's work). That merge (`_merge_splits`) combines all splits of a KV
+group at once with a running max; the pairwise log-sum-exp merge of two results
+(`_merge_states`, for cascade attention) is exposed as `merge_attention_states`, the twin
+of `reference.merge_attention_states`.
 
 Batch description (see `reference.py`): the new tokens of all sequences are concatenated;
 `query_start_loc[i]:query_start_loc[i+1]` are sequence i's tokens, `seq_lens[i]` is its
@@ -648,7 +650,8 @@ _split_counter_buffers: dict = {}
 
 def split_counters(device: torch.device, n: int) -> torch.Tensor:
     """A zeroed int32 buffer of at least n counters on `device` for `_decode_split_kernel`."""
-    bufs = _split_counter_buffers.setdefault(str(device), [])
+    index = device.index if device.index is not None or device.type != "cuda" else torch.cuda.current_device()
+    bufs = _split_counter_buffers.setdefault((device.type, index), [])  # "cuda" and "cuda:0": one buffer
     if not bufs or bufs[-1].numel() < n:
         bufs.append(torch.zeros(max(n, 2 * bufs[-1].numel() if bufs else n), dtype=torch.int32, device=device))
     return bufs[-1]

@@ -122,7 +122,8 @@ class ModelRunner:
         num_tokens = sum(it.num_new_tokens for it in items)
         max_blocks = max(len(it.block_ids) for it in items)
         tokens, seqs = (num_tokens,), (num_seqs,)
-        host = self._staging().layout({
+        staging = self._staging()
+        host = staging.layout({
             "input_ids": (tokens, torch.int64),
             "positions": (tokens, torch.int64),
             "slot_mapping": (tokens, torch.int64),
@@ -174,7 +175,7 @@ class ModelRunner:
         host["pending_dst"][:num_pending] = pending_dst
         host["pending_src"][:num_pending] = pending_src
         max_query_len = int(np.diff(query_start_loc).max())
-        dev = self._staging().to_device(self.device)  # the step's one host-to-device copy
+        dev = staging.to_device(self.device)  # the step's one host-to-device copy
         ctx = ForwardContext(
             positions=dev["positions"],
             slot_mapping=dev["slot_mapping"],
