@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU issue's checks and benchmarks in one device call; logs and CSVs to $OUT.
-#   bash benchmarks/gpu_suite.sh [tests] [kernels] [gemv] [bench] [sync] [nopdl] [base] [trace] [tp] [bench8b] [hf] [serve] [profile]
+#   bash benchmarks/gpu_suite.sh [tests] [kernels] [gemv] [bench] [tput] [ab] [sync] [nopdl] [base] [trace] [tp] [bench8b] [hf] [serve] [profile]
 set -uo pipefail
 DEST=${OUT:-/tmp/nanovllm-out}; OUT=/tmp/suite-logs; mkdir -p "$OUT" "$DEST"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
-steps=${*:-tests bench bench8b profile}
+steps=${*:-tests bench tput bench8b profile}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 nv="python3 -m nanovllm.cli.main"
@@ -16,8 +16,12 @@ for s in $steps; do
     gemv)    timeout 200 python3 benchmarks/kernels_bench.py --only gemv 2>&1 | tee "$OUT/gemv_bench.log" | tail -30 ;;
     bench)   timeout 120 $nv bench latency --model benchmarks/configs/qwen3-0.6b 2>&1 | tee "$OUT/latency.log" | tail -3
              NANOVLLM_STEP_TIMING=1 timeout 60 $nv bench latency --model benchmarks/configs/qwen3-0.6b --repeats 1 \
-                 --csv /tmp/timed_latency.csv 2>&1 | tee "$OUT/latency_timed.log" | grep "step phases"
-             timeout 200 $nv bench throughput --model benchmarks/configs/qwen3-0.6b 2>&1 | tee "$OUT/throughput.log" | tail -4 ;;
+                 --csv /tmp/timed_latency.csv 2>&1 | tee "$OUT/latency_timed.log" | grep "step phases" ;;
+    tput)    timeout 200 $nv bench throughput --model benchmarks/configs/qwen3-0.6b 2>&1 | tee "$OUT/throughput.log" | tail -4 ;;
+    ab)      # same-commit A/B: batch-1 latency of both models with the environment in $AB_ENV (e.g. a feature off)
+             for m in qwen3-0.6b qwen3-8b; do
+               env ${AB_ENV:?set AB_ENV} timeout 150 $nv bench latency --model benchmarks/configs/$m --csv "$OUT/ab_latency.csv" 2>&1 | tail -1
+             done 2>&1 | tee "$OUT/ab.log" ;;
     sync)    # same-run baseline: the synchronous engine loop (no overlap of host and GPU work)
              timeout 120 $nv bench latency --model benchmarks/configs/qwen3-0.6b --no-async-scheduling 2>&1 | tee "$OUT/latency_sync.log" | tail -3
              timeout 200 $nv bench throughput --model benchmarks/configs/qwen3-0.6b --no-async-scheduling 2>&1 | tee "$OUT/throughput_sync.log" | tail -4 ;;
