@@ -538,7 +538,7 @@ def _decode_split_kernel(
     if ROPE:  # the rotation's tables and the norm weights: constants and step inputs, also before the wait
         partner, cos, sin, sign = _rope_tables(cos_sin_ptr + tl.load(positions_ptr + seq).to(tl.int64) * stride_cs_pos,
                                                offs_d, ROT_HALF)
-        slot = tl.load(slot_mapping_ptr + seq).to(tl.int64)
+        new_slot = tl.load(slot_mapping_ptr + seq).to(tl.int64)  # the new token's cache slot
         wq = tl.load(q_norm_ptr + offs_d).to(tl.float32) if Q_NORM else cos
         wq_p = tl.load(q_norm_ptr + partner).to(tl.float32) if Q_NORM else cos
         wk = tl.load(k_norm_ptr + offs_d).to(tl.float32) if K_NORM else cos
@@ -551,13 +551,13 @@ def _decode_split_kernel(
         # The split holding the new token (position seq_len - 1) stores its rotated K and V
         # (one writer per (seq, kv head)); the barrier orders those stores before the loop's
         # loads of the same slot by the program's other threads.
-        if (slot >= 0) & (s_lo < s_hi) & (s_hi == seq_len):
+        if (new_slot >= 0) & (s_lo < s_hi) & (s_hi == seq_len):
             kn = k_new_ptr + seq.to(tl.int64) * stride_kn_tok + kv_head * stride_kn_head + tl.zeros([1, 1], tl.int64)
             k_rot = _norm_rope_rows(kn, offs_d[None, :] < HEAD_DIM, offs_d, partner, cos, sin, sign, wk, wk_p,
                                     norm_eps, K_NORM, HEAD_DIM)  # [1, D]
             v_new = tl.load(v_new_ptr + seq.to(tl.int64) * stride_vn_tok + kv_head * stride_vn_head + offs_d)
-            c_blk = slot // BLOCK_SIZE
-            c_off = slot % BLOCK_SIZE
+            c_blk = new_slot // BLOCK_SIZE
+            c_off = new_slot % BLOCK_SIZE
             k_slot = k_cache_ptr + c_blk * stride_k_blk + kv_head * stride_k_head + c_off * stride_k_slot
             v_slot = v_cache_ptr + c_blk * stride_v_blk + kv_head * stride_v_head + c_off * stride_v_slot
             tl.store(k_slot + offs_d[None, :], k_rot.to(k_cache_ptr.dtype.element_ty))
