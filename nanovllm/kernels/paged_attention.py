@@ -446,21 +446,45 @@ def _rope_tables(cs_row, offs_d, ROT_HALF: tl.constexpr):
 
 
 @triton.jit
-def _norm_rope_rows(row_ptrs, mask, offs_d, partner, cos, sin, sign, w, w_p, eps, NORM: tl.constexpr,
-                    HEAD_DIM: tl.constexpr):
-    """[R, D] heads at `row_ptrs` ([R, 1]) [RMS-normalised, then] rotated, in their dtype.
+def _norm_rope(x, xp, cos, sin, sign, w, w_p, eps, NORM: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """[R, D] heads x (xp: the same heads at the partner features) [RMS-normalised, then]
+    rotated, in x's dtype.
 
     Rounding as `reference.rope_and_store_kv`: the normalised head is rounded to the input
-    dtype, scaled by the weight and rounded again, rotated in fp32 and rounded once more.
-    The partner features are loaded as a second copy of the head (an L1 hit)."""
-    dtype = row_ptrs.dtype.element_ty
-    x = tl.load(row_ptrs + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)  # [R, D]
-    xp = tl.load(row_ptrs + partner[None, :], mask=mask, other=0.0).to(tl.float32)  # x[partner[d]]
+    dtype, scaled by the weight and rounded again, rotated in fp32 and rounded once more."""
+    dtype = x.dtype
+    x = x.to(tl.float32)
+    xp = xp.to(tl.float32)
     if NORM:
         rstd = tl.rsqrt(tl.sum(x * x, 1) / HEAD_DIM + eps)[:, None]  # [R, 1]
         x = ((x * rstd).to(dtype).to(tl.float32) * w[None, :]).to(dtype).to(tl.float32)
         xp = ((xp * rstd).to(dtype).to(tl.float32) * w_p[None, :]).to(dtype).to(tl.float32)
     return (x * cos[None, :] + sign[None, :] * xp * sin[None, :]).to(dtype)
+
+
+@triton.jit
+def _load_kv_tile(k_base, v_base, blk, k_pos, k_ok, offs_d, stride_k_blk, stride_k_slot, stride_v_blk,
+                  stride_v_slot, BLOCK_SIZE: tl.constexpr):
+    """K and V [TILE_N, D] of the keys at k_pos (block ids blk), zeros where not k_ok."""
+    slot = k_pos % BLOCK_SIZE
+    k = tl.load(k_base + (blk * stride_k_blk + slot * stride_k_slot)[:, None] + offs_d[None, :],
+                mask=k_ok[:, None], other=0.0)
+    v = tl.load(v_base + (blk * stride_v_blk + slot * stride_v_slot)[:, None] + offs_d[None, :],
+                mask=k_ok[:, None], other=0.0)
+    return k, v
+
+
+@triton.jit
+def _attend_decode_tile(q, k, v, k_ok, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step of the decode split over a tile with >= 1 valid key."""
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, TILE_N]
+    s = tl.where(k_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: >= 1 valid key
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
 
 
 @triton.jit(do_not_specialize=["num_splits", "window", "stride_bt_seq"])  # block-table width varies per step
@@ -545,55 +569,63 @@ def _decode_split_kernel(
         wk_p = tl.load(k_norm_ptr + partner).to(tl.float32) if K_NORM else cos
     pdl_wait(USE_PDL)  # q and the new token's K/V come from the kernel before
 
-    if ROPE:
-        q = _norm_rope_rows(q_ptr + q_rows[:, None], row_ok[:, None], offs_d, partner, cos, sin, sign, wq, wq_p,
-                            norm_eps, Q_NORM, HEAD_DIM)  # [GROUP_PAD, D] in q's dtype
-        # The split holding the new token (position seq_len - 1) stores its rotated K and V
-        # (one writer per (seq, kv head)); the barrier orders those stores before the loop's
-        # loads of the same slot by the program's other threads.
-        if (new_slot >= 0) & (s_lo < s_hi) & (s_hi == seq_len):
-            kn = k_new_ptr + seq.to(tl.int64) * stride_kn_tok + kv_head * stride_kn_head + tl.zeros([1, 1], tl.int64)
-            k_rot = _norm_rope_rows(kn, offs_d[None, :] < HEAD_DIM, offs_d, partner, cos, sin, sign, wk, wk_p,
-                                    norm_eps, K_NORM, HEAD_DIM)  # [1, D]
-            v_new = tl.load(v_new_ptr + seq.to(tl.int64) * stride_vn_tok + kv_head * stride_vn_head + offs_d)
-            c_blk = new_slot // BLOCK_SIZE
-            c_off = new_slot % BLOCK_SIZE
-            k_slot = k_cache_ptr + c_blk * stride_k_blk + kv_head * stride_k_head + c_off * stride_k_slot
-            v_slot = v_cache_ptr + c_blk * stride_v_blk + kv_head * stride_v_head + c_off * stride_v_slot
-            tl.store(k_slot + offs_d[None, :], k_rot.to(k_cache_ptr.dtype.element_ty))
-            tl.store(v_slot + offs_d, v_new.to(v_cache_ptr.dtype.element_ty))
-            tl.debug_barrier()
-    else:
-        q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)  # [GROUP_PAD, D]
-
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
-
     k_base = k_cache_ptr + kv_head * stride_k_head
     v_base = v_cache_ptr + kv_head * stride_v_head
-    for start in range(s_lo, s_hi, TILE_N):
+    if ROPE:
+        # Every load the first tile needs goes out together: raw q, the new token's raw k / v
+        # (only the split that holds position seq_len - 1 stores them: one writer per (seq,
+        # kv head)) and the first K/V tile; the norm and rotation run while they arrive. The
+        # new token's row of the tile is taken from registers, not from the cache slot this
+        # program is writing, so no barrier orders the store before the loads.
+        writer = (new_slot >= 0) & (s_lo < s_hi) & (s_hi == seq_len)
+        w_mask = (offs_d[None, :] * 0 + writer.to(tl.int32)) != 0  # [1, D]: writer, as a tensor mask
+        new_pos = seq_len - 1
+        kn_row = k_new_ptr + seq.to(tl.int64) * stride_kn_tok + kv_head * stride_kn_head
+        vn_row = v_new_ptr + seq.to(tl.int64) * stride_vn_tok + kv_head * stride_vn_head
+        q_x = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)  # [GROUP_PAD, D]
+        q_xp = tl.load(q_ptr + q_rows[:, None] + partner[None, :], mask=row_ok[:, None], other=0.0)  # q[partner]
+        k_x = tl.load(kn_row + offs_d[None, :], mask=w_mask, other=0.0)  # [1, D]
+        k_xp = tl.load(kn_row + partner[None, :], mask=w_mask, other=0.0)
+        v_new = tl.load(vn_row + offs_d[None, :], mask=w_mask, other=0.0)  # [1, D]
+        k_pos = s_lo + offs_n  # [TILE_N]
+        k_ok = k_pos < s_hi
+        k, v = _load_kv_tile(k_base, v_base, blk, k_pos, k_ok, offs_d, stride_k_blk, stride_k_slot,
+                             stride_v_blk, stride_v_slot, BLOCK_SIZE)
+        next_pos = k_pos + TILE_N
+        blk = tl.load(bt_row + next_pos // BLOCK_SIZE, mask=next_pos < s_hi, other=0).to(tl.int64)
+        q = _norm_rope(q_x, q_xp, cos, sin, sign, wq, wq_p, norm_eps, Q_NORM, HEAD_DIM)  # [GROUP_PAD, D]
+        k_new = _norm_rope(k_x, k_xp, cos, sin, sign, wk, wk_p, norm_eps, K_NORM, HEAD_DIM).to(k.dtype)  # [1, D]
+        v_new = v_new.to(v.dtype)
+        c_blk = new_slot // BLOCK_SIZE
+        c_off = new_slot % BLOCK_SIZE
+        tl.store(k_cache_ptr + c_blk * stride_k_blk + kv_head * stride_k_head + c_off * stride_k_slot + offs_d[None, :],
+                 k_new, mask=w_mask)
+        tl.store(v_cache_ptr + c_blk * stride_v_blk + kv_head * stride_v_head + c_off * stride_v_slot + offs_d[None, :],
+                 v_new, mask=w_mask)
+        if s_lo < s_hi:  # an empty split attends to nothing (and would divide -inf by -inf)
+            is_new = (k_pos == new_pos)[:, None]  # [TILE_N, 1]
+            m_i, l_i, acc = _attend_decode_tile(q, tl.where(is_new, k_new, k), tl.where(is_new, v_new, v), k_ok,
+                                                m_i, l_i, acc, qk_scale, DOT_PRECISION)
+        first_loop_tile = s_lo + TILE_N
+    else:
+        q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)  # [GROUP_PAD, D]
+        first_loop_tile = s_lo
+
+    for start in range(first_loop_tile, s_hi, TILE_N):
         k_pos = start + offs_n  # [TILE_N]
         k_ok = k_pos < s_hi
-        slot = k_pos % BLOCK_SIZE
-        k = tl.load(
-            k_base + (blk * stride_k_blk + slot * stride_k_slot)[:, None] + offs_d[None, :],
-            mask=k_ok[:, None], other=0.0,
-        )  # [TILE_N, D]
-        v = tl.load(
-            v_base + (blk * stride_v_blk + slot * stride_v_slot)[:, None] + offs_d[None, :],
-            mask=k_ok[:, None], other=0.0,
-        )  # [TILE_N, D]
+        k, v = _load_kv_tile(k_base, v_base, blk, k_pos, k_ok, offs_d, stride_k_blk, stride_k_slot,
+                             stride_v_blk, stride_v_slot, BLOCK_SIZE)  # [TILE_N, D] each
         next_pos = k_pos + TILE_N  # the next tile's block ids, loaded while this tile computes
         blk = tl.load(bt_row + next_pos // BLOCK_SIZE, mask=next_pos < s_hi, other=0).to(tl.int64)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, TILE_N]
-        s = tl.where(k_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every iteration has >= 1 valid key
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        if ROPE:  # the new token's row: from registers (see above)
+            is_new = (k_pos == new_pos)[:, None]
+            k = tl.where(is_new, k_new, k)
+            v = tl.where(is_new, v_new, v)
+        m_i, l_i, acc = _attend_decode_tile(q, k, v, k_ok, m_i, l_i, acc, qk_scale, DOT_PRECISION)
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]  # [GROUP_PAD, D]; 0 for an empty split

@@ -150,7 +150,8 @@ def _rope_store_kernel(
     K_NORM: tl.constexpr,  # per-head RMSNorm of k before RoPE (Qwen3)
     USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
-    pdl_wait(USE_PDL)
+    # Before the PDL wait: positions and slots are step inputs and the cos/sin table a constant
+    # (kernels/pdl.py), so of the three dependent loads only the q/k/v one is left after it.
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + tok).to(tl.int64)
     offs_r = tl.arange(0, HALF_PAD)
@@ -160,6 +161,7 @@ def _rope_store_kernel(
     slot = tok * 0 - 1  # no slot: nothing stored
     if STORE:
         slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
+    pdl_wait(USE_PDL)
 
     _norm_rope_heads(
         q_ptr + tok * stride_q_tok, num_heads, stride_q_head, cos, sin, q_norm_ptr, norm_eps,
@@ -201,9 +203,9 @@ def _store_kv_kernel(
     BLOCK_SIZE: tl.constexpr,
     USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
-    pdl_wait(USE_PDL)
     tok = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)  # a step input: read before the wait
+    pdl_wait(USE_PDL)
     if slot >= 0:
         blk = slot // BLOCK_SIZE
         off = slot % BLOCK_SIZE
