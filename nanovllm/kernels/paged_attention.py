@@ -32,7 +32,7 @@ an fp32 accumulator; log-sum-exp values that leave a kernel are natural logs.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import triton
@@ -429,64 +429,6 @@ def paged_attention(
 # ----------------------------------------------------------------------------- split-KV decode
 
 
-@triton.jit
-def _rope_tables(cs_row, offs_d, ROT_HALF: tl.constexpr):
-    """Rotate-half RoPE as one elementwise formula over a whole head:
-    y[d] = x[d] * cos[d] + sign[d] * x[partner[d]] * sin[d], with partner d + half / d - half
-    and sign -1 / +1 in the two rotary halves, and cos 1, sin 0 past rotary_dim (partial
-    rotary). One [D] vector each, so the rotated head keeps the layout the dot needs."""
-    first = offs_d < ROT_HALF
-    rot = offs_d < 2 * ROT_HALF
-    partner = tl.where(first, offs_d + ROT_HALF, tl.where(rot, offs_d - ROT_HALF, offs_d))
-    freq = tl.where(first, offs_d, offs_d - ROT_HALF)  # index into the cos (and sin) half of the row
-    cos = tl.load(cs_row + freq, mask=rot, other=1.0).to(tl.float32)
-    sin = tl.load(cs_row + ROT_HALF + freq, mask=rot, other=0.0).to(tl.float32)
-    sign = tl.where(first, -1.0, 1.0)
-    return partner, cos, sin, sign
-
-
-@triton.jit
-def _norm_rope(x, xp, cos, sin, sign, w, w_p, eps, NORM: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """[R, D] heads x (xp: the same heads at the partner features) [RMS-normalised, then]
-    rotated, in x's dtype.
-
-    Rounding as `reference.rope_and_store_kv`: the normalised head is rounded to the input
-    dtype, scaled by the weight and rounded again, rotated in fp32 and rounded once more."""
-    dtype = x.dtype
-    x = x.to(tl.float32)
-    xp = xp.to(tl.float32)
-    if NORM:
-        rstd = tl.rsqrt(tl.sum(x * x, 1) / HEAD_DIM + eps)[:, None]  # [R, 1]
-        x = ((x * rstd).to(dtype).to(tl.float32) * w[None, :]).to(dtype).to(tl.float32)
-        xp = ((xp * rstd).to(dtype).to(tl.float32) * w_p[None, :]).to(dtype).to(tl.float32)
-    return (x * cos[None, :] + sign[None, :] * xp * sin[None, :]).to(dtype)
-
-
-@triton.jit
-def _load_kv_tile(k_base, v_base, blk, k_pos, k_ok, offs_d, stride_k_blk, stride_k_slot, stride_v_blk,
-                  stride_v_slot, BLOCK_SIZE: tl.constexpr):
-    """K and V [TILE_N, D] of the keys at k_pos (block ids blk), zeros where not k_ok."""
-    slot = k_pos % BLOCK_SIZE
-    k = tl.load(k_base + (blk * stride_k_blk + slot * stride_k_slot)[:, None] + offs_d[None, :],
-                mask=k_ok[:, None], other=0.0)
-    v = tl.load(v_base + (blk * stride_v_blk + slot * stride_v_slot)[:, None] + offs_d[None, :],
-                mask=k_ok[:, None], other=0.0)
-    return k, v
-
-
-@triton.jit
-def _attend_decode_tile(q, k, v, k_ok, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):
-    """One online-softmax step of the decode split over a tile with >= 1 valid key."""
-    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, TILE_N]
-    s = tl.where(k_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: >= 1 valid key
-    p = tl.exp2(s - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return m_new, l_i, acc
-
-
 @triton.jit(do_not_specialize=["num_splits", "window", "stride_bt_seq"])  # block-table width varies per step
 def _decode_split_kernel(
     out_ptr,  # [num_seqs, num_heads, head_dim]
@@ -498,15 +440,6 @@ def _decode_split_kernel(
     v_cache_ptr,
     seq_lens_ptr,  # [num_seqs]
     block_tables_ptr,  # [num_seqs, max_blocks_per_seq]
-    # ROPE only (else placeholders): the new token's raw k / v and what rotates and stores them
-    k_new_ptr,  # [num_seqs, num_kv_heads, head_dim]
-    v_new_ptr,  # [num_seqs, num_kv_heads, head_dim]
-    positions_ptr,  # [num_seqs]
-    cos_sin_ptr,  # [max_positions, rotary_dim] = cat(cos, sin)
-    slot_mapping_ptr,  # [num_seqs], -1 = store nothing
-    q_norm_ptr,  # [head_dim] (Q_NORM)
-    k_norm_ptr,  # [head_dim] (K_NORM)
-    norm_eps,
     num_heads,
     num_kv_heads,
     num_splits,
@@ -517,9 +450,6 @@ def _decode_split_kernel(
     stride_k_blk, stride_k_head, stride_k_slot,
     stride_v_blk, stride_v_head, stride_v_slot,
     stride_bt_seq,
-    stride_kn_tok, stride_kn_head,
-    stride_vn_tok, stride_vn_head,
-    stride_cs_pos,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,  # max(16, next_pow2(GROUP)) rows so tl.dot applies
     GROUP_P2: tl.constexpr,  # next_pow2(GROUP): the merge's rows
@@ -530,10 +460,6 @@ def _decode_split_kernel(
     DIRECT: tl.constexpr,  # one split: write the normalised output, no merge
     MERGE_SPLITS: tl.constexpr,  # splits the merge loads per iteration (power of two)
     DOT_PRECISION: tl.constexpr,
-    ROPE: tl.constexpr,  # q / k_new / v_new are raw projections: [norm,] rotate, store the new K/V first
-    ROT_HALF: tl.constexpr,  # rotary_dim // 2 (ROPE)
-    Q_NORM: tl.constexpr,  # per-head RMSNorm of q before RoPE (Qwen3)
-    K_NORM: tl.constexpr,
     USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
     seq = tl.program_id(0)
@@ -554,78 +480,43 @@ def _decode_split_kernel(
     offs_n = tl.arange(0, TILE_N)
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
     blk = tl.load(bt_row + (s_lo + offs_n) // BLOCK_SIZE, mask=s_lo + offs_n < s_hi, other=0).to(tl.int64)
+    pdl_wait(USE_PDL)  # q and the new token's K/V come from the kernel before
+
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_g < GROUP
     head = kv_head * GROUP + offs_g  # [GROUP_PAD]
     q_rows = seq.to(tl.int64) * stride_q_tok + head * stride_q_head
-    if ROPE:  # the rotation's tables and the norm weights: constants and step inputs, also before the wait
-        partner, cos, sin, sign = _rope_tables(cos_sin_ptr + tl.load(positions_ptr + seq).to(tl.int64) * stride_cs_pos,
-                                               offs_d, ROT_HALF)
-        new_slot = tl.load(slot_mapping_ptr + seq).to(tl.int64)  # the new token's cache slot
-        wq = tl.load(q_norm_ptr + offs_d).to(tl.float32) if Q_NORM else cos
-        wq_p = tl.load(q_norm_ptr + partner).to(tl.float32) if Q_NORM else cos
-        wk = tl.load(k_norm_ptr + offs_d).to(tl.float32) if K_NORM else cos
-        wk_p = tl.load(k_norm_ptr + partner).to(tl.float32) if K_NORM else cos
-    pdl_wait(USE_PDL)  # q and the new token's K/V come from the kernel before
+    q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)  # [GROUP_PAD, D]
 
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
+
     k_base = k_cache_ptr + kv_head * stride_k_head
     v_base = v_cache_ptr + kv_head * stride_v_head
-    if ROPE:
-        # Every load the first tile needs goes out together: raw q, the new token's raw k / v
-        # (only the split that holds position seq_len - 1 stores them: one writer per (seq,
-        # kv head)) and the first K/V tile; the norm and rotation run while they arrive. The
-        # new token's row of the tile is taken from registers, not from the cache slot this
-        # program is writing, so no barrier orders the store before the loads.
-        writer = (new_slot >= 0) & (s_lo < s_hi) & (s_hi == seq_len)
-        w_mask = (offs_d[None, :] * 0 + writer.to(tl.int32)) != 0  # [1, D]: writer, as a tensor mask
-        new_pos = seq_len - 1
-        kn_row = k_new_ptr + seq.to(tl.int64) * stride_kn_tok + kv_head * stride_kn_head
-        vn_row = v_new_ptr + seq.to(tl.int64) * stride_vn_tok + kv_head * stride_vn_head
-        q_x = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)  # [GROUP_PAD, D]
-        q_xp = tl.load(q_ptr + q_rows[:, None] + partner[None, :], mask=row_ok[:, None], other=0.0)  # q[partner]
-        k_x = tl.load(kn_row + offs_d[None, :], mask=w_mask, other=0.0)  # [1, D]
-        k_xp = tl.load(kn_row + partner[None, :], mask=w_mask, other=0.0)
-        v_new = tl.load(vn_row + offs_d[None, :], mask=w_mask, other=0.0)  # [1, D]
-        k_pos = s_lo + offs_n  # [TILE_N]
-        k_ok = k_pos < s_hi
-        k, v = _load_kv_tile(k_base, v_base, blk, k_pos, k_ok, offs_d, stride_k_blk, stride_k_slot,
-                             stride_v_blk, stride_v_slot, BLOCK_SIZE)
-        next_pos = k_pos + TILE_N
-        blk = tl.load(bt_row + next_pos // BLOCK_SIZE, mask=next_pos < s_hi, other=0).to(tl.int64)
-        q = _norm_rope(q_x, q_xp, cos, sin, sign, wq, wq_p, norm_eps, Q_NORM, HEAD_DIM)  # [GROUP_PAD, D]
-        k_new = _norm_rope(k_x, k_xp, cos, sin, sign, wk, wk_p, norm_eps, K_NORM, HEAD_DIM).to(k.dtype)  # [1, D]
-        v_new = v_new.to(v.dtype)
-        c_blk = new_slot // BLOCK_SIZE
-        c_off = new_slot % BLOCK_SIZE
-        tl.store(k_cache_ptr + c_blk * stride_k_blk + kv_head * stride_k_head + c_off * stride_k_slot + offs_d[None, :],
-                 k_new, mask=w_mask)
-        tl.store(v_cache_ptr + c_blk * stride_v_blk + kv_head * stride_v_head + c_off * stride_v_slot + offs_d[None, :],
-                 v_new, mask=w_mask)
-        if s_lo < s_hi:  # an empty split attends to nothing (and would divide -inf by -inf)
-            is_new = (k_pos == new_pos)[:, None]  # [TILE_N, 1]
-            m_i, l_i, acc = _attend_decode_tile(q, tl.where(is_new, k_new, k), tl.where(is_new, v_new, v), k_ok,
-                                                m_i, l_i, acc, qk_scale, DOT_PRECISION)
-        first_loop_tile = s_lo + TILE_N
-    else:
-        q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)  # [GROUP_PAD, D]
-        first_loop_tile = s_lo
-
-    for start in range(first_loop_tile, s_hi, TILE_N):
+    for start in range(s_lo, s_hi, TILE_N):
         k_pos = start + offs_n  # [TILE_N]
         k_ok = k_pos < s_hi
-        k, v = _load_kv_tile(k_base, v_base, blk, k_pos, k_ok, offs_d, stride_k_blk, stride_k_slot,
-                             stride_v_blk, stride_v_slot, BLOCK_SIZE)  # [TILE_N, D] each
+        slot = k_pos % BLOCK_SIZE
+        k = tl.load(
+            k_base + (blk * stride_k_blk + slot * stride_k_slot)[:, None] + offs_d[None, :],
+            mask=k_ok[:, None], other=0.0,
+        )  # [TILE_N, D]
+        v = tl.load(
+            v_base + (blk * stride_v_blk + slot * stride_v_slot)[:, None] + offs_d[None, :],
+            mask=k_ok[:, None], other=0.0,
+        )  # [TILE_N, D]
         next_pos = k_pos + TILE_N  # the next tile's block ids, loaded while this tile computes
         blk = tl.load(bt_row + next_pos // BLOCK_SIZE, mask=next_pos < s_hi, other=0).to(tl.int64)
-        if ROPE:  # the new token's row: from registers (see above)
-            is_new = (k_pos == new_pos)[:, None]
-            k = tl.where(is_new, k_new, k)
-            v = tl.where(is_new, v_new, v)
-        m_i, l_i, acc = _attend_decode_tile(q, k, v, k_ok, m_i, l_i, acc, qk_scale, DOT_PRECISION)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, TILE_N]
+        s = tl.where(k_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every iteration has >= 1 valid key
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]  # [GROUP_PAD, D]; 0 for an empty split
@@ -712,22 +603,9 @@ def choose_num_splits(
     return max(1, min(by_occupancy, by_length, DECODE_MAX_SPLITS))
 
 
-class DecodeRope(NamedTuple):
-    """What `rope_store_and_decode` hands the decode kernel to rotate and store the new token."""
-
-    key: torch.Tensor  # [num_seqs, num_kv_heads, head_dim], raw (before norm / RoPE)
-    value: torch.Tensor  # [num_seqs, num_kv_heads, head_dim]
-    positions: torch.Tensor  # [num_seqs]
-    cos_sin_cache: torch.Tensor  # [max_positions, rotary_dim]
-    slot_mapping: torch.Tensor  # [num_seqs], -1 = store nothing
-    q_norm_weight: Optional[torch.Tensor]
-    k_norm_weight: Optional[torch.Tensor]
-    norm_eps: float
-
-
 def _launch_decode(
     query, k_cache, v_cache, seq_lens, block_tables, scale, sliding_window, out,
-    num_splits: int, tile_n: int, num_warps: int, num_stages: int, rope: Optional[DecodeRope] = None,
+    num_splits: int, tile_n: int, num_warps: int, num_stages: int,
 ) -> None:
     num_seqs, num_heads, head_dim = query.shape
     num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
@@ -740,29 +618,14 @@ def _launch_decode(
         part_out = query.new_empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32)
         part_lse = query.new_empty((num_seqs, num_heads, num_splits), dtype=torch.float32)
         counters = split_counters(query.device, num_seqs * num_kv_heads)
-    if rope is None:  # placeholders, never read
-        k_new = v_new = positions = cos_sin = slots = q_norm = k_norm = seq_lens
-        eps, rot_half, cs_stride = 0.0, 1, 0
-    else:
-        k_new, v_new, positions, cos_sin, slots = rope.key, rope.value, rope.positions, rope.cos_sin_cache, \
-            rope.slot_mapping
-        q_norm = rope.q_norm_weight if rope.q_norm_weight is not None else seq_lens
-        k_norm = rope.k_norm_weight if rope.k_norm_weight is not None else seq_lens
-        eps, rot_half, cs_stride = float(rope.norm_eps), cos_sin.shape[-1] // 2, cos_sin.stride(0)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         out, part_out, part_lse, counters, query, k_cache, v_cache, seq_lens, block_tables,
-        k_new, v_new, positions, cos_sin, slots, q_norm, k_norm, eps,
         num_heads, num_kv_heads, num_splits, scale * LOG2E, sliding_window or 0,
         query.stride(0), query.stride(1),
         out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
-        *((k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1)) if rope else (0, 0, 0, 0)),
-        cs_stride,
-        ROPE=rope is not None, ROT_HALF=rot_half,
-        Q_NORM=rope is not None and rope.q_norm_weight is not None,
-        K_NORM=rope is not None and rope.k_norm_weight is not None,
         GROUP=group, GROUP_PAD=max(DECODE_MIN_ROWS, next_pow2(group)), GROUP_P2=next_pow2(group),
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, TILE_N=tile_n,
         USE_WINDOW=sliding_window is not None, DIRECT=direct,
@@ -814,12 +677,6 @@ def paged_attention_decode(
     of the merge. Pass a fixed `num_splits`/`max_seq_len` when capturing a graph.
     A sequence with seq_len 0 (batch padding) gets a zero output.
     """
-    return _decode(query, k_cache, v_cache, seq_lens, block_tables, scale, sliding_window, out, max_seq_len,
-                   num_splits, None)
-
-
-def _decode(query, k_cache, v_cache, seq_lens, block_tables, scale, sliding_window, out, max_seq_len, num_splits,
-            rope: Optional[DecodeRope]) -> torch.Tensor:
     _check_common(query, k_cache, v_cache)
     num_seqs = query.shape[0]
     num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
@@ -839,55 +696,6 @@ def _decode(query, k_cache, v_cache, seq_lens, block_tables, scale, sliding_wind
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     _launch_decode(
         query, k_cache, v_cache, seq_lens, block_tables, scale, sliding_window, out,
-        num_splits, DECODE_TILE_N, DECODE_NUM_WARPS, DECODE_NUM_STAGES, rope,
+        num_splits, DECODE_TILE_N, DECODE_NUM_WARPS, DECODE_NUM_STAGES,
     )
     return out
-
-
-def rope_store_and_decode(
-    query: torch.Tensor,  # [num_seqs, num_heads, head_dim], raw projection (before norm / RoPE)
-    key: torch.Tensor,  # [num_seqs, num_kv_heads, head_dim], raw
-    value: torch.Tensor,  # [num_seqs, num_kv_heads, head_dim]
-    positions: torch.Tensor,  # [num_seqs] int, position of each sequence's new token (seq_len - 1)
-    cos_sin_cache: torch.Tensor,  # [max_positions, rotary_dim] = cat(cos, sin)
-    k_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_dim]
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,  # [num_seqs] int, cache slot of the new token, -1 = store nothing
-    seq_lens: torch.Tensor,  # [num_seqs] int32, context length incl. the new token
-    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
-    scale: float,
-    sliding_window: Optional[int] = None,
-    q_norm_weight: Optional[torch.Tensor] = None,  # [head_dim]: per-head RMSNorm of q before RoPE
-    k_norm_weight: Optional[torch.Tensor] = None,
-    norm_eps: float = 1e-6,
-    out: Optional[torch.Tensor] = None,
-    max_seq_len: Optional[int] = None,
-    num_splits: Optional[int] = None,
-) -> torch.Tensor:
-    """`rope_kv_store.rope_and_store_kv` followed by `paged_attention_decode`, in one launch.
-
-    Why. At batch 1 the RoPE + KV-store kernel is a whole launch per layer (~2.7 us on an
-    H200 for ~8 KB of work). Here each decode program rotates its query heads as it loads
-    them, and the split that holds the new token (position seq_len - 1) rotates and stores
-    that token's K and V into its cache slot before attending over it. query and key are
-    read, not modified (unlike rope_and_store_kv). Twin: `reference.rope_store_and_decode`.
-    """
-    from nanovllm.kernels.rope_kv_store import _check_heads, _check_norm_weight
-
-    _check_heads("key", key)
-    _check_heads("value", value)
-    head_dim = query.shape[-1]
-    rotary_dim = cos_sin_cache.shape[-1]
-    if key.shape[0] != query.shape[0] or value.shape != key.shape or key.shape[1:] != k_cache.shape[1:4:2]:
-        raise ValueError(f"key / value {tuple(key.shape)} / {tuple(value.shape)} do not match query "
-                         f"{tuple(query.shape)} and cache {tuple(k_cache.shape)}")
-    if rotary_dim % 2 or rotary_dim == 0 or rotary_dim > head_dim or cos_sin_cache.stride(-1) != 1:
-        raise ValueError(f"cos_sin_cache must be [max_positions, rotary_dim] with an even rotary_dim <= head_dim "
-                         f"{head_dim} and a contiguous last dim, got {tuple(cos_sin_cache.shape)}")
-    if positions.shape[0] != query.shape[0] or slot_mapping.shape[0] != query.shape[0]:
-        raise ValueError("positions and slot_mapping need one entry per sequence")
-    _check_norm_weight("q_norm_weight", q_norm_weight, head_dim)
-    _check_norm_weight("k_norm_weight", k_norm_weight, head_dim)
-    rope = DecodeRope(key, value, positions, cos_sin_cache, slot_mapping, q_norm_weight, k_norm_weight, norm_eps)
-    return _decode(query, k_cache, v_cache, seq_lens, block_tables, scale, sliding_window, out, max_seq_len,
-                   num_splits, rope)

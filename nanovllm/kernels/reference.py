@@ -183,20 +183,6 @@ def rope_and_store_kv(
     return q, k
 
 
-def rope_store_and_decode(
-    query, key, value, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, seq_lens, block_tables,
-    scale: float, sliding_window: Optional[int] = None, q_norm_weight=None, k_norm_weight=None,
-    norm_eps: float = 1e-6, out: Optional[torch.Tensor] = None, max_seq_len=None, num_splits=None,
-) -> torch.Tensor:
-    """`rope_and_store_kv` then decode attention (one query token per sequence): the
-    composition the Triton `paged_attention.rope_store_and_decode` does in one launch.
-    max_seq_len / num_splits are launch hints of the kernel, ignored here."""
-    q, _ = rope_and_store_kv(query, key, value, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
-                             q_norm_weight, k_norm_weight, norm_eps)
-    qsl = torch.arange(query.shape[0] + 1, dtype=torch.int32, device=query.device)
-    return paged_attention(q, k_cache, v_cache, qsl, seq_lens, block_tables, scale, sliding_window, out)
-
-
 # ----------------------------------------------------------------------------- norms, activations
 
 

@@ -1,9 +1,7 @@
-"""Attention layer: [q/k RMSNorm +] RoPE + KV-cache store, then paged attention over the cache
-(on decode steps, one Triton launch does all of it)."""
+"""Attention layer: [q/k RMSNorm +] RoPE + KV-cache store, then paged attention over the cache."""
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -12,10 +10,6 @@ from torch import nn
 from nanovllm.layers import ops
 from nanovllm.layers.norm import RMSNorm
 from nanovllm.worker.forward_context import ForwardContext
-
-# NANOVLLM_DECODE_ROPE_FUSION=0: decode steps run the separate RoPE + KV-store kernel before
-# the attention kernel (same-commit A/B timing, debugging), as prefill and mixed steps do.
-FUSE_DECODE_ROPE = os.environ.get("NANOVLLM_DECODE_ROPE_FUSION", "1").strip() != "0"
 
 
 class PagedAttention(nn.Module):
@@ -40,20 +34,7 @@ class PagedAttention(nn.Module):
         q_norm: Optional[RMSNorm] = None,  # Qwen3: per-head RMSNorm of q / k, applied before RoPE
         k_norm: Optional[RMSNorm] = None,
     ) -> torch.Tensor:
-        if ctx.is_decode_only and ctx.use_triton and FUSE_DECODE_ROPE and self._triton_fusable(q, q_norm, k_norm):
-            # Decode: the attention kernel itself normalises and rotates q and the new k and
-            # stores k and v (one launch per layer, not two; reference.rope_store_and_decode).
-            from nanovllm.kernels import paged_attention as pa
-
-            norm = q_norm if q_norm is not None else k_norm
-            return pa.rope_store_and_decode(
-                q, k, v, positions, cos_sin_cache, self.k_cache, self.v_cache, ctx.slot_mapping, ctx.seq_lens,
-                ctx.block_tables, self.scale, self.sliding_window,
-                q_norm_weight=None if q_norm is None else q_norm.weight,
-                k_norm_weight=None if k_norm is None else k_norm.weight,
-                norm_eps=norm.eps if norm is not None else 0.0, max_seq_len=ctx.max_seq_len,
-            )  # [T, H, D]
-        if (q_norm is not None or k_norm is not None) and self._triton_fusable(q, q_norm, k_norm):
+        if (q_norm is not None or k_norm is not None) and self._fuse_qk_norm(q, q_norm, k_norm):
             # One Triton launch normalises, rotates and stores: two RMSNorm launches per layer
             # fewer than the unfused path below, same numerics (reference.rope_and_store_kv).
             from nanovllm.kernels import rope_kv_store
@@ -76,8 +57,8 @@ class PagedAttention(nn.Module):
         )  # [T, H, D]
 
     @staticmethod
-    def _triton_fusable(q: torch.Tensor, q_norm: Optional[RMSNorm], k_norm: Optional[RMSNorm]) -> bool:
-        """Norms (if any) fold into a Triton RoPE launch, where RoPE runs in Triton at all (ops' choice)."""
+    def _fuse_qk_norm(q: torch.Tensor, q_norm: Optional[RMSNorm], k_norm: Optional[RMSNorm]) -> bool:
+        """Fused norm + RoPE where the RoPE itself would run in Triton (ops' own choice)."""
         norms = [n for n in (q_norm, k_norm) if n is not None]
         if any(n.eps != norms[0].eps or n.weight.dtype != q.dtype for n in norms):
             return False  # one eps per launch; a wider weight would widen the unfused output

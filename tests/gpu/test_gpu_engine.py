@@ -131,19 +131,3 @@ def test_programmatic_dependent_launch_changes_no_token(tiny_model_factory, monk
         assert greedy(LLM(path, **kw), prompts) == plain
     finally:
         pdl.set_pdl(None)
-
-
-@pytest.mark.parametrize("name", ["llama", "qwen3"])
-def test_decode_rope_fusion_changes_no_token(name, tiny_model_factory, monkeypatch):
-    """Decode steps with RoPE + KV store inside the attention kernel give the tokens of the
-    separate RoPE kernel (fp32, CUDA graphs on: the fused launch is what the graphs record)."""
-    from nanovllm.layers import attention
-
-    path = tiny_model_factory(name)
-    prompts = prompts_for(name, seed=9)
-    kw = dict(skip_tokenizer_init=True, device="cuda", dtype="float32", max_model_len=256, num_kv_blocks=256,
-              max_num_seqs=8)
-    monkeypatch.setattr(attention, "FUSE_DECODE_ROPE", False)
-    separate = greedy(LLM(path, **kw), prompts)
-    monkeypatch.setattr(attention, "FUSE_DECODE_ROPE", True)
-    assert greedy(LLM(path, **kw), prompts) == separate
