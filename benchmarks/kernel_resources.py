@@ -120,11 +120,12 @@ def compile_launch(kernel, args, kwargs, capability: int = HOPPER_CAPABILITY) ->
         with open(ptx, "w") as f:
             f.write(compiled.asm["ptx"])
         arch = f"sm_{capability}a" if capability == HOPPER_CAPABILITY else f"sm_{capability}"
-        log = subprocess.run([_ptxas(capability), "-v", f"--gpu-name={arch}", ptx, "-o", os.path.join(d, "kernel.o")],
-                             capture_output=True, text=True)
-        if log.returncode:
-            raise RuntimeError(f"ptxas failed: {log.stderr.strip()}")
-        log = log.stdout + log.stderr
+        # ptxas again, on the same PTX: only its -v log states the spill bytes (Triton keeps the cubin, not the log)
+        proc = subprocess.run([_ptxas(capability), "-v", f"--gpu-name={arch}", ptx, "-o", os.path.join(d, "kernel.o")],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"ptxas failed: {proc.stderr.strip()}")
+        log = proc.stdout + proc.stderr
     regs, spills = PTXAS_REGISTERS.search(log), PTXAS_SPILLS.search(log)
     return {"registers": int(regs.group(1)), "stack_bytes": int(spills.group(1)),
             "spill_store_bytes": int(spills.group(2)), "spill_load_bytes": int(spills.group(3)),

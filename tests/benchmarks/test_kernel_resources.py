@@ -21,10 +21,14 @@ REGISTERS_PER_SM = 65536  # H100 / H200
 MIN_DECODE_PROGRAMS_PER_SM = 3
 
 
+def compiling_env() -> dict:
+    """This environment without TRITON_INTERPRET (set for the whole pytest process by the kernel tests)."""
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
 def run_tool(*args):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, TOOL, "--json", *args], capture_output=True, text=True, env=env,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, TOOL, "--json", *args], capture_output=True, text=True,
+                          env=compiling_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
@@ -53,7 +57,7 @@ def test_recorded_launch_leaves_the_kernel_in_place():
             "from nanovllm.kernels import rope_kv_store as m; k = m._rope_store_kernel; "
             "cases = list(kr._rope_cases()); assert m._rope_store_kernel is k; "
             "assert all(c[1] is k and c[2][1]['USE_PDL'] is False for c in cases); print(len(cases))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env=compiling_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "2"
