@@ -18,9 +18,14 @@ for s in $steps; do
              NANOVLLM_STEP_TIMING=1 timeout 60 $nv bench latency --model benchmarks/configs/qwen3-0.6b --repeats 1 \
                  --csv /tmp/timed_latency.csv 2>&1 | tee "$OUT/latency_timed.log" | grep "step phases" ;;
     tput)    timeout 200 $nv bench throughput --model benchmarks/configs/qwen3-0.6b 2>&1 | tee "$OUT/throughput.log" | tail -4 ;;
-    ab)      # same-commit A/B: batch-1 latency of both models with the environment in $AB_ENV (e.g. a feature off)
-             for m in qwen3-0.6b qwen3-8b; do
-               env ${AB_ENV:?set AB_ENV} timeout 150 $nv bench latency --model benchmarks/configs/$m --csv "$OUT/ab_latency.csv" 2>&1 | tail -1
+    ab)      # same-commit A/B: batch-1 latency of $AB_MODELS under each environment in $AB_ENV (';'-separated
+             # settings, e.g. "NANOVLLM_PDL=0;NANOVLLM_X=1"); CSV rows of setting i to $OUT/ab_latency_i.csv
+             IFS=';' read -ra ab_envs <<< "${AB_ENV:?set AB_ENV}"
+             for i in "${!ab_envs[@]}"; do
+               for m in ${AB_MODELS:-qwen3-0.6b qwen3-8b}; do
+                 echo "[${ab_envs[$i]}] $m: $(env ${ab_envs[$i]} timeout 150 $nv bench latency --model benchmarks/configs/$m \
+                     --csv "$OUT/ab_latency_$i.csv" 2>&1 | tail -1)"
+               done
              done 2>&1 | tee "$OUT/ab.log" ;;
     sync)    # same-run baseline: the synchronous engine loop (no overlap of host and GPU work)
              timeout 120 $nv bench latency --model benchmarks/configs/qwen3-0.6b --no-async-scheduling 2>&1 | tee "$OUT/latency_sync.log" | tail -3

@@ -58,6 +58,8 @@ MODELS = (("qwen3-0.6b", 16, 8, 128, 1024, 3072), ("qwen3-8b", 32, 8, 128, 4096,
 DECODE_BATCHES = (1, 256)  # batch 1: several KV splits and the merge; 256: one split (direct output)
 DECODE_CONTEXT = 1024
 BLOCK_SIZE = 16
+H200_SMS = 132  # GEMV programs that prefetch W into L2 on an H100 / H200 (one per SM)
+PREFETCH_PIECE_BYTES = 1024  # any multiple of 16: a runtime argument, not a constexpr
 
 
 @contextlib.contextmanager
@@ -86,6 +88,16 @@ def _ptxas(capability: int) -> str:
         return get_ptxas().path
 
 
+def _l2_prefetch_placement(ptx: str) -> str:
+    """Where the kernel's bulk L2 prefetch sits relative to its PDL wait: 'none', 'before
+    wait' (the weight streams while the previous kernel runs) or 'after wait'."""
+    prefetch = ptx.find("cp.async.bulk.prefetch.L2")
+    if prefetch < 0:
+        return "none"
+    wait = ptx.find("griddepcontrol.wait")
+    return "before wait" if wait < 0 or prefetch < wait else "after wait"
+
+
 def compile_launch(kernel, args, kwargs, capability: int = HOPPER_CAPABILITY) -> dict:
     """Compile one recorded launch for `capability`; ptxas's registers and spill bytes."""
     kwargs = dict(kwargs)
@@ -93,6 +105,8 @@ def compile_launch(kernel, args, kwargs, capability: int = HOPPER_CAPABILITY) ->
     values = dict(zip([p.name for p in kernel.params], args), **kwargs)
     if "USE_PDL" in values:  # the CPU launcher turned PDL off; the GPU would launch with it
         values["USE_PDL"], options["launch_pdl"] = True, True
+    if values.get("PREFETCH_PROGRAMS") == 0:  # and with PDL, the GEMV's first wave prefetches W into L2
+        values["PREFETCH_PROGRAMS"], values["prefetch_piece"] = H200_SMS, PREFETCH_PIECE_BYTES
     signature, constexprs, attrs = {}, {}, {}
     for i, p in enumerate(kernel.params):
         v = values[p.name]
@@ -127,7 +141,8 @@ def compile_launch(kernel, args, kwargs, capability: int = HOPPER_CAPABILITY) ->
             raise RuntimeError(f"ptxas failed: {proc.stderr.strip()}")
         log = proc.stdout + proc.stderr
     regs, spills = PTXAS_REGISTERS.search(log), PTXAS_SPILLS.search(log)
-    return {"registers": int(regs.group(1)), "stack_bytes": int(spills.group(1)),
+    return {"l2_prefetch": _l2_prefetch_placement(compiled.asm["ptx"]),
+            "registers": int(regs.group(1)), "stack_bytes": int(spills.group(1)),
             "spill_store_bytes": int(spills.group(2)), "spill_load_bytes": int(spills.group(3)),
             "num_warps": options.get("num_warps", 4), "num_stages": options.get("num_stages", 3)}
 
@@ -201,7 +216,8 @@ def main(argv=None) -> int:
                 print(json.dumps({"kernel": name, **r}))
             else:
                 print(f"{name:70s} {r['num_warps']} warps: {r['registers']:3d} regs, stack {r['stack_bytes']:4d} B, "
-                      f"spill stores {r['spill_store_bytes']:4d} B, loads {r['spill_load_bytes']:4d} B")
+                      f"spill stores {r['spill_store_bytes']:4d} B, loads {r['spill_load_bytes']:4d} B, "
+                      f"L2 prefetch: {r['l2_prefetch']}")
     return 0
 
 

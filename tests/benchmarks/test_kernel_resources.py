@@ -45,6 +45,7 @@ def test_decode_attention_and_rope_fit_in_registers_on_hopper():
     for r in rows:
         assert 0 < r["registers"] <= MAX_REGISTERS, r
         assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0, f"spills: {r}"
+        assert r["l2_prefetch"] == "none", r
         if r["kernel"].startswith("decode attention"):
             programs = REGISTERS_PER_SM // (r["registers"] * 32 * r["num_warps"])
             assert programs >= MIN_DECODE_PROGRAMS_PER_SM, f"{programs} programs per SM: {r}"
@@ -61,3 +62,16 @@ def test_recorded_launch_leaves_the_kernel_in_place():
                           env=compiling_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "2"
+
+
+def test_skinny_gemm_prefetches_its_weight_into_l2_before_the_pdl_wait():
+    """Compiled as the GPU launches it (PDL on, first wave prefetching), every skinny-GEMM
+    launch issues its bulk L2 prefetch of W before `griddepcontrol.wait`, so the weight streams
+    while the previous kernel runs; at one row no config spills."""
+    pytest.importorskip("triton")
+    rows = run_tool("--only", "gemv")
+    assert len(rows) >= 16
+    for r in rows:
+        assert r["l2_prefetch"] == "before wait", r
+        if " M=1 " in r["kernel"]:
+            assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0, f"spills: {r}"
