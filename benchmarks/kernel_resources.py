@@ -58,8 +58,6 @@ MODELS = (("qwen3-0.6b", 16, 8, 128, 1024, 3072), ("qwen3-8b", 32, 8, 128, 4096,
 DECODE_BATCHES = (1, 256)  # batch 1: several KV splits and the merge; 256: one split (direct output)
 DECODE_CONTEXT = 1024
 BLOCK_SIZE = 16
-H200_SMS = 132  # GEMV programs that prefetch W into L2 on an H100 / H200 (one per SM)
-PREFETCH_PIECE_BYTES = 1024  # any multiple of 16: a runtime argument, not a constexpr
 
 
 @contextlib.contextmanager
@@ -105,8 +103,6 @@ def compile_launch(kernel, args, kwargs, capability: int = HOPPER_CAPABILITY) ->
     values = dict(zip([p.name for p in kernel.params], args), **kwargs)
     if "USE_PDL" in values:  # the CPU launcher turned PDL off; the GPU would launch with it
         values["USE_PDL"], options["launch_pdl"] = True, True
-    if values.get("PREFETCH_PROGRAMS") == 0:  # and with PDL, the GEMV's first wave prefetches W into L2
-        values["PREFETCH_PROGRAMS"], values["prefetch_piece"] = H200_SMS, PREFETCH_PIECE_BYTES
     signature, constexprs, attrs = {}, {}, {}
     for i, p in enumerate(kernel.params):
         v = values[p.name]
@@ -159,6 +155,8 @@ def _decode_cases():
             with recording(paged_attention, "_decode_split_kernel") as (kernel, launches):
                 paged_attention.paged_attention_decode(q, cache, cache, lens, tables, head_dim**-0.5,
                                                        max_seq_len=DECODE_CONTEXT)
+            if batch <= paged_attention.L2_PREFETCH_MAX_SEQS:  # on the GPU it also prefetches o_proj's weight
+                launches[0][1]["PREFETCH_PROGRAMS"] = batch * kv_heads * splits
             yield f"decode attention {model} batch {batch} ({splits} splits)", kernel, launches[0]
 
 

@@ -21,9 +21,6 @@ memory system allows:
     memory, no barrier in the loop); each thread sums its own vector's products in fp32
     into `acc [BLOCK_M, BLOCK_N, BLOCK_K / VEC]`, and the one cross-thread reduction runs
     after the K loop; bias added in fp32, one rounding to the output dtype;
-  * launched with PDL (kernels/pdl.py), the first wave of programs asks the L2 for the
-    start of W before waiting for x (kernels/l2_prefetch.py), so the weight begins to stream
-    while the previous, low-traffic kernel (decode attention before o_proj) still runs;
   * no split-K, no atomics: one program computes each output element from start to end, so
     results are deterministic for a given config and the launch is a single kernel with
     no host sync (CUDA-graph capturable once tuned).
@@ -60,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels.l2_prefetch import NO_PREFETCH, L2_PREFETCH_LANES, device_limits, l2_prefetch, plan_l2_prefetch
+from nanovllm.kernels.l2_prefetch import device_limits
 from nanovllm.kernels.launch_math import cdiv, next_pow2
 from nanovllm.kernels.pdl import pdl_launch_options, pdl_wait, use_pdl
 
@@ -111,7 +108,6 @@ CONFIGS = (
     GemvConfig(8, 1024, 4, 1),
     GemvConfig(8, 2048, 8, 1),
 )
-MAX_BLOCK_N = max(c.block_n for c in CONFIGS)  # the fewest programs a launch can have: cdiv(N, MAX_BLOCK_N)
 INTERPRET_CONFIG = GemvConfig(4, 128, 1, 1)  # CPU interpreter: small tiles, several chunks and a K tail
 MAX_ACC_PER_THREAD = 32  # prune configs whose BLOCK_M * BLOCK_N * vectors-per-row accumulators exceed this
 
@@ -184,13 +180,10 @@ def _skinny_gemm_kernel(
     stride_rm,
     stride_rom,
     eps,
-    prefetch_piece,  # bytes per L2 prefetch instruction (kernels/l2_prefetch.py)
     HAS_BIAS: tl.constexpr,
     PROLOGUE: tl.constexpr,  # PROLOGUE_NONE / _RMS_NORM / _SILU_MUL
     HAS_RESIDUAL: tl.constexpr,
     USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels/pdl.py)
-    PREFETCH_PROGRAMS: tl.constexpr,  # programs that ask the L2 for W's prefix before the wait; 0 = none
-    PREFETCH_LANES: tl.constexpr,
     VEC: tl.constexpr,  # elements per 16-byte vector of W's dtype (8 for bf16 / fp16, 4 for fp32)
     BLOCK_M: tl.constexpr,  # next_pow2(M) <= GEMV_MAX_M
     BLOCK_N: tl.constexpr,
@@ -216,10 +209,8 @@ def _skinny_gemm_kernel(
     # Software pipelining by hand, in registers: the loads of chunk i + 1 are issued before
     # chunk i is multiplied, so each thread always has a chunk of W in flight.
     w = tl.load(w_ptrs, mask=offs_k < K, other=0.0, eviction_policy="evict_first")  # chunk 0
-    # PDL: the weight chunk above, and the first wave's L2 prefetch of W's prefix, are issued
-    # while the previous kernel (which produces x) may still run; x, the residual, the output
-    # and the bias are touched only after the wait.
-    l2_prefetch(w_ptr, prefetch_piece, PREFETCH_PROGRAMS, PREFETCH_LANES)
+    # PDL: the weight chunk above is issued while the previous kernel (which produces x)
+    # may still run; x, the residual, the output and the bias are touched only after the wait.
     pdl_wait(USE_PDL)
     for k in range(BLOCK_K, K, BLOCK_K):  # k: start of the next chunk
         w_next = tl.load(w_ptrs + k, mask=(offs_k + k) < K, other=0.0, eviction_policy="evict_first")
@@ -311,14 +302,12 @@ def _launch(x, weight, bias, out, config, prologue=PROLOGUE_NONE, norm_weight=No
     m, n, k = out.shape[0], weight.shape[0], weight.shape[1]
     block_m, vec = next_pow2(m), _vec(weight.dtype)
     pdl = use_pdl(x)
-    prefetch = plan_l2_prefetch(weight, cdiv(n, MAX_BLOCK_N)) if pdl else NO_PREFETCH
     has_res = residual is not None
     res, res_out = (residual, residual_out) if has_res else (x, x)  # placeholders, never touched
     args = (x, weight, weight if bias is None else bias, out, weight if norm_weight is None else norm_weight,
             res, res_out, m, n, k, x.stride(0), weight.stride(0), out.stride(0), res.stride(0), res_out.stride(0),
-            float(eps), prefetch.piece_bytes)
-    flags = dict(HAS_BIAS=bias is not None, PROLOGUE=prologue, HAS_RESIDUAL=has_res, USE_PDL=pdl,
-                 PREFETCH_PROGRAMS=prefetch.programs, PREFETCH_LANES=L2_PREFETCH_LANES, VEC=vec,
+            float(eps))
+    flags = dict(HAS_BIAS=bias is not None, PROLOGUE=prologue, HAS_RESIDUAL=has_res, USE_PDL=pdl, VEC=vec,
                  BLOCK_M=block_m, **pdl_launch_options(pdl))
     if config is None and _tuned_kernel is not None:
         key = (block_m, n, k, prologue, has_res, x.dtype, weight.dtype, None if bias is None else bias.dtype, out.dtype)

@@ -1,25 +1,26 @@
-"""L2 prefetch of a GEMV's weight before its PDL wait (Hopper's bulk prefetch to L2).
+"""L2 prefetch of the next GEMM's weight from a low-traffic kernel (Hopper's bulk prefetch).
 
 Why. A batch-1 decode step alternates weight-streaming GEMVs with kernels that move little
 data: RoPE + KV store (~3 us per layer) and decode attention (~7 us per layer on Qwen3-8B,
-~2.6 MB of KV), during which HBM mostly idles. With PDL the next GEMV's programs are already
-resident while attention runs, parked in `pdl_wait`. Before parking, its first programs ask
-the L2 to fetch the start of the weight matrix (`cp.async.bulk.prefetch.L2.global`: one
-instruction per piece, no registers held, nothing to wait for), so that part of the weight
-streams from HBM during attention and the GEMV's own loads then hit L2. The o_proj weight of
-an 8B model (33.5 MB) takes ~7.6 us to stream at 4.4 TB/s: about one attention kernel.
+~2.6 MB of KV), during which HBM mostly idles. The decode attention kernel knows what comes
+next: o_proj, whose weight (33.5 MB on the 8B: ~7.6 us at 4.4 TB/s, about one attention
+kernel) no kernel writes. So, before its PDL wait (it is then running ahead, during RoPE),
+it asks the L2 to fetch the start of that weight (`cp.async.bulk.prefetch.L2.global`: one
+instruction per piece, no registers held, nothing to wait for); o_proj's own loads then hit
+L2. (Prefetching from a GEMV for its own weight, during the kernel before it, was measured
+and lost: see docs/performance.md; there the kernel before streams weights too, and the
+prefetch only competes with it.)
 
-Which bytes. The first `plan.programs` programs (pid < programs: the first wave, scheduled
-before any other) each prefetch `L2_PREFETCH_LANES` consecutive pieces of `piece_bytes`, so
-together they cover a prefix of the weight: all of it, or `L2_PREFETCH_FRACTION` of the L2
-if the weight is larger (the lines must still be there when the GEMV reaches them; a prefix
-is what the first programs read first). The weight must be one contiguous block.
+Which bytes. The first `plan.programs` programs of the prefetching kernel (a linear program
+index below `programs`) each ask for `L2_PREFETCH_LANES` consecutive pieces of `piece_bytes`,
+so that together they cover a prefix of the weight: all of it, or `L2_PREFETCH_FRACTION` of
+the L2 if the weight is larger (the lines must still be there when the GEMV reaches them).
+The weight must be one contiguous block.
 
 It reads only weights, so it may run before `pdl_wait` (kernels/pdl.py's contract). Used
-only with PDL (without it nothing runs early, so there is no idle time to fill). Needs sm_90
-(bulk async copies); off on older GPUs, CPU tensors, under TRITON_INTERPRET and with
-`NANOVLLM_L2_PREFETCH=0` (A/B timing); `NANOVLLM_L2_PREFETCH_FRACTION` overrides the share
-of the L2 (tuning).
+only with PDL (without it nothing runs early). Needs sm_90 (bulk async copies); off on older
+GPUs, CPU tensors, under TRITON_INTERPRET and with `NANOVLLM_L2_PREFETCH=0` (A/B timing);
+`NANOVLLM_L2_PREFETCH_FRACTION` overrides the share of the L2 (tuning).
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ def device_limits(device_index: int) -> tuple[int, int, int]:
 
 
 def plan_l2_prefetch(weight: torch.Tensor, max_programs: int) -> L2PrefetchPlan:
-    """How a kernel over `weight` (launched with at least `max_programs` programs) prefetches
-    its prefix on this weight's device; NO_PREFETCH where it cannot or should not."""
+    """How a kernel launched with `max_programs` programs prefetches `weight`'s prefix on
+    the weight's device; NO_PREFETCH where it cannot or should not."""
     if (INTERPRET or not weight.is_cuda or not weight.is_contiguous()
             or weight.data_ptr() % BULK_ALIGN_BYTES or os.environ.get("NANOVLLM_L2_PREFETCH", "1").strip() == "0"):
         return NO_PREFETCH
@@ -105,11 +106,10 @@ def prefetched_bytes(plan: L2PrefetchPlan) -> int:
 
 
 @triton.jit
-def l2_prefetch(base_ptr, piece_bytes, PROGRAMS: tl.constexpr, LANES: tl.constexpr):
-    """Programs pid < PROGRAMS ask the L2 for bytes [pid * LANES * piece, (pid + 1) * LANES * piece)
+def l2_prefetch(base_ptr, piece_bytes, pid, PROGRAMS: tl.constexpr, LANES: tl.constexpr):
+    """Program `pid` (< PROGRAMS) asks the L2 for bytes [pid * LANES * piece, (pid + 1) * LANES * piece)
     of `base_ptr` (one bulk prefetch per lane); PROGRAMS = 0 compiles to nothing."""
     if PROGRAMS > 0:
-        pid = tl.program_id(0)
         if pid < PROGRAMS:
             lane = pid * LANES + tl.arange(0, LANES)  # [LANES] piece indices
             ptrs = base_ptr.to(tl.pointer_type(tl.int8)) + lane.to(tl.int64) * piece_bytes

@@ -262,3 +262,42 @@ def test_decode_cuda_graph_replay_with_varying_seq_lens():
         live = [i for i, n in enumerate(lens) if n > 0]
         assert not out.isnan().any(), f"trial {trial}: unwritten output"
         assert_close(out[live], ref[live])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("num_seqs", [1, 8, 9])
+def test_decode_with_l2_prefetch_of_the_next_weight_changes_no_bit(num_seqs, monkeypatch):
+    """Small-batch decode asks the L2 for the next GEMM's weight before its PDL wait (on sm_90):
+    the output is bit-identical with and without it; the kernel is told to prefetch only for
+    batches of at most L2_PREFETCH_MAX_SEQS sequences."""
+    from nanovllm.kernels import l2_prefetch, pdl
+    from nanovllm.kernels import paged_attention as pa
+
+    if torch.cuda.get_device_capability()[0] < l2_prefetch.L2_PREFETCH_MIN_CAPABILITY:
+        pytest.skip("bulk L2 prefetch needs sm_90")
+    seq_lens = [640 + 37 * i for i in range(num_seqs)]
+    query, k_cache, v_cache, _, lens, tables = make_batch([1] * num_seqs, seq_lens, 32, 8, 128, 16, torch.bfloat16,
+                                                          "cuda", seed=num_seqs)
+    o_proj = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)  # 32 MiB, an 8B model's o_proj
+    kernel, programs = pa._decode_split_kernel, []
+
+    class Spy:  # records what the launcher asks the kernel to prefetch, then launches it
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                programs.append(kwargs["PREFETCH_PROGRAMS"])
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(pa, "_decode_split_kernel", Spy())
+    pdl.set_pdl(True)
+    try:
+        plain = paged_attention_decode(query, k_cache, v_cache, lens, tables, 128**-0.5, max_seq_len=4096)
+        fetched = paged_attention_decode(query, k_cache, v_cache, lens, tables, 128**-0.5, max_seq_len=4096,
+                                         prefetch_weight=o_proj)
+        torch.cuda.synchronize()
+    finally:
+        pdl.set_pdl(None)
+    assert torch.equal(plain, fetched)
+    assert programs[0] == 0
+    assert (programs[1] > 0) == (num_seqs <= pa.L2_PREFETCH_MAX_SEQS)
