@@ -86,16 +86,6 @@ def _ptxas(capability: int) -> str:
         return get_ptxas().path
 
 
-def _l2_prefetch_placement(ptx: str) -> str:
-    """Where the kernel's bulk L2 prefetch sits relative to its PDL wait: 'none', 'before
-    wait' (the weight streams while the previous kernel runs) or 'after wait'."""
-    prefetch = ptx.find("cp.async.bulk.prefetch.L2")
-    if prefetch < 0:
-        return "none"
-    wait = ptx.find("griddepcontrol.wait")
-    return "before wait" if wait < 0 or prefetch < wait else "after wait"
-
-
 def compile_launch(kernel, args, kwargs, capability: int = HOPPER_CAPABILITY) -> dict:
     """Compile one recorded launch for `capability`; ptxas's registers and spill bytes."""
     kwargs = dict(kwargs)
@@ -137,8 +127,7 @@ def compile_launch(kernel, args, kwargs, capability: int = HOPPER_CAPABILITY) ->
             raise RuntimeError(f"ptxas failed: {proc.stderr.strip()}")
         log = proc.stdout + proc.stderr
     regs, spills = PTXAS_REGISTERS.search(log), PTXAS_SPILLS.search(log)
-    return {"l2_prefetch": _l2_prefetch_placement(compiled.asm["ptx"]),
-            "registers": int(regs.group(1)), "stack_bytes": int(spills.group(1)),
+    return {"registers": int(regs.group(1)), "stack_bytes": int(spills.group(1)),
             "spill_store_bytes": int(spills.group(2)), "spill_load_bytes": int(spills.group(3)),
             "num_warps": options.get("num_warps", 4), "num_stages": options.get("num_stages", 3)}
 
@@ -155,8 +144,6 @@ def _decode_cases():
             with recording(paged_attention, "_decode_split_kernel") as (kernel, launches):
                 paged_attention.paged_attention_decode(q, cache, cache, lens, tables, head_dim**-0.5,
                                                        max_seq_len=DECODE_CONTEXT)
-            if batch <= paged_attention.L2_PREFETCH_MAX_SEQS:  # on the GPU it also prefetches o_proj's weight
-                launches[0][1]["PREFETCH_PROGRAMS"] = batch * kv_heads * splits
             yield f"decode attention {model} batch {batch} ({splits} splits)", kernel, launches[0]
 
 
@@ -214,8 +201,7 @@ def main(argv=None) -> int:
                 print(json.dumps({"kernel": name, **r}))
             else:
                 print(f"{name:70s} {r['num_warps']} warps: {r['registers']:3d} regs, stack {r['stack_bytes']:4d} B, "
-                      f"spill stores {r['spill_store_bytes']:4d} B, loads {r['spill_load_bytes']:4d} B, "
-                      f"L2 prefetch: {r['l2_prefetch']}")
+                      f"spill stores {r['spill_store_bytes']:4d} B, loads {r['spill_load_bytes']:4d} B")
     return 0
 
 

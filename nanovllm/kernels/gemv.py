@@ -57,7 +57,6 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels.l2_prefetch import device_limits
 from nanovllm.kernels.launch_math import cdiv, next_pow2
 from nanovllm.kernels.pdl import pdl_launch_options, pdl_wait, use_pdl
 
@@ -82,6 +81,7 @@ CALIBRATE_MARGIN = 0.0
 ROTATE_L2_FACTOR = 2  # rotate over weight copies totalling >= this many L2 sizes
 MAX_ROTATE_COPIES = 32
 MAX_ROTATE_BYTES = 512 * 2**20  # never allocate more than this for copies of one weight
+DEFAULT_L2_BYTES = 50 * 2**20  # H100; used when the device does not report its L2 size
 
 
 class GemvConfig(NamedTuple):
@@ -442,7 +442,7 @@ def warm_up(weight: torch.Tensor, bias: Optional[torch.Tensor] = None, max_m: in
 
 
 def _l2_bytes(device: torch.device) -> int:
-    return device_limits(device.index if device.index is not None else torch.cuda.current_device())[2]
+    return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or DEFAULT_L2_BYTES)
 
 
 def rotation_copies(weight_bytes: int, l2_bytes: int) -> int:

@@ -39,7 +39,6 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels.launch_math import cdiv, next_pow2
-from nanovllm.kernels.l2_prefetch import L2_PREFETCH_LANES, NO_PREFETCH, l2_prefetch, plan_l2_prefetch
 from nanovllm.kernels.pdl import pdl_launch_options, pdl_wait, use_pdl
 
 LOG2E = 1.4426950408889634  # log2(e): scores * scale * LOG2E feed exp2
@@ -62,10 +61,6 @@ DECODE_PROGRAMS_PER_SM = 2  # aim for this many (seq, kv head, split) programs p
 DECODE_MIN_KEYS_PER_SPLIT = 256  # long contexts: a shorter split costs more than it saves
 DECODE_SHORT_CONTEXT_SPLITS = 8  # short contexts: up to this many splits of >= one tile (latency)
 DECODE_MAX_SPLITS = 64
-# Decode batches up to this size prefetch the next weight into L2 (kernels/l2_prefetch.py):
-# their attention reads little KV, so HBM has time to spare; larger batches read enough KV
-# that the prefetch would only compete with it.
-L2_PREFETCH_MAX_SEQS = 8
 DEFAULT_NUM_SMS = 132  # H100 SXM; used when no CUDA device is present (interpreter)
 
 MERGE_NUM_WARPS = 1
@@ -404,7 +399,6 @@ def paged_attention(
     out: Optional[torch.Tensor] = None,
     max_query_len: Optional[int] = None,
     max_seq_len: Optional[int] = None,
-    prefetch_weight: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Causal attention of the new tokens over their paged K/V; `reference.paged_attention` semantics.
 
@@ -420,7 +414,7 @@ def paged_attention(
     if max_query_len == 1:
         return paged_attention_decode(
             query, k_cache, v_cache, seq_lens, block_tables, scale,
-            sliding_window=sliding_window, out=out, max_seq_len=max_seq_len, prefetch_weight=prefetch_weight,
+            sliding_window=sliding_window, out=out, max_seq_len=max_seq_len,
         )
     block_m, tile_n, num_warps, num_stages = _unified_config(
         query.shape[0], query.shape[1], k_cache.shape[1], query.device
@@ -446,8 +440,6 @@ def _decode_split_kernel(
     v_cache_ptr,
     seq_lens_ptr,  # [num_seqs]
     block_tables_ptr,  # [num_seqs, max_blocks_per_seq]
-    prefetch_ptr,  # the next GEMM's weight, asked into L2 before the wait (kernels/l2_prefetch.py)
-    prefetch_piece,  # bytes per prefetch instruction
     num_heads,
     num_kv_heads,
     num_splits,
@@ -469,16 +461,10 @@ def _decode_split_kernel(
     MERGE_SPLITS: tl.constexpr,  # splits the merge loads per iteration (power of two)
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels/pdl.py)
-    PREFETCH_PROGRAMS: tl.constexpr,  # programs that prefetch the next weight; 0 = none
-    PREFETCH_LANES: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    # While RoPE (the kernel before) still runs: ask the L2 for o_proj's weight, which this
-    # kernel's small reads leave HBM time to stream (kernels/l2_prefetch.py).
-    l2_prefetch(prefetch_ptr, prefetch_piece, (seq * num_kv_heads + kv_head) * num_splits + split,
-                PREFETCH_PROGRAMS, PREFETCH_LANES)
 
     # Before the PDL wait: the split's bounds and its first tile's block ids. seq_lens and
     # block_tables are step inputs, written before the forward's first kernel and by no kernel
@@ -619,16 +605,13 @@ def choose_num_splits(
 
 def _launch_decode(
     query, k_cache, v_cache, seq_lens, block_tables, scale, sliding_window, out,
-    num_splits: int, tile_n: int, num_warps: int, num_stages: int, prefetch_weight=None,
+    num_splits: int, tile_n: int, num_warps: int, num_stages: int,
 ) -> None:
     num_seqs, num_heads, head_dim = query.shape
     num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
     direct = num_splits == 1
     pdl = use_pdl(query)
-    prefetch = NO_PREFETCH
-    if prefetch_weight is not None and pdl and num_seqs <= L2_PREFETCH_MAX_SEQS:
-        prefetch = plan_l2_prefetch(prefetch_weight, num_seqs * num_kv_heads * num_splits)
     if direct:
         part_out = part_lse = counters = out  # unused placeholders
     else:
@@ -637,7 +620,6 @@ def _launch_decode(
         counters = split_counters(query.device, num_seqs * num_kv_heads)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         out, part_out, part_lse, counters, query, k_cache, v_cache, seq_lens, block_tables,
-        query if prefetch == NO_PREFETCH else prefetch_weight, prefetch.piece_bytes,
         num_heads, num_kv_heads, num_splits, scale * LOG2E, sliding_window or 0,
         query.stride(0), query.stride(1),
         out.stride(0), out.stride(1),
@@ -649,8 +631,7 @@ def _launch_decode(
         USE_WINDOW=sliding_window is not None, DIRECT=direct,
         MERGE_SPLITS=merge_splits_per_load(num_splits, group, head_dim),
         DOT_PRECISION=_dot_precision(query.dtype),
-        num_warps=num_warps, num_stages=num_stages, USE_PDL=pdl,
-        PREFETCH_PROGRAMS=prefetch.programs, PREFETCH_LANES=L2_PREFETCH_LANES, **pdl_launch_options(pdl),
+        num_warps=num_warps, num_stages=num_stages, USE_PDL=pdl, **pdl_launch_options(pdl),
     )
 
 
@@ -687,7 +668,6 @@ def paged_attention_decode(
     out: Optional[torch.Tensor] = None,
     max_seq_len: Optional[int] = None,
     num_splits: Optional[int] = None,
-    prefetch_weight: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Split-KV (flash-decoding) attention for a decode-only batch; CUDA-graph safe.
 
@@ -695,9 +675,7 @@ def paged_attention_decode(
     table's capacity, `max_blocks_per_seq * block_size`); the kernels read the real lengths
     from `seq_lens`, and splits past a sequence's end are empty (lse = -inf) and drop out
     of the merge. Pass a fixed `num_splits`/`max_seq_len` when capturing a graph.
-    A sequence with seq_len 0 (batch padding) gets a zero output. `prefetch_weight` (the
-    o_proj weight that follows) is asked into L2 while the kernel runs, for batches of at most
-    L2_PREFETCH_MAX_SEQS sequences (kernels/l2_prefetch.py); it changes no result.
+    A sequence with seq_len 0 (batch padding) gets a zero output.
     """
     _check_common(query, k_cache, v_cache)
     num_seqs = query.shape[0]
@@ -718,6 +696,6 @@ def paged_attention_decode(
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     _launch_decode(
         query, k_cache, v_cache, seq_lens, block_tables, scale, sliding_window, out,
-        num_splits, DECODE_TILE_N, DECODE_NUM_WARPS, DECODE_NUM_STAGES, prefetch_weight,
+        num_splits, DECODE_TILE_N, DECODE_NUM_WARPS, DECODE_NUM_STAGES,
     )
     return out

@@ -10,9 +10,9 @@ block in `gdc_wait` until the previous grid has completed and its memory is visi
 
 The contract every kernel launched with PDL keeps (all checked by reading the kernel):
   * before `pdl_wait`, it writes nothing and reads only data that no kernel of the forward
-    writes: weights (also when it only asks the L2 for them, kernels/l2_prefetch.py),
-    constants, and the step's inputs (sequence lengths, block tables, positions, cache
-    slots), which host copies and small kernels fill before the forward's first kernel. A kernel runs ahead only of the kernel right before it, and only once
+    writes: weights, constants, and the step's inputs (sequence lengths, block tables,
+    positions, cache slots), which host copies and small kernels fill before the forward's
+    first kernel. A kernel runs ahead only of the kernel right before it, and only once
     that kernel has passed its own wait, so everything two or more launches back has
     completed and is visible;
   * every program reaches `pdl_wait` (no early exit before it): a grid whose programs all

@@ -33,7 +33,6 @@ class PagedAttention(nn.Module):
         ctx: ForwardContext,
         q_norm: Optional[RMSNorm] = None,  # Qwen3: per-head RMSNorm of q / k, applied before RoPE
         k_norm: Optional[RMSNorm] = None,
-        next_weight: Optional[torch.Tensor] = None,  # o_proj's weight: prefetched into L2 during decode
     ) -> torch.Tensor:
         if (q_norm is not None or k_norm is not None) and self._fuse_qk_norm(q, q_norm, k_norm):
             # One Triton launch normalises, rotates and stores: two RMSNorm launches per layer
@@ -54,8 +53,7 @@ class PagedAttention(nn.Module):
             q, k = ops.rope_and_store_kv(q, k, v, positions, cos_sin_cache, self.k_cache, self.v_cache,
                                          ctx.slot_mapping, ctx)
         return ops.paged_attention(
-            q, self.k_cache, self.v_cache, ctx, self.scale, self.sliding_window, use_triton=ctx.use_triton,
-            prefetch_weight=next_weight,
+            q, self.k_cache, self.v_cache, ctx, self.scale, self.sliding_window, use_triton=ctx.use_triton
         )  # [T, H, D]
 
     @staticmethod

@@ -69,17 +69,14 @@ def rope_and_store_kv(query, key, value, positions, cos_sin_cache, k_cache, v_ca
     return reference.rope_and_store_kv(query, key, value, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
 
 
-def paged_attention(query, k_cache, v_cache, ctx, scale, sliding_window=None, use_triton=True, prefetch_weight=None):
-    """Attention of the batch's new tokens over the paged cache described by ctx (a ForwardContext).
-    `prefetch_weight`: the weight of the GEMM that follows, which the Triton decode kernel asks
-    into L2 while it runs (kernels/l2_prefetch.py); other paths ignore it."""
+def paged_attention(query, k_cache, v_cache, ctx, scale, sliding_window=None, use_triton=True):
+    """Attention of the batch's new tokens over the paged cache described by ctx (a ForwardContext)."""
     if use_triton and _use_triton(query):
         from nanovllm.kernels import paged_attention as pa
 
         return pa.paged_attention(
             query, k_cache, v_cache, ctx.query_start_loc, ctx.seq_lens, ctx.block_tables, scale,
             sliding_window=sliding_window, max_query_len=ctx.max_query_len, max_seq_len=ctx.max_seq_len,
-            prefetch_weight=prefetch_weight,
         )
     if not query.is_cuda and ctx.query_start_loc_cpu is not None:
         from nanovllm.layers import torch_attention

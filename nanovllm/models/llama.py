@@ -56,8 +56,7 @@ class DecoderAttention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         # Qwen3's q/k norms run inside the attention layer: fused with RoPE + KV store on Triton.
-        out = self.attn(q, k, v, positions, cos_sin_cache, ctx, self.q_norm, self.k_norm,
-                        next_weight=self.o_proj.weight)  # [T, H, D]
+        out = self.attn(q, k, v, positions, cos_sin_cache, ctx, self.q_norm, self.k_norm)  # [T, H, D]
         return self.o_proj(out.reshape(-1, self.q_size))
 
 

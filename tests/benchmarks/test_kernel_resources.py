@@ -35,8 +35,8 @@ def run_tool(*args):
 
 def test_decode_attention_and_rope_fit_in_registers_on_hopper():
     """Every decode-attention and RoPE launch the engine makes at the Qwen3-0.6B / 8B shapes
-    compiles for sm_90 without spilling, decode attention leaves room for several programs
-    per SM, and only small-batch decode attention issues an L2 prefetch, before its PDL wait."""
+    compiles for sm_90 without spilling, and decode attention leaves room for several
+    programs per SM."""
     pytest.importorskip("triton")
     rows = run_tool("--only", "decode", "--only", "rope")
     names = [r["kernel"] for r in rows]
@@ -45,9 +45,6 @@ def test_decode_attention_and_rope_fit_in_registers_on_hopper():
     for r in rows:
         assert 0 < r["registers"] <= MAX_REGISTERS, r
         assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0, f"spills: {r}"
-        # on the GPU, small-batch decode attention asks the L2 for o_proj's weight while RoPE runs
-        small_batch_decode = r["kernel"].startswith("decode attention") and " batch 1 " in r["kernel"]
-        assert r["l2_prefetch"] == ("before wait" if small_batch_decode else "none"), r
         if r["kernel"].startswith("decode attention"):
             programs = REGISTERS_PER_SM // (r["registers"] * 32 * r["num_warps"])
             assert programs >= MIN_DECODE_PROGRAMS_PER_SM, f"{programs} programs per SM: {r}"
@@ -64,4 +61,3 @@ def test_recorded_launch_leaves_the_kernel_in_place():
                           env=compiling_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "2"
-
