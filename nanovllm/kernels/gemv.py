@@ -73,11 +73,13 @@ TUNE_REP_MS = 25
 CALIBRATE_REPS = 20  # timed graph replays per (shape, M, implementation); the median is kept
 CALIBRATE_WARMUP_REPLAYS = 3
 # Triton is used up to the largest M below which it is at most this much slower than cuBLAS
-# at every timed M: ties go to Triton, since where it serves a call it also absorbs the
-# RMSNorm or SiLU-and-mul in front of the GEMM (a launch and a pass over x that the cuBLAS
-# path pays separately and these timings leave out). H200, Qwen3-8B gate_up at M = 1:
-# cuBLAS 52.1 us, Triton 51.0 us (+ the separate RMSNorm kernel's ~2 us on the cuBLAS path).
+# at every timed M (ties go to Triton). Shapes that the model runs after a residual add +
+# RMSNorm (qkv, gate_up) are timed as the layer runs them: the fused kernel against the norm
+# kernel + cuBLAS. Timing the GEMMs alone let noise decide a near tie: H200, Qwen3-8B gate_up
+# at M = 1, cuBLAS 51.7-52.2 us vs Triton 51.0-53.3 us across processes, and where cuBLAS
+# won, the separate RMSNorm (~2 us per layer) came back into the step.
 CALIBRATE_MARGIN = 0.0
+CALIBRATE_NORM_EPS = 1e-6
 ROTATE_L2_FACTOR = 2  # rotate over weight copies totalling >= this many L2 sizes
 MAX_ROTATE_COPIES = 32
 MAX_ROTATE_BYTES = 512 * 2**20  # never allocate more than this for copies of one weight
@@ -425,17 +427,21 @@ def best_config(m: int, n: int, k: int) -> Optional[str]:
     return None
 
 
-def warm_up(weight: torch.Tensor, bias: Optional[torch.Tensor] = None, max_m: int = GEMV_MAX_M) -> None:
+def warm_up(weight: torch.Tensor, bias: Optional[torch.Tensor] = None, max_m: int = GEMV_MAX_M,
+            after_norm: bool = False) -> None:
     """Tune (and compile) the kernel for this weight's shape at every row bucket up to max_m
-    (1, 2, 4, 8), so that no later call benchmarks, e.g. inside a CUDA-graph capture."""
+    (1, 2, 4, 8), so that no later call benchmarks, e.g. inside a CUDA-graph capture; with
+    `after_norm`, also its residual-add + RMSNorm variant."""
     k = weight.shape[1]
     x = torch.zeros(GEMV_MAX_M, k, dtype=weight.dtype, device=weight.device)
-    m = 1
-    while m <= min(max_m, GEMV_MAX_M):
-        skinny_gemm(x[:m], weight, bias)
-        m *= 2
+    norm_weight = torch.ones(k, dtype=weight.dtype, device=weight.device)
+    buckets = [1 << i for i in range(GEMV_MAX_M.bit_length()) if 1 << i <= min(max_m, GEMV_MAX_M)]
     if max_m > 1 and max_m & (max_m - 1):  # not a power of two: its own bucket
-        skinny_gemm(x[: min(max_m, GEMV_MAX_M)], weight, bias)
+        buckets.append(min(max_m, GEMV_MAX_M))
+    for m in buckets:
+        skinny_gemm(x[:m], weight, bias)
+        if after_norm:
+            rms_norm_skinny_gemm(x[:m], x[:m], norm_weight, CALIBRATE_NORM_EPS, weight, bias)
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -486,26 +492,39 @@ def time_us(fn, reps: int = CALIBRATE_REPS, calls: int = 1) -> float:
     return times[len(times) // 2] * 1e3 / calls
 
 
-def _time_pair(copies: list, bias: Optional[torch.Tensor], m: int) -> tuple[float, float]:
-    """(cuBLAS us, Triton us) per call at M = m, cycling through the weight `copies`."""
+def _time_pair(copies: list, bias: Optional[torch.Tensor], m: int, after_norm: bool = False) -> tuple[float, float]:
+    """(cuBLAS us, Triton us) per call at M = m, cycling through the weight `copies`; with
+    `after_norm`, each path includes the residual add + RMSNorm as the layer runs it (a
+    separate norm kernel before cuBLAS; the norm prologue inside the Triton kernel)."""
+    from nanovllm.layers import ops
+
     w = copies[0]
-    x = torch.randn(m, w.shape[1], dtype=w.dtype, device=w.device)  # [m, K]
+    k = w.shape[1]
+    x = torch.randn(m, k, dtype=w.dtype, device=w.device)  # [m, K]
+    residual = torch.randn(m, k, dtype=w.dtype, device=w.device)  # [m, K]
+    norm_weight = torch.ones(k, dtype=w.dtype, device=w.device)  # [K]
     out = torch.empty(m, w.shape[0], dtype=w.dtype, device=w.device)  # [m, N]
 
     def run_cublas():
         for wc in copies:
-            torch.nn.functional.linear(x, wc, bias)
+            h = ops.fused_add_rms_norm(x, residual, norm_weight, CALIBRATE_NORM_EPS)[0] if after_norm else x
+            torch.nn.functional.linear(h, wc, bias)
 
     def run_triton():
         for wc in copies:
-            skinny_gemm(x, wc, bias, out=out)
+            if after_norm:
+                rms_norm_skinny_gemm(x, residual, norm_weight, CALIBRATE_NORM_EPS, wc, bias)
+            else:
+                skinny_gemm(x, wc, bias, out=out)
 
     return time_us(run_cublas, calls=len(copies)), time_us(run_triton, calls=len(copies))
 
 
 def _linear_weights(model: torch.nn.Module) -> dict:
-    """{(N, K, dtype): (weight, bias)} of the first Linear of each distinct weight shape (one with a bias if any)."""
-    from nanovllm.layers.linear import Linear
+    """{(N, K, dtype): (weight, bias, after_norm)} of the first Linear of each distinct weight
+    shape (one with a bias if any); after_norm: a layer of that shape runs after a residual
+    add + RMSNorm (the decoder's qkv and gate_up projections, `Linear.forward_after_norm`)."""
+    from nanovllm.layers.linear import GateUpLinear, Linear, QKVLinear
 
     shapes: dict = {}
     for module in model.modules():
@@ -515,8 +534,11 @@ def _linear_weights(model: torch.nn.Module) -> dict:
         if w.dim() != 2 or not w.is_cuda:
             continue
         key = (w.shape[0], w.shape[1], w.dtype)
+        after_norm = isinstance(module, (QKVLinear, GateUpLinear)) or (key in shapes and shapes[key][2])
         if key not in shapes or (shapes[key][1] is None and module.bias is not None):
-            shapes[key] = (w.detach(), None if module.bias is None else module.bias.detach())
+            shapes[key] = (w.detach(), None if module.bias is None else module.bias.detach(), after_norm)
+        else:
+            shapes[key] = shapes[key][:2] + (after_norm,)
     return shapes
 
 
@@ -561,20 +583,21 @@ def calibrate_gemv(model: torch.nn.Module, device, max_m: int = GEMV_MAX_M) -> d
     shapes = _linear_weights(model)
     results: dict = {}
     if mode == "force":
-        for key, (w, b) in shapes.items():
+        for key, (w, b, _) in shapes.items():
             warm_up(w, b, max_m)
             results[key] = (math.nan, math.nan, max_m)
     else:
         l2 = _l2_bytes(device)
         ms = sorted({m for m in (1, 2, 4, 8) if m < max_m} | {max_m})
-        for key, (w, b) in shapes.items():
-            warm_up(w, b, max_m)
+        for key, (w, b, after_norm) in shapes.items():
+            warm_up(w, b, max_m, after_norm)
             copies = [w] + [w.clone() for _ in range(rotation_copies(w.numel() * w.element_size(), l2) - 1)]
-            cublas, triton_ = zip(*(_time_pair(copies, b, m) for m in ms))
+            cublas, triton_ = zip(*(_time_pair(copies, b, m, after_norm) for m in ms))
             del copies
             limit = row_limit(ms, cublas, triton_)
             results[key] = (cublas[0], triton_[0], limit)
-            logger.info("gemv calibrate %-16s cublas/triton us: %s -> triton up to M=%d", _format_shape(key),
+            logger.info("gemv calibrate %-16s cublas/triton us%s: %s -> triton up to M=%d", _format_shape(key),
+                        " (with the RMSNorm before)" if after_norm else "",
                         "  ".join(f"M={m} {c:.1f}/{t:.1f}" for m, c, t in zip(ms, cublas, triton_)), limit)
         torch.cuda.empty_cache()  # hand the copies' memory back before the KV cache is sized
     kept = {key: m for key, m in linear.gemv_row_limits().items() if key not in results}

@@ -343,6 +343,9 @@ def test_calibrate_gemv_on_a_tiny_model(policy, spy, monkeypatch):
     xs = [rand(m, k, dtype=torch.bfloat16, seed=m + k) for m in (1, 4, 8) for k in (256, 384)]
     before = _outputs(model, xs)
     shapes = {(512, 256), (256, 256), (768, 256), (256, 384), (1000, 256)}
+    # qkv and gate_up run after the decoder's RMSNorm: calibrated with the norm on both paths
+    weights = gemv._linear_weights(model)
+    assert {(n, k) for (n, k, _), (_, _, after_norm) in weights.items() if after_norm} == {(512, 256), (768, 256)}
 
     monkeypatch.setenv("NANOVLLM_GEMV", "0")
     assert gemv.calibrate_gemv(model, "cuda") == {}
