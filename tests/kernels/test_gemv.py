@@ -246,10 +246,14 @@ def test_no_dispatch_for_cpu_tensors_without_the_hook_or_with_autograd(policy, s
     assert len(spy) == 1
 
 
-def test_row_limit_stops_at_the_first_loss_and_ties_go_to_triton():
+def test_row_limit_stops_at_the_first_loss_and_triton_must_win_clearly():
     ms = [1, 2, 4, 8]
-    assert gemv.row_limit(ms, [52.1, 52.0, 52.3, 56.5], [51.0, 56.4, 63.4, 101.7]) == 1  # Qwen3-8B gate_up, H200
-    assert gemv.row_limit(ms, [10.0] * 4, [10.0, 9.0, 11.0, 5.0]) == 2  # tie wins; a later win past a loss does not count
+    # Qwen3-8B on an H200: gate_up (norm included) a near tie -> cuBLAS; qkv a clear win at M=1
+    assert gemv.row_limit(ms, [53.7, 54.1, 54.7, 59.0], [53.5, 64.0, 94.8, 194.2]) == 0
+    assert gemv.row_limit(ms, [18.0, 18.2, 18.4, 18.4], [16.0, 18.7, 26.2, 51.7]) == 1
+    assert gemv.row_limit(ms, [10.0] * 4, [9.0, 9.5, 11.0, 5.0]) == 2  # a later win past a loss does not count
+    assert gemv.row_limit(ms, [10.0] * 4, [10.0, 9.0, 9.0, 9.0]) == 0  # a tie is not a win
+    assert gemv.row_limit(ms, [10.0] * 4, [10.0] * 4, margin=0.0) == 8  # margin 0: ties go to Triton
     assert gemv.row_limit(ms, [10.0] * 4, [10.4] * 4, margin=0.05) == 8
     assert gemv.row_limit(ms, [10.0] * 4, [12.0] * 4) == 0
 
