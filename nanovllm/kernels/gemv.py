@@ -79,7 +79,7 @@ CALIBRATE_WARMUP_REPLAYS = 3
 # isolated timings is not a tie in the decode step. H200, Qwen3-8B gate_up at M = 1 (timings
 # within 1% either way): whole-step batch-1 decode 230.4-231.3 tok/s in the five processes
 # whose calibration kept cuBLAS, 225.9-226.6 in the two that picked Triton (same run, same
-# machine). The clear wins stay Triton's (qkv, o, down and the LM head by 6-15%).
+# machine). The clear wins stay Triton's (qkv, o, down and the LM head by 7-12%).
 CALIBRATE_MARGIN = -0.03
 CALIBRATE_NORM_EPS = 1e-6
 ROTATE_L2_FACTOR = 2  # rotate over weight copies totalling >= this many L2 sizes
@@ -529,6 +529,7 @@ def _linear_weights(model: torch.nn.Module) -> dict:
     from nanovllm.layers.linear import GateUpLinear, Linear, QKVLinear
 
     shapes: dict = {}
+    after_norm: set = set()
     for module in model.modules():
         if not isinstance(module, Linear) or module.packed_fp16 is not None:
             continue
@@ -536,12 +537,11 @@ def _linear_weights(model: torch.nn.Module) -> dict:
         if w.dim() != 2 or not w.is_cuda:
             continue
         key = (w.shape[0], w.shape[1], w.dtype)
-        after_norm = isinstance(module, (QKVLinear, GateUpLinear)) or (key in shapes and shapes[key][2])
+        if isinstance(module, (QKVLinear, GateUpLinear)):
+            after_norm.add(key)
         if key not in shapes or (shapes[key][1] is None and module.bias is not None):
-            shapes[key] = (w.detach(), None if module.bias is None else module.bias.detach(), after_norm)
-        else:
-            shapes[key] = shapes[key][:2] + (after_norm,)
-    return shapes
+            shapes[key] = (w.detach(), None if module.bias is None else module.bias.detach())
+    return {key: (w, b, key in after_norm) for key, (w, b) in shapes.items()}
 
 
 def _format_shape(key) -> str:
