@@ -23,6 +23,10 @@ from kernel_params import DEVICE, GPU, HAS_CUDA, PRECISIONS
 SHAPES = [(96, 64), (130, 200), (64, 1000)]  # (N, K): N not a multiple of BLOCK_N, K with a tail chunk
 
 
+def config_id(c) -> str:
+    return f"n{c.block_n}k{c.block_k}w{c.num_warps}s{c.num_stages}" + (f"p{c.programs_per_sm}" if c.programs_per_sm else "")
+
+
 def gpu_only(fn):
     for mark in reversed(GPU):
         fn = mark(fn)
@@ -84,11 +88,43 @@ def test_skinny_gemm_matches_reference(m, n, k, bias, dtype):
 
 
 @pytest.mark.parametrize("dtype", PRECISIONS)
-@pytest.mark.parametrize("config", gemv.CONFIGS, ids=lambda c: f"n{c.block_n}k{c.block_k}w{c.num_warps}s{c.num_stages}")
+@pytest.mark.parametrize("config", gemv.CONFIGS, ids=config_id)
 @pytest.mark.parametrize("m", [1, 5])
 def test_every_autotune_config_matches_reference(m, config, dtype):
     x, w, b = operands(m, 130, 1000, dtype, bias=True, seed=7)
     check(skinny_gemm(x, w, b, config=config), reference.skinny_gemm_reference(x, w, b))
+
+
+@pytest.mark.parametrize("programs", [1, 3, 7], ids=lambda p: f"{p}programs")
+@pytest.mark.parametrize("prologue", ["none", "add_norm", "silu_mul"])
+@pytest.mark.parametrize("m", [1, 3])
+def test_persistent_grid_streams_several_blocks_per_program(m, prologue, programs, monkeypatch):
+    """A persistent config on a device of one SM: each program streams several column blocks
+    (a block count that the grid does not divide, a K tail), and every output and the
+    residual match the reference."""
+    monkeypatch.setattr(gemv, "num_sms", lambda device: 1)
+    config = gemv.GemvConfig(4, 128, 1, 1, programs_per_sm=programs)
+    n, k = 70, 200  # 18 blocks of 4 columns (the last one partly past N), chunks 128 + 72
+    assert gemv._grid(n, config.block_n, programs, 1) == programs
+    x, w, b = operands(m, n, k, torch.float32, bias=True, seed=programs + m)
+    if prologue == "none":
+        check(skinny_gemm(x, w, b, config=config), reference.skinny_gemm_reference(x, w, b))
+    elif prologue == "add_norm":
+        residual = rand(m, k, dtype=torch.float32, seed=3)
+        norm_w = rand(k, dtype=torch.float32, seed=4, scale=0.2) + 1
+        got, new_res = gemv.rms_norm_skinny_gemm(x, residual, norm_w, 1e-6, w, b, config=config)
+        ref, ref_res = reference.rms_norm_skinny_gemm_reference(x, residual, norm_w, 1e-6, w, b)
+        check(got, ref)
+        torch.testing.assert_close(new_res, ref_res, atol=0, rtol=0)
+    else:
+        x2 = rand(m, 2 * k, dtype=torch.float32, seed=5)
+        check(gemv.silu_mul_skinny_gemm(x2, w, b, config=config), reference.silu_mul_skinny_gemm_reference(x2, w, b))
+
+
+def test_grid_is_one_program_per_block_or_capped_per_sm():
+    assert gemv._grid(1000, 4, 0, 132) == 250
+    assert gemv._grid(100_000, 4, 4, 132) == 528
+    assert gemv._grid(100, 4, 8, 132) == 25  # never more programs than blocks
 
 
 def test_strided_rows_out_buffer_and_edge_cases():
