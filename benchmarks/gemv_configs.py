@@ -3,8 +3,8 @@
     python benchmarks/gemv_configs.py                 # Qwen3-8B and -0.6B shapes, M = 1
     python benchmarks/gemv_configs.py --rows 1 2 --models qwen3-8b
 
-Why: the autotuner keeps only its pick; choosing which configs to offer it (e.g. the
-persistent ones, `GemvConfig.programs_per_sm`) needs the whole table. Each time is the
+Why: the autotuner and `calibrate_gemv` keep only their pick; choosing which configs to
+offer them, and checking the pick, needs the whole table. Each time is the
 median of CUDA-graph replays that cycle through weight copies totalling >= 2x L2
 (`gemv.time_us`, `gemv.rotation_copies`, as `calibrate_gemv` times), so weights come from
 HBM. Writes benchmarks/results/gemv_configs.csv (device, date, commit) and prints the table
@@ -36,7 +36,7 @@ SHAPES = {
 
 
 def config_name(c: gemv.GemvConfig) -> str:
-    return f"n{c.block_n} k{c.block_k} w{c.num_warps}" + (f" p{c.programs_per_sm}" if c.programs_per_sm else "")
+    return f"n{c.block_n} k{c.block_k} w{c.num_warps}"
 
 
 def main() -> None:
