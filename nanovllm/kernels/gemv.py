@@ -31,9 +31,7 @@ RMSNorm before qkv and gate_up; the 1 / rms factor is applied to the dot product
 K loop, since each program streams all of x anyway) and `silu_mul_skinny_gemm` (SiLU-and-mul
 before down). Two to three launches fewer per decoder layer.
 
-Tuning. The engine's shapes run with the config that `calibrate_gemv` timed fastest in
-CUDA-graph replays with weights from HBM (`fastest_config`, pinned per row bucket and shape);
-other calls use `triton.autotune` over the same config set (`CONFIGS`) keyed on (BLOCK_M, N, K) and
+Tuning. `triton.autotune` over a small config set (`CONFIGS`) keyed on (BLOCK_M, N, K) and
 the tensors' dtypes, where BLOCK_M = next_pow2(M) (1, 2, 4 or 8: the decode graphs'
 padded batch sizes); `_prune_configs` first drops configs that would spill registers at that
 BLOCK_M or whose K chunk far exceeds K. Tuning benchmarks (timing syncs the host), so it must not first happen
@@ -250,15 +248,14 @@ def _prune_configs(configs, named_args, **kwargs):
     is more than twice the (power-of-two rounded) K; keep at least one."""
     block_m, k = kwargs["BLOCK_M"], named_args["K"]
     vec = kwargs["VEC"]
-    kept = [c for c in configs if _fits(block_m, k, vec, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps)]
+
+    def fits(c):
+        per_row = max(1, c.kwargs["BLOCK_K"] // (vec * 32 * c.num_warps))  # vectors per W row per thread
+        return (block_m * c.kwargs["BLOCK_N"] * per_row <= MAX_ACC_PER_THREAD
+                and c.kwargs["BLOCK_K"] < 2 * next_pow2(k))
+
+    kept = [c for c in configs if fits(c)]
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
-
-
-def _fits(block_m: int, k: int, vec: int, block_n: int, block_k: int, num_warps: int) -> bool:
-    """A config's accumulators fit MAX_ACC_PER_THREAD at this BLOCK_M, and its K chunk is at
-    most twice the (power-of-two rounded) K."""
-    per_row = max(1, block_k // (vec * 32 * num_warps))  # vectors per W row per thread
-    return block_m * block_n * per_row <= MAX_ACC_PER_THREAD and block_k < 2 * next_pow2(k)
 
 
 def _autotuned_kernel():
@@ -283,18 +280,6 @@ def _autotuned_kernel():
 
 _tuned_kernel = None if INTERPRET else _autotuned_kernel()
 _tuned_keys: set = set()  # (BLOCK_M, N, K, prologue, residual, dtypes) the autotuner has seen: launching them needs no benchmark
-# (BLOCK_M, N, K, weight dtype) -> the config `calibrate_gemv` measured fastest, used for every
-# prologue of that shape instead of the autotuner's pick
-_pinned: dict = {}
-
-
-def pin_config(m: int, n: int, k: int, dtype: torch.dtype, config: Optional[GemvConfig]) -> None:
-    """Launch [m-row bucket, N, K] GEMMs of this weight dtype with `config` (None: autotune again)."""
-    key = (next_pow2(m), n, k, dtype)
-    if config is None:
-        _pinned.pop(key, None)
-    else:
-        _pinned[key] = config
 
 
 def _check_weight(weight: torch.Tensor, bias: Optional[torch.Tensor], k: int) -> None:
@@ -328,8 +313,6 @@ def _launch(x, weight, bias, out, config, prologue=PROLOGUE_NONE, norm_weight=No
             float(eps))
     flags = dict(HAS_BIAS=bias is not None, PROLOGUE=prologue, HAS_RESIDUAL=has_res, USE_PDL=pdl, VEC=vec,
                  BLOCK_M=block_m, **pdl_launch_options(pdl))
-    if config is None:
-        config = _pinned.get((block_m, n, k, weight.dtype))
     if config is None and _tuned_kernel is not None:
         key = (block_m, n, k, prologue, has_res, x.dtype, weight.dtype, None if bias is None else bias.dtype, out.dtype)
         if key not in _tuned_keys:
@@ -435,14 +418,10 @@ def silu_mul_skinny_gemm(
 
 
 def best_config(m: int, n: int, k: int) -> Optional[str]:
-    """The config a shape runs with (any dtype), as text: calibrate_gemv's timed pick, else the
-    autotuner's; None if neither has seen it."""
-    block_m = next_pow2(m)
-    for (bm, pn, pk, _), c in _pinned.items():
-        if (bm, pn, pk) == (block_m, n, k):
-            return f"n{c.block_n} k{c.block_k} w{c.num_warps} s{c.num_stages} (timed)"
+    """The autotuner's pick for a shape already tuned (any dtype), as text; None if not tuned."""
     if _tuned_kernel is None:
         return None
+    block_m = next_pow2(m)
     for key, cfg in _tuned_kernel.cache.items():
         if tuple(key[:3]) == (block_m, n, k):
             kw = cfg.kwargs
@@ -513,34 +492,6 @@ def time_us(fn, reps: int = CALIBRATE_REPS, calls: int = 1) -> float:
     torch.cuda.synchronize()
     times = sorted(s.elapsed_time(e) for s, e in events)
     return times[len(times) // 2] * 1e3 / calls
-
-
-def fastest_config(copies: list, m: int) -> tuple[GemvConfig, float]:
-    """(config, us per call) of the fastest of CONFIGS on the plain GEMM at M = m, cycling
-    through the weight `copies`, each timed as `time_us` times (CUDA-graph replays, weights
-    from HBM). Why not the autotuner's pick: `do_bench` times eager launches after an L2
-    flush, and on an H200 its choice for the Qwen3-8B o / down projections (n4 k2048) was
-    8% / 6% slower in graph replays than n8 k1024 (benchmarks/gemv_configs.py)."""
-    w = copies[0]
-    n, k = w.shape
-    x = torch.randn(m, k, dtype=w.dtype, device=w.device)  # [m, K]
-    out = torch.empty(m, n, dtype=w.dtype, device=w.device)  # [m, N]
-    vec, block_m = _vec(w.dtype), next_pow2(m)
-    timed = []
-    for c in CONFIGS:
-        if not _fits(block_m, k, vec, c.block_n, c.block_k, c.num_warps):
-            continue
-
-        def run(c=c):
-            for wc in copies:
-                skinny_gemm(x, wc, out=out, config=c)
-
-        timed.append((time_us(run, calls=len(copies)), c))
-    if not timed:  # nothing fits: the smallest tile, as _prune_configs keeps
-        c = min(CONFIGS, key=lambda c: c.block_n * c.block_k)
-        return c, math.nan
-    us, c = min(timed, key=lambda t: t[0])
-    return c, us
 
 
 def _time_pair(copies: list, bias: Optional[torch.Tensor], m: int, after_norm: bool = False) -> tuple[float, float]:
@@ -635,23 +586,19 @@ def calibrate_gemv(model: torch.nn.Module, device, max_m: int = GEMV_MAX_M) -> d
     results: dict = {}
     if mode == "force":
         for key, (w, b, _) in shapes.items():
-            for m in (1, 2, 4, 8):
-                pin_config(m, key[0], key[1], key[2], None)  # autotuned again
             warm_up(w, b, max_m)
             results[key] = (math.nan, math.nan, max_m)
     else:
         l2 = _l2_bytes(device)
         ms = sorted({m for m in (1, 2, 4, 8) if m < max_m} | {max_m})
         for key, (w, b, after_norm) in shapes.items():
+            warm_up(w, b, max_m, after_norm)
             copies = [w] + [w.clone() for _ in range(rotation_copies(w.numel() * w.element_size(), l2) - 1)]
-            for m in ms:
-                pin_config(m, key[0], key[1], key[2], fastest_config(copies, m)[0])
-            warm_up(w, b, max_m, after_norm)  # compiles the pinned configs' prologue variants
             cublas, triton_ = zip(*(_time_pair(copies, b, m, after_norm) for m in ms))
             del copies
             limit = row_limit(ms, cublas, triton_)
             results[key] = (cublas[0], triton_[0], limit)
-            logger.info("gemv calibrate %-16s cublas/triton us%s: %s -> triton up to M=%d (M=1: %s)",
+            logger.info("gemv calibrate %-16s cublas/triton us%s: %s -> triton up to M=%d (M=1 config %s)",
                         _format_shape(key), " (with the RMSNorm before)" if after_norm else "",
                         "  ".join(f"M={m} {c:.1f}/{t:.1f}" for m, c, t in zip(ms, cublas, triton_)), limit,
                         best_config(1, key[0], key[1]))

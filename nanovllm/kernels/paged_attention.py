@@ -32,7 +32,6 @@ an fp32 accumulator; log-sum-exp values that leave a kernel are natural logs.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import torch
@@ -462,7 +461,6 @@ def _decode_split_kernel(
     MERGE_SPLITS: tl.constexpr,  # splits the merge loads per iteration (power of two)
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels/pdl.py)
-    EARLY_KV: tl.constexpr,  # load the first tile's older K/V rows before the PDL wait (one-wave grids)
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -480,29 +478,12 @@ def _decode_split_kernel(
     s_lo = kv_lo + split * keys_per_split
     s_hi = tl.minimum(s_lo + keys_per_split, seq_len)  # empty when s_lo >= seq_len
     offs_n = tl.arange(0, TILE_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
-    k_base = k_cache_ptr + kv_head * stride_k_head
-    v_base = v_cache_ptr + kv_head * stride_v_head
     blk = tl.load(bt_row + (s_lo + offs_n) // BLOCK_SIZE, mask=s_lo + offs_n < s_hi, other=0).to(tl.int64)
-    if EARLY_KV:
-        # The first tile's keys and values of earlier tokens were stored by earlier steps, so
-        # they are loaded before the wait as well; only the new token's row (position
-        # seq_len - 1, stored by the kernel right before) is loaded after it and added in
-        # (each element is read by exactly one of the two masked loads; the other gives 0).
-        k_pos = s_lo + offs_n  # [TILE_N]
-        k_ok = k_pos < s_hi
-        slot = k_pos % BLOCK_SIZE
-        k_ptrs = k_base + (blk * stride_k_blk + slot * stride_k_slot)[:, None] + offs_d[None, :]  # [TILE_N, D]
-        v_ptrs = v_base + (blk * stride_v_blk + slot * stride_v_slot)[:, None] + offs_d[None, :]
-        old = k_ok & (k_pos < seq_len - 1)
-        k0 = tl.load(k_ptrs, mask=old[:, None], other=0.0)  # [TILE_N, D]
-        v0 = tl.load(v_ptrs, mask=old[:, None], other=0.0)
-        next_pos = k_pos + TILE_N  # the second tile's block ids
-        blk = tl.load(bt_row + next_pos // BLOCK_SIZE, mask=next_pos < s_hi, other=0).to(tl.int64)
     pdl_wait(USE_PDL)  # q and the new token's K/V come from the kernel before
 
     offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_g < GROUP
     head = kv_head * GROUP + offs_g  # [GROUP_PAD]
     q_rows = seq.to(tl.int64) * stride_q_tok + head * stride_q_head
@@ -511,15 +492,10 @@ def _decode_split_kernel(
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
-    loop_lo = s_lo
-    if EARLY_KV:
-        new = k_ok & (k_pos == seq_len - 1)
-        k0 += tl.load(k_ptrs, mask=new[:, None], other=0.0)
-        v0 += tl.load(v_ptrs, mask=new[:, None], other=0.0)
-        if s_lo < s_hi:  # an empty split has no first tile
-            m_i, l_i, acc = _decode_tile(q, k0, v0, k_ok, m_i, l_i, acc, qk_scale, DOT_PRECISION)
-        loop_lo = s_lo + TILE_N
-    for start in range(loop_lo, s_hi, TILE_N):
+
+    k_base = k_cache_ptr + kv_head * stride_k_head
+    v_base = v_cache_ptr + kv_head * stride_v_head
+    for start in range(s_lo, s_hi, TILE_N):
         k_pos = start + offs_n  # [TILE_N]
         k_ok = k_pos < s_hi
         slot = k_pos % BLOCK_SIZE
@@ -533,7 +509,14 @@ def _decode_split_kernel(
         )  # [TILE_N, D]
         next_pos = k_pos + TILE_N  # the next tile's block ids, loaded while this tile computes
         blk = tl.load(bt_row + next_pos // BLOCK_SIZE, mask=next_pos < s_hi, other=0).to(tl.int64)
-        m_i, l_i, acc = _decode_tile(q, k, v, k_ok, m_i, l_i, acc, qk_scale, DOT_PRECISION)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, TILE_N]
+        s = tl.where(k_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every iteration has >= 1 valid key
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]  # [GROUP_PAD, D]; 0 for an empty split
@@ -557,19 +540,6 @@ def _decode_split_kernel(
             tl.store(counter, 0)  # zero again for the next launch (graph replays reuse the buffer)
             _merge_splits(out_ptr, part_out_ptr, part_lse_ptr, seq, kv_head, num_heads, num_splits,
                           stride_o_tok, stride_o_head, GROUP, GROUP_P2, HEAD_DIM, MERGE_SPLITS)
-
-
-@triton.jit
-def _decode_tile(q, k, v, k_ok, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):
-    """One tile of online softmax: q [GROUP_PAD, D] against k, v [TILE_N, D] (rows with k_ok)."""
-    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, TILE_N]
-    s = tl.where(k_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile has >= 1 valid key
-    p = tl.exp2(s - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return m_new, l_i, acc
 
 
 @triton.jit
@@ -661,19 +631,8 @@ def _launch_decode(
         USE_WINDOW=sliding_window is not None, DIRECT=direct,
         MERGE_SPLITS=merge_splits_per_load(num_splits, group, head_dim),
         DOT_PRECISION=_dot_precision(query.dtype),
-        num_warps=num_warps, num_stages=num_stages, USE_PDL=pdl,
-        EARLY_KV=early_kv(num_seqs * num_kv_heads * num_splits, query.device), **pdl_launch_options(pdl),
+        num_warps=num_warps, num_stages=num_stages, USE_PDL=pdl, **pdl_launch_options(pdl),
     )
-
-
-def early_kv(programs: int, device: torch.device) -> bool:
-    """Whether the decode kernel loads its first K/V tile before the PDL wait: for grids of at
-    most one program per SM (batch-1 decode), where the registers this holds across the wait
-    (~160 per thread instead of ~100-140) cost no occupancy; larger grids need their
-    programs per SM to hide memory latency. NANOVLLM_DECODE_EARLY_KV=0 turns it off (A/B)."""
-    if os.environ.get("NANOVLLM_DECODE_EARLY_KV", "1").strip() == "0":
-        return False
-    return programs <= num_sms(device)
 
 
 def merge_splits_per_load(num_splits: int, group: int, head_dim: int) -> int:

@@ -12,8 +12,7 @@ The contract every kernel launched with PDL keeps (all checked by reading the ke
   * before `pdl_wait`, it writes nothing and reads only data that no kernel of the forward
     writes: weights, constants, and the step's inputs (sequence lengths, block tables,
     positions, cache slots), which host copies and small kernels fill before the forward's
-    first kernel; decode attention also reads the KV cache rows of earlier tokens (a decode
-    forward stores only its new tokens' rows, and reads those after the wait). A kernel runs ahead only of the kernel right before it, and only once
+    first kernel. A kernel runs ahead only of the kernel right before it, and only once
     that kernel has passed its own wait, so everything two or more launches back has
     completed and is visible;
   * every program reaches `pdl_wait` (no early exit before it): a grid whose programs all

@@ -123,11 +123,8 @@ def test_paged_attention_matches_reference(head_dim, group, block_size, mix, win
 @pytest.mark.parametrize("dtype", PRECISIONS)
 @pytest.mark.parametrize("window", [None, "on"], ids=["full", "window"])
 @pytest.mark.parametrize("num_splits", [None, 1, 3, 8])
-@pytest.mark.parametrize("early_kv", ["1", "0"], ids=["early_kv", "kv_after_wait"])
-def test_decode_splits_and_unified_agree(early_kv, num_splits, window, dtype, monkeypatch):
-    """Decode batches: any split count, with the first K/V tile loaded in two parts (older rows,
-    then the new token's) or at once, and the unified kernel on the same batch, match."""
-    monkeypatch.setenv("NANOVLLM_DECODE_EARLY_KV", early_kv)
+def test_decode_splits_and_unified_agree(num_splits, window, dtype):
+    """Decode batches: any split count, and the unified kernel on the same batch, match."""
     large = dtype != torch.float32
     q_lens, seq_lens = (MIXES_LARGE if large else MIXES_SMALL)["decode"]
     window = None if window is None else (WINDOW_LARGE if large else WINDOW_SMALL)
