@@ -21,18 +21,20 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # kernels_bench
 
 from nanovllm.bench.latency import measure_copy_bandwidth  # noqa: E402
 from nanovllm.bench.report import RESULTS_DIR, append_rows, base_row  # noqa: E402
 from nanovllm.kernels import gemv  # noqa: E402
 
-DTYPE = torch.bfloat16
-# model -> [(projection, N, K)]: nn.Linear weights [N, K] of one decode step
-SHAPES = {
-    "qwen3-8b": [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 24576, 4096), ("down", 4096, 12288),
-                 ("lm_head", 151936, 4096)],
-    "qwen3-0.6b": [("qkv", 4096, 1024), ("o", 1024, 2048), ("gate_up", 6144, 1024), ("down", 1024, 3072)],
-}
+from kernels_bench import DTYPE, GEMV_SHAPES  # noqa: E402
+
+# model -> [(projection, N, K)]: nn.Linear weights [N, K] of one decode step (the kernel
+# benchmark's per-layer shapes, plus the 8B's untied LM head)
+SHAPES: dict = {}
+for _model, _proj, _n, _k, _layers in GEMV_SHAPES:
+    SHAPES.setdefault(_model, []).append((_proj, _n, _k))
+SHAPES["qwen3-8b"].append(("lm_head", 151936, 4096))
 
 
 def config_name(c: gemv.GemvConfig) -> str:
