@@ -22,7 +22,7 @@ Nothing here syncs with the host: per-batch decisions (which steps run, the top-
 are plain Python values computed in `SamplingBatch.build`.
 
 Per-request seeds: a seeded row's Exp(1) noise is a pure function of (seed, step, token id),
-computed on the device by a counter-based integer hash (`seeded_exponential`), so a seeded
+computed on the device by a counter-based integer hash (`kernels/counter_rng.py`), so a seeded
 request samples the same tokens whatever else is in the batch and whatever its row. `step` is
 the number of output tokens the request already has. Unseeded rows use the global torch RNG.
 
@@ -48,21 +48,10 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from nanovllm.kernels.counter_rng import MASK32, seed_words_of, seeded_exponential
 from nanovllm.sampling_params import SamplingParams
 
 NEG_INF = float("-inf")
-
-# ---- counter-based hash for seeded rows (all values are uint32 held in int64 tensors, so
-# every intermediate product stays below 2^63 and nothing relies on integer overflow).
-_MASK32 = 0xFFFF_FFFF
-_MASK64 = 0xFFFF_FFFF_FFFF_FFFF
-_HASH_MUL_1 = 0x7FEB_352D  # Chris Wellons' "lowbias32" multipliers
-_HASH_MUL_2 = 0x846C_A68B
-_SEED_SALT = 0x9E37_79B9  # 2^32 / golden ratio: keeps seed 0 away from the hash's fixed point 0
-_TOKEN_SALT = 0x85EB_CA6B  # keeps token 0 away from the hash's fixed point 0
-# float32 has a 24-bit significand: (k + 0.5) / 2^23 for k < 2^23 is exact and strictly inside (0, 1),
-# so -log(u) is never 0 or inf.
-_UNIFORM_BITS = 23
 
 # Prompt logprobs of a long prompt are computed in row chunks to bound the [P, V] float32 temporaries.
 PROMPT_LOGPROBS_CHUNK_ROWS = 1024
@@ -229,12 +218,8 @@ class SamplingBatch:
         seeded_rows = seed_words = seed_steps = None
         if seeded:
             seeded_rows = tensor(seeded, torch.int64)
-            words = []
-            for i in seeded:
-                seed = params[i].seed & _MASK64  # any Python int, negative ones included
-                words.append([seed & _MASK32, seed >> 32])
-            seed_words = tensor(words, torch.int64)
-            seed_steps = tensor([num_output_tokens[i] & _MASK32 for i in seeded], torch.int64)
+            seed_words = tensor([seed_words_of(params[i].seed) for i in seeded], torch.int64)
+            seed_steps = tensor([num_output_tokens[i] & MASK32 for i in seeded], torch.int64)
 
         asked = [p.logprobs for p in params if p.logprobs is not None]
         penalties = _build_penalties(params, prompt_token_ids, output_token_ids, vocab_size, device)
@@ -500,60 +485,6 @@ def _exponential_noise(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tenso
     if batch.seeded_rows is not None:
         noise[batch.seeded_rows] = seeded_exponential(batch.seed_words, batch.seed_steps, vocab_size)
     return noise
-
-
-# ----------------------------------------------------------------------------- counter-based RNG
-
-
-def _mul32_(x: torch.Tensor, c: int) -> torch.Tensor:
-    """x = (x * c) mod 2^32 in place, for uint32 values in int64: the product is split in
-    16-bit halves so no intermediate reaches 2^63 (no reliance on integer overflow)."""
-    high = x * (c >> 16)
-    high.bitwise_and_(0xFFFF).bitwise_left_shift_(16)  # (x * c_high mod 2^16) * 2^16
-    return x.mul_(c & 0xFFFF).add_(high).bitwise_and_(_MASK32)
-
-
-def _hash32_(x: torch.Tensor) -> torch.Tensor:
-    """'lowbias32' (Chris Wellons) in place: a bijection on uint32 with near-ideal avalanche."""
-    x ^= x >> 16
-    _mul32_(x, _HASH_MUL_1)
-    x ^= x >> 15
-    _mul32_(x, _HASH_MUL_2)
-    x ^= x >> 16
-    return x
-
-
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    return _hash32_(x.clone())
-
-
-_token_hash_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-
-def _token_hashes(vocab_size: int, device: torch.device) -> torch.Tensor:
-    """hash(token id) [V] int64, computed once per (vocab, device): the per-token half of the hash."""
-    key = (vocab_size, device)
-    if key not in _token_hash_cache:
-        token = torch.arange(vocab_size, dtype=torch.int64, device=device)
-        _token_hash_cache[key] = _hash32_(token.add_(_TOKEN_SALT).bitwise_and_(_MASK32))
-    return _token_hash_cache[key]
-
-
-def seeded_exponential(seed_words: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Exp(1) noise [S, V] that depends only on (seed, step, token id): batch- and device-independent.
-
-    seed_words: [S, 2] int64 (low, high 32-bit words of the seed); steps: [S] int64.
-    The row key is a chain of hashes over (seed, step); each element is one more hash round
-    of (hash(token) XOR key). Keying by XOR with a hashed token id, not by adding the key to
-    the raw id, keeps rows with different keys from getting shifted copies of one sequence.
-    """
-    key = _hash32(seed_words[:, 0] ^ _SEED_SALT)
-    key = _hash32_(key ^ seed_words[:, 1])
-    key = _hash32_(key ^ steps)  # [S]
-    bits = _hash32_(_token_hashes(vocab_size, seed_words.device).unsqueeze(0) ^ key.unsqueeze(1))  # [S, V]
-    uniform = bits.bitwise_right_shift_(32 - _UNIFORM_BITS).to(torch.float32)
-    uniform.add_(0.5).mul_(2.0**-_UNIFORM_BITS)  # (k + 0.5) / 2^23: inside (0, 1)
-    return uniform.log_().neg_()
 
 
 # ----------------------------------------------------------------------------- logprobs
