@@ -1,6 +1,6 @@
 """Triton fused sampling vs `reference.fused_sample_reference` (the unfused exponential race).
 
-The noise must be bit-identical to `sampler.seeded_exponential`: checked on the uniforms
+The noise must be bit-identical to `counter_rng.seeded_exponential`: checked on the uniforms
 directly (`seeded_uniform_bits`) and on all-equal logits, where the noise alone picks the
 token. On random logits the chosen token's reference score must be the row's best (up to
 rounding: l / T and the logs may differ by an ulp between implementations).
@@ -17,7 +17,7 @@ from kernel_params import DEVICE, HAS_CUDA, PRECISIONS
 
 from nanovllm.kernels import reference
 from nanovllm.kernels.sampling import fused_sample, greedy_argmax, seeded_uniform_bits
-from nanovllm.worker.sampler import seeded_exponential
+from nanovllm.kernels.counter_rng import seeded_exponential
 
 UNIFORM_SCALE = 2.0**-23  # u = (k + 0.5) / 2^23
 LLM_VOCAB = 151_936
