@@ -180,3 +180,15 @@ def test_environment_is_read_only_in_envs():
             if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv", "putenv"):
                 bad.append(f"{os.path.relpath(path, PACKAGE_DIR.parent)}:{node.lineno}")
     assert not bad, "environment read outside nanovllm/envs.py:\n" + "\n".join(bad)
+
+
+def test_importing_the_engine_loads_no_torch():
+    """The engine process's scheduling code runs without torch; the worker brings it in when it starts."""
+    import subprocess
+    import sys
+
+    code = "import sys, nanovllm.engine.llm_engine, nanovllm.engine.async_engine; print('torch' in sys.modules)"
+    env = dict(os.environ, PYTHONPATH=str(PACKAGE_DIR.parent))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
