@@ -78,7 +78,7 @@ class _RequestState:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, executor: Optional[Executor] = None) -> None:
+    def __init__(self, config: EngineConfig) -> None:
         overrides = envs.config_overrides()  # benchmark A/B switches, read once here
         if overrides:
             logger.info("nanovllm: settings from the environment: %s", overrides)
@@ -95,7 +95,7 @@ class LLMEngine:
                                                    tuple(self.eos_token_ids))
         self.step_timer = StepTimer() if config.step_timing else None
         # the worker(s): model build, weights, calibration, KV sizing and allocation, graphs
-        self.executor = executor or Executor.create(config, self.model_info, step_timer=self.step_timer)
+        self.executor = Executor.create(config, self.model_info, step_timer=self.step_timer)
         info = self.executor.info
         num_blocks = self.executor.num_kv_blocks
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
