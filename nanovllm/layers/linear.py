@@ -71,7 +71,12 @@ class Linear(nn.Module):
     On CPU the weight can be packed to fp16 for fbgemm (`pack_fp16_for_cpu`): half the bytes
     to stream per GEMM, fp32 activations and accumulation. Used for checkpoints whose own
     precision is 16 bits or less, which fp16 represents (nearly) exactly.
+
+    Subclasses with other weight formats (quantized linears) override `forward` and set
+    `supports_gemv = False` unless they run the skinny GEMM on their own weights.
     """
+
+    supports_gemv = True  # the Triton skinny GEMM may serve this layer (plain 2-D float weight)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
@@ -136,7 +141,7 @@ def set_gemv_rows(model: nn.Module, rows: Mapping[GemvShape, int]) -> None:
     whichever GEMM they captured."""
     cap = gemv_kernels().GEMV_MAX_M if any(rows.values()) else 0
     for module in model.modules():
-        if isinstance(module, Linear):
+        if isinstance(module, Linear) and module.supports_gemv:
             module.gemv_rows = max(0, min(int(rows.get(gemv_shape(module), 0)), cap))
 
 

@@ -58,7 +58,7 @@ def linear_weights(model: torch.nn.Module) -> dict:
     after_norm = {gemv_shape(m.linear) for m in model.modules() if isinstance(m, RMSNormLinear)}
     shapes: dict = {}
     for module in model.modules():
-        if not isinstance(module, Linear) or module.packed_fp16 is not None:
+        if not isinstance(module, Linear) or not module.supports_gemv or module.packed_fp16 is not None:
             continue
         w = module.weight
         if w.dim() != 2 or not w.is_cuda:
