@@ -27,35 +27,31 @@ class StepBuilder:
             if req.num_outputs_sent >= 0:
                 preempted.append(req.request_id)
             req.num_outputs_sent = -1  # its blocks are gone: it comes back whole
-        req_ids, num_new, starts, samples = [], [], [], []
+        items = sched.scheduled
         new_requests, new_tokens, new_blocks = [], {}, {}
-        for item in sched.scheduled:
+        for item in items:
             req = item.request
-            rid = req.request_id
-            blocks = item.block_ids
             outputs = req.output_token_ids
             sent = req.num_outputs_sent
             if sent < 0:
-                new_requests.append(NewRequest(rid, req.prompt_token_ids, req.sampling_params, list(blocks),
-                                               list(outputs)))
+                blocks = item.block_ids
+                new_requests.append(NewRequest(req.request_id, req.prompt_token_ids, req.sampling_params,
+                                               list(blocks), list(outputs)))
                 req.num_outputs_sent, req.num_blocks_sent = len(outputs), len(blocks)
-            else:
-                if len(outputs) > sent:
-                    new_tokens[rid] = outputs[sent:]
-                    req.num_outputs_sent = len(outputs)
-                if len(blocks) > req.num_blocks_sent:
-                    new_blocks[rid] = blocks[req.num_blocks_sent :]
-                    req.num_blocks_sent = len(blocks)
-            req_ids.append(rid)
-            num_new.append(item.num_new_tokens)
-            starts.append(item.start_position)
-            samples.append(item.needs_sample)
+                continue
+            if len(outputs) > sent:
+                new_tokens[req.request_id] = outputs[sent:]
+                req.num_outputs_sent = len(outputs)
+            blocks = item.block_ids
+            if len(blocks) > req.num_blocks_sent:
+                new_blocks[req.request_id] = blocks[req.num_blocks_sent :]
+                req.num_blocks_sent = len(blocks)
         finished, self.scheduler.finished_req_ids = self.scheduler.finished_req_ids, []
         return StepInput(
-            req_ids=req_ids,
-            num_new_tokens=num_new,
-            start_positions=starts,
-            needs_sample=samples,
+            req_ids=[item.request.request_id for item in items],
+            num_new_tokens=[item.num_new_tokens for item in items],
+            start_positions=[item.start_position for item in items],
+            needs_sample=[item.needs_sample for item in items],
             finished_req_ids=finished,
             preempted_req_ids=preempted,
             new_requests=new_requests,
