@@ -39,7 +39,9 @@ NUM_STAGING_SETS = 2
 
 
 @dataclass
-class StepInputs:
+class ForwardInputs:
+    """One step's inputs on the device (built from the plain-data StepInput by prepare_inputs)."""
+
     input_ids: torch.Tensor  # [T] int64
     ctx: ForwardContext
     logits_indices: Optional[torch.Tensor]  # [S] rows of the hidden states to sample from; None = all, in order
@@ -108,7 +110,7 @@ class ModelRunner:
         """
         return self._staging_sets[self._num_launched % NUM_STAGING_SETS]
 
-    def prepare_inputs(self, step: StepInput) -> StepInputs:
+    def prepare_inputs(self, step: StepInput) -> ForwardInputs:
         bs = self.block_size
         states = self.requests
         reqs = [states[rid] for rid in step.req_ids]  # [num_seqs] this step's requests, in batch order
@@ -191,7 +193,7 @@ class ModelRunner:
             # input_ids[dst] = last step's sampled tokens[src], on the device (no host sync)
             src = self._last_sampled.index_select(0, dev["pending_src"][:num_pending])
             input_ids_dev.index_copy_(0, dev["pending_dst"][:num_pending], src)
-        return StepInputs(
+        return ForwardInputs(
             input_ids=input_ids_dev,
             ctx=ctx,
             # increasing row indices: as many as rows means every row (a decode step), no gather
@@ -273,7 +275,7 @@ class ModelRunner:
             self._collect_logprobs(reqs, tokens, out, result)
         return result
 
-    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+    def _forward(self, inputs: ForwardInputs) -> torch.Tensor:
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(inputs):
             return self.cuda_graphs.run(inputs)
         return self.model(inputs.input_ids, inputs.ctx.positions, inputs.ctx)
@@ -294,7 +296,7 @@ class ModelRunner:
                     entry.setdefault(tid, Logprob(tlp, rank))
             result.logprobs[req.req_id] = entry
 
-    def _prompt_logprobs(self, hidden, inputs: StepInputs, result: StepOutput) -> None:
+    def _prompt_logprobs(self, hidden, inputs: ForwardInputs, result: StepOutput) -> None:
         """Logprob of each prompt token given the ones before it (first token: None)."""
         for req, offset, count, first_pos in inputs.prompt_logprob_spans:
             # rows predicting prompt positions first_pos+1 .. first_pos+count (within the prompt)
