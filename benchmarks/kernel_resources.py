@@ -197,7 +197,8 @@ def _quant_cases():
             for m in (1, quant_gemv.QGEMV_MAX_M):
                 x = torch.zeros(m, 2 * k, dtype=torch.bfloat16)
                 for config in quant_gemv.CONFIGS:
-                    if not quant_gemv._fits(next_pow2(m), config.block_n, config.block_v, config.num_warps):
+                    if not quant_gemv._fits(next_pow2(m), config.block_n, config.block_v, config.num_warps,
+                                            8 if qtype == "fp8" else 4):
                         continue
                     with recording(quant_gemv, kernel_name) as (kernel, launches):
                         if prologue == quant_gemv.PROLOGUE_RMS_NORM:

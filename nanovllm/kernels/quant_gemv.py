@@ -324,29 +324,33 @@ def _fp8_kernel(
     b_ptr,  # unused (signature shared with _words_kernel)
     bias_ptr, out_ptr, nw_ptr, res_ptr, res_out_ptr,
     M, N, K,
-    NV,  # vectors per row (cdiv(K, 16))
+    NV,  # 8-value vectors per row (cdiv(K, 8))
     stride_xm, stride_wn, stride_sn, stride_om, stride_rm, stride_rom,
     eps, c0, c1, c2,  # unused
     IS_INT4: tl.constexpr, PER_CHANNEL: tl.constexpr, VECS_PER_GROUP: tl.constexpr,
     HAS_BIAS: tl.constexpr, PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, USE_PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, EVEN: tl.constexpr,
 ):
-    VEC: tl.constexpr = 16  # e4m3 values per 16-byte vector
+    VEC: tl.constexpr = 8  # e4m3 values per thread and row per chunk (8 bytes; x: one 16-byte load)
     BLOCK_K: tl.constexpr = BLOCK_V * VEC
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_n = (offs_n % N).to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     rows_m = tl.minimum(offs_m, M - 1).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)[None, None, :]  # [1, 1, BK]
+    # Contiguity capped at 8: the e4m3 loads become 8-byte vectors, the same 8-element-per-
+    # thread layout as x's 16-byte bf16 loads, so their product needs no layout conversion
+    # (uncapped, the 16-wide fp8 tile and the 8-wide x tile meet through shared memory).
+    offs_k = tl.max_contiguous(tl.multiple_of(tl.arange(0, BLOCK_K), 8), 8)[None, None, :]  # [1, 1, BK]
     w_ptrs = w_ptr + (rows_n * stride_wn)[None, :, None] + offs_k  # [1, BN, BK]
     row_x = (rows_m * stride_xm)[:, None, None]
     row_res = (rows_m * stride_rm)[:, None, None]
     row_rout = (rows_m * stride_rom)[:, None, None]
     store_res = (offs_m < tl.where(pid == 0, M, 0))[:, None, None]
 
-    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_V], dtype=tl.float32)
-    sumsq = tl.zeros([BLOCK_M, 1, BLOCK_V], dtype=tl.float32)
+    # per-thread partial sums of every product (FMA), reduced across the row after the loop
+    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    sumsq = tl.zeros([BLOCK_M, 1, BLOCK_K], dtype=tl.float32)
     if EVEN:
         w = tl.load(w_ptrs, eviction_policy="evict_first")
     else:
@@ -357,14 +361,13 @@ def _fp8_kernel(
                          eviction_policy="evict_first")
         x, sq = _load_x(x_ptr, res_ptr, res_out_ptr, nw_ptr, row_x, row_res, row_rout, offs_k + k0, K,
                         store_res, PROLOGUE, HAS_RESIDUAL, EVEN)
-        prod = x * w.to(tl.float32)  # [BM, BN, BK]
-        acc += tl.sum(tl.reshape(prod, [BLOCK_M, BLOCK_N, BLOCK_V, VEC]), axis=3)
+        acc = tl.fma(x, w.to(tl.float32), acc)  # [BM, 1, BK] x [1, BN, BK]
         if PROLOGUE == 1:
-            sumsq += tl.sum(tl.reshape(sq, [BLOCK_M, 1, BLOCK_V, VEC]), axis=3)
+            sumsq += sq
         w = w_next
 
     s = tl.load(s_ptr + rows_n * stride_sn).to(tl.float32)
-    out = tl.sum(acc, axis=2) * s[None, :]
+    out = tl.sum(acc, axis=2) * s[None, :]  # [BM, BN]
     if PROLOGUE == 1:
         out = out * tl.rsqrt(tl.sum(sumsq, axis=2) / K + eps)  # [BM, 1]
     if HAS_BIAS:
@@ -377,34 +380,39 @@ def _fp8_kernel(
 # ----------------------------------------------------------------------------- launch
 
 
-def _fits(block_m: int, block_n: int, block_v: int, num_warps: int) -> bool:
+def _fits(block_m: int, block_n: int, block_v: int, num_warps: int, values_per_vector: int = 4) -> bool:
+    """Per-thread partial sums: 4 word lanes (int8 / int4) or 8 values (fp8) per vector."""
     per_thread = max(1, block_v // (32 * num_warps))  # vectors per row per thread
-    return block_m * block_n * per_thread * 4 <= MAX_ACC_PER_THREAD
+    return block_m * block_n * per_thread * values_per_vector <= MAX_ACC_PER_THREAD
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """Drop configs with too many partial sums per thread at this BLOCK_M or a chunk far wider
-    than the row (threads with nothing to load); keep at least one."""
-    block_m, nv = kwargs["BLOCK_M"], named_args["NV"]
-    kept = [c for c in configs if _fits(block_m, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_V"], c.num_warps)
-            and c.kwargs["BLOCK_V"] < 2 * next_pow2(nv)]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_V"])]
-
-
-def _even(k: int, nv: int, block_v: int, is_int4: bool) -> bool:
+def _even(k: int, nv: int, block_v: int, is_int4: bool, is_fp8: bool = False) -> bool:
     """No load needs a mask: x has exactly the packed width and the chunks tile the row."""
-    return k == nv * (32 if is_int4 else 16) and nv % block_v == 0
+    return k == nv * (32 if is_int4 else 8 if is_fp8 else 16) and nv % block_v == 0
 
 
-def _autotuned(kernel):
+def _pruner(values_per_vector: int):
+    def prune(configs, named_args, **kwargs):
+        """Drop configs with too many partial sums per thread at this BLOCK_M or a chunk far
+        wider than the row (threads with nothing to load); keep at least one."""
+        block_m, nv = kwargs["BLOCK_M"], named_args["NV"]
+        kept = [c for c in configs
+                if _fits(block_m, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_V"], c.num_warps, values_per_vector)
+                and c.kwargs["BLOCK_V"] < 2 * next_pow2(nv)]
+        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_V"])]
+
+    return prune
+
+
+def _autotuned(kernel, fp8: bool):
     configs = [triton.Config({"BLOCK_N": c.block_n, "BLOCK_V": c.block_v}, num_warps=c.num_warps,
                              num_stages=c.num_stages) for c in CONFIGS]
     key = ["BLOCK_M", "N", "K", "NV", "IS_INT4", "PER_CHANNEL", "VECS_PER_GROUP", "PROLOGUE", "HAS_RESIDUAL"]
     from triton.testing import do_bench
 
     bench = functools.partial(do_bench, warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS)
-    prune = {"early_config_prune": _prune_configs}
-    kernel = triton.heuristics({"EVEN": lambda a: _even(a["K"], a["NV"], a["BLOCK_V"], a["IS_INT4"])})(kernel)
+    prune = {"early_config_prune": _pruner(8 if fp8 else 4)}
+    kernel = triton.heuristics({"EVEN": lambda a: _even(a["K"], a["NV"], a["BLOCK_V"], a["IS_INT4"], fp8)})(kernel)
     for extra in (dict(do_bench=bench, cache_results=True), dict(do_bench=bench), {}):
         try:
             return triton.autotune(configs=configs, key=key, prune_configs_by=prune, **extra)(kernel)
@@ -413,7 +421,7 @@ def _autotuned(kernel):
                 raise
 
 
-_TUNED = {} if INTERPRET else {"words": _autotuned(_words_kernel), "fp8": _autotuned(_fp8_kernel)}
+_TUNED = {} if INTERPRET else {"words": _autotuned(_words_kernel, False), "fp8": _autotuned(_fp8_kernel, True)}
 _tuned_keys: set = set()
 
 
@@ -441,7 +449,7 @@ def _launch(x, qw: QuantizedWeight, bias, out, config, prologue=PROLOGUE_NONE, n
     block_m = next_pow2(m)
     is_fp8 = qw.qtype == "fp8"
     name = "fp8" if is_fp8 else "words"
-    nv = cdiv(k, 16) if is_fp8 else qw.data.shape[1] // 4
+    nv = cdiv(k, 8) if is_fp8 else qw.data.shape[1] // 4
     vec = 16 if is_fp8 else (32 if qw.qtype == "int4" else 16)
     pdl = use_pdl(x)
     has_res = residual is not None
@@ -470,7 +478,7 @@ def _launch(x, qw: QuantizedWeight, bias, out, config, prologue=PROLOGUE_NONE, n
     c = config or INTERPRET_CONFIG
     kernel = _fp8_kernel if is_fp8 else _words_kernel  # looked up per call: tools swap them for recorders
     kernel[(cdiv(n, c.block_n),)](*args, **flags, BLOCK_N=c.block_n, BLOCK_V=c.block_v,
-                                  EVEN=_even(k, nv, c.block_v, qw.qtype == "int4"),
+                                  EVEN=_even(k, nv, c.block_v, qw.qtype == "int4", is_fp8),
                                   num_warps=c.num_warps, num_stages=c.num_stages)
 
 
