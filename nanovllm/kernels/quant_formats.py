@@ -217,39 +217,69 @@ def _pad_groups(t: torch.Tensor, groups: int) -> torch.Tensor:
 @dataclass
 class QuantCodes:
     """Integer codes of a weight `[N, K]` in natural order, before packing: what the checkpoint
-    readers (GPTQ, AWQ, GGUF) produce and every backend packs its own way (GPU kernels:
-    `to_weight`; CPU: torch's int4 / int8 packed formats).
+    readers (GPTQ, AWQ, GGUF) and the quantizers produce, and every backend packs its own way
+    (GPU kernels: `to_weight`; CPU: torch's int4 / int8 packed formats).
 
     int4: codes in [0, 15], W = s * q + b per group; int8: codes in [-128, 127], W = s * q.
+    The codes may be padded with zero columns past `in_features` to whole groups.
     """
 
     qtype: str  # "int4" | "int8"
-    codes: torch.Tensor  # [N, K] uint8 (int4) / int8
-    scales: torch.Tensor  # [N, K / G] float32 (may be negative: GGUF Q6_K)
-    biases: Optional[torch.Tensor]  # int4: [N, K / G] float32
+    codes: torch.Tensor  # [N, K_pad] uint8 (int4) / int8
+    scales: torch.Tensor  # [N, K_pad / G] float32 (may be negative: GGUF Q6_K)
+    biases: Optional[torch.Tensor]  # int4: [N, K_pad / G] float32
     group_size: int
+    in_features: Optional[int] = None  # K; None = the codes' width
+
+    @property
+    def k(self) -> int:
+        return self.in_features or self.codes.shape[1]
+
+    @property
+    def padded(self) -> bool:
+        return self.codes.shape[1] != self.k
 
     def to_weight(self) -> QuantizedWeight:
         """Pack into the GPU kernels' layout (scales rounded to fp16 where grouped)."""
         if self.qtype == "int4":
-            return int4_from_codes(self.codes, self.scales, self.biases, self.group_size)
-        per_channel = self.group_size >= self.codes.shape[1]
+            return int4_from_codes(self.codes, self.scales, self.biases, self.group_size, self.k)
+        per_channel = self.scales.shape[1] == 1
         return int8_from_codes(self.codes, self.scales.reshape(-1) if per_channel else self.scales,
-                               None if per_channel else self.group_size)
+                               None if per_channel else self.group_size, self.k)
 
     def dequantize(self) -> torch.Tensor:
         """float32 [N, K]."""
-        n, k = self.codes.shape
-        q = self.codes.float().view(n, -1, self.group_size)
+        n, k_pad = self.codes.shape
+        q = self.codes.float().view(n, self.scales.shape[1], -1)
         w = q * self.scales.float()[..., None]
         if self.biases is not None:
             w = w + self.biases.float()[..., None]
-        return w.view(n, k)
+        return w.view(n, k_pad)[:, : self.k]
 
     def select_rows(self, index: torch.Tensor) -> "QuantCodes":
         """Rows in a new order (e.g. llama's Q/K permutation), the same op on every tensor."""
         pick = (lambda t: None if t is None else t[index])
         return replace(self, codes=pick(self.codes), scales=pick(self.scales), biases=pick(self.biases))
+
+    def with_group_size(self, group_size: int) -> "QuantCodes":
+        """int8 codes with smaller groups (each scale repeated: exact), e.g. Q8_0's 32 as 16."""
+        if group_size == self.group_size:
+            return self
+        if self.qtype != "int8" or self.group_size % group_size:
+            raise ValueError(f"cannot regroup {self.qtype} codes of group {self.group_size} into {group_size}")
+        return replace(self, scales=self.scales.repeat_interleave(self.group_size // group_size, dim=1),
+                       group_size=group_size)
+
+
+def concat_rows(parts: list[QuantCodes]) -> QuantCodes:
+    """Stack the row blocks of one packed projection (same format, group and K)."""
+    first = parts[0]
+    if any((p.qtype, p.group_size, p.codes.shape[1], p.k) != (first.qtype, first.group_size, first.codes.shape[1],
+                                                              first.k) for p in parts):
+        raise ValueError("row blocks of a packed projection disagree in format, group size or K")
+    cat = (lambda ts: None if ts[0] is None else torch.cat(ts))
+    return QuantCodes(first.qtype, cat([p.codes for p in parts]), cat([p.scales for p in parts]),
+                      cat([p.biases for p in parts]), first.group_size, first.in_features)
 
 
 # ----------------------------------------------------------------------------- quantizers
@@ -264,18 +294,27 @@ def int4_group_size(k: int, requested: int = DEFAULT_INT4_GROUP) -> int:
 
 
 @torch.no_grad()
-def quantize_int8(weight: torch.Tensor) -> QuantizedWeight:
-    """Symmetric int8, one fp32 scale per output channel (round to nearest)."""
+def quantize_int8_codes(weight: torch.Tensor, group_size: Optional[int] = None) -> QuantCodes:
+    """Symmetric int8 (round to nearest): one scale per output channel, or per group of
+    `group_size` along K (K padded to whole groups)."""
     w = weight.float()
-    scale = (w.abs().amax(dim=1) / INT8_MAX).clamp(min=MIN_SCALE)  # [N]
-    codes = torch.round(w / scale[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
-    return int8_from_codes(codes, scale)
+    n, k = w.shape
+    if group_size is None or group_size >= k:
+        scale = (w.abs().amax(dim=1, keepdim=True) / INT8_MAX).clamp(min=MIN_SCALE)  # [N, 1]
+        codes = torch.round(w / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+        return QuantCodes("int8", codes, scale, None, k, k)
+    k_pad = -(-k // group_size) * group_size
+    wg = _pad_k(w, k_pad).view(n, k_pad // group_size, group_size)  # [N, groups, G]
+    scale = (wg.abs().amax(dim=2) / INT8_MAX).to(torch.float16).float().clamp(min=torch.finfo(torch.float16).tiny)
+    codes = torch.round(wg / scale[..., None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8).view(n, k_pad)
+    return QuantCodes("int8", codes, scale, None, group_size, k)
 
 
 @torch.no_grad()
-def quantize_int4(weight: torch.Tensor, group_size: int = DEFAULT_INT4_GROUP) -> QuantizedWeight:
-    """Asymmetric int4 per group of `group_size` along K, integer zero points (GPTQ/AWQ form
-    W = s * (q - z), stored as s and b = -s * z); round to nearest."""
+def quantize_int4_codes(weight: torch.Tensor, group_size: int = DEFAULT_INT4_GROUP) -> QuantCodes:
+    """Asymmetric int4 per group of `group_size` along K (`int4_group_size` picks a divisor of
+    K; else K is padded), integer zero points (GPTQ/AWQ form W = s * (q - z), stored as s and
+    b = -s * z); round to nearest."""
     n, k = weight.shape
     group_size = int4_group_size(k, group_size)
     k_pad = padded_k(k, "int4", group_size)
@@ -286,7 +325,17 @@ def quantize_int4(weight: torch.Tensor, group_size: int = DEFAULT_INT4_GROUP) ->
     scale = ((hi - lo) / INT4_MAX).to(torch.float16).float().clamp(min=torch.finfo(torch.float16).tiny)
     zero = torch.round(-lo / scale).clamp(0, INT4_MAX)  # [N, groups]
     codes = (torch.round(w / scale[..., None]) + zero[..., None]).clamp(0, INT4_MAX).to(torch.uint8)
-    return int4_from_codes(codes.view(n, k_pad), scale, -scale * zero, group_size, in_features=k)
+    return QuantCodes("int4", codes.view(n, k_pad), scale, -scale * zero, group_size, k)
+
+
+def quantize_int8(weight: torch.Tensor) -> QuantizedWeight:
+    """Symmetric int8, one fp32 scale per output channel, packed for the kernels."""
+    return quantize_int8_codes(weight).to_weight()
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int = DEFAULT_INT4_GROUP) -> QuantizedWeight:
+    """`quantize_int4_codes`, packed for the kernels."""
+    return quantize_int4_codes(weight, group_size).to_weight()
 
 
 @torch.no_grad()

@@ -22,19 +22,19 @@ tiles are scaled before the dot and rounded once to bf16 (int4's own error is ~1
 from __future__ import annotations
 
 import functools
-import os
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from nanovllm import envs
 from nanovllm.kernels.launch_math import cdiv, next_pow2
 from nanovllm.kernels.pdl import pdl_launch_options, pdl_wait, use_pdl
 from nanovllm.kernels.quant_formats import FP8_DTYPE, FP8_MAX, QuantizedWeight
 from nanovllm.kernels.quant_gemv import ONE_BITS, _constants, _int8_plane, _rotl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = envs.triton_interpret()  # triton reads it at decoration, as here
 TUNE_WARMUP_MS = 5
 TUNE_REP_MS = 25
 DOT_MAX_BLOCK_M = 128  # x rows per program at most (the MMA's narrow side)
@@ -266,6 +266,7 @@ def quant_dot_gemm(
     bias: Optional[torch.Tensor] = None,
     out: Optional[torch.Tensor] = None,
     config: Optional[QDotConfig] = None,
+    pdl: bool = True,
 ) -> torch.Tensor:
     """x @ dequant(W)^T (+ bias) on the tensor cores, any M; returned in x's dtype ([M, N])."""
     if x.dim() != 2 or x.shape[1] != qw.in_features:
@@ -282,7 +283,7 @@ def quant_dot_gemm(
     scale_after = qw.qtype == "fp8" or (qw.qtype == "int8" and qw.per_channel)
     vec = 32 if qw.qtype == "int4" else 16
     kw = cdiv(k, 4) if qw.qtype == "fp8" else qw.data.shape[1]
-    pdl = use_pdl(x)
+    pdl = use_pdl(x, pdl)
     c0, c1 = _unpack_constants(qw.qtype)
     args = (x, qw.data, qw.scales, qw.biases if qw.biases is not None else qw.scales,
             bias if bias is not None else qw.scales, out, m, n, k, kw, x.stride(0), qw.data.stride(0),

@@ -41,19 +41,19 @@ under TRITON_INTERPRET.
 from __future__ import annotations
 
 import functools
-import os
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from nanovllm import envs
 from nanovllm.kernels.launch_math import cdiv, next_pow2
 from nanovllm.kernels.pdl import pdl_launch_options, pdl_wait, use_pdl
 from nanovllm.kernels.quant_formats import QuantizedWeight
 
 QGEMV_MAX_M = 8
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = envs.triton_interpret()  # triton reads it at decoration, as here
 TUNE_WARMUP_MS = 5
 TUNE_REP_MS = 25
 
@@ -444,14 +444,14 @@ def _check_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _launch(x, qw: QuantizedWeight, bias, out, config, prologue=PROLOGUE_NONE, norm_weight=None, eps=0.0,
-            residual=None, residual_out=None) -> None:
+            residual=None, residual_out=None, pdl: bool = True) -> None:
     m, n, k = out.shape[0], out.shape[1], qw.in_features
     block_m = next_pow2(m)
     is_fp8 = qw.qtype == "fp8"
     name = "fp8" if is_fp8 else "words"
     nv = cdiv(k, 8) if is_fp8 else qw.data.shape[1] // 4
     vec = 16 if is_fp8 else (32 if qw.qtype == "int4" else 16)
-    pdl = use_pdl(x)
+    pdl = use_pdl(x, pdl)
     has_res = residual is not None
     res, res_out = (residual, residual_out) if has_res else (x, x)
     placeholder = qw.scales
@@ -497,6 +497,7 @@ def quant_skinny_gemm(
     bias: Optional[torch.Tensor] = None,  # [N]
     out: Optional[torch.Tensor] = None,  # [M, N]
     config: Optional[QGemvConfig] = None,
+    pdl: bool = True,  # programmatic dependent launch where the device supports it (kernels/pdl.py)
 ) -> torch.Tensor:
     """x @ dequant(W)^T (+ bias), fp32 accumulation, returned in x's dtype ([M, N])."""
     x = _check_rows(x)
@@ -504,7 +505,7 @@ def quant_skinny_gemm(
     _check_weight(qw, bias, k)
     out = _new_out(x, qw.out_features, out)
     if m and qw.out_features:
-        _launch(x, qw, bias, out, config)
+        _launch(x, qw, bias, out, config, pdl=pdl)
     return out
 
 
@@ -516,6 +517,7 @@ def quant_rms_norm_skinny_gemm(
     qw: QuantizedWeight,
     bias: Optional[torch.Tensor] = None,
     config: Optional[QGemvConfig] = None,
+    pdl: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x [+ residual]) @ dequant(W)^T (+ bias), the new residual) in one kernel;
     numerics as `gemv.rms_norm_skinny_gemm` (the normalised x is never rounded)."""
@@ -532,7 +534,7 @@ def quant_rms_norm_skinny_gemm(
     out = _new_out(x, qw.out_features, None)
     if m and qw.out_features:
         _launch(x, qw, bias, out, config, PROLOGUE_RMS_NORM, norm_weight, eps, residual,
-                None if residual is None else residual_out)
+                None if residual is None else residual_out, pdl=pdl)
     elif m and residual is not None:
         residual_out.copy_(x + residual)
     return out, residual_out
@@ -543,6 +545,7 @@ def quant_silu_mul_skinny_gemm(
     qw: QuantizedWeight,
     bias: Optional[torch.Tensor] = None,
     config: Optional[QGemvConfig] = None,
+    pdl: bool = True,
 ) -> torch.Tensor:
     """(silu(gate) * up) @ dequant(W)^T (+ bias) in one kernel."""
     x = _check_rows(x)
@@ -552,12 +555,12 @@ def quant_silu_mul_skinny_gemm(
     _check_weight(qw, bias, two_k // 2)
     out = _new_out(x, qw.out_features, None)
     if m and qw.out_features:
-        _launch(x, qw, bias, out, config, PROLOGUE_SILU_MUL)
+        _launch(x, qw, bias, out, config, PROLOGUE_SILU_MUL, pdl=pdl)
     return out
 
 
 def warm_up(qw: QuantizedWeight, bias: Optional[torch.Tensor] = None, max_m: int = QGEMV_MAX_M,
-            dtype: torch.dtype = torch.bfloat16, prologues=(PROLOGUE_NONE,)) -> None:
+            dtype: torch.dtype = torch.bfloat16, prologues=(PROLOGUE_NONE,), pdl: bool = True) -> None:
     """Tune (and compile) every row bucket up to max_m for this weight and each prologue, so
     that no later call benchmarks (e.g. inside a CUDA-graph capture)."""
     k, device = qw.in_features, qw.data.device
@@ -567,8 +570,8 @@ def warm_up(qw: QuantizedWeight, bias: Optional[torch.Tensor] = None, max_m: int
     for m in buckets:
         for prologue in prologues:
             if prologue == PROLOGUE_RMS_NORM:
-                quant_rms_norm_skinny_gemm(x[:m, :k], x[:m, k:], norm_weight, 1e-6, qw, bias)
+                quant_rms_norm_skinny_gemm(x[:m, :k], x[:m, k:], norm_weight, 1e-6, qw, bias, pdl=pdl)
             elif prologue == PROLOGUE_SILU_MUL:
-                quant_silu_mul_skinny_gemm(x[:m], qw, bias)
+                quant_silu_mul_skinny_gemm(x[:m], qw, bias, pdl=pdl)
             else:
-                quant_skinny_gemm(x[:m, :k], qw, bias)
+                quant_skinny_gemm(x[:m, :k], qw, bias, pdl=pdl)
