@@ -25,6 +25,8 @@ import torch
 from nanovllm.kernels.quant_formats import QuantCodes
 
 INT4_CPU_GROUPS = (32, 64, 128, 256)  # group sizes torch's int4 CPU kernel accepts
+INT4_CPU_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu needs N % 16 == 0
+INT8_CPU_K_MULTIPLE = 8  # _weight_int8pack_mm crashes (segfault, torch 2.13) for other K
 INT4_CPU_INNER_K_TILES = 2  # packing argument of _convert_weight_to_int4pack_for_cpu (any of 1/2/4/8 on CPU)
 INT4_CODE_CENTER = 8  # torch's int4 kernels compute (q - 8) * scale + zero
 
@@ -71,9 +73,9 @@ CpuQuantWeight = Union[CpuInt4Weight, CpuInt8Weight]
 def cpu_quant_ops_available() -> bool:
     """Whether this torch build has the CPU int4 / int8 weight-only kernels."""
     try:
-        q = torch.zeros(16, 64, dtype=torch.int32)  # N must be a multiple of 16
+        q = torch.zeros(INT4_CPU_N_MULTIPLE, 64, dtype=torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, INT4_CPU_INNER_K_TILES)
-        sz = torch.zeros(2, 16, 2, dtype=torch.bfloat16)
+        sz = torch.zeros(2, INT4_CPU_N_MULTIPLE, 2, dtype=torch.bfloat16)
         torch.ops.aten._weight_int4pack_mm_for_cpu(torch.zeros(1, 64, dtype=torch.bfloat16), packed, 32, sz)
         torch.ops.aten._weight_int8pack_mm(torch.zeros(1, 64, dtype=torch.bfloat16), torch.zeros(8, 64, dtype=torch.int8),
                                            torch.ones(8, dtype=torch.bfloat16))
@@ -99,11 +101,15 @@ def pack_int4_cpu(codes: QuantCodes) -> CpuInt4Weight:
 
 def pack_int8_cpu(weight: Union[torch.Tensor, QuantCodes]) -> CpuInt8Weight:
     """Per-output-channel symmetric int8 for torch's CPU kernel: int8 codes with one scale per
-    row are kept; grouped codes (GGUF Q8_0 / Q6_K) and float weights are (re)quantized per row."""
-    if isinstance(weight, QuantCodes) and weight.qtype == "int8" and weight.group_size >= weight.codes.shape[1]:
+    row are kept; grouped codes (GGUF Q8_0 / Q6_K) and float weights are (re)quantized per row.
+    K must be a multiple of INT8_CPU_K_MULTIPLE."""
+    if (isinstance(weight, QuantCodes) and weight.qtype == "int8" and weight.scales.shape[1] == 1
+            and not weight.padded and weight.k % INT8_CPU_K_MULTIPLE == 0):
         return CpuInt8Weight(weight.codes.contiguous(), weight.scales.reshape(-1).to(torch.bfloat16),
                              weight.codes.shape[1], weight.codes.shape[0])
     w = weight.dequantize() if isinstance(weight, QuantCodes) else weight.float()
+    if w.shape[1] % INT8_CPU_K_MULTIPLE:
+        raise ValueError(f"CPU int8 needs K a multiple of {INT8_CPU_K_MULTIPLE}, got {w.shape[1]}")
     scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-10)  # [N]
     scale = scale.to(torch.bfloat16).float()  # the kernel's own precision, before rounding the codes
     codes = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
