@@ -19,6 +19,8 @@ SUPPORTED_DTYPES = ("auto", "float32", "float16", "bfloat16")
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 LOAD_FORMATS = ("auto", "dummy")
 GEMV_MODES = ("auto", "off", "force")
+QUANTIZATIONS = ("int8", "int4", "fp8")
+QUANTIZATION_ALIASES = {"none": None, "w8a16": "int8", "w4a16": "int4", "fp8_e4m3": "fp8", "e4m3": "fp8"}
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,11 @@ class EngineConfig:
     tokenizer: Optional[str] = None  # override tokenizer location
     trust_remote_code: bool = False
     load_format: str = "auto"  # "auto" = the checkpoint's weights; "dummy" = random weights (benchmarks)
+    # Weight-only quantization at load: "int8" (per output channel), "int4" (groups of 128 along K,
+    # scales and zero points), "fp8" (e4m3, per output channel), or None = as the checkpoint is
+    # (GPTQ / AWQ / GGUF stay quantized). docs/quantization.md.
+    quantization: Optional[str] = None
+    quantize_lm_head: bool = False  # also quantize the LM head (the embedding table stays as it is)
     # ---- kernel choices (GPU). The matching NANOVLLM_* variables (envs.py) override them for A/B runs.
     # Decode-sized GEMMs (<= 8 rows): "auto" = the Triton skinny GEMM for the weight shapes and row
     # counts where start-up timing finds it faster than cuBLAS; "off" = cuBLAS; "force" = Triton
@@ -95,7 +102,18 @@ class EngineConfig:
             raise ValueError(f"load_format={self.load_format!r}: use one of {LOAD_FORMATS}")
         if self.gemv not in GEMV_MODES:
             raise ValueError(f"gemv={self.gemv!r}: use 'auto' (calibrated), 'off' (cuBLAS) or 'force' (Triton)")
-        for name in ("fuse_gemv_prologues", "pdl", "use_triton", "step_timing"):
+        if self.quantization is not None:
+            if not isinstance(self.quantization, str):
+                raise TypeError(f"quantization must be a string such as 'int8', got {self.quantization!r}")
+            key = self.quantization.strip().lower()
+            quantization = QUANTIZATION_ALIASES[key] if key in QUANTIZATION_ALIASES else key
+            if quantization is not None and quantization not in QUANTIZATIONS:
+                raise ValueError(f"quantization={self.quantization!r} is not supported; use one of "
+                                 f"{', '.join(QUANTIZATIONS)} or None")
+            object.__setattr__(self, "quantization", quantization)
+        if self.quantize_lm_head and self.quantization is None:
+            raise ValueError("quantize_lm_head=True needs quantization='int8', 'int4' or 'fp8'")
+        for name in ("fuse_gemv_prologues", "pdl", "use_triton", "step_timing", "quantize_lm_head"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.seed, int):

@@ -85,6 +85,8 @@ class WorkerInfo:
     param_bytes: int  # parameters, tied weights counted once (what a decode step reads)
     cuda_graphs: bool  # decode batches replay captured CUDA graphs
     cpu_fp16_weights: bool  # CPU GEMMs read fp16-packed weights
+    param_bytes_unquantized: int = 0  # the same weights in the model dtype (memory report); 0 = unknown
+    quantization: str = ""  # e.g. "int4 (224 layers)", "" = none
 
     @property
     def is_cuda(self) -> bool:

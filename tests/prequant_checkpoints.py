@@ -84,8 +84,11 @@ def write_prequantized(float_dir: str, out_dir: str, method: str, group_size: in
         n, k = w.shape
         groups = k // group_size
         g_idx = torch.arange(k) // group_size
-        if act_order:
-            perm = torch.randperm(k, generator=gen)
+        if act_order:  # one permutation per input, as GPTQ's Hessian order is: q/k/v and gate/up share theirs
+            layer, proj = prefix.rsplit(".", 1)
+            shared_input = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gu", "up_proj": "gu"}
+            key = f"{layer.split('.', 1)[0]}.{layer}.{shared_input.get(proj, proj)}"
+            perm = torch.randperm(k, generator=torch.Generator().manual_seed(seed + sum(map(ord, key))))
             g_idx = torch.empty(k, dtype=torch.int64)
             g_idx[perm] = torch.arange(k) // group_size
         codes, scales, zeros = rtn_int4(w, g_idx, groups)

@@ -21,6 +21,23 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) 
     p.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="fraction of GPU memory for weights + activations + KV cache (default 0.9)")
     p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    add_quantization_args(p)
+
+
+def add_quantization_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantization", "-q", default=None, choices=["int8", "int4", "fp8"],
+                   help="quantize the weights at load: int8 (per channel), int4 (groups of 128), fp8 (e4m3); "
+                        "default: as the checkpoint is (GPTQ / AWQ / GGUF stay quantized)")
+    p.add_argument("--quantize-lm-head", action="store_true", help="also quantize the LM head (with --quantization)")
+
+
+def quantization_kwargs(args: argparse.Namespace) -> dict:
+    kwargs = {}
+    if getattr(args, "quantization", None):
+        kwargs["quantization"] = args.quantization
+    if getattr(args, "quantize_lm_head", False):
+        kwargs["quantize_lm_head"] = True
+    return kwargs
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -29,7 +46,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         value = getattr(args, name, None)
         if value is not None:
             kwargs[name] = value
-    return kwargs
+    return {**kwargs, **quantization_kwargs(args)}
 
 
 def add_sampling_args(p: argparse.ArgumentParser, default_temperature: float) -> None:

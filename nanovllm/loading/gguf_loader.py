@@ -325,6 +325,10 @@ class GGUFCheckpoint:
     _architecture: str = field(default="llama", repr=False)  # the GGUF's general.architecture
     _tensors: tuple[_TensorInfo, ...] = field(default=(), repr=False)
 
+    def tensor_types(self) -> dict[str, str]:
+        """{HF name: ggml type name (e.g. "Q4_K", "F16")} of every tensor, without reading data."""
+        return {t.hf_name: t.qtype.name for t in self._tensors}
+
     def iter_tensors(self, keep_quantized: bool = False) -> Iterator[tuple[str, Any]]:
         """Yield (HF name, float32 tensor in HF shape) one at a time, in file order. With
         `keep_quantized`, 2-D tensors of the types in `gguf_quant.KEPT_QUANTIZED` come as

@@ -5,8 +5,13 @@ Used by the worker (it imports the model classes); the engine reads only model_i
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
+from nanovllm.layers.quantized_linear import quantize_modules, quantized_modules
+from nanovllm.loading.gptq_awq import group_quantized_tensors
+from nanovllm.loading.quant_plan import plan_quantization
 from nanovllm.loading.resolve import ModelSource
 from nanovllm.loading.safetensors_loader import iter_safetensors
 from nanovllm.loading.weights import load_weights
@@ -39,8 +44,10 @@ def resolve_dtype(requested: str, hf_config, device: torch.device) -> torch.dtyp
 
 
 def build_model(source: ModelSource, hf_config, device: torch.device, dtype: torch.dtype, max_positions: int,
-                load_format: str = "auto"):
-    """Instantiate the architecture and load its weights (`load_format='dummy'`: random weights)."""
+                load_format: str = "auto", quantization: Optional[str] = None, quantize_lm_head: bool = False,
+                cpu_weight_format: str = "auto"):
+    """Instantiate the architecture, swap in quantized linears where the plan says
+    (quant_plan.py), and load the weights (`load_format='dummy'`: random weights)."""
     model_cls = resolve_model_class(hf_config)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -50,15 +57,22 @@ def build_model(source: ModelSource, hf_config, device: torch.device, dtype: tor
     finally:
         torch.set_default_dtype(previous)
     model.model.cos_sin_cache = model.model.cos_sin_cache.float()
+    plan = plan_quantization(model, source, hf_config, quantization, quantize_lm_head, device.type,
+                             cpu_weight_format, load_format)
+    if plan.specs:
+        quantize_modules(model, plan.specs)
     if load_format == "dummy":
         init_random_weights(model)
     elif source.kind == "gguf":
         from nanovllm.loading.gguf_loader import read_gguf_checkpoint
 
         ckpt = read_gguf_checkpoint(source.path)
-        load_weights(model, ((name, t, source.path) for name, t in ckpt.iter_tensors()))
+        load_weights(model, ((name, t, source.path) for name, t in ckpt.iter_tensors(keep_quantized=plan.gguf_codes)))
     else:
-        load_weights(model, iter_safetensors(source.path))
+        tensors = iter_safetensors(source.path)
+        if plan.prequant is not None:
+            tensors = group_quantized_tensors(tensors, plan.prequant)
+        load_weights(model, tensors)
     return model.eval()
 
 
@@ -81,10 +95,12 @@ def maybe_pack_cpu_weights(model, fmt: str, source: ModelSource, hf_config) -> b
         if fmt == "fp16":
             raise ValueError("cpu_weight_format='fp16' needs torch's fbgemm backend (x86); use 'fp32'")
         return False
+    packed = False
     for module in model.modules():
-        if isinstance(module, Linear):
+        if isinstance(module, Linear) and not getattr(module, "quantized", False):  # quantized: their own format
             module.pack_fp16_for_cpu()
-    return True
+            packed = True
+    return packed
 
 
 # Random-weight benchmarks: small init keeps activations finite through many layers.
@@ -93,9 +109,14 @@ DUMMY_INIT_STD = 0.02
 
 @torch.no_grad()
 def init_random_weights(model, seed: int = 0) -> None:
+    """Random weights; quantized layers get random float rows quantized like a checkpoint's."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
             p.fill_(1.0)
         else:
             p.normal_(0.0, DUMMY_INIT_STD, generator=gen)
+    for name, module in quantized_modules(model).items():
+        for shard, (_, rows) in module.shard_offsets.items():
+            w = torch.empty(rows, module.in_features, device=module.weight.device, dtype=module.weight.dtype)
+            module.load_weight(module.weight, w.normal_(0.0, DUMMY_INIT_STD, generator=gen), shard, name=name)

@@ -12,9 +12,27 @@ import torch
 from torch import nn
 
 from nanovllm.layers.linear import WeightShapeError, default_weight_loader
+from nanovllm.layers.quantized_linear import as_codes
 
 # Tensors some checkpoints carry that the engine recomputes itself.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+EMBEDDING_NAME = "model.embed_tokens.weight"
+
+
+def _load(param: nn.Parameter, value, shard, name: str) -> None:
+    """Hand a checkpoint value to the parameter's loader: float tensors in the parameter's
+    dtype; quantized codes (GGUF blocks, GPTQ / AWQ layers) as they are to a quantized layer's
+    loader, dequantized for a plain parameter."""
+    loader = getattr(param, "weight_loader", default_weight_loader)
+    if not isinstance(value, torch.Tensor):
+        if not getattr(param, "accepts_codes", False):
+            if getattr(value, "input_perm", None) is not None:
+                raise WeightShapeError(f"tensor {name!r}: an act-order GPTQ layer needs a quantized layer")
+            value = as_codes(value).dequantize()
+    if isinstance(value, torch.Tensor):
+        value = value.to(param.dtype)
+    with torch.no_grad():
+        loader(param, value, shard, name=name)
 
 
 def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor, str]]) -> None:
@@ -22,6 +40,8 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor, st
     packed = getattr(model, "packed_modules_mapping", {})
     tied = getattr(model, "tie_word_embeddings", False)
     loaded: set[str] = set()
+    head = params.get("lm_head.weight")
+    head_from_embedding = head if tied and getattr(head, "accepts_codes", False) else None
     for name, tensor, source in tensors:
         if name.endswith(IGNORED_SUFFIXES):
             continue
@@ -35,10 +55,10 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor, st
         param = params.get(target)
         if param is None:
             raise ValueError(f"{source}: tensor {name!r} does not belong to {type(model).__name__}")
-        loader = getattr(param, "weight_loader", default_weight_loader)
         try:
-            with torch.no_grad():
-                loader(param, tensor.to(param.dtype), shard, name=name)
+            _load(param, tensor, shard, name)
+            if head_from_embedding is not None and name == EMBEDDING_NAME:
+                _load(head_from_embedding, tensor, None, "lm_head.weight")  # tied, but the head is quantized
         except WeightShapeError as e:
             raise ValueError(f"{source}: {e}") from None
         loaded.add(f"{target}:{shard}")

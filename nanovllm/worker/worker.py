@@ -26,6 +26,7 @@ from nanovllm.loading import model_loader
 from nanovllm.loading.model_info import ModelInfo
 from nanovllm.layers.kernel_options import KernelOptions, configure_kernels
 from nanovllm.layers.linear import set_gemv_rows
+from nanovllm.layers.quantized_linear import describe_quantization, unquantized_weight_bytes, weight_bytes
 from nanovllm.step_io import StepInput, StepOutput, WorkerInfo
 from nanovllm.worker import memory
 from nanovllm.worker.model_runner import LaunchedStep, ModelRunner
@@ -41,7 +42,8 @@ class Worker:
         self.device = model_loader.resolve_device(config.device)
         self.dtype = model_loader.resolve_dtype(config.dtype, model_info.hf_config, self.device)
         self.model = model_loader.build_model(model_info.source, model_info.hf_config, self.device, self.dtype,
-                                              model_info.max_model_len, config.load_format)
+                                              model_info.max_model_len, config.load_format, config.quantization,
+                                              config.quantize_lm_head, config.cpu_weight_format)
         self.kernel_options = KernelOptions(
             triton=config.use_triton, triton_attention=config.attention_backend != "torch", pdl=config.pdl,
             fuse_gemv_prologues=config.fuse_gemv_prologues,
@@ -50,6 +52,7 @@ class Worker:
         self.cpu_fp16_weights = self.device.type == "cpu" and model_loader.maybe_pack_cpu_weights(
             self.model, config.cpu_weight_format, model_info.source, model_info.hf_config)
         if self.device.type == "cuda":
+            self.calibrate_quantized()
             self.calibrate_gemv()
         self.kv_bytes_per_block = memory.kv_bytes_per_block(self.model, config.block_size, self.dtype)
         self.runner: Optional[ModelRunner] = None
@@ -64,6 +67,14 @@ class Worker:
                                 mode=self.config.gemv, options=self.kernel_options)
         set_gemv_rows(self.model, row_limits(result))
         return result
+
+    def calibrate_quantized(self) -> dict:
+        """Quantized layers: up to which row count the skinny and the tensor-core kernels serve,
+        timed against the other paths on this GPU (worker/quant_calibration.py)."""
+        from nanovllm.worker.quant_calibration import calibrate_quantized
+
+        return calibrate_quantized(self.model, self.device, mode=self.config.gemv, options=self.kernel_options,
+                                   max_rows=self.config.max_num_seqs)
 
     # ------------------------------------------------------------------ KV cache
     def determine_num_kv_blocks(self) -> int:
@@ -88,13 +99,14 @@ class Worker:
         return self.info()
 
     def info(self) -> WorkerInfo:
-        unique = {id(p): p for p in self.model.parameters()}
         return WorkerInfo(
             num_kv_blocks=self.runner.num_kv_blocks if self.runner is not None else 0,
             device=str(self.device),
             dtype=str(self.dtype).replace("torch.", ""),
             kv_bytes_per_block=self.kv_bytes_per_block,
-            param_bytes=sum(p.numel() * p.element_size() for p in unique.values()),
+            param_bytes=weight_bytes(self.model),
+            param_bytes_unquantized=unquantized_weight_bytes(self.model, self.dtype),
+            quantization=describe_quantization(self.model),
             cuda_graphs=self.runner is not None and self.runner.cuda_graphs is not None,
             cpu_fp16_weights=self.cpu_fp16_weights,
         )
