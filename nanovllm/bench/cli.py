@@ -9,6 +9,7 @@ SUBCOMMANDS = {
     "throughput": ("nanovllm.bench.throughput", "offline throughput on nano-vLLM's bench.py workload"),
     "latency": ("nanovllm.bench.latency", "batch-1 decode speed next to the weight-read roofline"),
     "serve": ("nanovllm.bench.serve", "async load generator against an OpenAI-compatible server"),
+    "perplexity": ("nanovllm.bench.perplexity", "perplexity on a fixed text (the quality check of quantization)"),
 }
 
 

@@ -17,6 +17,7 @@ import random
 import time
 
 from nanovllm.bench.report import RESULTS_DIR, append_rows, bar_plot, base_row
+from nanovllm.cli.args import add_quantization_args, quantization_kwargs
 
 WORKLOAD_SEED = 0
 TOKEN_ID_MAX = 10000
@@ -47,6 +48,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--csv", default=os.path.join(RESULTS_DIR, "throughput.csv"))
+    add_quantization_args(p)
 
 
 WARMUP_SEQS = 32
@@ -76,7 +78,7 @@ def run_nanovllm(args, prompts, output_lens) -> float:
     """Seconds for the workload; sets args.async_scheduling and args.pdl to what the engine resolved."""
     from nanovllm import LLM, SamplingParams
 
-    kwargs = {}
+    kwargs = quantization_kwargs(args)
     if args.max_num_batched_tokens:
         kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
     llm = LLM(args.model, load_format=args.load_format, skip_tokenizer_init=True, max_model_len=args.max_model_len,
@@ -132,10 +134,12 @@ def run(args) -> int:
            "seconds": round(elapsed, 2), "output_tok_per_s": round(total / elapsed, 1),
            "cuda_graphs": not args.enforce_eager,
            "async_scheduling": args.async_scheduling if args.backend == "nanovllm" else "",
-           "pdl": pdl_in_effect(getattr(args, "pdl", True)) if args.backend == "nanovllm" else ""}
+           "pdl": pdl_in_effect(getattr(args, "pdl", True)) if args.backend == "nanovllm" else "",
+           "quantization": getattr(args, "quantization", None) or ""}
     path = append_rows(args.csv, [row])
     plot(path, os.path.splitext(path)[0] + ".png")
-    print(f"{args.backend}: {total} output tokens in {elapsed:.2f} s = {total / elapsed:,.0f} tok/s  (CSV: {path})")
+    label = args.backend + (f" {args.quantization}" if getattr(args, "quantization", None) else "")
+    print(f"{label}: {total} output tokens in {elapsed:.2f} s = {total / elapsed:,.0f} tok/s  (CSV: {path})")
     return 0
 
 
@@ -146,7 +150,8 @@ def plot(csv_path: str, out_png: str) -> None:
     latest = {}
     with open(csv_path) as f:
         for r in csv.DictReader(f):
-            latest[f"{r['backend']} ({r['num_seqs']} seqs)"] = r
+            quant = f" {r['quantization']}" if r.get("quantization") else ""
+            latest[f"{r['backend']}{quant} ({r['num_seqs']} seqs)"] = r
     labels = list(latest)
     bar_plot(out_png, labels, [float(latest[k]["output_tok_per_s"]) for k in labels], "output tokens/s",
              f"nano-vLLM bench workload, {latest[labels[0]]['model']} ({latest[labels[0]]['device']})")
