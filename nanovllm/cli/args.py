@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from nanovllm.config import QUANTIZATIONS
+
 
 def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) -> None:
     if model_positional:
@@ -25,7 +27,7 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) 
 
 
 def add_quantization_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quantization", "-q", default=None, choices=["int8", "int4", "fp8"],
+    p.add_argument("--quantization", "-q", default=None, type=str.lower, choices=QUANTIZATIONS,
                    help="quantize the weights at load: int8 (per channel), int4 (groups of 128), fp8 (e4m3); "
                         "default: as the checkpoint is (GPTQ / AWQ / GGUF stay quantized)")
     p.add_argument("--quantize-lm-head", action="store_true", help="also quantize the LM head (with --quantization)")

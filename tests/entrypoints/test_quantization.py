@@ -126,3 +126,22 @@ def test_quantize_lm_head(tiny_model_factory):
     head = with_head.engine.executor.worker.model.lm_head
     assert isinstance(head, QuantizedLinear) and head.lm_head
     assert torch.isfinite(prompt_logprobs(with_head)).all()
+
+
+def test_cli_quantization_flag_is_validated(capsys):
+    """Every engine-building command takes --quantization; a bad value stops argparse with a
+    message listing the choices (exit 2), before any model loads."""
+    from nanovllm.cli.main import build_parser
+
+    parser = build_parser()
+    for argv in (["generate", "hi"], ["chat"], ["serve"], ["bench", "latency", "--model", "m"], ["bench", "throughput", "--model", "m"],
+                 ["bench", "perplexity"]):
+        assert parser.parse_args(argv + ["--quantization", "INT4"]).quantization == "int4"
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args(argv + ["--quantization", "int3"])
+        assert e.value.code == 2
+        assert "invalid choice: 'int3'" in capsys.readouterr().err
+    args = parser.parse_args(["generate", "hi", "-q", "fp8", "--quantize-lm-head"])
+    from nanovllm.cli.args import engine_kwargs
+
+    assert engine_kwargs(args)["quantization"] == "fp8" and engine_kwargs(args)["quantize_lm_head"] is True
