@@ -355,7 +355,11 @@ def unquantized_weight_bytes(model: nn.Module, dtype: torch.dtype) -> int:
     """What the same weights take in `dtype` (the memory report's comparison)."""
     quant = quantized_modules(model)
     seen = {id(p): p.numel() * p.element_size() for p in model.parameters()}
-    for module in quant.values():
+    tied = getattr(model, "tie_word_embeddings", False)
+    for name, module in quant.items():
+        if tied and module.lm_head:  # unquantized, the head is the embedding table (counted already)
+            seen.pop(id(module.weight), None)
+            continue
         seen[id(module.weight)] = module.in_features * module.out_features * torch.finfo(dtype).bits // 8
     return sum(seen.values())
 

@@ -97,6 +97,9 @@ def test_bundled_gguf_decodes_from_its_4bit_weights():
     assert not info.cpu_fp16_weights
     reference = LLM(device="cpu", max_model_len=256, cpu_weight_format="fp32")  # dequantized, as before
     assert reference.engine.executor.info.quantization == ""
+    # memory report: the tied head counts once unquantized; 4-bit decoder + fp32 embedding < half
+    assert info.param_bytes_unquantized == reference.engine.executor.info.param_bytes
+    assert info.param_bytes < 0.5 * info.param_bytes_unquantized
     params = SamplingParams(temperature=0, max_tokens=8)
     prompt = "The capital of France is"
     a = default.generate([prompt], params, use_tqdm=False)[0].outputs[0].text
