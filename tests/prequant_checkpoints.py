@@ -110,3 +110,20 @@ def write_prequantized(float_dir: str, out_dir: str, method: str, group_size: in
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f)
     return expected
+
+
+def export_gguf_as_hf(gguf_path: str, out_dir: str, dtype: torch.dtype = torch.float16) -> str:
+    """The GGUF's weights dequantized into an HF directory (config.json + model.safetensors in
+    `dtype`): a 16-bit checkpoint of the bundled model for the quantize-at-load paths."""
+    from safetensors.torch import save_file
+
+    from nanovllm.loading.gguf_loader import read_gguf_checkpoint
+
+    ckpt = read_gguf_checkpoint(gguf_path)
+    os.makedirs(out_dir, exist_ok=True)
+    config = ckpt.hf_config
+    config.dtype = dtype
+    config.save_pretrained(out_dir)
+    save_file({name: t.to(dtype).contiguous() for name, t in ckpt.iter_tensors()},
+              os.path.join(out_dir, "model.safetensors"))
+    return out_dir
