@@ -148,3 +148,19 @@ def test_cli_quantization_flag_is_validated(capsys):
     from nanovllm.cli.args import engine_kwargs
 
     assert engine_kwargs(args)["quantization"] == "fp8" and engine_kwargs(args)["quantize_lm_head"] is True
+
+
+def test_latency_memory_report():
+    """bench latency's report: bytes freed by quantization, in KV-cache tokens of this model."""
+    from nanovllm.bench.latency import memory_report
+    from nanovllm.step_io import WorkerInfo
+
+    block, per_token = 16, 144 * 1024  # Qwen3-8B: 36 layers x K,V x 8 heads x 128 x bf16
+    info = WorkerInfo(num_kv_blocks=1000, device="cuda:0", dtype="bfloat16", kv_bytes_per_block=block * per_token,
+                      param_bytes=6 * 10**9, cuda_graphs=True, cpu_fp16_weights=False,
+                      param_bytes_unquantized=16 * 10**9, quantization="int4 g128: 252 layers")
+    text, cols = memory_report(info, block)
+    assert cols["kv_tokens_gained"] == 10**10 // per_token and cols["weight_bytes_unquantized"] == 16 * 10**9
+    assert "10.00 GB freed" in text and f"{10**10 // per_token:,} more KV cache tokens" in text
+    text, cols = memory_report(WorkerInfo(1000, "cpu", "float32", 4096, 10**6, False, False), block)
+    assert text == "" and cols["kv_tokens_gained"] == 0
