@@ -127,3 +127,30 @@ def export_gguf_as_hf(gguf_path: str, out_dir: str, dtype: torch.dtype = torch.f
     save_file({name: t.to(dtype).contiguous() for name, t in ckpt.iter_tensors()},
               os.path.join(out_dir, "model.safetensors"))
     return out_dir
+
+
+def write_reference(src: str, dst: str, transform) -> str:
+    """Copy a float checkpoint with every decoder linear's weight replaced by transform(W)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    os.makedirs(dst, exist_ok=True)
+    tensors = {}
+    for name in os.listdir(src):
+        if name.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(src, name)))
+        elif name.endswith(".json"):
+            shutil.copy(os.path.join(src, name), dst)
+    out = {}
+    for name, t in tensors.items():
+        stem = name.rsplit(".", 2)
+        out[name] = transform(name, t) if len(stem) == 3 and stem[1] in LINEARS and stem[2] == "weight" else t
+    save_file(out, os.path.join(dst, "model.safetensors"))
+    with open(os.path.join(dst, "config.json")) as f:
+        config = json.load(f)
+    config.pop("quantization_config", None)
+    config["torch_dtype"] = "float32"
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(config, f)
+    return dst

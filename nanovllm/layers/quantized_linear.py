@@ -233,7 +233,7 @@ class QuantizedLinear(Linear):
         if path == "cpu":
             if self.cpu_weight is not None:
                 return cpu_quant_linear(x, self.cpu_weight, self.bias)
-            return torch.ops.quantized.linear_dynamic_fp16(x, self.packed_fp16)
+            return torch.ops.quantized.linear_dynamic_fp16(x.float(), self.packed_fp16).to(x.dtype)  # fp32 only
         if path == "torch":
             return F.linear(x, qf.dequantize(self.qweight, x.dtype), self.bias)
         from nanovllm.kernels import quant_gemm

@@ -5,10 +5,6 @@ the bundled GGUF kept 4-bit; configuration errors."""
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-
 import pytest
 import torch
 
@@ -16,7 +12,7 @@ from nanovllm import LLM, SamplingParams
 from nanovllm.kernels import quant_formats as qf
 from nanovllm.layers.quantized_linear import QuantizedLinear, quantized_modules
 
-from prequant_checkpoints import LINEARS, write_prequantized
+from prequant_checkpoints import write_prequantized, write_reference
 
 PROMPT = {"prompt_token_ids": [3, 17, 42, 7, 99, 5, 61, 8, 23, 11]}
 # max |logprob difference| over the prompt's tokens, quantized engine vs fp32 engine on the
@@ -32,31 +28,6 @@ def prompt_logprobs(llm) -> torch.Tensor:
 
 def engine(path, **kwargs):
     return LLM(path, device="cpu", skip_tokenizer_init=True, max_model_len=64, num_kv_blocks=16, **kwargs)
-
-
-def write_reference(src: str, dst: str, transform) -> str:
-    """Copy a float checkpoint with every decoder linear's weight replaced by transform(W)."""
-    from safetensors.torch import load_file, save_file
-
-    os.makedirs(dst, exist_ok=True)
-    tensors = {}
-    for name in os.listdir(src):
-        if name.endswith(".safetensors"):
-            tensors.update(load_file(os.path.join(src, name)))
-        elif name.endswith(".json"):
-            shutil.copy(os.path.join(src, name), dst)
-    out = {}
-    for name, t in tensors.items():
-        stem = name.rsplit(".", 2)
-        out[name] = transform(name, t) if len(stem) == 3 and stem[1] in LINEARS and stem[2] == "weight" else t
-    save_file(out, os.path.join(dst, "model.safetensors"))
-    with open(os.path.join(dst, "config.json")) as f:
-        config = json.load(f)
-    config.pop("quantization_config", None)
-    config["torch_dtype"] = "float32"
-    with open(os.path.join(dst, "config.json"), "w") as f:
-        json.dump(config, f)
-    return dst
 
 
 @pytest.mark.parametrize("qtype", ["int8", "int4", "fp8"])
@@ -164,3 +135,12 @@ def test_latency_memory_report():
     assert "10.00 GB freed" in text and f"{10**10 // per_token:,} more KV cache tokens" in text
     text, cols = memory_report(WorkerInfo(1000, "cpu", "float32", 4096, 10**6, False, False), block)
     assert text == "" and cols["kv_tokens_gained"] == 0
+
+
+@pytest.mark.parametrize("qtype", ["int8", "int4", "fp8"])
+def test_bfloat16_model_on_cpu(tiny_model_factory, qtype):
+    """bf16 activations into every CPU path (packed int kernels and the fp16 fallbacks, which
+    take fp32 only) of a model whose shapes torch's int kernels partly refuse."""
+    llm = engine(tiny_model_factory("llama"), dtype="bfloat16", quantization=qtype, quantize_lm_head=True)
+    lp = prompt_logprobs(llm)
+    assert torch.isfinite(lp).all() and (lp <= 0).all()
