@@ -320,10 +320,11 @@ def test_screenshots(open_tab, server):
     workers = [threading.Thread(target=load, args=(i,)) for i in range(4)]
     for w in workers:
         w.start()
-    time.sleep(45)
-    stop.set()
-    for w in workers:
-        w.join()
-    time.sleep(2)
-    page.screenshot(path=os.path.join(SCREENSHOT_DIR, "web-dashboard.png"), full_page=True)
+    try:
+        time.sleep(45)
+        page.screenshot(path=os.path.join(SCREENSHOT_DIR, "web-dashboard.png"), full_page=True)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
     assert tab.errors == []

@@ -107,6 +107,7 @@ export function formatNumber(value, digits = 1) {
 /** Seconds -> "850 ms" / "1.24 s". */
 export function formatSeconds(seconds) {
   if (seconds === null || seconds === undefined || !Number.isFinite(seconds)) return "–";
+  if (seconds === 0) return "0";
   if (seconds < 1) return `${seconds < 0.01 ? (seconds * 1000).toFixed(1) : Math.round(seconds * 1000)} ms`;
   return `${seconds.toFixed(2)} s`;
 }
