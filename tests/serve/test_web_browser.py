@@ -231,6 +231,34 @@ def test_markdown_renderer(open_tab, server):
                      "unclosed fence while streaming"]
 
 
+def test_prometheus_parsing_and_percentiles(open_tab, server):
+    """The dashboard's parser and histogram_quantile, on an exposition written here."""
+    text = "\n".join([
+        '# HELP x:lat_seconds A histogram.', '# TYPE x:lat_seconds histogram',
+        'x:lat_seconds_bucket{le="0.1",model_name="a \\"b\\""} 2.0', 'x:lat_seconds_bucket{le="0.5",model_name="a \\"b\\""} 6.0',
+        'x:lat_seconds_bucket{le="1.0",model_name="a \\"b\\""} 8.0', 'x:lat_seconds_bucket{le="+Inf",model_name="a \\"b\\""} 10.0',
+        'x:tokens_total{model_name="m",kind="p"} 5', 'x:tokens_total{model_name="m",kind="g"} 7', 'x:odd NaN', ''])
+    got = open_tab("/").page.evaluate("""async (text) => {
+        const p = await import('/ui/prom.js');
+        const s = p.parsePrometheus(text);
+        const h = p.histogram(s, 'x:lat_seconds');
+        const older = {bounds: h.bounds, counts: [1, 2, 2, 2]};
+        return {label: s.get('x:lat_seconds_bucket')[0].labels.model_name, total: p.total(s, 'x:tokens_total'),
+                missing: p.total(s, 'x:nothing'), bounds: h.bounds.map(String),
+                q: [0.5, 0.9, 0.99].map(q => p.quantile(q, h)),
+                delta: p.histogramDelta(h, older).counts, dq: p.quantile(0.5, p.histogramDelta(h, older)),
+                reset: p.histogramDelta(older, h).counts, none: p.quantile(0.5, p.histogramDelta(h, h))};
+    }""", text)
+    assert got["label"] == 'a "b"' and got["total"] == 12 and got["missing"] is None
+    assert got["bounds"] == ["0.1", "0.5", "1", "Infinity"]
+    # rank 5 of 10 lies in (0.1, 0.5] holding observations 3..6: 0.1 + 0.4 * (5 - 2) / 4
+    assert got["q"][0] == pytest.approx(0.4)
+    assert got["q"][1] == 1.0 and got["q"][2] == 1.0  # in the +Inf bucket: the largest finite bound
+    assert got["delta"] == [1, 4, 6, 8]
+    assert got["dq"] == pytest.approx(0.1 + 0.4 * (4 - 1) / 3)  # rank 4 of 8, 3 more in (0.1, 0.5]
+    assert got["reset"] == [1, 2, 2, 2] and got["none"] is None  # a counter reset; no observations
+
+
 def test_dashboard_tokens_counter_rises(open_tab, server):
     tab = open_tab("/dashboard", key=False)  # /metrics is open, like /health: no key needed
     page = tab.page
