@@ -8,10 +8,13 @@ rules protect the data. `--no-web-ui` leaves all of this out.
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from pathlib import Path
 
 from fastapi import FastAPI
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+
+from nanovllm.serve.protocol import error_body
 
 STATIC_DIR = Path(__file__).with_name("static")
 PAGES = {"/": "index.html", "/dashboard": "dashboard.html"}
@@ -46,11 +49,17 @@ def add_web_ui(app: FastAPI) -> None:
     def serve(name: str) -> Response:
         path = assets.get(name)
         if path is None:
-            return Response(status_code=404)
+            return JSONResponse(error_body(f"no file `{name}` in the web UI", HTTPStatus.NOT_FOUND),
+                                status_code=HTTPStatus.NOT_FOUND)
         return FileResponse(path, media_type=MEDIA_TYPES[path.suffix], headers=SECURITY_HEADERS)
 
+    def page(name: str):
+        async def endpoint() -> Response:  # no parameters: nothing from the query string
+            return serve(name)
+        return endpoint
+
     for route, name in PAGES.items():
-        app.add_api_route(route, lambda name=name: serve(name), methods=["GET"], include_in_schema=False)
+        app.add_api_route(route, page(name), methods=["GET"], include_in_schema=False)
 
     @app.get(ASSET_PREFIX + "{name}", include_in_schema=False)
     async def asset(name: str) -> Response:
