@@ -66,8 +66,8 @@ MUTANTS = [
     ),
     Mutant(
         "seed_step_stuck", "a seeded request draws the same noise at every step",
-        "nanovllm/worker/sampler.py",
-        "seed_steps = tensor([num_output_tokens[i] & _MASK32 for i in seeded], torch.int64)",
+        "nanovllm/worker/sampling_batch.py",
+        "seed_steps = tensor([num_output_tokens[i] & MASK32 for i in seeded], torch.int64)",
         "seed_steps = tensor([0 for i in seeded], torch.int64)",
         (f"{GEN}::test_seeded_draws_change_with_the_step",),
     ),
@@ -119,9 +119,9 @@ MUTANTS = [
     ),
     Mutant(
         "seeded_noise_without_half_offset", "the seeded uniforms lose their +0.5 offset (u can be 0: infinite noise)",
-        "nanovllm/worker/sampler.py",
-        "    uniform.add_(0.5).mul_(2.0**-_UNIFORM_BITS)",
-        "    uniform.mul_(2.0**-_UNIFORM_BITS)",
+        "nanovllm/kernels/counter_rng.py",
+        "    uniform.add_(0.5).mul_(2.0**-UNIFORM_BITS)",
+        "    uniform.mul_(2.0**-UNIFORM_BITS)",
         ("tests/kernels/test_sampling_kernel.py::test_uniform_bits_and_noise_match_seeded_exponential",),
     ),
     Mutant(
@@ -149,7 +149,7 @@ MUTANTS = [
         "staging_segments_unaligned", "the step's staging segments are packed without alignment (Triton's "
         "16-byte pointer specialisation breaks)",
         "nanovllm/worker/staging.py",
-        "            offset += -(-nbytes // SEGMENT_ALIGN) * SEGMENT_ALIGN\n",
+        "            offset += cdiv(nbytes, SEGMENT_ALIGN) * SEGMENT_ALIGN\n",
         "            offset += nbytes\n",
         ("tests/worker/test_staging.py::test_views_round_trip_with_their_shapes_and_dtypes",),
     ),

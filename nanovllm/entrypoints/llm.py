@@ -22,12 +22,11 @@ class LLM:
     """
 
     def __init__(self, model: Optional[str] = None, **kwargs) -> None:
-        known = set(EngineConfig.__dataclass_fields__) - {"model", "extra"}
-        extra = {k: kwargs.pop(k) for k in list(kwargs) if k in ("load_format",)}
+        known = set(EngineConfig.__dataclass_fields__) - {"model"}
         unknown = sorted(set(kwargs) - known)
         if unknown:
-            raise TypeError(f"LLM() got unknown argument(s) {unknown}; known: {sorted(known | {'load_format'})}")
-        self.config = EngineConfig(model=model, extra=extra, **kwargs)
+            raise TypeError(f"LLM() got unknown argument(s) {unknown}; known: {sorted(known)}")
+        self.config = EngineConfig(model=model, **kwargs)
         self.engine = LLMEngine(self.config)
         self._ids = itertools.count()
 

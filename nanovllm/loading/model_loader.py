@@ -1,10 +1,9 @@
-"""Build a ready-to-run model from a ModelSource: config, tokenizer, weights, dtype, device."""
+"""Build a ready-to-run model from a ModelSource and its HF config: weights, dtype, device.
+
+Used by the worker (it imports the model classes); the engine reads only model_info.py.
+"""
 
 from __future__ import annotations
-
-import json
-import os
-from typing import Optional
 
 import torch
 
@@ -16,54 +15,12 @@ from nanovllm.models.registry import resolve_model_class
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def load_hf_config(source: ModelSource, trust_remote_code: bool = False):
-    if source.kind == "gguf":
-        from nanovllm.loading.gguf_loader import read_gguf_checkpoint
-
-        return read_gguf_checkpoint(source.path).hf_config
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, json.JSONDecodeError) as e:
-        raise ValueError(f"{os.path.join(source.path, 'config.json')}: cannot read model config ({e})") from e
-
-
-def load_tokenizer(source: ModelSource, tokenizer_path: Optional[str] = None, trust_remote_code: bool = False):
-    if tokenizer_path is None and source.kind == "gguf":
-        from nanovllm.loading.gguf_loader import load_gguf_tokenizer
-
-        return load_gguf_tokenizer(source.path)
-    from transformers import AutoTokenizer
-
-    path = tokenizer_path or source.path
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ValueError(
-            f"cannot load a tokenizer from {path} ({e}); pass tokenizer=... or skip_tokenizer_init=True"
-        ) from e
-
-
-def eos_token_ids(source: ModelSource, hf_config, tokenizer) -> list[int]:
-    """EOS ids from generation_config.json, the model config and the tokenizer (union)."""
-    ids: list[int] = []
-
-    def add(value):
-        if value is None:
-            return
-        for v in value if isinstance(value, (list, tuple)) else [value]:
-            if v is not None and int(v) not in ids:
-                ids.append(int(v))
-
-    gen_path = os.path.join(source.path, "generation_config.json") if source.kind == "hf_dir" else None
-    if gen_path and os.path.isfile(gen_path):
-        with open(gen_path) as f:
-            add(json.load(f).get("eos_token_id"))
-    add(getattr(hf_config, "eos_token_id", None))
-    if tokenizer is not None:
-        add(tokenizer.eos_token_id)
-    return ids
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but no CUDA device is available; use device='cpu' or 'auto'")
+    return torch.device(device)
 
 
 def resolve_dtype(requested: str, hf_config, device: torch.device) -> torch.dtype:

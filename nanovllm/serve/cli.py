@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
-import os
 import sys
 
-from nanovllm.cli.main import add_engine_args, engine_kwargs
+from nanovllm import envs
+from nanovllm.cli.args import add_engine_args, engine_kwargs
 
-API_KEY_ENV = "NANOVLLM_API_KEY"
+API_KEY_ENV = envs.NANOVLLM_API_KEY.name
 logger = logging.getLogger("nanovllm")
 
 
@@ -53,8 +53,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.num_kv_blocks is not None:
         kwargs["num_kv_blocks"] = args.num_kv_blocks
     config = EngineConfig(model=args.model, skip_tokenizer_init=args.skip_tokenizer_init,
-                          extra={"load_format": args.load_format}, **kwargs)
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+                          load_format=args.load_format, **kwargs)
+    api_key = args.api_key or envs.api_key()
     if not api_key and not _is_loopback(args.host):
         logger.warning("serving on %s without an API key: anyone who can reach it can use it", args.host)
     engine = AsyncLLMEngine.from_config(config)

@@ -13,7 +13,8 @@ import logging
 
 import torch
 
-from nanovllm.worker.forward_context import ForwardContext
+from nanovllm.kernels.launch_math import cdiv
+from nanovllm.layers.forward_context import ForwardContext
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class CUDAGraphRunner:
         self.max_model_len = max_model_len
         self.sizes = capture_sizes(max_num_seqs)
         device = runner.device
-        max_blocks = -(-max_model_len // runner.block_size)
+        max_blocks = cdiv(max_model_len, runner.block_size)
         n = self.max_bs
         # static inputs, filled in place before every replay
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
@@ -70,7 +71,6 @@ class CUDAGraphRunner:
             max_query_len=1,
             max_seq_len=self.max_model_len,  # upper bound: the kernel reads real lengths from seq_lens
             num_seqs=bs,
-            use_triton=self.runner.use_triton_attention,
         )
 
     @torch.inference_mode()

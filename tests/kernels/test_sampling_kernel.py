@@ -1,6 +1,6 @@
 """Triton fused sampling vs `reference.fused_sample_reference` (the unfused exponential race).
 
-The noise must be the one of `sampler.seeded_exponential`: the uniforms' bits are checked
+The noise must be the one of `counter_rng.seeded_exponential`: the uniforms' bits are checked
 directly (`seeded_uniform_bits`, exact integers; the float logs within a few ulps) and on
 all-equal logits, where the noise alone picks the token. On random logits the chosen token's reference score must be the row's best (up to
 rounding: l / T and the logs may differ by an ulp between implementations).
@@ -17,7 +17,7 @@ from kernel_params import DEVICE, HAS_CUDA, PRECISIONS, PRECISIONS_CPU_FP16, lar
 
 from nanovllm.kernels import reference
 from nanovllm.kernels.sampling import fused_sample, greedy_argmax, seeded_uniform_bits
-from nanovllm.worker.sampler import seeded_exponential
+from nanovllm.kernels.counter_rng import seeded_exponential
 
 UNIFORM_SCALE = 2.0**-23  # u = (k + 0.5) / 2^23
 NOISE_RTOL = 4 * 2.0**-23  # four float32 ulps, relative

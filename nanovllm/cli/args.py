@@ -1,0 +1,48 @@
+"""Argument helpers shared by every `nanovllm` subcommand (generate, chat, serve, bench)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) -> None:
+    if model_positional:
+        p.add_argument("model", nargs="?", default=None,
+                       help="model: HF directory, repo id in the local HF cache, or .gguf file "
+                            "(default: the bundled SmolLM2-135M-Instruct)")
+    else:
+        p.add_argument("--model", "-m", default=None,
+                       help="model: HF directory, repo id in the local HF cache, or .gguf file "
+                            "(default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (auto: fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion in tokens")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="most sequences in one batch (default 256)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="fraction of GPU memory for weights + activations + KV cache (default 0.9)")
+    p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    kwargs = {"device": args.device, "dtype": args.dtype, "enforce_eager": args.enforce_eager}
+    for name in ("max_model_len", "max_num_seqs", "gpu_memory_utilization"):
+        value = getattr(args, name, None)
+        if value is not None:
+            kwargs[name] = value
+    return kwargs
+
+
+def add_sampling_args(p: argparse.ArgumentParser, default_temperature: float) -> None:
+    p.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate (default 64)")
+    p.add_argument("--temperature", type=float, default=default_temperature,
+                   help=f"sampling temperature, 0 = greedy (default {default_temperature})")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed of the request, for reproducible sampling")
+
+
+def sampling_params(args: argparse.Namespace):
+    from nanovllm import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed)
