@@ -72,12 +72,15 @@ def paged_attention(
     scale: float,
     sliding_window: Optional[int] = None,
     out: Optional[torch.Tensor] = None,
+    softcap: Optional[float] = None,
 ) -> torch.Tensor:
     """Causal attention of the new tokens over their sequence's paged K/V (already stored).
 
     Query token at absolute position p attends to keys at positions max(0, p - W + 1) .. p
     (W = sliding_window, or all of them when None). GQA: query head h reads KV head
-    h // (num_heads // num_kv_heads). Computed in fp32, returned in the query's dtype.
+    h // (num_heads // num_kv_heads). With `softcap` (Gemma 2) the scaled scores become
+    `softcap * tanh(scores / softcap)` before the mask and softmax. Computed in fp32,
+    returned in the query's dtype.
     """
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = k_cache.shape[1]
@@ -101,11 +104,18 @@ def paged_attention(
         allowed = k_pos[None, :] <= q_pos[:, None]  # [q_len, S]
         if sliding_window is not None:
             allowed &= k_pos[None, :] > q_pos[:, None] - sliding_window
-        scores = torch.matmul(q, k.transpose(1, 2)) * scale  # [H, q_len, S]
+        scores = soft_cap(torch.matmul(q, k.transpose(1, 2)) * scale, softcap)  # [H, q_len, S]
         scores = scores.masked_fill(~allowed, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[start:end] = torch.matmul(probs, v).transpose(0, 1).to(out.dtype)  # [q_len, H, D]
     return out
+
+
+def soft_cap(scores: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
+    """`softcap * tanh(scores / softcap)` (Gemma 2's attention and final-logit capping); None: unchanged."""
+    if softcap is None:
+        return scores
+    return torch.tanh(scores / softcap) * softcap
 
 
 def merge_attention_states(
