@@ -222,6 +222,26 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """[..., 2 * d] -> gelu_tanh(x[..., :d]) * x[..., d:] (Gemma's GeGLU, `gelu_pytorch_tanh`)."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
+def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's RMSNorm: x / rms(x) * (1 + weight), all in fp32, rounded once to x's dtype (HF
+    Gemma order; the checkpoint stores weight - 1, so a zero weight is the identity scale)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return (xf * (1.0 + weight.float())).to(x.dtype)
+
+
+def gemma_fused_add_rms_norm(x, residual, weight, eps) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual' = x + residual (rounded to x's dtype); returns (gemma_rms_norm(residual'), residual')."""
+    new_residual = (x.float() + residual.float()).to(x.dtype)
+    return gemma_rms_norm(new_residual, weight, eps), new_residual
+
+
 # ----------------------------------------------------------------------------- sampling
 
 
