@@ -33,6 +33,13 @@ from nanovllm.worker.model_runner import LaunchedStep, ModelRunner
 logger = logging.getLogger("nanovllm")
 
 
+def kv_sliding_window(model) -> Optional[int]:
+    """The widest sliding window when every attention layer has one (Mistral), else None (any
+    global layer, as in Gemma, reads the whole context: no KV block may be freed early)."""
+    windows = [a.sliding_window for a in model.attention_layers()]
+    return None if not windows or None in windows else max(windows)
+
+
 class Worker:
     def __init__(self, config: EngineConfig, model_info: ModelInfo, step_timer=None) -> None:
         self.config = config
@@ -97,6 +104,7 @@ class Worker:
             param_bytes=sum(p.numel() * p.element_size() for p in unique.values()),
             cuda_graphs=self.runner is not None and self.runner.cuda_graphs is not None,
             cpu_fp16_weights=self.cpu_fp16_weights,
+            kv_sliding_window=kv_sliding_window(self.model),
         )
 
     # ------------------------------------------------------------------ steps
