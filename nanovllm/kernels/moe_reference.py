@@ -68,9 +68,8 @@ def fused_moe_torch(
         return torch.zeros_like(hidden)
     pair_tokens = torch.arange(num_pairs, device=hidden.device) // top_k  # [P]
     if num_pairs < num_experts:
-        x = hidden[pair_tokens].unsqueeze(1)  # [P, 1, H]
-        gate_up = torch.bmm(x, w13[flat].transpose(1, 2))  # [P, 1, 2I]
-        down = torch.bmm(act_and_mul(gate_up), w2[flat].transpose(1, 2)).squeeze(1)  # [P, H]
+        gate_up = torch.einsum("ph,pnh->pn", hidden[pair_tokens], w13[flat])  # [P, 2I]
+        down = torch.einsum("pi,phi->ph", act_and_mul(gate_up), w2[flat])  # [P, H]
     else:
         order = torch.argsort(flat, stable=True)  # [P] pairs grouped by expert
         sorted_experts = flat[order]

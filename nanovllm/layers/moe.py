@@ -111,3 +111,19 @@ class SparseMoeBlock(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.experts(hidden, self.gate(hidden))  # [T, H]
 
+
+
+def active_param_bytes(params, model: nn.Module) -> int:
+    """Bytes of `params` (the model's, deduplicated) one token's forward reads: every
+    parameter, but a FusedMoE's stacked experts only top_k of E (batch-1 decode)."""
+    share = {}
+    for module in model.modules():
+        if isinstance(module, FusedMoE):
+            for p in (module.w13_weight, module.w2_weight):
+                share[id(p)] = (module.top_k, module.num_experts)
+    total = 0
+    for p in params:
+        size = p.numel() * p.element_size()
+        top_k, experts = share.get(id(p), (1, 1))
+        total += size * top_k // experts
+    return total

@@ -26,6 +26,7 @@ from nanovllm.loading import model_loader
 from nanovllm.loading.model_info import ModelInfo
 from nanovllm.layers.kernel_options import KernelOptions, configure_kernels
 from nanovllm.layers.linear import set_gemv_rows
+from nanovllm.layers.moe import active_param_bytes
 from nanovllm.step_io import StepInput, StepOutput, WorkerInfo
 from nanovllm.worker import memory
 from nanovllm.worker.model_runner import LaunchedStep, ModelRunner
@@ -105,6 +106,7 @@ class Worker:
             cuda_graphs=self.runner is not None and self.runner.cuda_graphs is not None,
             cpu_fp16_weights=self.cpu_fp16_weights,
             kv_sliding_window=kv_sliding_window(self.model),
+            active_param_bytes=active_param_bytes(unique.values(), self.model),
         )
 
     # ------------------------------------------------------------------ steps
