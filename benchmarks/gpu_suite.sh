@@ -10,7 +10,7 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 nv="python3 -m nanovllm.cli.main"
 # Every test file with GPU-marked tests, in file order: `tests` runs them in one process in this
 # order, `testsrev` in the reverse order (no state may leak from one engine or test to the next).
-gpu_test_files="tests/gpu/test_gpu_engine.py $(ls tests/kernels/test_*.py) tests/worker/test_staging.py"
+gpu_test_files="tests/gpu/test_gpu_engine.py $(ls tests/kernels/test_*.py) tests/worker/test_staging.py tests/models/test_model_families.py"
 for s in $steps; do
   echo "=================== $s (t=${SECONDS}s)"
   case $s in
@@ -65,10 +65,11 @@ for s in $steps; do
     trace)   # batch-1 Chrome trace (kernel gaps, work outside the graph) and a PDL-off 8B breakdown
              timeout 90 python3 benchmarks/profile_decode.py --batch 1 --trace "$OUT/trace_b1.json" 2>&1 | grep -v "^INFO" | tail -19
              NANOVLLM_PDL=0 timeout 120 python3 benchmarks/profile_decode.py --model benchmarks/configs/qwen3-8b --batch 1 2>&1 | grep -v "^INFO" | tail -19 ;;
-    moe)     # MoE (#22): the GPU-marked MoE and Gemma kernel tests, the 30B-A3B-shaped layer (Triton vs
-             # reference), and batch-1 latency + throughput of a ~1B-total random Qwen3-MoE
+    moe)     # model families (#22): the GPU-marked MoE and Gemma kernel tests and every family's HF parity on
+             # CUDA, the 30B-A3B-shaped MoE layer (Triton vs reference), batch-1 latency + throughput of a
+             # ~1B-total random Qwen3-MoE
              timeout 150 python3 -m pytest -q -m gpu -p no:randomly -p no:cacheprovider tests/kernels/test_fused_moe.py \
-                 tests/kernels/test_gemma_kernels.py 2>&1 | tee "$OUT/moe_tests.log" | tail -5
+                 tests/kernels/test_gemma_kernels.py tests/models/test_model_families.py 2>&1 | tee "$OUT/moe_tests.log" | tail -5
              timeout 60 python3 benchmarks/moe_bench.py --tokens 1 16 256 4096 2>&1 | tee "$OUT/moe_layer.log"
              timeout 60 $nv bench latency --model benchmarks/configs/qwen3-moe-1b --output-len 256 2>&1 | tee "$OUT/moe_latency.log" | tail -2
              timeout 90 $nv bench throughput --model benchmarks/configs/qwen3-moe-1b --num-seqs 128 --max-model-len 2048 \

@@ -41,11 +41,16 @@ def hf_model():
     return lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
 @pytest.mark.parametrize("name", sorted(FAMILY_CONFIGS))
-def test_greedy_tokens_and_logprobs_match_hf(name, tiny_model_factory, hf_model):
+def test_greedy_tokens_and_logprobs_match_hf(name, device, tiny_model_factory, hf_model):
+    """On CUDA (fp32): the Triton kernels (soft-capped / windowed attention, Gemma norms, GeGLU,
+    fused MoE, padded head dims) and the decode CUDA graphs, against HF on the CPU."""
     path = tiny_model_factory(name)
-    llm = LLM(path, skip_tokenizer_init=True, device="cpu", dtype="float32", max_model_len=256, block_size=8,
-              max_num_batched_tokens=BATCHED_TOKENS_OF.get(name, 32))  # 40-token prompts prefill in chunks
+    llm = LLM(path, skip_tokenizer_init=True, device=device, dtype="float32", max_model_len=256, block_size=8,
+              max_num_batched_tokens=BATCHED_TOKENS_OF.get(name, 32),  # 40-token prompts prefill in chunks
+              max_num_seqs=8)  # few decode graphs to capture on CUDA
     prompts = make_prompts(name)
     params = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=TOP_LOGPROBS)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
