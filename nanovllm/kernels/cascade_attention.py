@@ -38,12 +38,13 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels.launch_math import CASCADE_BLOCK_M, cascade_queries_per_tile, cdiv, next_pow2
+from nanovllm.kernels.launch_math import (CASCADE_BLOCK_M, CASCADE_TILE_COLUMNS, cascade_queries_per_tile, cdiv,
+                                         next_pow2)
 from nanovllm.kernels.paged_attention import (LOG2E, _check_common, _dot_precision, _merge_states, _natural_lse,
                                               merge_splits_per_load, num_sms, paged_attention)
 from nanovllm.kernels.pdl import pdl_launch_options, pdl_wait, use_pdl
 
-TILE_COLUMNS = 3  # tiles[t] = (queries in the tile, shared keys, block-table row of the shared blocks)
+TILE_COLUMNS = CASCADE_TILE_COLUMNS  # a tile: (queries, shared keys, block-table row of the shared blocks)
 
 CASCADE_TILE_N = 64  # keys per inner iteration
 CASCADE_NUM_WARPS = 4  # BLOCK_M 64 x TILE_N 64 x head_dim 128: the unified kernel's tuned shape

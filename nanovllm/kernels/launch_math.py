@@ -21,6 +21,7 @@ def cdiv(a: int, b: int) -> int:
 # host-side planner (layers/attention/cascade.py) packs queries into tiles of this many rows
 # (queries x the query heads of one KV head), so the constant lives here, free of Triton.
 CASCADE_BLOCK_M = 64
+CASCADE_TILE_COLUMNS = 3  # a tile: (queries, shared keys, block-table row of the shared blocks)
 
 
 def cascade_queries_per_tile(group: int) -> int:
