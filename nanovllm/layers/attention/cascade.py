@@ -39,6 +39,7 @@ from typing import Optional
 
 import numpy as np
 
+from nanovllm.config import CASCADE_MODES
 from nanovllm.kernels.launch_math import CASCADE_TILE_COLUMNS as TILE_COLUMNS
 from nanovllm.kernels.launch_math import cdiv
 
@@ -50,7 +51,6 @@ CASCADE_MIN_SAVED_KEYS = 4096
 CASCADE_MAX_GROUPS = 4  # per step; bounds a CUDA graph's tile capacity
 CASCADE_CHUNK_MIN_CONTEXT = 1024  # tokens of cached context before a chunk's context is split off
 CASCADE_CHUNK_MAX_TOKENS = 512  # longer chunks have query tiles enough to fill the GPU themselves
-CASCADE_MODES = ("auto", "off", "force")
 
 
 @dataclass(frozen=True)
