@@ -155,7 +155,9 @@ class KVCacheManager:
         blocks = self.req_blocks.get(req.request_id)
         if not blocks:
             return
-        num_full = min(req.num_computed_tokens // self.block_size, len(blocks))
+        # Async scheduling counts a launched step's tokens as computed before their values are
+        # known: a block is hashed only once every token in it is known.
+        num_full = min(min(req.num_computed_tokens, req.num_known_tokens) // self.block_size, len(blocks))
         if num_full <= req.num_registered_blocks:
             return  # no block filled up since the last call (most decode steps)
         self._update_block_hashes(req, num_full * self.block_size)
