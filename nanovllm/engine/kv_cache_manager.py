@@ -60,6 +60,11 @@ class KVCacheManager:
         """Fraction of blocks referenced by live requests (cached-but-free blocks count as free)."""
         return 1.0 - self.num_free_blocks / self.num_blocks
 
+    @property
+    def hit_rate(self) -> float:
+        """Prompt tokens found in the prefix cache / prompt tokens looked up (0 before any lookup)."""
+        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
+
     def blocks_of(self, request_id: str) -> list[int]:
         return self.req_blocks.get(request_id, [])
 

@@ -376,6 +376,7 @@ class LLMEngine:
             "num_blocks": self.kv.num_blocks,
             "prefix_cache_queries": self.kv.prefix_queries,
             "prefix_cache_hits": self.kv.prefix_hits,
+            "prefix_cache_hit_rate": self.kv.hit_rate,
             "prompt_tokens_total": self.num_prompt_tokens_total,
             "generation_tokens_total": self.num_generation_tokens_total,
             "preemptions_total": self.num_preemptions_total,

@@ -68,3 +68,10 @@ def test_n_completions_share_their_prompt_blocks(engines):
 def test_no_block_is_leaked(engines):
     for llm in engines.values():
         assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+
+
+def test_prefix_cache_hit_rate_in_stats(engines):
+    stats = engines["force"].engine.stats()
+    kv = engines["force"].engine.kv
+    assert stats["prefix_cache_hits"] > 0
+    assert stats["prefix_cache_hit_rate"] == kv.prefix_hits / kv.prefix_queries
