@@ -34,6 +34,7 @@ import statistics
 import time
 
 from nanovllm.bench.report import RESULTS_DIR, append_rows, base_row
+from nanovllm.config import DEFAULT_MAX_NUM_BATCHED_TOKENS
 
 TOKEN_ID_MAX = 10000
 THROUGHPUT_MODES = {  # mode -> (enable_prefix_caching, cascade_attention or None = --cascade-mode)
@@ -65,7 +66,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--long-prompt-len", type=int, default=4000, help="(c) the prompt that arrives (default 4000)")
     p.add_argument("--prefill-cap", type=int, default=128,
                    help="(b, c) max_prefill_tokens_while_decoding of the chunked engine (default 128)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     p.add_argument("--result-dir", default=RESULTS_DIR, help="where prefix.csv / prefix.png go")
 
 
@@ -76,12 +76,15 @@ def _random_tokens(rng: random.Random, n: int) -> list[int]:
     return [rng.randint(1, _token_high[0]) for _ in range(n)]
 
 
-def _make_llm(args, **kw):
+def _make_llm(args, max_model_len: int, max_num_seqs: int, **kw):
+    """An engine whose KV cache holds its workload (two spare sequences), not the GPU's free memory:
+    no profiling, and nothing depends on how fast the previous engine's memory came back."""
     from nanovllm import LLM
+    from nanovllm.config import DEFAULT_BLOCK_SIZE
 
-    kw = {"load_format": args.load_format, "skip_tokenizer_init": True, "device": args.device, "dtype": args.dtype,
-          "gpu_memory_utilization": args.gpu_memory_utilization, **kw}
-    llm = LLM(args.model, **kw)
+    blocks = (max_num_seqs + 2) * -(-max_model_len // DEFAULT_BLOCK_SIZE)
+    llm = LLM(args.model, load_format=args.load_format, skip_tokenizer_init=True, device=args.device, dtype=args.dtype,
+              max_model_len=max_model_len, max_num_seqs=max_num_seqs, num_kv_blocks=blocks, **kw)
     _token_high[0] = min(TOKEN_ID_MAX, llm.engine.hf_config.vocab_size - 1)
     return llm
 
@@ -163,8 +166,8 @@ def part_a(args) -> list[dict]:
     rows = []
     max_len = args.prefix_len + args.unique_len + args.output_len + 16
     for mode, (caching, cascade) in THROUGHPUT_MODES.items():
-        llm = _make_llm(args, enable_prefix_caching=caching, cascade_attention=cascade or args.cascade_mode,
-                        max_model_len=max_len, max_num_seqs=args.num_requests)
+        llm = _make_llm(args, max_len, args.num_requests, enable_prefix_caching=caching,
+                        cascade_attention=cascade or args.cascade_mode)
         _throughput_run(llm, args, seed=1, output_len=min(8, args.output_len))  # warm-up: other tokens, same shapes
         row = _throughput_run(llm, args, seed=2, output_len=args.output_len)
         rows.append({"part": "a", "mode": mode, **row})
@@ -254,8 +257,7 @@ def _gap_run(llm, args, seed: int, decode_output_len: int) -> dict:
 def _chunked_engine(args):
     max_len = max(args.long_prompt_len, args.decode_prompt_len + args.decode_output_len,
                   args.prefix_len + args.unique_len) + 16
-    return _make_llm(args, max_model_len=max_len, max_num_seqs=args.num_decodes + 1,
-                     max_prefill_tokens_while_decoding=args.prefill_cap)
+    return _make_llm(args, max_len, args.num_decodes + 1, max_prefill_tokens_while_decoding=args.prefill_cap)
 
 
 def part_c(args, chunked_llm) -> list[dict]:
@@ -263,7 +265,8 @@ def part_c(args, chunked_llm) -> list[dict]:
     max_len = max(args.long_prompt_len, args.decode_prompt_len + args.decode_output_len) + 16
     for mode in ("chunked", "unchunked"):
         llm = chunked_llm if mode == "chunked" else _make_llm(
-            args, max_model_len=max_len, max_num_seqs=args.num_decodes + 1, enable_chunked_prefill=False)
+            args, max_len, args.num_decodes + 1, enable_chunked_prefill=False,  # the long prompt in one step
+            max_num_batched_tokens=max(DEFAULT_MAX_NUM_BATCHED_TOKENS, args.long_prompt_len + args.num_decodes))
         _gap_run(llm, args, seed=10, decode_output_len=min(STEADY_STEPS + 8, args.decode_output_len))  # warm-up
         row = _gap_run(llm, args, seed=11, decode_output_len=args.decode_output_len)
         rows.append({"part": "c", "mode": mode, **row})
@@ -325,22 +328,29 @@ def run(args) -> int:
     if args.decode_output_len <= STEADY_STEPS + 1:
         raise ValueError(f"--decode-output-len must exceed {STEADY_STEPS + 1}: the long prompt arrives after "
                          f"{STEADY_STEPS} decode steps")
-    rows = part_a(args) if "a" in parts else []
-    if parts & {"b", "c"}:
-        chunked = _chunked_engine(args)
-        if "b" in parts:
-            rows += part_b(chunked, args)
-        if "c" in parts:
-            rows += part_c(args, chunked)
-        _release(chunked)
     model = os.path.basename(os.path.normpath(args.model))
     base = {**base_row(), "model": model}
     config = {"num_requests": args.num_requests, "prefix_len": args.prefix_len, "unique_len": args.unique_len,
               "output_len": args.output_len, "cascade_mode": args.cascade_mode, "num_decodes": args.num_decodes,
               "decode_prompt_len": args.decode_prompt_len, "long_prompt_len": args.long_prompt_len,
               "prefill_cap": args.prefill_cap}
-    out_rows = [{**base, **{f: r.get(f, "") for f in FIELDS}, **config} for r in rows]
-    csv_path = append_rows(os.path.join(args.result_dir, "prefix.csv"), out_rows)
+    csv_path = os.path.join(args.result_dir, "prefix.csv")
+    rows = []
+
+    def save(part_rows):  # each part's rows as soon as it is done (a run cut short keeps them)
+        nonlocal csv_path
+        rows.extend(part_rows)
+        csv_path = append_rows(csv_path, [{**base, **{f: r.get(f, "") for f in FIELDS}, **config} for r in part_rows])
+
+    if "a" in parts:
+        save(part_a(args))
+    if parts & {"b", "c"}:
+        chunked = _chunked_engine(args)
+        if "b" in parts:
+            save(part_b(chunked, args))
+        if "c" in parts:
+            save(part_c(args, chunked))
+        _release(chunked)
     png = plot(rows, os.path.join(args.result_dir, "prefix.png"), f"bench prefix, {model} ({base['device']})")
     by = {(r["part"], r["mode"]): r for r in rows}
     if "a" in parts:
