@@ -12,9 +12,10 @@
     on the chunked-prefill engine of (c).
 (c) inter-token gaps: --num-decodes requests (prompts of --decode-prompt-len tokens) are
     decoding when a --long-prompt-len prompt arrives. Worst and median gap between
-    consecutive tokens of the decodes, over their whole decode, with chunked prefill (the
-    long prompt spread over steps of at most --prefill-cap prompt tokens while others
-    decode) vs without it (the long prompt in one step).
+    consecutive tokens of the decodes in a window of --gap-steps-before steps before the
+    arrival and --gap-steps-after steps from it on, with chunked prefill (the long prompt
+    spread over steps of at most --prefill-cap prompt tokens while others decode) vs
+    without it (the long prompt in one step).
 
     nanovllm bench prefix --model benchmarks/configs/qwen3-0.6b
     nanovllm bench prefix --model DIR --device cpu --num-requests 4 --prefix-len 64 ...   # CI smoke
@@ -42,7 +43,6 @@ THROUGHPUT_MODES = {  # mode -> (enable_prefix_caching, cascade_attention or Non
     "cache": (True, "off"),
     "none": (False, "off"),
 }
-STEADY_STEPS = 8  # decode steps of (c) before the long prompt arrives
 FIELDS = ("part", "mode", "seconds", "output_tok_per_s", "decode_tok_per_s", "prefix_hit_rate", "cached_tokens",
           "ttft_ms", "worst_gap_ms", "median_gap_ms", "gap_ratio", "cascade_steps", "graph_replays")
 
@@ -62,7 +62,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ttft-repeats", type=int, default=5, help="(b) cached / uncached pairs (default 5)")
     p.add_argument("--num-decodes", type=int, default=32, help="(c) requests decoding (default 32)")
     p.add_argument("--decode-prompt-len", type=int, default=1024, help="(c) their prompts (default 1024)")
-    p.add_argument("--decode-output-len", type=int, default=256, help="(c) their generated tokens (default 256)")
+    p.add_argument("--gap-steps-before", type=int, default=32,
+                   help="(c) steps of the measured window before the long prompt arrives (default 32)")
+    p.add_argument("--gap-steps-after", type=int, default=96,
+                   help="(c) steps of the window from its arrival on (default 96; its prefill must fit)")
     p.add_argument("--long-prompt-len", type=int, default=4000, help="(c) the prompt that arrives (default 4000)")
     p.add_argument("--prefill-cap", type=int, default=128,
                    help="(b, c) max_prefill_tokens_while_decoding of the chunked engine (default 128)")
@@ -111,17 +114,21 @@ def _counters(llm) -> tuple[int, int, int, int]:
     return llm.engine.kv.prefix_queries, llm.engine.kv.prefix_hits, runner.num_cascade_steps, replays
 
 
+def _step(engine, on_tokens=None) -> None:
+    """One engine step; on_tokens(output, new tokens, time) for each RequestOutput that brought tokens."""
+    outs = engine.step()
+    now = time.perf_counter()
+    if on_tokens is not None:
+        for out in outs:
+            n = sum(len(c.token_ids) for c in out.outputs)
+            if n:
+                on_tokens(out, n, now)
+
+
 def _drive(engine, on_tokens=None, until=None) -> None:
-    """Step the engine until nothing is left (or `until()`), calling on_tokens(output, new
-    tokens, time) for each RequestOutput that brought tokens."""
+    """Step the engine until nothing is left (or `until()`)."""
     while engine.has_unfinished_requests() and not (until and until()):
-        outs = engine.step()
-        now = time.perf_counter()
-        if on_tokens is not None:
-            for out in outs:
-                n = sum(len(c.token_ids) for c in out.outputs)
-                if n:
-                    on_tokens(out, n, now)
+        _step(engine, on_tokens)
 
 
 # ---------------------------------------------------------------------- (a) throughput
@@ -218,13 +225,15 @@ def part_b(llm, args) -> list[dict]:
 
 
 # ---------------------------------------------------------------------- (c) inter-token gaps
-def _gap_run(llm, args, seed: int, decode_output_len: int) -> dict:
+def _gap_run(llm, args, seed: int, steps_before: int, steps_after: int) -> dict:
+    """Decodes run; `steps_before` steps after the last of them started, the long prompt arrives;
+    `steps_after` steps after that the window closes. Gaps: consecutive tokens of the decodes in it."""
     from nanovllm import RequestOutputKind, SamplingParams
 
     engine = llm.engine
     rng = random.Random(seed)
-    params = SamplingParams(temperature=0, max_tokens=decode_output_len, ignore_eos=True,
-                            output_kind=RequestOutputKind.DELTA)
+    max_tokens = engine.max_model_len - args.decode_prompt_len  # they outlive the window
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
     arrivals: dict[str, list[float]] = {}
 
     def on_tokens(out, n, now):
@@ -233,21 +242,24 @@ def _gap_run(llm, args, seed: int, decode_output_len: int) -> dict:
     decodes = [f"dec-{seed}-{i}" for i in range(args.num_decodes)]
     for rid in decodes:
         engine.add_request(rid, {"prompt_token_ids": _random_tokens(rng, args.decode_prompt_len)}, params)
-    steps = [0]
-
-    def steady():
-        steps[0] += all(r in arrivals for r in decodes)
-        return steps[0] > STEADY_STEPS
-
-    _drive(engine, on_tokens, until=steady)
-    q0, h0, c0, r0 = _counters(llm)
+    _drive(engine, on_tokens, until=lambda: all(r in arrivals for r in decodes))
+    window_start = time.perf_counter()
+    for _ in range(steps_before):
+        _step(engine, on_tokens)
+    _, _, c0, r0 = _counters(llm)
     long_id = f"long-{seed}"
     t_arrival = time.perf_counter()
     engine.add_request(long_id, {"prompt_token_ids": _random_tokens(rng, args.long_prompt_len)},
-                       SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-    _drive(engine, on_tokens)
+                       SamplingParams(temperature=0, max_tokens=1))
+    for _ in range(steps_after):
+        _step(engine, on_tokens)
     _, _, c1, r1 = _counters(llm)
-    gaps = [b - a for rid in decodes for a, b in zip(arrivals[rid], arrivals[rid][1:]) if b > a]
+    engine.abort_request(decodes)
+    _drive(engine)
+    if long_id not in arrivals:
+        raise RuntimeError(f"the {args.long_prompt_len}-token prompt did not finish within {steps_after} steps: "
+                           "raise --gap-steps-after")
+    gaps = [b - a for rid in decodes for a, b in zip(arrivals[rid], arrivals[rid][1:]) if a >= window_start]
     worst, median = max(gaps) * 1000, statistics.median(gaps) * 1000
     return {"worst_gap_ms": round(worst, 3), "median_gap_ms": round(median, 3), "gap_ratio": round(worst / median, 2),
             "ttft_ms": round((arrivals[long_id][0] - t_arrival) * 1000, 3), "cascade_steps": c1 - c0,
@@ -255,20 +267,19 @@ def _gap_run(llm, args, seed: int, decode_output_len: int) -> dict:
 
 
 def _chunked_engine(args):
-    max_len = max(args.long_prompt_len, args.decode_prompt_len + args.decode_output_len,
+    max_len = max(args.long_prompt_len, args.decode_prompt_len + args.gap_steps_before + args.gap_steps_after,
                   args.prefix_len + args.unique_len) + 16
     return _make_llm(args, max_len, args.num_decodes + 1, max_prefill_tokens_while_decoding=args.prefill_cap)
 
 
 def part_c(args, chunked_llm) -> list[dict]:
     rows = []
-    max_len = max(args.long_prompt_len, args.decode_prompt_len + args.decode_output_len) + 16
     for mode in ("chunked", "unchunked"):
         llm = chunked_llm if mode == "chunked" else _make_llm(
-            args, max_len, args.num_decodes + 1, enable_chunked_prefill=False,  # the long prompt in one step
+            args, chunked_llm.engine.max_model_len, args.num_decodes + 1, enable_chunked_prefill=False,
             max_num_batched_tokens=max(DEFAULT_MAX_NUM_BATCHED_TOKENS, args.long_prompt_len + args.num_decodes))
-        _gap_run(llm, args, seed=10, decode_output_len=min(STEADY_STEPS + 8, args.decode_output_len))  # warm-up
-        row = _gap_run(llm, args, seed=11, decode_output_len=args.decode_output_len)
+        _gap_run(llm, args, seed=10, steps_before=2, steps_after=args.gap_steps_after)  # warm-up, other tokens
+        row = _gap_run(llm, args, seed=11, steps_before=args.gap_steps_before, steps_after=args.gap_steps_after)
         rows.append({"part": "c", "mode": mode, **row})
         print(f"(c) {mode:9s} worst gap {row['worst_gap_ms']:.2f} ms, median {row['median_gap_ms']:.2f} ms "
               f"-> {row['gap_ratio']:.2f}x; the long prompt's first token after {row['ttft_ms']:.1f} ms")
@@ -322,12 +333,11 @@ def run(args) -> int:
     if not parts or parts - {"a", "b", "c"}:
         raise ValueError(f"--parts takes a comma-separated subset of a,b,c, got {args.parts!r}")
     for name in ("num_requests", "prefix_len", "unique_len", "output_len", "ttft_repeats", "num_decodes",
-                 "decode_prompt_len", "decode_output_len", "long_prompt_len", "prefill_cap"):
+                 "decode_prompt_len", "gap_steps_after", "long_prompt_len", "prefill_cap"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.decode_output_len <= STEADY_STEPS + 1:
-        raise ValueError(f"--decode-output-len must exceed {STEADY_STEPS + 1}: the long prompt arrives after "
-                         f"{STEADY_STEPS} decode steps")
+    if args.gap_steps_before < 0:
+        raise ValueError("--gap-steps-before must be >= 0")
     model = os.path.basename(os.path.normpath(args.model))
     base = {**base_row(), "model": model}
     config = {"num_requests": args.num_requests, "prefix_len": args.prefix_len, "unique_len": args.unique_len,

@@ -101,9 +101,9 @@ class CUDAGraphRunner:
             shapes += [GraphShape("mixed", bs, bs + 1, bs + prefill_tokens) for bs in self.sizes]
         self.shapes = {(s.kind, s.batch): s for s in shapes}
         device = runner.device
-        max_blocks = cdiv(max_model_len, runner.block_size)
         n_tok = max_num_seqs + prefill_tokens
         n_seq = max_num_seqs + (1 if prefill_tokens else 0)
+        max_blocks = cdiv(max(max_model_len, n_tok), runner.block_size)  # a mixed capture's one sequence: n_tok
         # static inputs, filled in place before every replay
         self.input_ids = torch.zeros(n_tok, dtype=torch.int64, device=device)
         self.positions = torch.zeros(n_tok, dtype=torch.int64, device=device)

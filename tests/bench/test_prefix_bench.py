@@ -16,7 +16,7 @@ def test_prefix_bench_runs_all_parts_on_cpu(tiny_model_factory, tmp_path, capsys
     argv = ["--model", model, "--load-format", "auto", "--device", "cpu", "--num-requests", "4", "--prefix-len", "48",
             "--unique-len", "5", "--output-len", "4",
             "--cascade-mode", "force", "--ttft-repeats", "1", "--num-decodes", "3", "--decode-prompt-len", "9",
-            "--decode-output-len", "12", "--long-prompt-len", "40", "--prefill-cap", "16",
+            "--gap-steps-before", "4", "--gap-steps-after", "8", "--long-prompt-len", "40", "--prefill-cap", "16",
             "--result-dir", str(tmp_path)]
     assert prefix.run(parser.parse_args(argv)) == 0
     stdout = capsys.readouterr().out
