@@ -142,6 +142,8 @@ def test_chunk_context_is_split_off():
     assert chunk.rows.tolist() == list(range(9))
     assert plan.suffix_seq_lens.tolist() == [109 - 96, 40 - 32, 41 - 32]
     assert plan_cascade(tables, seq_lens, qsl, BS, 4, AUTO) is None  # 100 tokens: below the auto threshold
+    small = CascadeRule(min_shared_tokens=16, min_saved_keys=0, chunk_min_context=16, chunk_max_tokens=8)
+    assert groups_of(plan_cascade(tables, seq_lens, qsl, BS, 4, small)) == [([1, 2], 2)]  # 9 chunk tokens > 8
     no_chunks = cascade_rule("force", chunk_contexts=False)
     assert groups_of(plan_cascade(tables, seq_lens, qsl, BS, 4, no_chunks)) == [([1, 2], 2)]
 

@@ -22,9 +22,9 @@ Two kinds of prefix, each chosen by a rule (`CascadeRule`, thresholds below):
    must be paid for). Only whole blocks strictly before every member's current token are
    shared, so the rule holds for a prefix that ends mid-block and never touches a block a
    member is writing.
-2. Prefill-chunk contexts (GPU only). A chunk of at most `chunk_max_tokens` tokens whose
-   cached context is at least `chunk_min_context` tokens: its whole context blocks are a
-   prefix of all its tokens. The unified kernel would walk that context in one program per
+2. Prefill-chunk contexts (GPU only). A chunk whose cached context is at least
+   `chunk_min_context` tokens, while the step's chunks so split hold at most
+   `chunk_max_tokens` tokens: its whole context blocks are a prefix of all its tokens. The unified kernel would walk that context in one program per
    query tile (tens of programs for thousands of keys); the shared-prefix kernel splits it
    over the GPU, so a decode step that carries a chunk of a long prompt stays short.
 
@@ -50,7 +50,7 @@ CASCADE_MIN_SHARED_TOKENS = 256  # 16 blocks of 16: shorter shared prefixes are 
 CASCADE_MIN_SAVED_KEYS = 4096
 CASCADE_MAX_GROUPS = 4  # per step; bounds a CUDA graph's tile capacity
 CASCADE_CHUNK_MIN_CONTEXT = 1024  # tokens of cached context before a chunk's context is split off
-CASCADE_CHUNK_MAX_TOKENS = 512  # longer chunks have query tiles enough to fill the GPU themselves
+CASCADE_CHUNK_MAX_TOKENS = 512  # per step: more chunk tokens have query tiles enough to fill the GPU themselves
 
 
 @dataclass(frozen=True)
@@ -169,7 +169,11 @@ def plan_cascade(
         context = seq_lens - q_lens
         chunks = np.flatnonzero((q_lens > 1) & (q_lens <= rule.chunk_max_tokens)
                                 & (context // block_size * block_size >= max(rule.chunk_min_context, 1)))
+        chunk_rows = 0
         for i in chunks.tolist():
+            chunk_rows += int(q_lens[i])
+            if chunk_rows > rule.chunk_max_tokens:
+                break  # the unified kernel has query tiles enough to fill the GPU by now
             rows = np.arange(query_start_loc[i], query_start_loc[i + 1], dtype=np.int32)
             prefixes.append((np.array([i]), int(context[i]) // block_size, rows))
     if not prefixes:
