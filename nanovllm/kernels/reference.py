@@ -147,7 +147,7 @@ def paged_attention_lse(
         k_pos = torch.arange(seq_len, device=query.device)
         allowed = k_pos[None, :] <= q_pos[:, None]  # [q_len, S]
         if sliding_window is not None:
-            allowed &= k_pos[None, :] > q_pos[:, None] - sliding_window
+            allowed &= q_pos[:, None] - k_pos[None, :] < sliding_window
         lse[start:end] = torch.logsumexp(scores.masked_fill(~allowed, float("-inf")), dim=-1).transpose(0, 1)
     return lse
 
