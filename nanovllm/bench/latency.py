@@ -100,7 +100,7 @@ def run(args) -> int:
     if engine.step_timer is not None:  # NANOVLLM_STEP_TIMING=1
         print("step phases:", engine.step_timer.summary())
     info = engine.executor.info
-    param_bytes = info.param_bytes
+    param_bytes = info.active_param_bytes or info.param_bytes  # MoE: top_k experts
     memory_text, memory_cols = memory_report(info, engine.config.block_size)
     bw = measure_copy_bandwidth() if torch.cuda.is_available() else float("nan")
     roofline = bw / param_bytes

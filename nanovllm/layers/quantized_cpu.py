@@ -26,7 +26,7 @@ from nanovllm.kernels.quant_formats import QuantCodes
 
 INT4_CPU_GROUPS = (32, 64, 128, 256)  # group sizes torch's int4 CPU kernel accepts
 INT4_CPU_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu needs N % 16 == 0
-INT8_CPU_K_MULTIPLE = 8  # _weight_int8pack_mm crashes (segfault, torch 2.13) for other K
+INT8_CPU_K_MULTIPLE = 16  # _weight_int8pack_mm segfaults (torch 2.13) for other K (e.g. 24, 72, 1544)
 INT4_CPU_INNER_K_TILES = 2  # packing argument of _convert_weight_to_int4pack_for_cpu (any of 1/2/4/8 on CPU)
 INT4_CODE_CENTER = 8  # torch's int4 kernels compute (q - 8) * scale + zero
 

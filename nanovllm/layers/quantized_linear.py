@@ -86,6 +86,8 @@ class QuantizedLinear(Linear):
         self.weight = nn.Parameter(torch.empty(0, device=device, dtype=dtype), requires_grad=False)
         self.weight.weight_loader = self.load_weight
         self.weight.accepts_codes = True  # loading hands it checkpoint codes as they are (weights.py)
+        if hasattr(base.weight, "expected_shards"):  # e.g. GPT-2's fused c_attn, split by the model's remap
+            self.weight.expected_shards = base.weight.expected_shards
         self.qweight: Optional[qf.QuantizedWeight] = None  # CUDA (and the torch reference) format
         self.cpu_weight: Optional[CpuQuantWeight] = None  # CPU packed format
         self.register_buffer("input_perm", None, persistent=False)  # GPTQ act-order: x columns in this order
@@ -318,6 +320,7 @@ def quantize_modules(model: nn.Module, specs: Mapping[str, LinearQuantSpec]) -> 
     yet); the RMSNormLinear wrappers that ran an old module run the new one. Returns the new
     modules by name."""
     modules = dict(model.named_modules())
+    params = list(model.named_parameters(remove_duplicate=False))
     swapped: dict[int, QuantizedLinear] = {}
     out = {}
     for name, spec in specs.items():
@@ -325,6 +328,11 @@ def quantize_modules(model: nn.Module, specs: Mapping[str, LinearQuantSpec]) -> 
         if not isinstance(old, Linear):
             raise ValueError(f"cannot quantize {name!r}: not a linear layer of {type(model).__name__}")
         new = QuantizedLinear(old, spec)
+        # a weight tied to another parameter (the LM head to the embedding): loading copies that
+        # tensor into this layer too (loading/weights.py)
+        tied = [n for n, p in params if p is old.weight and n != f"{name}.weight"]
+        if tied:
+            new.weight.tied_to = tied[0]
         parent_name, _, attr = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, attr, new)
         swapped[id(old)] = new

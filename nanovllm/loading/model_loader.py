@@ -56,7 +56,10 @@ def build_model(source: ModelSource, hf_config, device: torch.device, dtype: tor
             model = model_cls(hf_config, max_positions)
     finally:
         torch.set_default_dtype(previous)
-    model.model.cos_sin_cache = model.model.cos_sin_cache.float()
+    for module in model.modules():  # RoPE tables stay fp32 whatever the model's dtype
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if name.startswith("cos_sin_cache"):
+                setattr(module, name, buf.float())
     plan = plan_quantization(model, source, hf_config, quantization, quantize_lm_head, device.type,
                              cpu_weight_format, load_format)
     if plan.specs:
@@ -73,6 +76,9 @@ def build_model(source: ModelSource, hf_config, device: torch.device, dtype: tor
         if plan.prequant is not None:
             tensors = group_quantized_tensors(tensors, plan.prequant)
         load_weights(model, tensors)
+    missing = [name for name, m in quantized_modules(model).items() if not m.loaded]
+    if missing and load_format != "dummy":
+        raise ValueError(f"{source.path}: no weight reached the quantized layer(s) {', '.join(missing[:5])}")
     return model.eval()
 
 

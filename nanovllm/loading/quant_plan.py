@@ -9,7 +9,8 @@
                       Q8_0 / Q6_K -> int8 (32 / 16), other  (Q4_* as int4, Q8_0 / Q6_K as int8),
                       types float                           the rest is requantized from float
 
-The LM head stays as the checkpoint has it (float, or a GGUF's quantized output / tied
+MoE routers stay float, and the stacked experts of a FusedMoE are not linear layers (float
+too). The LM head stays as the checkpoint has it (float, or a GGUF's quantized output / tied
 embedding tensor) unless `quantize_lm_head`; the embedding table is always float. On CPU
 with quantization=None and an explicit cpu_weight_format ("fp16" / "fp32") a GGUF is
 dequantized as before (the fbgemm fp16 / fp32 paths).
@@ -32,6 +33,7 @@ LM_HEAD = "lm_head"
 GGUF_INT4 = {"Q4_0": 32, "Q4_1": 32, "Q4_K": 32}  # kept as int4 with these groups
 GGUF_INT8 = {"Q8_0": 32, "Q6_K": 16}  # kept as int8 with these groups
 GGUF_EMBEDDING = "model.embed_tokens.weight"
+ROUTER_SUFFIX = ".gate"  # an MoE router (layers/moe.py): tiny, and its scores pick the experts: kept float
 
 
 @dataclass
@@ -51,7 +53,7 @@ def plan_quantization(model: nn.Module, source: ModelSource, hf_config, quantiza
     if quantization is not None and quantization not in QTYPES:
         raise ValueError(f"quantization={quantization!r} is not supported; use one of {QTYPES} or None")
     linears = {name: m for name, m in model.named_modules() if isinstance(m, Linear)}
-    decoder = [n for n in linears if n != LM_HEAD]
+    decoder = [n for n in linears if n != LM_HEAD and not n.endswith(ROUTER_SUFFIX)]
     prequant = parse_quantization_config(hf_config) if source.kind != "gguf" and load_format != "dummy" else None
     if prequant is not None:
         return _prequant_plan(prequant, decoder, quantization, quantize_lm_head)

@@ -18,7 +18,8 @@ def add_serve_parser(sub) -> None:
     p = sub.add_parser(
         "serve", help="OpenAI-compatible HTTP server",
         description="Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
-                    "/v1/models, /tokenize, /detokenize, /health, /metrics). See docs/serving.md.",
+                    "/v1/models, /tokenize, /detokenize, /health, /metrics), with a web chat at / and a live dashboard "
+                    "at /dashboard. See docs/serving.md.",
     )
     add_engine_args(p, model_positional=True)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
@@ -35,6 +36,8 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks (default: sized from memory)")
     p.add_argument("--max-body-bytes", type=int, default=None,
                    help="largest request body accepted; larger ones get 413 (default 10 MiB)")
+    p.add_argument("--no-web-ui", dest="web_ui", action="store_false",
+                   help="leave out the browser chat (/) and the live dashboard (/dashboard)")
     p.add_argument("--uvicorn-log-level", default="warning", help="uvicorn's log level (default warning)")
     p.set_defaults(func=cmd_serve)
 
@@ -56,9 +59,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logger.warning("serving on %s without an API key: anyone who can reach it can use it", args.host)
     engine = AsyncLLMEngine.from_config(config)
     name = args.served_model_name or args.model or engine.model_name
-    app = build_app(engine, name, api_key=api_key, max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES)
+    app = build_app(engine, name, api_key=api_key, max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES,
+                    web_ui=args.web_ui)
     print(f"nanovllm serve: {name} on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
+    if args.web_ui:
+        print(f"nanovllm serve: web chat on http://{args.host}:{args.port}/ and dashboard on "
+              f"http://{args.host}:{args.port}/dashboard", file=sys.stderr, flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                     timeout_graceful_shutdown=5)

@@ -261,3 +261,29 @@ def test_scheduler_preempted_request_waits_for_its_pending_token():
     assert preempted_pending, "the pool was meant to force preemption of a request with a token in flight"
     assert a.output_token_ids == [7] * 10 and b.output_token_ids == [7] * 10
     assert sched.kv.num_free_blocks == sched.kv.num_blocks
+
+
+def test_preempted_request_goes_back_to_the_front_of_the_queue():
+    """A preempted request keeps its place: it is readmitted before requests that arrived after it."""
+    # 5 blocks of 4: a and b (8-token prompts) take 2 blocks each; when both need a third,
+    # only one is free, so b (the newest running) is preempted while c waits for a seat
+    sched = make_sched(num_blocks=5, max_num_seqs=2, budget=64)
+    a, b, c = (make_req(rid, 8, max_tokens=4, start=10 * i + 1) for i, rid in enumerate("abc"))
+    for r in (a, b, c):
+        sched.add_request(r)
+    out = sched.schedule()
+    assert [s.request.request_id for s in out.scheduled] == ["a", "b"]
+    sched.update(out, fake_run(out))
+    out = sched.schedule()
+    assert [r.request_id for r in out.preempted] == ["b"]
+    assert [r.request_id for r in sched.waiting] == ["b", "c"]
+    sched.update(out, fake_run(out))
+    admitted = []  # order in which b and c leave the queue
+    while sched.has_unfinished():
+        waiting_before = [r.request_id for r in sched.waiting]
+        out = sched.schedule()
+        still = {r.request_id for r in sched.waiting}
+        admitted += [rid for rid in waiting_before if rid not in still and rid not in admitted]
+        sched.update(out, fake_run(out))
+    assert admitted == ["b", "c"]
+    assert sched.kv.num_free_blocks == sched.kv.num_blocks

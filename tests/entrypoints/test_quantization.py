@@ -144,3 +144,17 @@ def test_bfloat16_model_on_cpu(tiny_model_factory, qtype):
     llm = engine(tiny_model_factory("llama"), dtype="bfloat16", quantization=qtype, quantize_lm_head=True)
     lp = prompt_logprobs(llm)
     assert torch.isfinite(lp).all() and (lp <= 0).all()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama_tied_llama3rope", "qwen3_moe", "gemma2"])
+def test_model_families_quantize_with_their_head(tiny_model_factory, family):
+    """Remapped checkpoints (GPT-2's fused c_attn), heads tied to the embedding, MoE (router and
+    experts stay float), soft-capped Gemma: int8 with the head quantized stays close to float."""
+    path = tiny_model_factory(family)
+    quant = engine(path, quantization="int8", quantize_lm_head=True)
+    model = quant.engine.executor.worker.model
+    layers = quantized_modules(model)
+    assert "lm_head" in layers and all(m.loaded for m in layers.values())
+    assert not any(name.endswith(".gate") for name in layers)  # MoE routers stay float
+    got, want = prompt_logprobs(quant), prompt_logprobs(engine(path))
+    assert (got - want).abs().max() < 0.1
