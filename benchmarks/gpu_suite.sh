@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU issue's checks and benchmarks in one device call; logs and CSVs to $OUT.
-#   bash benchmarks/gpu_suite.sh [warm] [tests] [testsrev] [kernels] [gemv] [gemvcfg] [bench] [tput] [ab] [sync] [nopdl] [base] [trace] [tp] [bench8b] [hf] [serve] [profile] [moe] [prefix]
+#   bash benchmarks/gpu_suite.sh [warm] [tests] [testsrev] [kernels] [gemv] [gemvcfg] [bench] [tput] [ab] [sync] [nopdl] [base] [trace] [tp] [bench8b] [hf] [serve] [profile] [moe] [prefix] [quant] [quanttput]
 set -uo pipefail
 # Logs go straight to $OUT/logs, so a call cut short by its time limit still returns what it wrote.
 DEST=${OUT:-/tmp/nanovllm-out}; OUT=$DEST/logs; mkdir -p "$OUT"
@@ -83,6 +83,19 @@ for s in $steps; do
              timeout 120 python3 -m pytest -q -m gpu -p no:randomly -p no:cacheprovider tests/kernels/test_cascade_attention.py \
                  tests/gpu/test_cascade_gpu.py 2>&1 | tee "$OUT/prefix_tests.log" | tail -8
              timeout 270 $nv bench prefix --model benchmarks/configs/qwen3-0.6b 2>&1 | tee "$OUT/prefix.log" | grep -v "^INFO" | tail -12 ;;
+    quant)   # quantization (#23): its GPU tests, the kernels per Qwen3-8B projection at M = 1, then batch-1 decode of
+             # Qwen3-8B in bf16 / int8 / fp8 / int4 (QUANTS) and the nano-vLLM workload with fp8 weights vs bf16
+             timeout 240 python3 -m pytest -q -m gpu -p no:randomly -p no:cacheprovider tests/gpu/test_gpu_quantization.py \
+                 tests/kernels/test_quant_gemv.py tests/kernels/test_quant_formats.py 2>&1 | tee "$OUT/quant_tests.log" | tail -8
+             timeout 120 python3 benchmarks/quant_kernels_bench.py --rows 1 2>&1 | tee "$OUT/quant_kernels.log" | tail -14
+             for q in ${QUANTS:-none int8 fp8 int4}; do
+               timeout 150 $nv bench latency --model benchmarks/configs/qwen3-8b --repeats ${QUANT_REPEATS:-1} \
+                   $([ "$q" = none ] || echo --quantization "$q") 2>&1 | tee "$OUT/latency8b_$q.log" | grep -v "^INFO" | tail -2
+             done ;;
+    quanttput) for q in none fp8; do
+               timeout 200 $nv bench throughput --model benchmarks/configs/qwen3-0.6b $([ "$q" = none ] || echo --quantization "$q") \
+                   2>&1 | tee "$OUT/throughput_$q.log" | tail -2
+             done ;;
     profile) for b in ${PROFILE_BATCHES:-1 64 256}; do timeout 90 python3 benchmarks/profile_decode.py --batch $b 2>&1 | grep -v "^INFO" | tail -19; done 2>&1 | tee "$OUT/profile.log" ;;
   esac
   cp benchmarks/results/*.csv benchmarks/results/*.png "$OUT/" 2>/dev/null  # after every step (see above)
