@@ -109,7 +109,7 @@ def test_cli_quantization_flag_is_validated(capsys):
 
     parser = build_parser()
     for argv in (["generate", "hi"], ["chat"], ["serve"], ["bench", "latency", "--model", "m"], ["bench", "throughput", "--model", "m"],
-                 ["bench", "perplexity"]):
+                 ["bench", "perplexity"], ["bench", "prefix", "--model", "m"]):
         assert parser.parse_args(argv + ["--quantization", "INT4"]).quantization == "int4"
         with pytest.raises(SystemExit) as e:
             parser.parse_args(argv + ["--quantization", "int3"])
