@@ -85,6 +85,7 @@ class WorkerInfo:
     param_bytes: int  # parameters, tied weights counted once (what a decode step reads)
     cuda_graphs: bool  # decode batches replay captured CUDA graphs
     cpu_fp16_weights: bool  # CPU GEMMs read fp16-packed weights
+    kv_cache_dtype: str = ""  # e.g. "bfloat16", "float8_e4m3fn"
 
     @property
     def is_cuda(self) -> bool:

@@ -13,6 +13,7 @@ import logging
 
 import torch
 
+from nanovllm.kernels import decode_plan
 from nanovllm.kernels.launch_math import cdiv
 from nanovllm.layers.forward_context import ForwardContext
 
@@ -57,6 +58,13 @@ class CUDAGraphRunner:
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        # balanced split-KV plans (decode_split="balanced"): a fixed number of rows per batch size
+        self.balanced = runner.options.balanced_decode
+        self.plan_rows = {bs: decode_plan.plan_items(bs, runner.num_kv_heads, runner.num_sms) for bs in self.sizes}
+        self.decode_plan = None
+        if self.balanced:
+            self.decode_plan = torch.full((max(self.plan_rows.values()), decode_plan.PLAN_COLUMNS), -1,
+                                          dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool = None
@@ -71,7 +79,12 @@ class CUDAGraphRunner:
             max_query_len=1,
             max_seq_len=self.max_model_len,  # upper bound: the kernel reads real lengths from seq_lens
             num_seqs=bs,
+            decode_plan=self.decode_plan[: self.plan_rows[bs]] if self.balanced else None,
         )
+
+    def batch_size_for(self, num_seqs: int) -> int:
+        """Rows of the forward a decode batch of num_seqs runs: its padded graph size, or itself (eager)."""
+        return padded_batch_size(self.sizes, num_seqs) if num_seqs <= self.max_bs else num_seqs
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -95,7 +108,7 @@ class CUDAGraphRunner:
     def can_run(self, inputs) -> bool:
         ctx = inputs.ctx
         return (ctx.max_query_len == 1 and ctx.num_seqs <= self.max_bs and ctx.max_seq_len <= self.max_model_len
-                and inputs.input_ids.shape[0] == ctx.num_seqs)
+                and inputs.input_ids.shape[0] == ctx.num_seqs and (ctx.decode_plan is not None) == self.balanced)
 
     def run(self, inputs) -> torch.Tensor:
         ctx = inputs.ctx
@@ -110,5 +123,10 @@ class CUDAGraphRunner:
         if bs > b:  # padding rows: write nowhere, attend to one harmless slot
             self.slot_mapping[b:bs].fill_(-1)
             self.seq_lens[b:bs].fill_(1)
+        if self.balanced:  # built by prepare_inputs for the padded size bs (padding rows included)
+            plan = ctx.decode_plan
+            if plan.shape[0] != self.plan_rows[bs]:
+                raise RuntimeError(f"decode plan of {plan.shape[0]} rows for a graph of {self.plan_rows[bs]}")
+            self.decode_plan[: plan.shape[0]].copy_(plan, non_blocking=True)
         self.graphs[bs].replay()
         return self.outputs[bs][:b]

@@ -26,6 +26,8 @@ class PagedAttention(nn.Module):
         # Bound by the worker once the cache is allocated: [num_blocks, Hkv, block_size, D].
         self.k_cache: torch.Tensor = torch.empty(0)
         self.v_cache: torch.Tensor = torch.empty(0)
+        # fp8 cache only: [4, Hkv] fp32 K / V scales and reciprocals (kernels/kv_quant.py), set by the worker.
+        self.kv_scale: Optional[torch.Tensor] = None
 
     def forward(
         self,
@@ -48,6 +50,7 @@ class PagedAttention(nn.Module):
                 q, k, v, positions, cos_sin_cache, self.k_cache, self.v_cache, ctx.slot_mapping, options,
                 q_norm_weight=None if q_norm is None else q_norm.weight,
                 k_norm_weight=None if k_norm is None else k_norm.weight, norm_eps=norms[0].eps,
+                kv_scale=self.kv_scale,
             )
         else:
             if q_norm is not None:
@@ -60,24 +63,24 @@ class PagedAttention(nn.Module):
     def _rope_and_store(self, q, k, v, positions, cos_sin_cache, ctx: ForwardContext, triton_rope: bool):
         args = (q, k, v, positions, cos_sin_cache, self.k_cache, self.v_cache, ctx.slot_mapping)
         if triton_rope:
-            return triton_backend.rope_and_store_kv(*args, self.kernel_options)
+            return triton_backend.rope_and_store_kv(*args, self.kernel_options, kv_scale=self.kv_scale)
         if not q.is_cuda:
-            return torch_backend.rope_and_store_kv(*args, ctx.scratch)
-        return reference.rope_and_store_kv(*args)
+            return torch_backend.rope_and_store_kv(*args, ctx.scratch, kv_scale=self.kv_scale)
+        return reference.rope_and_store_kv(*args, kv_scale=self.kv_scale)
 
     def _attend(self, q: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         options = self.kernel_options
         if options.triton_attention and ops.use_triton(q, options):
             return triton_backend.paged_attention(q, self.k_cache, self.v_cache, ctx, self.scale,
-                                                  self.sliding_window, options)
+                                                  self.sliding_window, options, kv_scale=self.kv_scale)
         if not q.is_cuda and ctx.query_start_loc_cpu is not None:
             return torch_backend.paged_attention(
                 q, self.k_cache, self.v_cache, ctx.query_start_loc_cpu, ctx.seq_lens_cpu, ctx.block_tables,
-                self.scale, sliding_window=self.sliding_window, scratch=ctx.scratch,
+                self.scale, sliding_window=self.sliding_window, scratch=ctx.scratch, kv_scale=self.kv_scale,
             )
         return reference.paged_attention(
             q, self.k_cache, self.v_cache, ctx.query_start_loc, ctx.seq_lens, ctx.block_tables, self.scale,
-            sliding_window=self.sliding_window,
+            sliding_window=self.sliding_window, kv_scale=self.kv_scale,
         )
 
     @staticmethod
