@@ -193,8 +193,17 @@ def rope_and_store_kv(
     q = apply_rope(query, positions, cos_sin_cache)
     k = apply_rope(key, positions, cos_sin_cache)
     if k_cache is not None:  # None: rotate only, as the Triton twin
-        store_kv(k, value, k_cache, v_cache, slot_mapping, kv_scale)
+        k_stored = k
+        if kv_quant.is_fp8(k_cache) and kv_quant.rotates_keys(k.shape[-1], cos_sin_cache.shape[-1]):
+            q, k_stored = hadamard_rotate(q, k)
+        store_kv(k_stored, value, k_cache, v_cache, slot_mapping, kv_scale)
     return q, k
+
+
+def hadamard_rotate(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H q in q's dtype, H k in fp32) per head: the fp8 store's rotated keys (kv_quant.py)."""
+    h = kv_quant.hadamard(k.shape[-1], k.device)  # [D, D], symmetric
+    return (q.float() @ h).to(q.dtype), k.float() @ h
 
 
 # ----------------------------------------------------------------------------- norms, activations

@@ -25,7 +25,10 @@ q and k may be strided views (e.g. slices of the fused qkv output) as long as th
 dimension is contiguous; they are normalised / rotated in place and returned.
 
 An fp8 cache (`kv_quant.py`) gets `round_e4m3(clamp(x * inv_scale, +-448))` per KV head, the
-reciprocal scales read from the layer's `kv_scale [4, num_kv_heads]`. The rounding is done
+reciprocal scales read from the layer's `kv_scale [4, num_kv_heads]`. For a fully rotary head
+the keys are stored rotated by a normalised Hadamard matrix H and q is rewritten as H q, so
+that q.k is unchanged and no channel of k dominates the rounding error (kv_quant.py): one
+butterfly of the two rotary halves and a half-size H on tensor cores. The rounding is done
 in fp32 by `_round_e4m3` (exact integer arithmetic, ties to even) before the conversion, so
 the conversion itself is exact: the GPU's saturating conversion and the CPU interpreter's
 (which mis-rounds values that carry into the next binade) then store the same bits as torch.
@@ -44,6 +47,7 @@ from nanovllm.kernels.launch_math import next_pow2
 from nanovllm.kernels.pdl import pdl_launch_options, pdl_wait, use_pdl
 
 SMALL_TILE = 2048  # elements (heads x features) per tile up to which 4 warps suffice
+HADAMARD_MIN_ROWS = 16  # tl.dot operands have at least 16 rows
 NUM_WARPS_SMALL = 4
 NUM_WARPS_LARGE = 8
 
@@ -102,6 +106,7 @@ def _norm_rope_heads(
     slot,
     stride_c_blk, stride_c_head, stride_c_slot,
     inv_scale_ptr,  # [num_heads] fp32 reciprocal cache scales, read only when KV_FP8
+    h_ptr,  # [HALF, HALF] fp32 normalised Hadamard matrix of half a head, read only when HADAMARD
     HEAD_DIM: tl.constexpr,
     HALF: tl.constexpr,  # rotary_dim // 2
     HALF_PAD: tl.constexpr,
@@ -111,6 +116,7 @@ def _norm_rope_heads(
     NORM: tl.constexpr,
     STORE: tl.constexpr,
     KV_FP8: tl.constexpr,  # the cache is fp8 e4m3: scale, round, saturate
+    HADAMARD: tl.constexpr,  # rotate the head by H (kv_quant.py): q in place, k only into the cache
 ):
     """[RMSNorm per head, then] rotate-half RoPE of every head, in place [and into the cache].
 
@@ -149,8 +155,20 @@ def _norm_rope_heads(
             tl.store(ptr_p, xp, mask=pmask)
     y1 = (x1 * cos[None, :] - x2 * sin[None, :]).to(dtype)
     y2 = (x2 * cos[None, :] + x1 * sin[None, :]).to(dtype)
-    tl.store(ptr1, y1, mask=mask)
-    tl.store(ptr1 + HALF, y2, mask=mask)
+    r1 = y1
+    r2 = y2
+    if HADAMARD:  # [y1 | y2] H = [(y1 + y2) Hh | (y1 - y2) Hh] / sqrt(2), Hh the half-size H (full rotary)
+        hm = tl.load(h_ptr + offs_r[:, None] * HALF + offs_r[None, :])  # [HALF, HALF]
+        a = y1.to(tl.float32)
+        b = y2.to(tl.float32)
+        r1 = tl.dot(a + b, hm) * 0.7071067811865476  # [HEADS_PAD, HALF] fp32
+        r2 = tl.dot(a - b, hm) * 0.7071067811865476
+    if HADAMARD and not STORE:  # q: attention reads it rotated
+        tl.store(ptr1, r1.to(dtype), mask=mask)
+        tl.store(ptr1 + HALF, r2.to(dtype), mask=mask)
+    else:
+        tl.store(ptr1, y1, mask=mask)
+        tl.store(ptr1 + HALF, y2, mask=mask)
     if STORE and slot >= 0:  # STORE is constexpr: no store code at all for q
         blk = slot // BLOCK_SIZE
         off = slot % BLOCK_SIZE
@@ -158,8 +176,8 @@ def _norm_rope_heads(
         inv = tl.full([HEADS_PAD], 1.0, tl.float32)
         if KV_FP8:
             inv = tl.load(inv_scale_ptr + offs_h, mask=head_ok, other=1.0)  # [HEADS_PAD]
-        tl.store(c + offs_r[None, :], _to_cache(y1, inv, cache_ptr, KV_FP8), mask=mask)
-        tl.store(c + HALF + offs_r[None, :], _to_cache(y2, inv, cache_ptr, KV_FP8), mask=mask)
+        tl.store(c + offs_r[None, :], _to_cache(r1, inv, cache_ptr, KV_FP8), mask=mask)
+        tl.store(c + HALF + offs_r[None, :], _to_cache(r2, inv, cache_ptr, KV_FP8), mask=mask)
         if PASS_PAD > 0:  # partial rotary: the features past rotary_dim, not rotated
             tl.store(c + offs_p[None, :], _to_cache(xp, inv, cache_ptr, KV_FP8), mask=pmask)
 
@@ -177,6 +195,7 @@ def _rope_store_kernel(
     q_norm_ptr,  # [head_dim], read only when Q_NORM
     k_norm_ptr,  # [head_dim], read only when K_NORM
     kv_scale_ptr,  # [4, num_kv_heads] fp32 (kv_quant.py), read only when KV_FP8
+    h_ptr,  # [HALF, HALF] fp32 half-size normalised Hadamard matrix, read only when HADAMARD
     norm_eps,
     num_heads,
     num_kv_heads,
@@ -198,6 +217,7 @@ def _rope_store_kernel(
     Q_NORM: tl.constexpr,  # per-head RMSNorm of q before RoPE (Qwen3)
     K_NORM: tl.constexpr,  # per-head RMSNorm of k before RoPE (Qwen3)
     KV_FP8: tl.constexpr,  # fp8 cache: K and V scaled by their reciprocal scales and rounded to e4m3
+    HADAMARD: tl.constexpr,  # fp8 cache, full rotary: q rewritten as H q, H k stored (kv_quant.py)
     USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
     # Before the PDL wait: positions and slots are step inputs and the cos/sin table a constant
@@ -215,14 +235,14 @@ def _rope_store_kernel(
 
     _norm_rope_heads(
         q_ptr + tok * stride_q_tok, num_heads, stride_q_head, cos, sin, q_norm_ptr, norm_eps,
-        k_cache_ptr, slot, stride_kc_blk, stride_kc_head, stride_kc_slot, kv_scale_ptr,
-        HEAD_DIM, HALF, HALF_PAD, PASS_PAD, HEADS_PAD, BLOCK_SIZE, Q_NORM, False, False,
+        k_cache_ptr, slot, stride_kc_blk, stride_kc_head, stride_kc_slot, kv_scale_ptr, h_ptr,
+        HEAD_DIM, HALF, HALF_PAD, PASS_PAD, HEADS_PAD, BLOCK_SIZE, Q_NORM, False, False, HADAMARD,
     )
     _norm_rope_heads(
         k_ptr + tok * stride_k_tok, num_kv_heads, stride_k_head, cos, sin, k_norm_ptr, norm_eps,
         k_cache_ptr, slot, stride_kc_blk, stride_kc_head, stride_kc_slot,
-        kv_scale_ptr + K_INV_ROW * num_kv_heads,
-        HEAD_DIM, HALF, HALF_PAD, PASS_PAD, KV_HEADS_PAD, BLOCK_SIZE, K_NORM, STORE, KV_FP8,
+        kv_scale_ptr + K_INV_ROW * num_kv_heads, h_ptr,
+        HEAD_DIM, HALF, HALF_PAD, PASS_PAD, KV_HEADS_PAD, BLOCK_SIZE, K_NORM, STORE, KV_FP8, HADAMARD,
     )  # rotated k (whole head) written to its cache slot as well
 
     if STORE and slot >= 0:  # v, whole head
@@ -347,7 +367,11 @@ def rope_and_store_kv(
     if num_tokens == 0:
         return query, key
     half = rotary_dim // 2
-    heads_pad = next_pow2(num_heads)
+    hadamard = fp8 and kv_quant.rotates_keys(head_dim, rotary_dim)
+    # tl.dot (the Hadamard rotation) needs >= 16 rows: pad the head tiles (masked rows)
+    min_heads = HADAMARD_MIN_ROWS if hadamard else 1
+    heads_pad = max(min_heads, next_pow2(num_heads))
+    kv_heads_pad = max(min_heads, next_pow2(num_kv_heads))
     dummy = key  # placeholder pointer for what is not given (never read or written)
     pdl = use_pdl(query, pdl)
     _rope_store_kernel[(num_tokens,)](
@@ -356,6 +380,7 @@ def rope_and_store_kv(
         q_norm_weight if q_norm_weight is not None else dummy,
         k_norm_weight if k_norm_weight is not None else dummy,
         kv_scale if fp8 else dummy,
+        kv_quant.hadamard(half, query.device) if hadamard else dummy,
         float(norm_eps),
         num_heads, num_kv_heads,
         query.stride(0), query.stride(1),
@@ -367,9 +392,9 @@ def rope_and_store_kv(
         HEAD_DIM=head_dim, HEAD_DIM_PAD=next_pow2(head_dim),
         HALF=half, HALF_PAD=next_pow2(half),
         PASS_PAD=next_pow2(head_dim - rotary_dim) if head_dim > rotary_dim else 0,
-        HEADS_PAD=heads_pad, KV_HEADS_PAD=next_pow2(num_kv_heads),
+        HEADS_PAD=heads_pad, KV_HEADS_PAD=kv_heads_pad,
         BLOCK_SIZE=k_cache.shape[2] if store else 1, STORE=store,
-        Q_NORM=q_norm_weight is not None, K_NORM=k_norm_weight is not None, KV_FP8=fp8,
+        Q_NORM=q_norm_weight is not None, K_NORM=k_norm_weight is not None, KV_FP8=fp8, HADAMARD=hadamard,
         num_warps=_num_warps(heads_pad * next_pow2(half)),
         USE_PDL=pdl, **pdl_launch_options(pdl),
     )

@@ -4,7 +4,8 @@ Calibration. Before the KV cache is sized, the worker runs one forward over a fi
 random token ids (CALIBRATION_SEQS prompts of CALIBRATION_LEN tokens, seeded: the same
 scales on every start) into a scratch cache of the model's dtype, then takes the largest
 |K| and |V| each KV head stored, per layer. These are the projected, normalised and rotated
-keys and the projected values: exactly what the cache holds. A head's scale maps
+keys (times the Hadamard matrix where the fp8 store applies it, kv_quant.py) and the
+projected values: exactly what the cache holds. A head's scale maps
 HEADROOM x that maximum to e4m3's largest value (448), so a value up to twice anything seen
 in calibration is still stored unclipped; e4m3's relative precision does not depend on the
 scale, only its smallest values (below ~2^-9 of the scale's range) lose bits to the headroom.
@@ -48,8 +49,13 @@ def calibrate_amax(model, device: torch.device, dtype: torch.dtype, block_size: 
         input_ids = torch.randint(0, vocab_size, (sum(lens),), generator=gen).to(device)
         model(input_ids, ctx.positions, ctx)
         # unused slots of the zeroed scratch cache add nothing to a maximum of |x|
-        return [(a.k_cache.abs().amax(dim=(0, 2, 3)).float(), a.v_cache.abs().amax(dim=(0, 2, 3)).float())
-                for a in model.attention_layers()]
+        out = []
+        for a in model.attention_layers():
+            k = a.k_cache.float()  # [blocks, Hkv, block_size, D]
+            if kv_quant.rotates_keys(a.head_dim, a.rotary_dim or 0):  # an fp8 store writes H k
+                k = k @ kv_quant.hadamard(a.head_dim, k.device)
+            out.append((k.abs().amax(dim=(0, 2, 3)), a.v_cache.float().abs().amax(dim=(0, 2, 3))))
+        return out
     finally:
         memory.restore_caches(model, saved)
 

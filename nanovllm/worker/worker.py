@@ -77,8 +77,10 @@ class Worker:
         if cfg.kv_cache_scales is not None:
             scales = kv_scales.load_scales(cfg.kv_cache_scales, self.model)
         else:
+            # positions past max_model_len have no RoPE entry: calibrate within the model's window
+            seq_len = min(kv_scales.CALIBRATION_LEN, self.model_info.max_model_len)
             amax = kv_scales.calibrate_amax(self.model, self.device, self.dtype, cfg.block_size,
-                                            self.model_info.hf_config.vocab_size)
+                                            self.model_info.hf_config.vocab_size, seq_len=seq_len)
             scales = kv_scales.scales_from_calibration(amax)
         kv_scales.apply_scales(self.model, scales, self.device)
         logger.info("fp8 KV cache (%s): %s", "given scales" if cfg.kv_cache_scales is not None else "calibrated",

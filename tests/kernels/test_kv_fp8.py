@@ -117,10 +117,18 @@ def test_rope_and_store_kv_fp8_matches_reference(rotary, qk_norm, dtype):
     scale = random_kv_scale(num_kv_heads, seed=2)
     kc, vc = fp8_cache_like(k_cache), fp8_cache_like(v_cache)
     ref_kc, ref_vc = kc.clone(), vc.clone()
+    q0, k0 = q.clone(), k.clone()  # the kernel rotates q and k in place
     rq, rk = reference.rope_and_store_kv(q.clone(), k.clone(), v, pos, cache, ref_kc, ref_vc, slots, **norm,
                                          kv_scale=scale)
     oq, ok = rope_and_store_kv(q, k, v, pos, cache, kc, vc, slots, **norm, kv_scale=scale)
-    torch.testing.assert_close(ok.float(), rk.float(), atol=2e-2 if dtype != torch.float32 else 1e-5, rtol=1e-2)
+    tol = dict(atol=2e-2, rtol=1e-2) if dtype != torch.float32 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ok.float(), rk.float(), **tol)  # k itself: RoPE only
+    torch.testing.assert_close(oq.float(), rq.float(), **tol)  # q: RoPE, then H q for a full rotary head
+    if rotary == "full":  # q and the stored k are rotated alike: q.k is unchanged
+        h = kv_quant.hadamard(head_dim, q.device)
+        torch.testing.assert_close(oq.float() @ h, rq.float() @ h, **tol)
+        plain_q, _ = reference.rope_and_store_kv(q0, k0, v, pos, cache, None, None, None, **norm)
+        torch.testing.assert_close(rq.float() @ h, plain_q.float(), **tol)
     within_one_code(kc, ref_kc)  # keys: rotated in each implementation's own fp32 order first
     assert torch.equal(vc.view(torch.uint8), ref_vc.view(torch.uint8))  # values: the same products
 

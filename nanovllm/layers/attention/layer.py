@@ -28,6 +28,7 @@ class PagedAttention(nn.Module):
         self.v_cache: torch.Tensor = torch.empty(0)
         # fp8 cache only: [4, Hkv] fp32 K / V scales and reciprocals (kernels/kv_quant.py), set by the worker.
         self.kv_scale: Optional[torch.Tensor] = None
+        self.rotary_dim: Optional[int] = None  # seen at the last forward (fp8 calibration: are keys rotated)
 
     def forward(
         self,
@@ -41,6 +42,7 @@ class PagedAttention(nn.Module):
         k_norm: Optional[RMSNorm] = None,
     ) -> torch.Tensor:
         options = self.kernel_options
+        self.rotary_dim = cos_sin_cache.shape[-1]
         triton_rope = ops.use_triton(q, options)
         norms = [n for n in (q_norm, k_norm) if n is not None]
         if norms and triton_rope and self._qk_norm_fusable(q, norms):

@@ -29,7 +29,10 @@ def rope_and_store_kv(query, key, value, positions, cos_sin_cache, k_cache, v_ca
         scratch["rope"] = (cos.unsqueeze(1).float(), sin.unsqueeze(1).float(), coords)
     cos, sin, coords = scratch["rope"]
     q, k = reference.rotate_half(query, cos, sin), reference.rotate_half(key, cos, sin)
-    reference.write_kv(k, value, k_cache, v_cache, *coords, kv_scale=kv_scale)
+    k_stored = k
+    if kv_quant.is_fp8(k_cache) and kv_quant.rotates_keys(k.shape[-1], cos_sin_cache.shape[-1]):
+        q, k_stored = reference.hadamard_rotate(q, k)
+    reference.write_kv(k_stored, value, k_cache, v_cache, *coords, kv_scale=kv_scale)
     return q, k
 
 
