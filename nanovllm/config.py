@@ -73,9 +73,6 @@ class EngineConfig:
     # "balanced" = per-request splits of about the batch's mean context, so no program of the grid
     # carries a long context alone (mixed lengths).
     decode_split: str = "uniform"
-    # Build each step's inputs from per-request arrays kept on the worker (block tables, last token,
-    # sampled row), vectorized over the decode rows, instead of re-reading every request's lists.
-    persistent_batch: bool = False
     step_timeline: bool = False  # record a per-step timeline (worker.runner.timeline; `bench throughput --timeline`)
 
     def __post_init__(self) -> None:
@@ -121,7 +118,7 @@ class EngineConfig:
         _check_kv_cache_scales(self.kv_cache_scales, kv_dtype)
         if self.decode_split not in DECODE_SPLITS:
             raise ValueError(f"decode_split={self.decode_split!r}: use one of {DECODE_SPLITS}")
-        for name in ("fuse_gemv_prologues", "pdl", "use_triton", "step_timing", "persistent_batch", "step_timeline"):
+        for name in ("fuse_gemv_prologues", "pdl", "use_triton", "step_timing", "step_timeline"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.seed, int):

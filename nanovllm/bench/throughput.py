@@ -55,8 +55,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) or fp8 (e4m3, twice the tokens)")
     p.add_argument("--decode-split", default="uniform", choices=["uniform", "balanced"],
                    help="decode attention work split: uniform, or balanced per request (mixed context lengths)")
-    p.add_argument("--persistent-batch", action="store_true",
-                   help="build step inputs from per-request arrays kept on the worker")
     p.add_argument("--timeline", action="store_true",
                    help="record a per-step timeline of the timed run: CSV, plot and a summary of time above the floor")
     p.add_argument("--bandwidth-gbs", type=float, default=timeline.H200_BANDWIDTH / 1e9,
@@ -98,7 +96,7 @@ def run_nanovllm(args, prompts, output_lens) -> float:
         kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
     llm = LLM(args.model, load_format=args.load_format, skip_tokenizer_init=True, max_model_len=args.max_model_len,
               enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype, decode_split=args.decode_split,
-              persistent_batch=args.persistent_batch, step_timeline=args.timeline,
+              step_timeline=args.timeline,
               async_scheduling=args.async_scheduling, gpu_memory_utilization=args.gpu_memory_utilization, **kwargs)
     args.async_scheduling = llm.engine.async_scheduling  # what auto resolved to, for the CSV
     args.pdl = llm.engine.config.pdl
@@ -135,15 +133,14 @@ def report_timeline(args, records: list) -> None:
 def backend_label(args) -> str:
     """'nanovllm', or 'nanovllm (kv=fp8 ...)' when a throughput switch is off its default: the CSV keeps
     its columns and the plot shows each setting of a same-run A/B as its own bar."""
-    if args.backend != "nanovllm" or (args.kv_cache_dtype, args.decode_split, args.persistent_batch) == (
-            "auto", "uniform", False):
+    if args.backend != "nanovllm" or (args.kv_cache_dtype, args.decode_split) == ("auto", "uniform"):
         return args.backend
     return f"nanovllm ({engine_options(args)})"
 
 
 def engine_options(args) -> str:
     """The throughput switches of a nanovllm run, for the CSV row and file names."""
-    return f"kv={args.kv_cache_dtype} split={args.decode_split}" + (" persistent" if args.persistent_batch else "")
+    return f"kv={args.kv_cache_dtype} split={args.decode_split}"
 
 
 def run_hf(args, prompts, output_lens) -> float:

@@ -45,14 +45,12 @@ class RunnerOptions:
     """How the runner builds a step's inputs (from EngineConfig and the worker's kernel choices)."""
 
     balanced_decode: bool = False  # decode-only batches carry a balanced split-KV plan (kernels/decode_plan.py)
-    persistent_batch: bool = False  # per-request arrays on the worker, decode rows vectorized
     max_model_len: int = 0  # the block-table width of a persistent batch (0: not known)
 
     @classmethod
     def of(cls, config, kernel_options, max_model_len: int) -> "RunnerOptions":
         triton_attention = kernel_options.triton and kernel_options.triton_attention
-        return cls(balanced_decode=config.decode_split == "balanced" and triton_attention,
-                   persistent_batch=config.persistent_batch, max_model_len=max_model_len)
+        return cls(balanced_decode=config.decode_split == "balanced" and triton_attention, max_model_len=max_model_len)
 
 
 @dataclass

@@ -37,11 +37,10 @@ def test_bad_kv_cache_flags_exit_with_a_message(flags, message, capsys):
 
 def test_bench_throughput_switches():
     args = build_parser().parse_args(["bench", "throughput", "--model", "m", "--kv-cache-dtype", "fp8",
-                                      "--decode-split", "balanced", "--persistent-batch", "--timeline"])
+                                      "--decode-split", "balanced", "--timeline"])
     from nanovllm.bench.throughput import backend_label
 
-    assert (args.kv_cache_dtype, args.decode_split, args.persistent_batch, args.timeline) == (
-        "fp8", "balanced", True, True)
-    assert backend_label(args) == "nanovllm (kv=fp8 split=balanced persistent)"
+    assert (args.kv_cache_dtype, args.decode_split, args.timeline) == ("fp8", "balanced", True)
+    assert backend_label(args) == "nanovllm (kv=fp8 split=balanced)"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "throughput", "--model", "m", "--decode-split", "wide"])
