@@ -129,7 +129,10 @@ def test_given_scales_float_and_json(tiny_model_factory, tmp_path):
     (dict(kv_cache_scales=1.0), ValueError),  # scales without fp8
     (dict(kv_cache_dtype="fp8", kv_cache_scales=0.0), ValueError),
     (dict(kv_cache_dtype="fp8", kv_cache_scales=[1.0]), TypeError),
+    (dict(kv_cache_dtype="fp8", kv_cache_scales=float("nan")), ValueError),
+    (dict(decode_split="wide"), ValueError),
+    (dict(step_timeline="yes"), TypeError),
 ])
 def test_bad_kv_cache_settings_are_refused(kwargs, error):
-    with pytest.raises(error):
+    with pytest.raises(error, match=list(kwargs)[-1]):
         EngineConfig(**kwargs)
