@@ -23,6 +23,7 @@ GEMV_MODES = ("auto", "off", "force")
 KV_CACHE_DTYPES = ("auto", "fp8")
 KV_CACHE_DTYPE_ALIASES = {"fp8_e4m3": "fp8", "float8_e4m3fn": "fp8"}
 DECODE_SPLITS = ("uniform", "balanced")
+CASCADE_MODES = ("auto", "off", "force")  # layers/attention/cascade.py (mirrored: config imports nothing)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,16 @@ class EngineConfig:
     gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    # Chunked prefill's fairness policy: while any request is decoding, a step computes at most
+    # this many prompt tokens (a long prompt is spread over steps, so the decodes keep their
+    # pace), and CUDA graphs also cover steps of up to max_num_seqs decodes + this many prompt
+    # tokens. None = only max_num_batched_tokens limits a step (best offline throughput).
+    max_prefill_tokens_while_decoding: Optional[int] = None
+    # Shared prefixes (prefix-cache hits, n > 1) read once per step for all requests sharing them,
+    # merged with each request's own part by log-sum-exp (docs/memory.md): "auto" = when the rule
+    # of layers/attention/cascade.py says it pays, "force" = whenever any whole block is shared
+    # (tests, A/B), "off". Results are the same either way. An fp8 KV cache keeps it off.
+    cascade_attention: str = "auto"
     enforce_eager: bool = False  # True disables CUDA graphs
     # Schedule and launch step N+1 before step N's tokens reach the host, so host work
     # overlaps GPU work. None = on for CUDA devices (CPU steps run synchronously anyway).
@@ -109,6 +120,14 @@ class EngineConfig:
             raise TypeError(f"async_scheduling must be True, False or None (auto), got {self.async_scheduling!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format={self.load_format!r}: use one of {LOAD_FORMATS}")
+        if self.cascade_attention not in CASCADE_MODES:
+            raise ValueError(f"cascade_attention={self.cascade_attention!r}: use 'auto' (when it pays), "
+                             f"'force' (whenever blocks are shared) or 'off'")
+        if self.max_prefill_tokens_while_decoding is not None:
+            _positive_int("max_prefill_tokens_while_decoding", self.max_prefill_tokens_while_decoding)
+            if not self.enable_chunked_prefill:
+                raise ValueError("max_prefill_tokens_while_decoding chunks prompts: it needs enable_chunked_prefill=True "
+                                 "(or leave it None)")
         if self.gemv not in GEMV_MODES:
             raise ValueError(f"gemv={self.gemv!r}: use 'auto' (calibrated), 'off' (cuBLAS) or 'force' (Triton)")
         kv_dtype = KV_CACHE_DTYPE_ALIASES.get(self.kv_cache_dtype, self.kv_cache_dtype)
@@ -116,6 +135,11 @@ class EngineConfig:
             raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r}: use 'auto' (the model's dtype) or 'fp8'")
         object.__setattr__(self, "kv_cache_dtype", kv_dtype)
         _check_kv_cache_scales(self.kv_cache_scales, kv_dtype)
+        if kv_dtype == "fp8" and self.cascade_attention == "force":
+            raise ValueError("cascade_attention='force' does not read an fp8 KV cache (its kernels take bf16/fp16/fp32 "
+                             "K/V): use cascade_attention='auto' or 'off' with kv_cache_dtype='fp8', or kv_cache_dtype='auto'")
+        if kv_dtype == "fp8":  # 'auto' with an fp8 cache: cascade stays off (the plain kernels read fp8)
+            object.__setattr__(self, "cascade_attention", "off")
         if self.decode_split not in DECODE_SPLITS:
             raise ValueError(f"decode_split={self.decode_split!r}: use one of {DECODE_SPLITS}")
         for name in ("fuse_gemv_prologues", "pdl", "use_triton", "step_timing", "step_timeline"):

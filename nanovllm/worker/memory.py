@@ -25,7 +25,7 @@ def kv_bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
     """K and V bytes of one block over all of the model's attention layers, in the cache's dtype
     (fp8: one byte per value, so the same memory holds twice the bf16 tokens)."""
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    return sum(2 * a.num_kv_heads * a.head_dim for a in model.attention_layers()) * block_size * itemsize
+    return sum(2 * a.num_kv_heads * a.cache_head_dim for a in model.attention_layers()) * block_size * itemsize
 
 
 def cpu_num_kv_blocks(cfg: EngineConfig, max_model_len: int, bytes_per_block: int) -> int:
@@ -89,7 +89,7 @@ def scratch_caches(model, num_blocks: int, block_size: int, dtype: torch.dtype, 
     layers = model.attention_layers()
     saved = [(a.k_cache, a.v_cache, a.kv_scale) for a in layers]
     for a in layers:
-        shape = (num_blocks, a.num_kv_heads, block_size, a.head_dim)
+        shape = (num_blocks, a.num_kv_heads, block_size, a.cache_head_dim)
         a.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         a.v_cache = torch.zeros(shape, dtype=dtype, device=device)
     return saved

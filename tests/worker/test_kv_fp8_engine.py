@@ -132,7 +132,15 @@ def test_given_scales_float_and_json(tiny_model_factory, tmp_path):
     (dict(kv_cache_dtype="fp8", kv_cache_scales=float("nan")), ValueError),
     (dict(decode_split="wide"), ValueError),
     (dict(step_timeline="yes"), TypeError),
+    (dict(kv_cache_dtype="fp8", cascade_attention="force"), ValueError),
 ])
 def test_bad_kv_cache_settings_are_refused(kwargs, error):
     with pytest.raises(error, match=list(kwargs)[-1]):
         EngineConfig(**kwargs)
+
+
+def test_fp8_cache_turns_automatic_cascade_off():
+    """The cascade kernels read no fp8 cache: 'auto' resolves to off, the plain kernels serve shared prefixes."""
+    assert EngineConfig(kv_cache_dtype="fp8").cascade_attention == "off"
+    assert EngineConfig(kv_cache_dtype="fp8", cascade_attention="off").cascade_attention == "off"
+    assert EngineConfig().cascade_attention == "auto"
