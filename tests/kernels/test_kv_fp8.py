@@ -188,3 +188,35 @@ def test_attention_over_fp8_cache_matches_reference(mix, dtype):
     exact = reference.paged_attention(query, k_cache.to(dtype), v_cache.to(dtype), qsl, sl, bt, 0.125)
     err = ((outs["unified"].float() - exact.float()).norm() / exact.float().norm()).item()
     assert err < QUANTIZATION_REL
+
+
+def dequantized(cache8: torch.Tensor, scale: torch.Tensor, row: int) -> torch.Tensor:
+    """[blocks, Hkv, block_size, D] fp32 values an fp8 cache stands for."""
+    return kv_quant.dequantize(cache8, scale[row], head_dim=1)
+
+
+@pytest.mark.parametrize("dtype", PRECISIONS)
+@pytest.mark.parametrize("variant", ["softcap", "window"])
+@pytest.mark.parametrize("mix", ["mixed", "decode"])
+def test_fp8_cache_with_softcap_window_and_lse(mix, variant, dtype):
+    """The per-layer options (Gemma 2's soft-cap, sliding windows) and the log-sum-exp output that
+    split and cascade merges read stay right over an fp8 cache: the K scale is folded into the
+    score scale before the cap, so scores and log-sum-exps are the dequantized cache's."""
+    q_lens, seq_lens = MIXES["large" if large_shapes(dtype) else "small"][mix]
+    query, _, _, k8, v8, scale, qsl, sl, bt = quantized_batch(q_lens, seq_lens, dtype, seed=9)
+    kw = {"softcap": 0.5} if variant == "softcap" else {"sliding_window": 20}
+    kd, vd = dequantized(k8, scale, kv_quant.K_SCALE), dequantized(v8, scale, kv_quant.V_SCALE)
+    ref = reference.paged_attention(query, kd, vd, qsl, sl, bt, 0.125, **kw)
+    lse = torch.empty(query.shape[:2], dtype=torch.float32, device=DEVICE)
+    out = paged_attention(query, k8, v8, qsl, sl, bt, 0.125, kv_scale=scale, lse_out=lse, **kw)
+    check_attention(out, ref, dtype)
+    if variant == "window":  # the lse reference has no soft-cap
+        ref_lse = reference.paged_attention_lse(query, kd, vd, qsl, sl, bt, 0.125, sliding_window=20)
+        torch.testing.assert_close(lse, ref_lse, atol=1e-3 if dtype == torch.float32 else 2e-2, rtol=1e-3)
+    if mix == "decode":
+        outs = [paged_attention_decode(query, k8, v8, sl, bt, 0.125, num_splits=3, kv_scale=scale, **kw)]
+        plan = decode_plan.build_plan(sl.cpu().numpy(), 2 * len(seq_lens), 64)
+        outs.append(paged_attention_decode(query, k8, v8, sl, bt, 0.125, kv_scale=scale,
+                                           plan=torch.from_numpy(plan).to(DEVICE), **kw))
+        for o in outs:
+            check_attention(o, ref, dtype)
