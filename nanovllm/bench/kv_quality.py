@@ -11,7 +11,7 @@ cache. Per prompt (random token ids, seeded, the throughput workload's lengths):
   the last token of prompt + [token], `prompt_logprobs`, so every engine scores the same 20
   tokens), and their mean absolute error against the reference.
 
-    python -m nanovllm.bench.kv_quality --model benchmarks/configs/qwen3-0.6b      # GPU, ~1 min
+    nanovllm bench kv-quality --model benchmarks/configs/qwen3-0.6b      # GPU, ~1 min
 """
 
 from __future__ import annotations
@@ -120,15 +120,16 @@ def measure(model: str, device: str = "cuda", dtype: str = "bfloat16", num_promp
     return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model dir with a config.json (random weights)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16", help="the measured engines' dtype (the reference is fp32)")
     p.add_argument("--num-prompts", type=int, default=NUM_PROMPTS)
     p.add_argument("--top-k", type=int, default=TOP_K)
     p.add_argument("--csv", default=os.path.join(RESULTS_DIR, "kv_quality.csv"))
-    args = p.parse_args(argv)
+
+
+def run(args) -> int:
     results = measure(args.model, args.device, args.dtype, args.num_prompts, args.top_k)
     name = os.path.basename(os.path.normpath(args.model))
     rows = [{**base_row(), "model": name, **vars(q)} for q in results]
@@ -138,6 +139,12 @@ def main(argv=None) -> int:
               f"{q.num_prompts}, = {args.dtype} KV's in {q.first_token_agree_16bit}/{q.num_prompts}; "
               f"top-{args.top_k} first-step logprob MAE vs fp32 {q.top_logprob_mae:.4f}")
     return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -20,3 +20,10 @@ def test_kv_quality_measures_both_caches_against_fp32(tiny_model_factory, tmp_pa
         assert int(r["first_token_agree_ref"]) >= 2
         assert 0 < float(r["top_logprob_mae"]) < 0.1  # bf16 and fp8 both differ from fp32, by little
     assert float(rows["fp8"]["top_logprob_mae"]) >= float(rows["bfloat16"]["top_logprob_mae"]) * 0.5
+
+
+def test_kv_quality_is_a_bench_subcommand():
+    from nanovllm.cli.main import build_parser
+
+    args = build_parser().parse_args(["bench", "kv-quality", "--model", "m", "--num-prompts", "2"])
+    assert args.func is kv_quality.run and args.num_prompts == 2 and args.top_k == kv_quality.TOP_K
