@@ -36,3 +36,22 @@ def test_fp8_cache_holds_twice_the_tokens():
         gc.collect()  # the next engine sizes its cache from the memory this one leaves
         torch.cuda.empty_cache()
     assert blocks["fp8"] >= 1.9 * blocks["auto"], blocks
+
+
+@pytest.mark.parametrize("kv", ["auto", "fp8"])
+def test_balanced_decode_split_keeps_tokens(kv, tiny_model_factory):
+    """decode_split='balanced' (per-request split-KV plan, on CUDA graphs incl. padded batches) gives
+    the uniform split's greedy tokens, with either cache (fp32 model: summation order only)."""
+    from nanovllm import SamplingParams
+
+    gen = torch.Generator().manual_seed(6)
+    prompts = [{"prompt_token_ids": torch.randint(3, 1000, (n,), generator=gen).tolist()} for n in (1, 9, 200, 70, 33)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    kw = dict(skip_tokenizer_init=True, device="cuda", dtype="float32", max_model_len=512, num_kv_blocks=256,
+              max_num_seqs=8, kv_cache_dtype=kv)
+    out = {}
+    for split in ("uniform", "balanced"):
+        llm = LLM(tiny_model_factory("qwen3"), decode_split=split, **kw)
+        assert llm.engine.executor.info.cuda_graphs
+        out[split] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert out["balanced"] == out["uniform"]
