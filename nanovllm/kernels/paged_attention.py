@@ -57,7 +57,7 @@ LOG2E = 1.4426950408889634  # log2(e): scores * scale * LOG2E feed exp2
 K_SCALE_ROW = tl.constexpr(kv_quant.K_SCALE)  # rows of a layer's kv_scale [4, num_kv_heads]
 V_SCALE_ROW = tl.constexpr(kv_quant.V_SCALE)
 PLAN_COLUMNS = tl.constexpr(decode_plan.PLAN_COLUMNS)
-TANH_SATURATION = 40.0  # exp(40) ~ 2e17: 1 - 2 / (e^x + 1) is 1.0 in fp32 well before
+TANH_SATURATION = tl.constexpr(40.0)  # exp(40) ~ 2e17: 1 - 2 / (e^x + 1) is 1.0 in fp32 well before
 
 # Unified (prefill / mixed) kernel. BLOCK_M query rows = BLOCK_Q tokens x group heads.
 # H100 sweep (benchmarks/kernels_bench.py --sweep, Qwen3-0.6B shapes): 64/64/4 warps/3 stages
