@@ -36,6 +36,11 @@ class EngineConfig:
     gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    # Scheduling policy for latency under continuous arrivals: at most this many prompt tokens
+    # (prefill chunks, new or recomputed) per step, so a burst of new prompts cannot stretch the
+    # decode steps of running requests. Decode tokens do not count. None = only the step budget
+    # (max_num_batched_tokens) limits prefill. Needs chunked prefill. See docs/serving.md.
+    max_prefill_tokens_per_step: Optional[int] = None
     enforce_eager: bool = False  # True disables CUDA graphs
     # Schedule and launch step N+1 before step N's tokens reach the host, so host work
     # overlaps GPU work. None = on for CUDA devices (CPU steps run synchronously anyway).
@@ -81,6 +86,15 @@ class EngineConfig:
             _positive_int("max_model_len", self.max_model_len)
         if self.num_kv_blocks is not None:
             _positive_int("num_kv_blocks", self.num_kv_blocks)
+        if self.max_prefill_tokens_per_step is not None:
+            _positive_int("max_prefill_tokens_per_step", self.max_prefill_tokens_per_step)
+            if not self.enable_chunked_prefill:
+                raise ValueError("max_prefill_tokens_per_step needs enable_chunked_prefill=True (prompts longer than "
+                                 "the cap are computed in chunks); enable it or leave the cap unset")
+            if self.max_prefill_tokens_per_step > self.max_num_batched_tokens:
+                raise ValueError(f"max_prefill_tokens_per_step={self.max_prefill_tokens_per_step} is larger than "
+                                 f"max_num_batched_tokens={self.max_num_batched_tokens}, so it would cap nothing: "
+                                 f"lower it or leave it unset")
         if not isinstance(self.gpu_memory_utilization, (int, float)) or not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(
                 f"gpu_memory_utilization={self.gpu_memory_utilization!r} must be in (0, 1], e.g. 0.9"

@@ -101,7 +101,7 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, max(config.max_num_batched_tokens, 1), self.max_model_len,
-                            config.enable_chunked_prefill),
+                            config.enable_chunked_prefill, config.max_prefill_tokens_per_step),
             self.kv,
         )
         self.step_builder = StepBuilder(self.scheduler)

@@ -2,7 +2,9 @@
 
 Each step spends one budget of `max_num_batched_tokens` over requests: running ones first
 (oldest first: decode tokens and unfinished prefill chunks), then waiting ones in FIFO
-order while seats (`max_num_seqs`) and KV blocks last. When a running request cannot get
+order while seats (`max_num_seqs`) and KV blocks last. With `max_prefill_tokens_per_step` the
+prefill chunks of a step (anything but one-token decodes) share a smaller budget, so decode
+steps stay short while new prompts keep arriving. When a running request cannot get
 a block, the newest running request is preempted (its blocks freed, its tokens recomputed
 later), so the oldest always make progress and nothing deadlocks: the engine refuses, at
 `add_request`, any request that could not fit in the whole pool by itself.
@@ -28,6 +30,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     max_model_len: int
     enable_chunked_prefill: bool = True
+    # Latency policy: prompt tokens (chunks of more than one token: new prompts, unfinished
+    # prefills, recomputation after preemption) per step; None = only the step budget limits them.
+    max_prefill_tokens_per_step: Optional[int] = None
 
 
 @dataclass
@@ -119,13 +124,16 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         cfg = self.config
         budget = cfg.max_num_batched_tokens
+        prefill_budget = cfg.max_prefill_tokens_per_step or budget
         out = SchedulerOutput(scheduled=[], num_batched_tokens=0)
         self._fork_ready(out)
 
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(self._tokens_to_compute(req), budget)
+            to_compute = self._tokens_to_compute(req)
+            is_prefill = to_compute > 1
+            num_new = min(to_compute, budget, prefill_budget if is_prefill else budget)
             if num_new <= 0:
                 i += 1
                 continue
@@ -138,10 +146,12 @@ class Scheduler:
                 break  # req itself was preempted: nothing younger is left to run
             out.scheduled.append(ScheduledRequest(req, num_new, self.kv.blocks_of(req.request_id)))
             budget -= num_new
+            if is_prefill:
+                prefill_budget -= num_new
             i += 1
 
         if not out.preempted:
-            budget = self._admit_waiting(budget, out)
+            budget = self._admit_waiting(budget, min(budget, prefill_budget), out)
         out.num_batched_tokens = cfg.max_num_batched_tokens - budget
         return out
 
@@ -158,9 +168,10 @@ class Scheduler:
         return (req.num_output_tokens + req.num_pending_tokens >= req.max_tokens
                 or req.num_tokens >= self.config.max_model_len)
 
-    def _admit_waiting(self, budget: int, out: SchedulerOutput) -> int:
+    def _admit_waiting(self, budget: int, prefill_budget: int, out: SchedulerOutput) -> int:
+        """Admit waiting requests in FIFO order; each admission is a prefill chunk (of `prefill_budget`)."""
         cfg = self.config
-        while self.waiting and budget > 0:
+        while self.waiting and prefill_budget > 0:
             req = self.waiting[0]
             if req.num_pending_tokens:
                 break  # preempted with a token in flight: readmit once its value is known
@@ -180,7 +191,7 @@ class Scheduler:
             # can never fit whole is chunked rather than left waiting forever.
             if not cfg.enable_chunked_prefill and budget < num_new <= cfg.max_num_batched_tokens:
                 break
-            num_new = min(num_new, budget)
+            num_new = min(num_new, prefill_budget)
             req.num_computed_tokens = num_cached
             if not self.kv.allocate_slots(req, num_new, cached_blocks):
                 req.num_computed_tokens = 0
@@ -194,6 +205,7 @@ class Scheduler:
             if num_new > 0:
                 out.scheduled.append(ScheduledRequest(req, num_new, self.kv.blocks_of(req.request_id)))
                 budget -= num_new
+                prefill_budget -= num_new
         return budget
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
