@@ -9,6 +9,7 @@ SUBCOMMANDS = {
     "throughput": ("nanovllm.bench.throughput", "offline throughput on nano-vLLM's bench.py workload"),
     "latency": ("nanovllm.bench.latency", "batch-1 decode speed next to the weight-read roofline"),
     "serve": ("nanovllm.bench.serve", "async load generator against an OpenAI-compatible server"),
+    "timeline": ("nanovllm.bench.timeline", "TTFT by stage from a `serve --request-timeline` CSV (+ PNG)"),
 }
 
 

@@ -61,6 +61,23 @@ def replay(engine, workload: ServeWorkload, params_list) -> tuple[list[RequestRe
     return results, time.perf_counter() - t0
 
 
+WARMUP_OUTPUT_TOKENS = 16
+
+
+def warm_up(llm, workload: ServeWorkload) -> None:
+    """Compile the kernels the run will meet (one concurrency's worth of same-length prompts) outside the timing.
+
+    The prompts are the workload's first ones reversed, so the prefix cache holds nothing the run can reuse.
+    """
+    from nanovllm import SamplingParams
+
+    n = min(len(workload), workload.max_concurrency or len(workload))
+    prompts = [p[::-1] for p in workload.prompts[:n]]
+    llm.generate([{"prompt_token_ids": p} if isinstance(p, list) else p for p in prompts],
+                 SamplingParams(temperature=workload.temperature, ignore_eos=True,
+                                max_tokens=min(WARMUP_OUTPUT_TOKENS, workload.output_len)), use_tqdm=False)
+
+
 def engine_kwargs(args) -> dict:
     kwargs = {"max_model_len": args.max_model_len, "enforce_eager": args.enforce_eager,
               "async_scheduling": args.async_scheduling, "gpu_memory_utilization": args.gpu_memory_utilization}
@@ -73,12 +90,11 @@ def engine_kwargs(args) -> dict:
 def run_serve_workload(args) -> int:
     """`bench throughput --workload serve`: one serve.csv row (bench=replay) and serve_replay.png."""
     from nanovllm import LLM, RequestOutputKind, SamplingParams
-    from nanovllm.bench.throughput import warm_up
 
     workload = make_workload(args, args.prompt_kind)
     llm = LLM(args.model, load_format=args.load_format, skip_tokenizer_init=args.prompt_kind == "tokens",
               **engine_kwargs(args))
-    warm_up(llm)
+    warm_up(llm, workload)
     params = SamplingParams(temperature=workload.temperature, max_tokens=workload.output_len,
                             ignore_eos=workload.ignore_eos, output_kind=RequestOutputKind.DELTA)
     results, duration = replay(llm.engine, workload, [params] * len(workload))

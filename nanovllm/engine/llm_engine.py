@@ -163,7 +163,7 @@ class LLMEngine:
             pending_fork=params.n if params.n > 1 else 0,
         )
         state = _RequestState(request_id, processed.prompt, processed.prompt_token_ids, params,
-                              metrics=RequestMetrics(arrival_time=now))
+                              metrics=RequestMetrics(arrival_time=now, queued_time=time.monotonic()))
         state.completions[0] = self._new_completion(req)
         self.states[request_id] = state
         self.scheduler.add_request(req)
@@ -234,6 +234,12 @@ class LLMEngine:
 
     def _schedule(self) -> SchedulerOutput:
         sched = self.scheduler.schedule()
+        if sched.admitted:
+            now = time.monotonic()
+            for req in sched.admitted:
+                state = self.states.get(req.parent_id)
+                if state is not None and state.metrics.first_scheduled_time is None:
+                    state.metrics.first_scheduled_time = now
         for child in sched.forked:
             self.states[child.parent_id].completions[child.index] = self._new_completion(child)
         self.num_preemptions_total += len(sched.preempted)

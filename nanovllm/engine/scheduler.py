@@ -65,6 +65,7 @@ class SchedulerOutput:
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), before forward
     preempted: list[Request] = field(default_factory=list)
     forked: list[Request] = field(default_factory=list)  # new n>1 children created this step
+    admitted: list[Request] = field(default_factory=list)  # scheduled for the first time (not after preemption)
 
     @property
     def is_empty(self) -> bool:
@@ -200,6 +201,7 @@ class Scheduler:
             if req.num_preemptions == 0:
                 self.kv.record_prefix_lookup(req.num_tokens, num_cached)
                 req.num_cached_prompt_tokens = num_cached
+                out.admitted.append(req)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             if num_new > 0:
