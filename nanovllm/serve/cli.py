@@ -74,6 +74,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from nanovllm.serve.timeline import TimelineMiddleware
 
         app.add_middleware(TimelineMiddleware, timeline=timeline)
+        # at lifespan shutdown: uvicorn re-raises SIGTERM/SIGINT once it has stopped, so no `finally` would run
+        app.router.on_shutdown.append(lambda: print(f"nanovllm serve: request timeline written to "
+                                                    f"{timeline.write()}", file=sys.stderr, flush=True))
     print(f"nanovllm serve: {name} on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
     if args.web_ui:
@@ -84,8 +87,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     timeout_graceful_shutdown=5)
     finally:
         engine.shutdown()
-        if timeline is not None:
-            print(f"nanovllm serve: request timeline written to {timeline.write()}", file=sys.stderr, flush=True)
     return 0
 
 
