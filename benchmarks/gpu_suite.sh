@@ -12,14 +12,15 @@ nv="python3 -m nanovllm.cli.main"
 # order, `testsrev` in the reverse order (no state may leak from one engine or test to the next).
 gpu_test_files="tests/gpu/test_gpu_engine.py $(ls tests/kernels/test_*.py) tests/worker/test_staging.py"
 # serveperf: the serve workload (512 requests of 512/256 tokens, concurrency 64, qwen3-0.6b random weights)
-serve_workload="--num-prompts 512 --input-len 512 --output-len 256 --max-concurrency 64 --ignore-eos --temperature 0.6"
+serve_workload=${SERVEPERF_WORKLOAD:-"--num-prompts 512 --input-len 512 --output-len 256 --max-concurrency 64 --ignore-eos --temperature 0.6"}
+serve_model=${SERVEPERF_MODEL:-benchmarks/configs/qwen3-0.6b}
 gpu_name() { nvidia-smi --query-gpu=name --format=csv,noheader | head -1; }
 # serve_and_bench DIR LABEL TAG [server flags...]: DIR's server under this tree's `bench serve` (warm-up, then the
 # measured run appended to this tree's serve.csv); the server log goes to $OUT/server_TAG.log
 serve_and_bench() {
   local dir=$1 label=$2 tag=$3; shift 3
-  (cd "$dir" && PYTHONPATH=$PWD:/tmp/site exec setsid python3 -m nanovllm.cli.main serve benchmarks/configs/qwen3-0.6b \
-      --load-format dummy --skip-tokenizer-init --max-model-len 2048 --port 8123 "$@") > "$OUT/server_$tag.log" 2>&1 &
+  (cd "$dir" && PYTHONPATH=$PWD:/tmp/site exec setsid python3 -m nanovllm.cli.main serve "$serve_model" \
+      --load-format dummy --skip-tokenizer-init --max-model-len ${SERVEPERF_MAX_MODEL_LEN:-2048} --port 8123 "$@") > "$OUT/server_$tag.log" 2>&1 &
   local pid=$!
   for i in $(seq 180); do curl -sf http://127.0.0.1:8123/health >/dev/null && break; sleep 1; done
   timeout 60 $nv bench serve --base-url http://127.0.0.1:8123 --num-prompts 128 --max-concurrency 64 --input-len 512 \
@@ -78,7 +79,7 @@ for s in $steps; do
              serve_and_bench . "serveperf" tree --request-timeline "$OUT/timeline.csv"
              $nv bench timeline "$OUT/timeline.csv" --png benchmarks/results/serve_timeline.png \
                  --title "served TTFT by stage, $(gpu_name)" 2>&1 | tee "$OUT/timeline.log"
-             timeout 150 $nv bench throughput --workload serve --model benchmarks/configs/qwen3-0.6b --max-model-len 2048 \
+             timeout 150 $nv bench throughput --workload serve --model "$serve_model" --max-model-len ${SERVEPERF_MAX_MODEL_LEN:-2048} \
                  $serve_workload --csv "$csv" --label "serveperf offline replay, $(gpu_name)" 2>&1 | tee "$OUT/replay.log" \
                  | grep -E "Output token throughput|(Median|P99) (TTFT|ITL)|Failed"
              for cap in ${SERVEPERF_CAPS-2048}; do
@@ -86,7 +87,7 @@ for s in $steps; do
                    --request-timeline "$OUT/timeline_cap$cap.csv"
                $nv bench timeline "$OUT/timeline_cap$cap.csv" --png "benchmarks/results/serve_timeline_cap$cap.png" \
                    --title "served TTFT by stage, prefill cap $cap, $(gpu_name)" 2>&1 | tee "$OUT/timeline_cap$cap.log"
-               timeout 150 $nv bench throughput --workload serve --model benchmarks/configs/qwen3-0.6b --max-model-len 2048 \
+               timeout 150 $nv bench throughput --workload serve --model "$serve_model" --max-model-len ${SERVEPERF_MAX_MODEL_LEN:-2048} \
                    --max-prefill-tokens-per-step "$cap" $serve_workload --csv "$csv" \
                    --label "serveperf offline replay prefill cap $cap, $(gpu_name)" 2>&1 | tee "$OUT/replay_cap$cap.log" \
                    | grep -E "Output token throughput|(Median|P99) (TTFT|ITL)|Failed"
