@@ -66,7 +66,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from nanovllm.serve.timeline import RequestTimeline
 
         timeline = RequestTimeline(args.request_timeline)
-    engine = AsyncLLMEngine.from_config(config)
+    engine = AsyncLLMEngine.from_config(config, coalesce_outputs=True)  # a lagging stream sends fewer, larger chunks
     name = args.served_model_name or args.model or engine.model_name
     app = build_app(_with_timeline(engine, timeline), name, api_key=api_key,
                     max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES, web_ui=args.web_ui)
