@@ -12,7 +12,9 @@ into stages:
     delivery  first_token -> first sent   engine thread -> event loop -> SSE framing -> socket
 
 The PNG has one stacked bar per request (in arrival order) and the mean stages of the median
-requests next to those of the slowest 1% (the p99 tail).
+requests next to those of the slowest 1% (the p99 tail); with the step log beside the CSV
+(`*_steps.csv`), a third panel shows each engine step's duration over time, coloured by its
+prefill tokens, and the summary splits step durations into steps with and without prefill.
 """
 
 from __future__ import annotations
@@ -84,6 +86,40 @@ def load(path: str) -> list[RequestTimes]:
     return [by_http[k] for k in sorted(by_http)]
 
 
+@dataclass
+class Step:
+    t_start: float
+    t_end: float
+    num_tokens: int
+    num_prefill_tokens: int
+    num_seqs: int
+
+    @property
+    def duration(self) -> float:
+        return self.t_end - self.t_start
+
+
+def load_steps(path: str) -> list[Step]:
+    """The step log beside a timeline CSV (empty when there is none)."""
+    steps_csv = os.path.splitext(path)[0] + "_steps.csv"
+    if not os.path.isfile(steps_csv):
+        return []
+    with open(steps_csv, newline="") as f:
+        return [Step(float(r["t_start_ms"]), float(r["t_end_ms"]), int(r["num_tokens"]), int(r["num_prefill_tokens"]),
+                     int(r["num_seqs"])) for r in csv.DictReader(f)]
+
+
+def step_summary(steps: list[Step]) -> dict:
+    """Step duration p50/p99 (ms) of the steps with prefill tokens and of the pure decode steps."""
+    out = {}
+    for name, group in (("prefill", [s for s in steps if s.num_prefill_tokens]),
+                        ("decode", [s for s in steps if s.num_tokens and not s.num_prefill_tokens])):
+        d = [s.duration for s in group]
+        out[name] = {"steps": len(d), "p50_ms": _quantile(d, 0.5) if d else 0.0,
+                     "p99_ms": _quantile(d, TAIL_QUANTILE) if d else 0.0}
+    return out
+
+
 def _quantile(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
@@ -111,7 +147,8 @@ def breakdown(requests: list[RequestTimes]) -> dict:
             "send_gap_p99_ms": _quantile(gaps, TAIL_QUANTILE) if gaps else 0.0}
 
 
-def plot(requests: list[RequestTimes], summary: dict, png_path: str, title: str = "") -> str:
+def plot(requests: list[RequestTimes], summary: dict, png_path: str, title: str = "",
+         steps: Optional[list[Step]] = None) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,7 +156,18 @@ def plot(requests: list[RequestTimes], summary: dict, png_path: str, title: str 
 
     rows = [(r.http_request, r.stages()) for r in requests]
     rows = [(i, s) for i, s in rows if s is not None]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [3, 1]})
+    if steps:
+        fig = plt.figure(figsize=(13, 8.5))
+        grid = fig.add_gridspec(2, 2, width_ratios=[3, 1], height_ratios=[5.5, 3])
+        ax, ax2, ax3 = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1]), fig.add_subplot(grid[1, :])
+        points = ax3.scatter([st.t_start for st in steps], [st.duration for st in steps],
+                             c=[st.num_prefill_tokens for st in steps], s=4, cmap="viridis")
+        fig.colorbar(points, ax=ax3, label="prefill tokens in the step")
+        ax3.set_xlabel("ms since the first arrival")
+        ax3.set_ylabel("engine step (ms)")
+        ax3.set_yscale("log")
+    else:
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [3, 1]})
     left = [0.0] * len(rows)
     for (name, _, _), color in zip(STAGES, STAGE_COLORS):
         widths = [s[name] for _, s in rows]
@@ -146,12 +194,14 @@ def plot(requests: list[RequestTimes], summary: dict, png_path: str, title: str 
     return png_path
 
 
-def format_summary(s: dict) -> str:
+def format_summary(s: dict, steps: Optional[dict] = None) -> str:
     lines = [f"{s['requests']} requests: TTFT p50 {s['ttft_p50_ms']:.1f} ms, p99 {s['ttft_p99_ms']:.1f} ms; "
              f"gaps between chunks sent p50 {s['send_gap_p50_ms']:.2f} ms, p99 {s['send_gap_p99_ms']:.2f} ms",
              f"{'stage (mean ms)':<12}{'median':>10}{'p99 tail':>10}"]
     for name, _, _ in STAGES:
         lines.append(f"{name:<12}{s['median'][name]:>10.1f}{s['tail'][name]:>10.1f}")
+    for name, st in (steps or {}).items():
+        lines.append(f"{name} steps: {st['steps']}, duration p50 {st['p50_ms']:.2f} ms, p99 {st['p99_ms']:.2f} ms")
     return "\n".join(lines)
 
 
@@ -166,7 +216,8 @@ def run(args) -> int:
         raise ValueError(f"{args.csv} does not exist: write one with `nanovllm serve --request-timeline PATH`")
     requests = load(args.csv)
     summary = breakdown(requests)
-    print(format_summary(summary))
-    png = plot(requests, summary, args.png or os.path.splitext(args.csv)[0] + ".png", args.title)
+    steps = load_steps(args.csv)
+    print(format_summary(summary, step_summary(steps) if steps else None))
+    png = plot(requests, summary, args.png or os.path.splitext(args.csv)[0] + ".png", args.title, steps)
     print(f"saved {png}")
     return 0

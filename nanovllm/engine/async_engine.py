@@ -160,6 +160,7 @@ class AsyncLLMEngine:
         self._dead: Optional[BaseException] = None
         self._streams: dict[str, _Stream] = {}  # engine thread only
         self._observers: list[RequestObserver] = []
+        self._step_observers: list = []  # fn(t_start, t_end, stats) after each step, on the engine thread
         self._ids = itertools.count()
         self._consecutive_failures = 0
         self._stats = dict(engine.stats())
@@ -181,6 +182,10 @@ class AsyncLLMEngine:
 
     def add_observer(self, observer: RequestObserver) -> None:
         self._observers.append(observer)
+
+    def add_step_observer(self, fn) -> None:
+        """Call fn(t_start, t_end, stats) on the engine thread after each step (monotonic seconds; keep it cheap)."""
+        self._step_observers.append(fn)
 
     def remove_observer(self, observer: RequestObserver) -> None:
         if observer in self._observers:
@@ -299,8 +304,10 @@ class AsyncLLMEngine:
             self.engine.abort_request(rid)
 
     def _step(self) -> None:
+        t_start = time.monotonic()
         try:
             outputs = self.engine.step()
+            t_end = time.monotonic()
         except Exception as e:
             logger.exception("engine step failed; failing the requests it was running")
             self._consecutive_failures += 1
@@ -309,6 +316,11 @@ class AsyncLLMEngine:
             return
         self._consecutive_failures = 0
         self._snapshot()  # before delivering, so a client that got its answer sees fresh stats
+        for fn in self._step_observers:
+            try:
+                fn(t_start, t_end, self._stats)
+            except Exception:  # a timing hook must never break serving
+                logger.exception("step observer failed")
         self._dispatch(outputs)
 
     def _snapshot(self) -> None:

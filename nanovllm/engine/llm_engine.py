@@ -118,6 +118,7 @@ class LLMEngine:
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
         self.num_preemptions_total = 0
+        self.last_step_tokens = (0, 0, 0)  # (tokens, of which prefill, sequences) of the latest scheduled step
         logger.info(
             "nanovllm: %s on %s (%s), KV cache %d blocks x %d tokens = %d tokens, max_model_len %d, "
             "max concurrency %.1f full-length requests",
@@ -234,6 +235,7 @@ class LLMEngine:
 
     def _schedule(self) -> SchedulerOutput:
         sched = self.scheduler.schedule()
+        self.last_step_tokens = (sched.num_batched_tokens, sched.num_prefill_tokens, len(sched.scheduled))
         if sched.admitted:
             now = time.monotonic()
             for req in sched.admitted:
@@ -385,6 +387,10 @@ class LLMEngine:
             "prompt_tokens_total": self.num_prompt_tokens_total,
             "generation_tokens_total": self.num_generation_tokens_total,
             "preemptions_total": self.num_preemptions_total,
+            # the latest scheduled step (the request timeline logs them)
+            "last_step_num_tokens": self.last_step_tokens[0],
+            "last_step_num_prefill_tokens": self.last_step_tokens[1],
+            "last_step_num_seqs": self.last_step_tokens[2],
         }
 
 

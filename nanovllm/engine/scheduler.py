@@ -62,6 +62,7 @@ class SchedulerOutput:
 
     scheduled: list[ScheduledRequest]
     num_batched_tokens: int
+    num_prefill_tokens: int = 0  # of num_batched_tokens: chunks of more than one token, and admissions
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), before forward
     preempted: list[Request] = field(default_factory=list)
     forked: list[Request] = field(default_factory=list)  # new n>1 children created this step
@@ -149,6 +150,7 @@ class Scheduler:
             budget -= num_new
             if is_prefill:
                 prefill_budget -= num_new
+                out.num_prefill_tokens += num_new
             i += 1
 
         if not out.preempted:
@@ -208,6 +210,7 @@ class Scheduler:
                 out.scheduled.append(ScheduledRequest(req, num_new, self.kv.blocks_of(req.request_id)))
                 budget -= num_new
                 prefill_budget -= num_new
+                out.num_prefill_tokens += num_new
         return budget
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:

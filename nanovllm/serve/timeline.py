@@ -12,7 +12,11 @@ CSV when the server stops, one row per event:
 order: arrival (HTTP), submitted (handed to the engine, after parsing and tokenization), queued
 (the engine thread took it), first_scheduled (its first prefill chunk), first_token (the engine
 produced it), sent (each body chunk written), finished (engine). `nanovllm bench timeline CSV`
-plots it and splits TTFT into these stages.
+plots it and splits TTFT into these stages. Next to it, PATH's stem + `_steps.csv` lists every
+engine step (`t_start_ms, t_end_ms, num_tokens, num_prefill_tokens, num_seqs, num_running,
+num_waiting`; the tokens of the step scheduled in that call, which with async scheduling runs on
+the GPU while the call waits for the previous one), to spot long mixed steps. Everything is kept
+in memory until shutdown: this is a tool for benchmark runs.
 """
 
 from __future__ import annotations
@@ -30,6 +34,14 @@ ENGINE_EVENTS = ("submitted", "queued", "first_scheduled", "first_token", "finis
 _METRIC_OF_EVENT = {"submitted": "arrival_time", "queued": "queued_time", "first_scheduled": "first_scheduled_time",
                     "first_token": "first_token_time", "finished": "finished_time"}
 CSV_FIELDS = ("http_request", "request_id", "event", "t_ms")
+STEP_FIELDS = ("t_start_ms", "t_end_ms", "num_tokens", "num_prefill_tokens", "num_seqs", "num_running", "num_waiting")
+_STEP_STATS = ("last_step_num_tokens", "last_step_num_prefill_tokens", "last_step_num_seqs", "num_running",
+               "num_waiting")
+
+
+def steps_path(path: str) -> str:
+    """Where the step log of the timeline at `path` goes."""
+    return os.path.splitext(path)[0] + "_steps.csv"
 
 
 def validate_timeline_path(path: str) -> str:
@@ -66,6 +78,7 @@ class RequestTimeline:
         self._lock = threading.Lock()
         self._http: list[_HttpRecord] = []
         self._engine: dict[str, object] = {}  # request id -> RequestMetrics snapshot
+        self._steps: list[tuple] = []  # (t_start, t_end, *_STEP_STATS), appended by the engine thread
 
     # event loop side
     def begin(self) -> _HttpRecord:
@@ -85,6 +98,20 @@ class RequestTimeline:
         if output.metrics is not None:
             with self._lock:
                 self._engine[output.request_id] = output.metrics
+
+    def on_step(self, t_start: float, t_end: float, stats: dict) -> None:
+        self._steps.append((t_start, t_end) + tuple(stats.get(k, 0) for k in _STEP_STATS))
+
+    def _t0(self) -> Optional[float]:
+        with self._lock:
+            return min((rec.arrival for rec in self._http), default=None)
+
+    def step_rows(self) -> list[dict]:
+        t0 = self._t0()
+        if t0 is None:
+            return []
+        return [dict(zip(STEP_FIELDS, (round((a - t0) * 1000.0, 3), round((b - t0) * 1000.0, 3)) + tuple(rest)))
+                for a, b, *rest in list(self._steps)]
 
     def rows(self) -> list[dict]:
         with self._lock:
@@ -113,10 +140,13 @@ class RequestTimeline:
         return rows
 
     def write(self) -> str:
-        with open(self.path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-            w.writeheader()
-            w.writerows(self.rows())
+        """Write the request CSV and the step CSV beside it; returns the request CSV's path."""
+        for path, fields, rows in ((self.path, CSV_FIELDS, self.rows()),
+                                   (steps_path(self.path), STEP_FIELDS, self.step_rows())):
+            with open(path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=fields)
+                w.writeheader()
+                w.writerows(rows)
         return self.path
 
 
@@ -127,6 +157,7 @@ class TimelineEngine:
         self._engine = engine
         self._timeline = timeline
         engine.add_observer(timeline)
+        engine.add_step_observer(timeline.on_step)
 
     def __getattr__(self, name):
         return getattr(self._engine, name)

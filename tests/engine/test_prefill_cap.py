@@ -33,8 +33,9 @@ def run_with_arrivals(sched, arrivals, max_steps=5000):
     raise AssertionError("scheduler did not finish")
 
 
-def prefill_tokens(out, waiting) -> int:
-    return sum(s.num_new_tokens for s in out.scheduled if s.num_new_tokens > 1 or s.request.request_id in waiting)
+def prefill_tokens(out, decodes) -> int:
+    """Tokens of the step's chunks that are not one-token decodes of requests that were ready to decode."""
+    return sum(s.num_new_tokens for s in out.scheduled if s.request.request_id not in decodes)
 
 
 def test_cap_bounds_prefill_and_never_delays_decodes():
@@ -42,9 +43,9 @@ def test_cap_bounds_prefill_and_never_delays_decodes():
     reqs = [make_req(f"r{i}", 40 + 7 * i, max_tokens=6, start=100 * i + 1) for i in range(6)]
     arrivals = {0: reqs[:2], 3: reqs[2:4], 5: reqs[4:]}  # new prompts keep arriving while others decode
     steps = run_with_arrivals(sched, arrivals)
-    assert any(prefill_tokens(out, w) == 24 for out, w, _ in steps)  # the cap is reached, not just respected
+    assert any(prefill_tokens(out, d) == 24 for out, _, d in steps)  # the cap is reached, not just respected
     for out, waiting, decodes in steps:
-        assert prefill_tokens(out, waiting) <= 24
+        assert prefill_tokens(out, decodes) == out.num_prefill_tokens <= 24
         scheduled = {s.request.request_id for s in out.scheduled}
         assert decodes <= scheduled  # every request ready to decode gets its token this step
     assert all(len(r.output_token_ids) == 6 for r in reqs)
@@ -77,7 +78,7 @@ def test_cap_invariants_hold_for_any_arrivals(lens, cap, budget, gaps):
         step += gap
         arrivals.setdefault(step, []).append(r)
     for out, waiting, decodes in run_with_arrivals(sched, arrivals):
-        assert prefill_tokens(out, waiting) <= cap
+        assert prefill_tokens(out, decodes) == out.num_prefill_tokens <= cap
         assert out.num_batched_tokens <= budget
         assert decodes <= {s.request.request_id for s in out.scheduled}
     assert all(len(r.output_token_ids) == 3 for r in reqs)

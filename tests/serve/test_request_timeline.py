@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from nanovllm.bench.timeline import STAGES, breakdown, load, plot
+from nanovllm.bench.timeline import STAGES, breakdown, load, load_steps, plot, step_summary
 from nanovllm.serve.timeline import validate_timeline_path
 from tests.serve.conftest import free_port
 
@@ -100,6 +100,20 @@ def test_csv_has_every_stage_in_order_and_one_sent_event_per_sse_event(served_ti
     assert min(float(r["t_ms"]) for r in rows if r["event"] == "arrival") == 0.0
 
 
+def test_step_log_respects_the_prefill_cap_and_covers_the_prompts(served_timeline):
+    path, _ = served_timeline
+    steps = load_steps(str(path))
+    assert steps
+    assert all(s.t_end >= s.t_start for s in steps)
+    assert all(b.t_start >= a.t_end for a, b in zip(steps, steps[1:]))  # one engine thread, one step at a time
+    assert all(s.num_prefill_tokens <= s.num_tokens for s in steps)
+    assert all(s.num_prefill_tokens <= 24 for s in steps)  # the server's --max-prefill-tokens-per-step
+    assert max(s.num_prefill_tokens for s in steps) == 24  # the prompts (> 24 tokens together) hit the cap
+    assert max(s.num_seqs for s in steps) == NUM_STREAMS
+    summary = step_summary(steps)
+    assert summary["prefill"]["steps"] >= 2 and summary["decode"]["steps"] >= MAX_TOKENS - 1
+
+
 def test_streams_are_complete_with_the_timeline_on(served_timeline):
     _, streams = served_timeline
     for events in streams:
@@ -121,7 +135,7 @@ def test_plot_attributes_ttft_to_stages(served_timeline, tmp_path):
     summary = breakdown(requests)
     assert summary["ttft_p99_ms"] >= summary["ttft_p50_ms"] > 0
     assert set(summary["tail"]) == {name for name, _, _ in STAGES}
-    png = plot(requests, summary, str(tmp_path / "t.png"))
+    png = plot(requests, summary, str(tmp_path / "t.png"), steps=load_steps(str(path)))
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -131,7 +145,7 @@ def test_bench_timeline_cli(served_timeline, tmp_path):
     out = subprocess.run([sys.executable, "-m", "nanovllm.cli.main", "bench", "timeline", str(path), "--png",
                           str(tmp_path / "cli.png")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "TTFT p50" in out.stdout and "prefill" in out.stdout and (tmp_path / "cli.png").exists()
+    assert "TTFT p50" in out.stdout and "prefill steps:" in out.stdout and (tmp_path / "cli.png").exists()
 
 
 @pytest.mark.parametrize("bad", ["", "/nonexistent-dir/x.csv", "/tmp"])
