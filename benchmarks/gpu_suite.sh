@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU issue's checks and benchmarks in one device call; logs and CSVs to $OUT.
-#   bash benchmarks/gpu_suite.sh [tests] [testsrev] [kernels] [gemv] [gemvcfg] [bench] [tput] [ab] [sync] [nopdl] [base] [trace] [tp] [bench8b] [hf] [serve] [serveperf] [profile]
+#   bash benchmarks/gpu_suite.sh [warm] [tests] [testsrev] [kernels] [gemv] [gemvcfg] [bench] [tput] [ab] [sync] [nopdl] [base] [trace] [tp] [bench8b] [hf] [serve] [serveperf] [profile] [moe] [prefix]
 set -uo pipefail
 DEST=${OUT:-/tmp/nanovllm-out}; OUT=/tmp/suite-logs; mkdir -p "$OUT" "$DEST"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
@@ -10,7 +10,7 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 nv="python3 -m nanovllm.cli.main"
 # Every test file with GPU-marked tests, in file order: `tests` runs them in one process in this
 # order, `testsrev` in the reverse order (no state may leak from one engine or test to the next).
-gpu_test_files="tests/gpu/test_gpu_engine.py $(ls tests/kernels/test_*.py) tests/worker/test_staging.py"
+gpu_test_files="tests/gpu/test_gpu_engine.py $(grep -rlE 'mark\.gpu|kernel_params' tests --include='test_*.py' | grep -v '^tests/gpu/test_gpu_engine.py' | sort)"
 # serveperf: the serve workload (512 requests of 512/256 tokens, concurrency 64, qwen3-0.6b random weights)
 serve_workload=${SERVEPERF_WORKLOAD:-"--num-prompts 512 --input-len 512 --output-len 256 --max-concurrency 64 --ignore-eos --temperature 0.6"}
 serve_model=${SERVEPERF_MODEL:-benchmarks/configs/qwen3-0.6b}
@@ -34,9 +34,13 @@ serve_and_bench() {
 for s in $steps; do
   echo "=================== $s (t=${SECONDS}s)"
   case $s in
-    tests)   timeout 420 python3 -m pytest -q -m gpu -p no:randomly -p no:cacheprovider $gpu_test_files 2>&1 \
+    warm)    # fills Triton's compile and autotune caches in parallel (kernel tests only: engine tests would
+             # share the GPU's memory), so that the single-process runs below time the tests, not the compiler
+             timeout ${WARM_TIMEOUT:-200} python3 -m pytest -q -m gpu -n ${WARM_PROCS:-8} -p no:randomly -p no:cacheprovider \
+                 $(printf '%s\n' $gpu_test_files | grep '^tests/kernels/') 2>&1 | tee "$OUT/gpu_warm.log" | tail -6 ;;
+    tests)   timeout ${TESTS_TIMEOUT:-420} python3 -m pytest -q -m gpu --durations=15 -p no:randomly -p no:cacheprovider $gpu_test_files 2>&1 \
                  | tee "$OUT/gpu_tests.log" | tail -15 ;;
-    testsrev) timeout 420 python3 -m pytest -q -m gpu -p no:randomly -p no:cacheprovider \
+    testsrev) timeout ${TESTS_TIMEOUT:-420} python3 -m pytest -q -m gpu --durations=15 -p no:randomly -p no:cacheprovider \
                  $(printf '%s\n' $gpu_test_files | tac) 2>&1 | tee "$OUT/gpu_tests_reversed.log" | tail -15 ;;
     kernels) timeout 300 python3 -m pytest -q -m gpu ${KERNEL_TESTS:-tests/kernels} -p no:cacheprovider 2>&1 | tee "$OUT/kernel_tests.log" | tail -8 ;;
     gemvcfg) timeout 300 python3 benchmarks/gemv_configs.py ${GEMVCFG_ARGS:-} 2>&1 | tee "$OUT/gemv_configs.log" | grep -v "^INFO" ;;
@@ -73,7 +77,7 @@ for s in $steps; do
              pkill -f "nanovllm.cli.main serve" ;;
     serveperf) # issue 27 in one call: this tree served (with its request timeline) next to the offline replay of
              # the same workload, the same with a per-step prefill cap for each value in $SERVEPERF_CAPS (default
-             # 2048; empty = none), and the $BASE_DIR tree's server (41db9eb's, if carried) under the same client
+             # 512; empty = none), and the $BASE_DIR tree's server (41db9eb's, if carried) under the same client
              python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
              csv=$PWD/benchmarks/results/serve.csv
              serve_and_bench . "serveperf" tree --request-timeline "$OUT/timeline.csv"
@@ -82,13 +86,13 @@ for s in $steps; do
              timeout 150 $nv bench throughput --workload serve --model "$serve_model" --max-model-len ${SERVEPERF_MAX_MODEL_LEN:-2048} \
                  $serve_workload --csv "$csv" --label "serveperf offline replay, $(gpu_name)" 2>&1 | tee "$OUT/replay.log" \
                  | grep -E "Output token throughput|(Median|P99) (TTFT|ITL)|Failed"
-             for cap in ${SERVEPERF_CAPS-2048}; do
-               serve_and_bench . "serveperf prefill cap $cap" "cap$cap" --max-prefill-tokens-per-step "$cap" \
+             for cap in ${SERVEPERF_CAPS-512}; do
+               serve_and_bench . "serveperf prefill cap $cap" "cap$cap" --max-prefill-tokens-while-decoding "$cap" \
                    --request-timeline "$OUT/timeline_cap$cap.csv"
                $nv bench timeline "$OUT/timeline_cap$cap.csv" --png "benchmarks/results/serve_timeline_cap$cap.png" \
                    --title "served TTFT by stage, prefill cap $cap, $(gpu_name)" 2>&1 | tee "$OUT/timeline_cap$cap.log"
                timeout 150 $nv bench throughput --workload serve --model "$serve_model" --max-model-len ${SERVEPERF_MAX_MODEL_LEN:-2048} \
-                   --max-prefill-tokens-per-step "$cap" $serve_workload --csv "$csv" \
+                   --max-prefill-tokens-while-decoding "$cap" $serve_workload --csv "$csv" \
                    --label "serveperf offline replay prefill cap $cap, $(gpu_name)" 2>&1 | tee "$OUT/replay_cap$cap.log" \
                    | grep -E "Output token throughput|(Median|P99) (TTFT|ITL)|Failed"
              done
@@ -109,6 +113,19 @@ for s in $steps; do
     trace)   # batch-1 Chrome trace (kernel gaps, work outside the graph) and a PDL-off 8B breakdown
              timeout 90 python3 benchmarks/profile_decode.py --batch 1 --trace "$OUT/trace_b1.json" 2>&1 | grep -v "^INFO" | tail -19
              NANOVLLM_PDL=0 timeout 120 python3 benchmarks/profile_decode.py --model benchmarks/configs/qwen3-8b --batch 1 2>&1 | grep -v "^INFO" | tail -19 ;;
+    moe)     # model families (#22): the GPU-marked MoE and Gemma kernel tests and every family's HF parity on
+             # CUDA, the 30B-A3B-shaped MoE layer (Triton vs reference), batch-1 latency + throughput of a
+             # ~1B-total random Qwen3-MoE
+             timeout 150 python3 -m pytest -q -m gpu -p no:randomly -p no:cacheprovider tests/kernels/test_fused_moe.py \
+                 tests/kernels/test_gemma_kernels.py tests/models/test_model_families.py 2>&1 | tee "$OUT/moe_tests.log" | tail -5
+             timeout 60 python3 benchmarks/moe_bench.py --tokens 1 16 256 4096 2>&1 | tee "$OUT/moe_layer.log"
+             timeout 60 $nv bench latency --model benchmarks/configs/qwen3-moe-1b --output-len 256 2>&1 | tee "$OUT/moe_latency.log" | tail -2
+             timeout 90 $nv bench throughput --model benchmarks/configs/qwen3-moe-1b --num-seqs 128 --max-model-len 2048 \
+                 2>&1 | tee "$OUT/moe_throughput.log" | tail -3 ;;
+    prefix)  # cascade attention (#24): its GPU tests, then `bench prefix` at Qwen3-0.6B shapes (CSV + PNG to $OUT)
+             timeout 120 python3 -m pytest -q -m gpu -p no:randomly -p no:cacheprovider tests/kernels/test_cascade_attention.py \
+                 tests/gpu/test_cascade_gpu.py 2>&1 | tee "$OUT/prefix_tests.log" | tail -8
+             timeout 270 $nv bench prefix --model benchmarks/configs/qwen3-0.6b 2>&1 | tee "$OUT/prefix.log" | grep -v "^INFO" | tail -12 ;;
     profile) for b in ${PROFILE_BATCHES:-1 64 256}; do timeout 90 python3 benchmarks/profile_decode.py --batch $b 2>&1 | grep -v "^INFO" | tail -19; done 2>&1 | tee "$OUT/profile.log" ;;
   esac
 done

@@ -81,7 +81,7 @@ def warm_up(llm, workload: ServeWorkload) -> None:
 def engine_kwargs(args) -> dict:
     kwargs = {"max_model_len": args.max_model_len, "enforce_eager": args.enforce_eager,
               "async_scheduling": args.async_scheduling, "gpu_memory_utilization": args.gpu_memory_utilization}
-    for name in ("max_num_batched_tokens", "max_num_seqs", "max_prefill_tokens_per_step"):
+    for name in ("max_num_batched_tokens", "max_num_seqs", "max_prefill_tokens_while_decoding"):
         if getattr(args, name, None):
             kwargs[name] = getattr(args, name)
     return kwargs

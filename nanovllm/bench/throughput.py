@@ -56,7 +56,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=None)
-    p.add_argument("--max-prefill-tokens-per-step", type=int, default=None,
+    p.add_argument("--max-prefill-tokens-while-decoding", type=int, default=None,
                    help="scheduling policy: most prompt tokens computed per step (default: no cap)")
     p.add_argument("--csv", default=None, help="default benchmarks/results/throughput.csv (serve.csv for --workload serve)")
     g = p.add_argument_group("--workload serve (the flags of `nanovllm bench serve`)")
@@ -95,7 +95,7 @@ def run_nanovllm(args, prompts, output_lens) -> float:
     from nanovllm import LLM, SamplingParams
 
     kwargs = {}
-    for name in ("max_num_batched_tokens", "max_num_seqs", "max_prefill_tokens_per_step"):
+    for name in ("max_num_batched_tokens", "max_num_seqs", "max_prefill_tokens_while_decoding"):
         if getattr(args, name, None):
             kwargs[name] = getattr(args, name)
     llm = LLM(args.model, load_format=args.load_format, skip_tokenizer_init=True, max_model_len=args.max_model_len,

@@ -2,12 +2,15 @@
 
 Each step spends one budget of `max_num_batched_tokens` over requests: running ones first
 (oldest first: decode tokens and unfinished prefill chunks), then waiting ones in FIFO
-order while seats (`max_num_seqs`) and KV blocks last. With `max_prefill_tokens_per_step` the
-prefill chunks of a step (anything but one-token decodes) share a smaller budget, so decode
-steps stay short while new prompts keep arriving. When a running request cannot get
+order while seats (`max_num_seqs`) and KV blocks last. When a running request cannot get
 a block, the newest running request is preempted (its blocks freed, its tokens recomputed
 later), so the oldest always make progress and nothing deadlocks: the engine refuses, at
 `add_request`, any request that could not fit in the whole pool by itself.
+
+With `max_prefill_tokens_while_decoding` set, a step in which some request is decoding
+computes at most that many prompt tokens (prefill chunks, recomputation): a long prompt is
+spread over several short steps instead of stalling every decode for one long step
+(docs/memory.md, "Chunked prefill").
 """
 
 from __future__ import annotations
@@ -30,9 +33,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     max_model_len: int
     enable_chunked_prefill: bool = True
-    # Latency policy: prompt tokens (chunks of more than one token: new prompts, unfinished
-    # prefills, recomputation after preemption) per step; None = only the step budget limits them.
-    max_prefill_tokens_per_step: Optional[int] = None
+    max_prefill_tokens_while_decoding: Optional[int] = None  # None: no cap beyond the budget
 
 
 @dataclass
@@ -62,7 +63,7 @@ class SchedulerOutput:
 
     scheduled: list[ScheduledRequest]
     num_batched_tokens: int
-    num_prefill_tokens: int = 0  # of num_batched_tokens: chunks of more than one token, and admissions
+    num_prefill_tokens: int = 0  # of num_batched_tokens: all but the one-token decodes (prompt chunks, recomputation)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), before forward
     preempted: list[Request] = field(default_factory=list)
     forked: list[Request] = field(default_factory=list)  # new n>1 children created this step
@@ -126,19 +127,23 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         cfg = self.config
         budget = cfg.max_num_batched_tokens
-        prefill_budget = cfg.max_prefill_tokens_per_step or budget
         out = SchedulerOutput(scheduled=[], num_batched_tokens=0)
         self._fork_ready(out)
 
+        prefill_left = self._prefill_allowance()  # None = only the budget limits prompt tokens
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             to_compute = self._tokens_to_compute(req)
-            is_prefill = to_compute > 1
-            num_new = min(to_compute, budget, prefill_budget if is_prefill else budget)
+            num_new = min(to_compute, budget)
+            is_decode = to_compute == 1 and req.num_output_tokens + req.num_pending_tokens > 0
+            if num_new > 1 and prefill_left is not None:  # a prefill chunk or a recomputation
+                num_new = min(num_new, prefill_left)
+                prefill_left -= num_new
             if num_new <= 0:
                 i += 1
                 continue
+            self.kv.free_out_of_window(req)  # sliding-window models: blocks no token will read again
             while not self.kv.allocate_slots(req, num_new):
                 victim = self.running[-1]
                 self._preempt(victim, out)
@@ -148,15 +153,24 @@ class Scheduler:
                 break  # req itself was preempted: nothing younger is left to run
             out.scheduled.append(ScheduledRequest(req, num_new, self.kv.blocks_of(req.request_id)))
             budget -= num_new
-            if is_prefill:
-                prefill_budget -= num_new
+            if not is_decode:
                 out.num_prefill_tokens += num_new
             i += 1
 
         if not out.preempted:
-            budget = self._admit_waiting(budget, min(budget, prefill_budget), out)
+            budget = self._admit_waiting(budget, out, prefill_left)
         out.num_batched_tokens = cfg.max_num_batched_tokens - budget
         return out
+
+    def _prefill_allowance(self) -> Optional[int]:
+        """Prompt tokens this step may compute: the cap while some request is decoding, else None."""
+        cap = self.config.max_prefill_tokens_while_decoding
+        if cap is None:
+            return None
+        for req in self.running:
+            if req.num_output_tokens + req.num_pending_tokens > 0 and self._tokens_to_compute(req) <= 1:
+                return cap
+        return None
 
     def _tokens_to_compute(self, req: Request) -> int:
         if req.num_pending_tokens and self._surely_finished(req):
@@ -171,10 +185,9 @@ class Scheduler:
         return (req.num_output_tokens + req.num_pending_tokens >= req.max_tokens
                 or req.num_tokens >= self.config.max_model_len)
 
-    def _admit_waiting(self, budget: int, prefill_budget: int, out: SchedulerOutput) -> int:
-        """Admit waiting requests in FIFO order; each admission is a prefill chunk (of `prefill_budget`)."""
+    def _admit_waiting(self, budget: int, out: SchedulerOutput, prefill_left: Optional[int] = None) -> int:
         cfg = self.config
-        while self.waiting and prefill_budget > 0:
+        while self.waiting and budget > 0 and (prefill_left is None or prefill_left > 0):
             req = self.waiting[0]
             if req.num_pending_tokens:
                 break  # preempted with a token in flight: readmit once its value is known
@@ -194,11 +207,12 @@ class Scheduler:
             # can never fit whole is chunked rather than left waiting forever.
             if not cfg.enable_chunked_prefill and budget < num_new <= cfg.max_num_batched_tokens:
                 break
-            num_new = min(num_new, prefill_budget)
+            num_new = min(num_new, budget if prefill_left is None else min(budget, prefill_left))
             req.num_computed_tokens = num_cached
             if not self.kv.allocate_slots(req, num_new, cached_blocks):
                 req.num_computed_tokens = 0
                 break
+            self.kv.free_out_of_window(req)  # cached prefix blocks before the window of its first new token
             self.waiting.popleft()
             if req.num_preemptions == 0:
                 self.kv.record_prefix_lookup(req.num_tokens, num_cached)
@@ -209,8 +223,9 @@ class Scheduler:
             if num_new > 0:
                 out.scheduled.append(ScheduledRequest(req, num_new, self.kv.blocks_of(req.request_id)))
                 budget -= num_new
-                prefill_budget -= num_new
                 out.num_prefill_tokens += num_new
+                if prefill_left is not None:
+                    prefill_left -= num_new
         return budget
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:

@@ -84,7 +84,7 @@ def test_cli_appends_a_replay_row_to_serve_csv(tiny_model_factory, tmp_path):
     args = throughput_parser().parse_args(
         ["--model", tiny_model_factory("qwen3"), "--workload", "serve", "--load-format", "auto",
          "--max-model-len", "64", "--csv", str(csv_path), "--label", "replay test",
-         "--max-prefill-tokens-per-step", "16"] + WORKLOAD_FLAGS)
+         "--max-prefill-tokens-while-decoding", "16"] + WORKLOAD_FLAGS)
     assert throughput_run(args) == 0
     rows = list(csv.DictReader(open(csv_path)))
     assert len(rows) == 1

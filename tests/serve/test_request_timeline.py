@@ -22,7 +22,7 @@ MAX_TOKENS = 6
 def start_server(timeline_path, log_path):
     port = free_port()
     cmd = [sys.executable, "-m", "nanovllm.cli.main", "serve", "--port", str(port), "--max-model-len", "256",
-           "--max-num-seqs", "8", "--max-prefill-tokens-per-step", "24", "--no-web-ui",
+           "--max-num-seqs", "8", "--max-prefill-tokens-while-decoding", "24", "--no-web-ui",
            "--request-timeline", str(timeline_path)]
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -100,18 +100,19 @@ def test_csv_has_every_stage_in_order_and_one_sent_event_per_sse_event(served_ti
     assert min(float(r["t_ms"]) for r in rows if r["event"] == "arrival") == 0.0
 
 
-def test_step_log_respects_the_prefill_cap_and_covers_the_prompts(served_timeline):
-    path, _ = served_timeline
+def test_step_log_accounts_for_every_token(served_timeline):
+    path, streams = served_timeline
     steps = load_steps(str(path))
     assert steps
     assert all(s.t_end >= s.t_start for s in steps)
     assert all(b.t_start >= a.t_end for a, b in zip(steps, steps[1:]))  # one engine thread, one step at a time
-    assert all(s.num_prefill_tokens <= s.num_tokens for s in steps)
-    assert all(s.num_prefill_tokens <= 24 for s in steps)  # the server's --max-prefill-tokens-per-step
-    assert max(s.num_prefill_tokens for s in steps) == 24  # the prompts (> 24 tokens together) hit the cap
+    prompt_tokens = sum(json.loads(events[-2][len("data: "):])["usage"]["prompt_tokens"] for events in streams)
+    # every prompt token is computed once as prefill; each request then computes MAX_TOKENS - 1 decode tokens
+    assert sum(s.num_prefill_tokens for s in steps) == prompt_tokens
+    assert sum(s.num_tokens for s in steps) == prompt_tokens + NUM_STREAMS * (MAX_TOKENS - 1)
     assert max(s.num_seqs for s in steps) == NUM_STREAMS
     summary = step_summary(steps)
-    assert summary["prefill"]["steps"] >= 2 and summary["decode"]["steps"] >= MAX_TOKENS - 1
+    assert summary["prefill"]["steps"] >= 1 and summary["decode"]["steps"] >= MAX_TOKENS - 2
 
 
 def test_streams_are_complete_with_the_timeline_on(served_timeline):
