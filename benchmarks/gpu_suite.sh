@@ -14,6 +14,7 @@ gpu_test_files="tests/gpu/test_gpu_engine.py $(grep -rlE 'mark\.gpu|kernel_param
 # serveperf: the serve workload (512 requests of 512/256 tokens, concurrency 64, qwen3-0.6b random weights)
 serve_workload=${SERVEPERF_WORKLOAD:-"--num-prompts 512 --input-len 512 --output-len 256 --max-concurrency 64 --ignore-eos --temperature 0.6"}
 serve_model=${SERVEPERF_MODEL:-benchmarks/configs/qwen3-0.6b}
+serve_warmup=128  # requests of the warm-up run before each measured one (bench timeline --skip-first)
 gpu_name() { nvidia-smi --query-gpu=name --format=csv,noheader | head -1; }
 # serve_and_bench DIR LABEL TAG [server flags...]: DIR's server under this tree's `bench serve` (warm-up, then the
 # measured run appended to this tree's serve.csv); the server log goes to $OUT/server_TAG.log
@@ -23,7 +24,7 @@ serve_and_bench() {
       --load-format dummy --skip-tokenizer-init --max-model-len ${SERVEPERF_MAX_MODEL_LEN:-2048} --port 8123 "$@") > "$OUT/server_$tag.log" 2>&1 &
   local pid=$!
   for i in $(seq 180); do curl -sf http://127.0.0.1:8123/health >/dev/null && break; sleep 1; done
-  timeout 60 $nv bench serve --base-url http://127.0.0.1:8123 --num-prompts 128 --max-concurrency 64 --input-len 512 \
+  timeout 60 $nv bench serve --base-url http://127.0.0.1:8123 --num-prompts $serve_warmup --max-concurrency 64 --input-len 512 \
       --output-len 16 --ignore-eos --seed 99 --no-save > /dev/null 2>&1   # warm-up: Triton JIT, allocator
   timeout 150 $nv bench serve --base-url http://127.0.0.1:8123 $serve_workload --label "$label, $(gpu_name)" 2>&1 \
       | tee "$OUT/serve_$tag.log" | grep -E "Output token throughput|(Median|P99) (TTFT|ITL)|Failed"
@@ -76,12 +77,13 @@ for s in $steps; do
              curl -s http://127.0.0.1:8123/metrics | grep -E "^nanovllm:(num_requests|kv_cache)" | tee -a "$OUT/serve.log"
              pkill -f "nanovllm.cli.main serve" ;;
     serveperf) # issue 27 in one call: this tree served (with its request timeline) next to the offline replay of
-             # the same workload, the same with a per-step prefill cap for each value in $SERVEPERF_CAPS (default
-             # 512; empty = none), and the $BASE_DIR tree's server (41db9eb's, if carried) under the same client
+             # the same workload, the same with the prefill cap while decoding for each value in $SERVEPERF_CAPS (default
+             # 512; empty = none), and the $BASE_DIR tree's server (41db9eb's, if carried) under the same client;
+             # SERVEPERF_NOCOALESCE=1 adds this tree's server with --no-coalesce-outputs
              python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
              csv=$PWD/benchmarks/results/serve.csv
              serve_and_bench . "serveperf" tree --request-timeline "$OUT/timeline.csv"
-             $nv bench timeline "$OUT/timeline.csv" --png benchmarks/results/serve_timeline.png \
+             $nv bench timeline "$OUT/timeline.csv" --skip-first $serve_warmup --png benchmarks/results/serve_timeline.png \
                  --title "served TTFT by stage, $(gpu_name)" 2>&1 | tee "$OUT/timeline.log"
              timeout 150 $nv bench throughput --workload serve --model "$serve_model" --max-model-len ${SERVEPERF_MAX_MODEL_LEN:-2048} \
                  $serve_workload --csv "$csv" --label "serveperf offline replay, $(gpu_name)" 2>&1 | tee "$OUT/replay.log" \
@@ -89,13 +91,16 @@ for s in $steps; do
              for cap in ${SERVEPERF_CAPS-512}; do
                serve_and_bench . "serveperf prefill cap $cap" "cap$cap" --max-prefill-tokens-while-decoding "$cap" \
                    --request-timeline "$OUT/timeline_cap$cap.csv"
-               $nv bench timeline "$OUT/timeline_cap$cap.csv" --png "benchmarks/results/serve_timeline_cap$cap.png" \
+               $nv bench timeline "$OUT/timeline_cap$cap.csv" --skip-first $serve_warmup --png "benchmarks/results/serve_timeline_cap$cap.png" \
                    --title "served TTFT by stage, prefill cap $cap, $(gpu_name)" 2>&1 | tee "$OUT/timeline_cap$cap.log"
                timeout 150 $nv bench throughput --workload serve --model "$serve_model" --max-model-len ${SERVEPERF_MAX_MODEL_LEN:-2048} \
                    --max-prefill-tokens-while-decoding "$cap" $serve_workload --csv "$csv" \
                    --label "serveperf offline replay prefill cap $cap, $(gpu_name)" 2>&1 | tee "$OUT/replay_cap$cap.log" \
                    | grep -E "Output token throughput|(Median|P99) (TTFT|ITL)|Failed"
              done
+             if [ "${SERVEPERF_NOCOALESCE:-0}" = 1 ]; then   # A/B: every step's output its own chunk
+               serve_and_bench . "serveperf no coalescing" nocoalesce --no-coalesce-outputs
+             fi
              if [ -d "${BASE_DIR:-.base}" ]; then
                NANOVLLM_COMMIT=${BASE_COMMIT:-base} serve_and_bench "${BASE_DIR:-.base}" "serveperf base server" base
              fi ;;

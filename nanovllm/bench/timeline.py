@@ -67,13 +67,16 @@ class RequestTimes:
         return [b - a for a, b in zip(ts, ts[1:])]
 
 
-def load(path: str) -> list[RequestTimes]:
-    """Parse a timeline CSV into one RequestTimes per HTTP request (its first engine request's stamps)."""
+def load(path: str, skip_first: int = 0) -> list[RequestTimes]:
+    """Parse a timeline CSV into one RequestTimes per HTTP request (its first engine request's stamps),
+    leaving out the first `skip_first` HTTP requests (a warm-up run)."""
     by_http: dict[int, RequestTimes] = {}
     first_rid: dict[int, str] = {}
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
             idx = int(row["http_request"])
+            if idx < skip_first:
+                continue
             rec = by_http.setdefault(idx, RequestTimes(idx))
             t = float(row["t_ms"])
             event = row["event"]
@@ -99,14 +102,15 @@ class Step:
         return self.t_end - self.t_start
 
 
-def load_steps(path: str) -> list[Step]:
-    """The step log beside a timeline CSV (empty when there is none)."""
+def load_steps(path: str, since_ms: float = float("-inf")) -> list[Step]:
+    """The step log beside a timeline CSV (empty when there is none), steps ending after `since_ms` only."""
     steps_csv = os.path.splitext(path)[0] + "_steps.csv"
     if not os.path.isfile(steps_csv):
         return []
     with open(steps_csv, newline="") as f:
-        return [Step(float(r["t_start_ms"]), float(r["t_end_ms"]), int(r["num_tokens"]), int(r["num_prefill_tokens"]),
-                     int(r["num_seqs"])) for r in csv.DictReader(f)]
+        steps = [Step(float(r["t_start_ms"]), float(r["t_end_ms"]), int(r["num_tokens"]), int(r["num_prefill_tokens"]),
+                      int(r["num_seqs"])) for r in csv.DictReader(f)]
+    return [st for st in steps if st.t_end > since_ms]
 
 
 def step_summary(steps: list[Step]) -> dict:
@@ -163,7 +167,7 @@ def plot(requests: list[RequestTimes], summary: dict, png_path: str, title: str 
         points = ax3.scatter([st.t_start for st in steps], [st.duration for st in steps],
                              c=[st.num_prefill_tokens for st in steps], s=4, cmap="viridis")
         fig.colorbar(points, ax=ax3, label="prefill tokens in the step")
-        ax3.set_xlabel("ms since the first arrival")
+        ax3.set_xlabel("ms since the server's first arrival")
         ax3.set_ylabel("engine step (ms)")
         ax3.set_yscale("log")
     else:
@@ -209,14 +213,21 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("csv", help="timeline CSV written by `nanovllm serve --request-timeline`")
     p.add_argument("--png", default=None, help="plot path (default: the CSV's path with .png)")
     p.add_argument("--title", default="", help="plot title")
+    p.add_argument("--skip-first", type=int, default=0, metavar="N",
+                   help="leave out the first N HTTP requests, and the steps before the next one arrived (a warm-up)")
 
 
 def run(args) -> int:
     if not os.path.isfile(args.csv):
         raise ValueError(f"{args.csv} does not exist: write one with `nanovllm serve --request-timeline PATH`")
-    requests = load(args.csv)
+    if args.skip_first < 0:
+        raise ValueError(f"--skip-first {args.skip_first}: give a count >= 0")
+    requests = load(args.csv, args.skip_first)
+    if not requests:
+        raise ValueError(f"{args.csv} has no request after the first {args.skip_first}")
     summary = breakdown(requests)
-    steps = load_steps(args.csv)
+    start = min((r.events["arrival"] for r in requests if "arrival" in r.events), default=float("-inf"))
+    steps = load_steps(args.csv, since_ms=start)
     print(format_summary(summary, step_summary(steps) if steps else None))
     png = plot(requests, summary, args.png or os.path.splitext(args.csv)[0] + ".png", args.title, steps)
     print(f"saved {png}")

@@ -38,6 +38,9 @@ def add_serve_parser(sub) -> None:
                    help="largest request body accepted; larger ones get 413 (default 10 MiB)")
     p.add_argument("--no-web-ui", dest="web_ui", action="store_false",
                    help="leave out the browser chat (/) and the live dashboard (/dashboard)")
+    p.add_argument("--no-coalesce-outputs", dest="coalesce_outputs", action="store_false",
+                   help="send every engine step's output as its own chunk even when a stream's response lags "
+                        "(default: a lagging stream sends the outputs waiting for it as one chunk; for A/B runs)")
     p.add_argument("--request-timeline", default=None, metavar="PATH",
                    help="record each generation request's timeline (arrival, queued, first scheduled, first token, "
                         "every chunk sent) and write it as CSV to PATH when the server stops; plot it with "
@@ -66,7 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from nanovllm.serve.timeline import RequestTimeline
 
         timeline = RequestTimeline(args.request_timeline)
-    engine = AsyncLLMEngine.from_config(config, coalesce_outputs=True)  # a lagging stream sends fewer, larger chunks
+    engine = AsyncLLMEngine.from_config(config, coalesce_outputs=args.coalesce_outputs)
     name = args.served_model_name or args.model or engine.model_name
     app = build_app(_with_timeline(engine, timeline), name, api_key=api_key,
                     max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES, web_ui=args.web_ui)

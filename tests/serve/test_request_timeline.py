@@ -137,6 +137,10 @@ def test_plot_attributes_ttft_to_stages(served_timeline, tmp_path):
     assert summary["ttft_p99_ms"] >= summary["ttft_p50_ms"] > 0
     assert set(summary["tail"]) == {name for name, _, _ in STAGES}
     png = plot(requests, summary, str(tmp_path / "t.png"), steps=load_steps(str(path)))
+    later = load(str(path), skip_first=2)  # a warm-up run left out
+    assert [r.http_request for r in later] == [2, 3] and later[0].events == requests[2].events
+    start = min(r.events["arrival"] for r in later)
+    assert all(st.t_end > start for st in load_steps(str(path), since_ms=start))
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
