@@ -133,6 +133,8 @@ for s in $steps; do
              timeout 270 $nv bench prefix --model benchmarks/configs/qwen3-0.6b 2>&1 | tee "$OUT/prefix.log" | grep -v "^INFO" | tail -12 ;;
     profile) for b in ${PROFILE_BATCHES:-1 64 256}; do timeout 90 python3 benchmarks/profile_decode.py --batch $b 2>&1 | grep -v "^INFO" | tail -19; done 2>&1 | tee "$OUT/profile.log" ;;
   esac
+  # after every step, one archive (a call returns few files): a call cut off by its limit still returns them
+  cp benchmarks/results/*.csv benchmarks/results/*.png "$OUT/" 2>/dev/null
+  tar czf "$DEST/suite.tgz" -C "$OUT" .
 done
-cp benchmarks/results/*.csv benchmarks/results/*.png "$OUT/" 2>/dev/null
-tar czf "$DEST/suite.tgz" -C "$OUT" . && echo "results in suite.tgz"
+echo "results in suite.tgz"
