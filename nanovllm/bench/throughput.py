@@ -11,7 +11,11 @@ The model is built from a config JSON with random weights (nothing to download).
 
 `--timeline` records every step of the timed run (kind, batch, tokens, GPU time, host gap, bytes,
 the step's floor) to <csv stem>_timeline_<commit>.csv with a plot, and prints where the time
-above the floor goes (nanovllm/bench/timeline.py).
+above the floor goes (nanovllm/bench/step_timeline.py).
+
+`--workload serve` replays `nanovllm bench serve`'s workload instead (same flags, same seed: the
+same requests, arrival pattern and concurrency cap) through the engine without HTTP, and appends
+a `bench=replay` row to serve.csv (see nanovllm/bench/replay.py).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import os
 import random
 import time
 
-from nanovllm.bench import timeline
+from nanovllm.bench import step_timeline as timeline
 from nanovllm.bench.report import RESULTS_DIR, append_rows, bar_plot, base_row, git_commit
 
 WORKLOAD_SEED = 0
@@ -40,7 +44,12 @@ def make_workload(num_seqs: int, max_input_len: int = MAX_LEN, max_output_len: i
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
+    from nanovllm.bench.workload import PROMPT_KINDS, add_workload_args
+
     p.add_argument("--model", required=True, help="model dir (a config.json is enough with --load-format dummy)")
+    p.add_argument("--workload", choices=("nanovllm", "serve"), default="nanovllm",
+                   help="nanovllm = nano-vLLM's bench.py workload (default); serve = bench serve's workload "
+                        "(--num-prompts, --input-len, ... below), replayed without HTTP")
     p.add_argument("--backend", choices=["nanovllm", "hf"], default="nanovllm")
     p.add_argument("--num-seqs", type=int, default=256)
     p.add_argument("--max-input-len", type=int, default=MAX_LEN)
@@ -61,7 +70,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="memory bandwidth for the timeline's floor in GB/s (default: H200's measured copy rate)")
     p.add_argument("--peak-tflops", type=float, default=timeline.H200_PEAK_FLOPS / 1e12,
                    help="GEMM peak for the timeline's floor in TFLOP/s (default: H200 bf16, measured)")
-    p.add_argument("--csv", default=os.path.join(RESULTS_DIR, "throughput.csv"))
+    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--max-prefill-tokens-while-decoding", type=int, default=None,
+                   help="scheduling policy: most prompt tokens computed per step (default: no cap)")
+    p.add_argument("--csv", default=None, help="default benchmarks/results/throughput.csv (serve.csv for --workload serve)")
+    g = p.add_argument_group("--workload serve (the flags of `nanovllm bench serve`)")
+    add_workload_args(g)
+    g.add_argument("--prompt-kind", choices=PROMPT_KINDS, default="tokens",
+                   help="tokens (no tokenizer needed) or text (needs the model's tokenizer) (default tokens)")
+    g.add_argument("--label", default="", help="free text stored in the CSV row")
+    g.add_argument("--no-save", action="store_true", help="print only; write no CSV/PNG")
 
 
 WARMUP_SEQS = 32
@@ -92,8 +110,9 @@ def run_nanovllm(args, prompts, output_lens) -> float:
     from nanovllm import LLM, SamplingParams
 
     kwargs = {}
-    if args.max_num_batched_tokens:
-        kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
+    for name in ("max_num_batched_tokens", "max_num_seqs", "max_prefill_tokens_while_decoding"):
+        if getattr(args, name, None):
+            kwargs[name] = getattr(args, name)
     llm = LLM(args.model, load_format=args.load_format, skip_tokenizer_init=True, max_model_len=args.max_model_len,
               enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype, decode_split=args.decode_split,
               step_timeline=args.timeline,
@@ -123,7 +142,8 @@ def step_timeline(llm):
 
 def report_timeline(args, records: list) -> None:
     bw, peak = args.bandwidth_gbs * 1e9, args.peak_tflops * 1e12
-    stem = f"{os.path.splitext(args.csv)[0]}_timeline_{git_commit()}_{engine_options(args).replace(' ', '_').replace('=', '-')}"
+    csv_path = args.csv or os.path.join(RESULTS_DIR, "throughput.csv")
+    stem = f"{os.path.splitext(csv_path)[0]}_timeline_{git_commit()}_{engine_options(args).replace(' ', '_').replace('=', '-')}"
     path = timeline.write_csv(stem + ".csv", records, bw, peak)
     timeline.plot(stem + ".png", records, f"{os.path.basename(os.path.normpath(args.model))} "
                   f"({engine_options(args)}), {len(records)} steps", bw, peak)
@@ -170,6 +190,10 @@ def run_hf(args, prompts, output_lens) -> float:
 
 
 def run(args) -> int:
+    if args.workload == "serve":
+        from nanovllm.bench.replay import run_serve_workload
+
+        return run_serve_workload(args)
     from nanovllm.kernels.pdl import pdl_in_effect  # imports triton: only when benchmarking
 
     prompts, output_lens = make_workload(args.num_seqs, args.max_input_len, args.max_output_len)
@@ -182,7 +206,7 @@ def run(args) -> int:
            "cuda_graphs": not args.enforce_eager,
            "async_scheduling": args.async_scheduling if args.backend == "nanovllm" else "",
            "pdl": pdl_in_effect(getattr(args, "pdl", True)) if args.backend == "nanovllm" else ""}
-    path = append_rows(args.csv, [row])
+    path = append_rows(args.csv or os.path.join(RESULTS_DIR, "throughput.csv"), [row])
     plot(path, os.path.splitext(path)[0] + ".png")
     print(f"{args.backend}: {total} output tokens in {elapsed:.2f} s = {total / elapsed:,.0f} tok/s  (CSV: {path})")
     return 0

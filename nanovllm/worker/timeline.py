@@ -6,7 +6,7 @@ decode, a batch-1 decode in the tail), so one profile of one step cannot tell. T
 for every step, what it was (prefill / mixed / decode, requests, tokens, keys read) next
 to what it cost: the GPU time between two CUDA events around the step's device work, and the
 GPU's idle time before it (the host was late). Each step's floor is the larger of its bytes
-over the memory bandwidth and its FLOPs over the peak GEMM rate (`nanovllm/bench/timeline.py`
+over the memory bandwidth and its FLOPs over the peak GEMM rate (`nanovllm/bench/step_timeline.py`
 sums the gap to the floor over the run).
 
 No host sync is added: the events are read when the engine resolves the step, after it has

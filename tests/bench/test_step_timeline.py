@@ -8,7 +8,7 @@ import csv
 import pytest
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.bench import timeline
+from nanovllm.bench import step_timeline as timeline
 from nanovllm.worker.timeline import KIND_DECODE, KIND_MIXED, KIND_PREFILL, StepRecord
 
 BANDWIDTH = 1e12
