@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # The GPU issue's checks and benchmarks in one device call; logs and CSVs to $OUT.
-#   bash benchmarks/gpu_suite.sh [warm] [tests] [testsrev] [kernels] [gemv] [gemvcfg] [bench] [tput] [ab] [sync] [nopdl] [base] [trace] [tp] [bench8b] [hf] [serve] [profile] [moe] [prefix] [quant] [quanttput]
+#   bash benchmarks/gpu_suite.sh [warm] [tests] [testsrev] [kernels] [gemv] [gemvcfg] [bench] [tput] [ab] [sync] [nopdl] [base] [trace] [tp] [bench8b] [fp8] [hf] [serve] [serveperf] [profile] [moe] [prefix] [quant] [quanttput]
 set -uo pipefail
-# Logs go straight to $OUT/logs, so a call cut short by its time limit still returns what it wrote.
-DEST=${OUT:-/tmp/nanovllm-out}; OUT=$DEST/logs; mkdir -p "$OUT"
+DEST=${OUT:-/tmp/nanovllm-out}; OUT=/tmp/suite-logs; mkdir -p "$OUT" "$DEST"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
 steps=${*:-tests bench tput bench8b profile}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -12,6 +11,27 @@ nv="python3 -m nanovllm.cli.main"
 # Every test file with GPU-marked tests, in file order: `tests` runs them in one process in this
 # order, `testsrev` in the reverse order (no state may leak from one engine or test to the next).
 gpu_test_files="tests/gpu/test_gpu_engine.py $(grep -rlE 'mark\.gpu|kernel_params' tests --include='test_*.py' | grep -v '^tests/gpu/test_gpu_engine.py' | sort)"
+# serveperf: the serve workload (512 requests of 512/256 tokens, concurrency 64, qwen3-0.6b random weights)
+serve_workload=${SERVEPERF_WORKLOAD:-"--num-prompts 512 --input-len 512 --output-len 256 --max-concurrency 64 --ignore-eos --temperature 0.6"}
+serve_model=${SERVEPERF_MODEL:-benchmarks/configs/qwen3-0.6b}
+serve_warmup=128  # requests of the warm-up run before each measured one (bench timeline --skip-first)
+gpu_name() { nvidia-smi --query-gpu=name --format=csv,noheader | head -1; }
+# serve_and_bench DIR LABEL TAG [server flags...]: DIR's server under this tree's `bench serve` (warm-up, then the
+# measured run appended to this tree's serve.csv); the server log goes to $OUT/server_TAG.log
+serve_and_bench() {
+  local dir=$1 label=$2 tag=$3; shift 3
+  (cd "$dir" && PYTHONPATH=$PWD:/tmp/site exec setsid python3 -m nanovllm.cli.main serve "$serve_model" \
+      --load-format dummy --skip-tokenizer-init --max-model-len ${SERVEPERF_MAX_MODEL_LEN:-2048} --port 8123 "$@") > "$OUT/server_$tag.log" 2>&1 &
+  local pid=$!
+  for i in $(seq 180); do curl -sf http://127.0.0.1:8123/health >/dev/null && break; sleep 1; done
+  timeout 60 $nv bench serve --base-url http://127.0.0.1:8123 --num-prompts $serve_warmup --max-concurrency 64 --input-len 512 \
+      --output-len 16 --ignore-eos --seed 99 --no-save > /dev/null 2>&1   # warm-up: Triton JIT, allocator
+  timeout 150 $nv bench serve --base-url http://127.0.0.1:8123 $serve_workload --label "$label, $(gpu_name)" 2>&1 \
+      | tee "$OUT/serve_$tag.log" | grep -E "Output token throughput|(Median|P99) (TTFT|ITL)|Failed"
+  kill -TERM "$pid"   # SIGTERM: graceful shutdown writes the request timeline
+  for i in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+  kill -KILL -- "-$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+}
 for s in $steps; do
   echo "=================== $s (t=${SECONDS}s)"
   case $s in
@@ -46,6 +66,15 @@ for s in $steps; do
     nopdl)   # same-run baseline: decode kernels launched without programmatic dependent launch
              NANOVLLM_PDL=0 timeout 120 $nv bench latency --model benchmarks/configs/qwen3-0.6b 2>&1 | tee "$OUT/latency_nopdl.log" | tail -3 ;;
     bench8b) timeout 150 $nv bench latency --model benchmarks/configs/qwen3-8b 2>&1 | tee "$OUT/latency8b.log" | tail -3 ;;
+    fp8)     # issue #26: fp8 KV kernel tests + Qwen3-0.6B quality and sizing (-s prints the MAEs), then the
+             # throughput workload once per setting in $FP8_TPUT (';'-separated bench flags) with --timeline
+             timeout 300 python3 -m pytest -q -s -m gpu -p no:randomly -p no:cacheprovider tests/kernels/test_kv_fp8.py \
+                 tests/gpu/test_kv_fp8_gpu.py 2>&1 | tee "$OUT/fp8_tests.log" | grep -E "KV:|passed|failed|Error"
+             IFS=';' read -ra fp8_runs <<< "${FP8_TPUT:---kv-cache-dtype auto;--kv-cache-dtype fp8;--kv-cache-dtype fp8 --decode-split balanced}"
+             for flags in "${fp8_runs[@]}"; do
+               echo "--- bench throughput $flags --timeline"
+               timeout 200 $nv bench throughput --model benchmarks/configs/qwen3-0.6b $flags --timeline 2>&1 | grep -v "^INFO" | tail -12
+             done 2>&1 | tee "$OUT/fp8_throughput.log" ;;
     hf)      timeout 150 $nv bench throughput --model benchmarks/configs/qwen3-0.6b --backend hf --num-seqs ${HF_SEQS:-64} 2>&1 | tee "$OUT/hf.log" | tail -4 ;;
     serve)   # needs the carried wheels in .whl (fastapi, uvicorn, pydantic are not in the device image)
              python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
@@ -56,6 +85,34 @@ for s in $steps; do
                  --input-len 512 --output-len 256 --ignore-eos --temperature 0.6 --label "qwen3-0.6b random, $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" 2>&1 | tee "$OUT/serve.log" | tail -20
              curl -s http://127.0.0.1:8123/metrics | grep -E "^nanovllm:(num_requests|kv_cache)" | tee -a "$OUT/serve.log"
              pkill -f "nanovllm.cli.main serve" ;;
+    serveperf) # issue 27 in one call: this tree served (with its request timeline) next to the offline replay of
+             # the same workload, the same with the prefill cap while decoding for each value in $SERVEPERF_CAPS (default
+             # 512; empty = none), and the $BASE_DIR tree's server (41db9eb's, if carried) under the same client;
+             # SERVEPERF_NOCOALESCE=1 adds this tree's server with --no-coalesce-outputs
+             python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
+             csv=$PWD/benchmarks/results/serve.csv
+             serve_and_bench . "serveperf" tree --request-timeline "$OUT/timeline.csv"
+             $nv bench timeline "$OUT/timeline.csv" --skip-first $serve_warmup --png benchmarks/results/serve_timeline.png \
+                 --title "served TTFT by stage, $(gpu_name)" 2>&1 | tee "$OUT/timeline.log"
+             timeout 150 $nv bench throughput --workload serve --model "$serve_model" --max-model-len ${SERVEPERF_MAX_MODEL_LEN:-2048} \
+                 $serve_workload --csv "$csv" --label "serveperf offline replay, $(gpu_name)" 2>&1 | tee "$OUT/replay.log" \
+                 | grep -E "Output token throughput|(Median|P99) (TTFT|ITL)|Failed"
+             for cap in ${SERVEPERF_CAPS-512}; do
+               serve_and_bench . "serveperf prefill cap $cap" "cap$cap" --max-prefill-tokens-while-decoding "$cap" \
+                   --request-timeline "$OUT/timeline_cap$cap.csv"
+               $nv bench timeline "$OUT/timeline_cap$cap.csv" --skip-first $serve_warmup --png "benchmarks/results/serve_timeline_cap$cap.png" \
+                   --title "served TTFT by stage, prefill cap $cap, $(gpu_name)" 2>&1 | tee "$OUT/timeline_cap$cap.log"
+               timeout 150 $nv bench throughput --workload serve --model "$serve_model" --max-model-len ${SERVEPERF_MAX_MODEL_LEN:-2048} \
+                   --max-prefill-tokens-while-decoding "$cap" $serve_workload --csv "$csv" \
+                   --label "serveperf offline replay prefill cap $cap, $(gpu_name)" 2>&1 | tee "$OUT/replay_cap$cap.log" \
+                   | grep -E "Output token throughput|(Median|P99) (TTFT|ITL)|Failed"
+             done
+             if [ "${SERVEPERF_NOCOALESCE:-0}" = 1 ]; then   # A/B: every step's output its own chunk
+               serve_and_bench . "serveperf no coalescing" nocoalesce --no-coalesce-outputs
+             fi
+             if [ -d "${BASE_DIR:-.base}" ]; then
+               NANOVLLM_COMMIT=${BASE_COMMIT:-base} serve_and_bench "${BASE_DIR:-.base}" "serveperf base server" base
+             fi ;;
     base)    # same-run baseline: an earlier commit's tree carried in $BASE_DIR (git archive C | tar -x -C .base),
              # its rows go to this tree's CSVs under commit $BASE_COMMIT; BASE_TPUT=0 skips its throughput run
              csvdir=$PWD/benchmarks/results
@@ -72,10 +129,10 @@ for s in $steps; do
              NANOVLLM_PDL=0 timeout 120 python3 benchmarks/profile_decode.py --model benchmarks/configs/qwen3-8b --batch 1 2>&1 | grep -v "^INFO" | tail -19 ;;
     moe)     # model families (#22): the GPU-marked MoE and Gemma kernel tests and every family's HF parity on
              # CUDA, the 30B-A3B-shaped MoE layer (Triton vs reference), batch-1 latency + throughput of a
-             # ~1B-total random Qwen3-MoE
-             timeout 150 python3 -m pytest -q -m gpu -p no:randomly -p no:cacheprovider tests/kernels/test_fused_moe.py \
+             # ~1B-total random Qwen3-MoE (MOE_TESTS=0 / MOE_LAYER=0: benchmarks only / no layer benchmark)
+             [ "${MOE_TESTS:-1}" = 0 ] || timeout 150 python3 -m pytest -q -m gpu -p no:randomly -p no:cacheprovider tests/kernels/test_fused_moe.py \
                  tests/kernels/test_gemma_kernels.py tests/models/test_model_families.py 2>&1 | tee "$OUT/moe_tests.log" | tail -5
-             timeout 60 python3 benchmarks/moe_bench.py --tokens 1 16 256 4096 2>&1 | tee "$OUT/moe_layer.log"
+             [ "${MOE_LAYER:-1}" = 0 ] || timeout 60 python3 benchmarks/moe_bench.py --tokens 1 16 256 4096 2>&1 | tee "$OUT/moe_layer.log"
              timeout 60 $nv bench latency --model benchmarks/configs/qwen3-moe-1b --output-len 256 2>&1 | tee "$OUT/moe_latency.log" | tail -2
              timeout 90 $nv bench throughput --model benchmarks/configs/qwen3-moe-1b --num-seqs 128 --max-model-len 2048 \
                  2>&1 | tee "$OUT/moe_throughput.log" | tail -3 ;;
@@ -98,6 +155,8 @@ for s in $steps; do
              done ;;
     profile) for b in ${PROFILE_BATCHES:-1 64 256}; do timeout 90 python3 benchmarks/profile_decode.py --batch $b 2>&1 | grep -v "^INFO" | tail -19; done 2>&1 | tee "$OUT/profile.log" ;;
   esac
-  cp benchmarks/results/*.csv benchmarks/results/*.png "$OUT/" 2>/dev/null  # after every step (see above)
+  # after every step, one archive (a call returns few files): a call cut off by its limit still returns them
+  cp benchmarks/results/*.csv benchmarks/results/*.png "$OUT/" 2>/dev/null
+  tar czf "$DEST/suite.tgz" -C "$OUT" .
 done
-echo "results in $OUT"
+echo "results in suite.tgz"

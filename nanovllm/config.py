@@ -6,8 +6,9 @@ model (hidden size, number of layers...) lives on the model's HF config.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_MAX_NUM_SEQS = 256
@@ -21,6 +22,9 @@ LOAD_FORMATS = ("auto", "dummy")
 GEMV_MODES = ("auto", "off", "force")
 QUANTIZATIONS = ("int8", "int4", "fp8")
 QUANTIZATION_ALIASES = {"none": None, "w8a16": "int8", "w4a16": "int4", "fp8_e4m3": "fp8", "e4m3": "fp8"}
+KV_CACHE_DTYPES = ("auto", "fp8")
+KV_CACHE_DTYPE_ALIASES = {"fp8_e4m3": "fp8", "float8_e4m3fn": "fp8"}
+DECODE_SPLITS = ("uniform", "balanced")
 CASCADE_MODES = ("auto", "off", "force")  # layers/attention/cascade.py (mirrored: config imports nothing)
 
 
@@ -47,7 +51,7 @@ class EngineConfig:
     # Shared prefixes (prefix-cache hits, n > 1) read once per step for all requests sharing them,
     # merged with each request's own part by log-sum-exp (docs/memory.md): "auto" = when the rule
     # of layers/attention/cascade.py says it pays, "force" = whenever any whole block is shared
-    # (tests, A/B), "off". Results are the same either way.
+    # (tests, A/B), "off". Results are the same either way. An fp8 KV cache keeps it off.
     cascade_attention: str = "auto"
     enforce_eager: bool = False  # True disables CUDA graphs
     # Schedule and launch step N+1 before step N's tokens reach the host, so host work
@@ -76,6 +80,18 @@ class EngineConfig:
     pdl: bool = True  # programmatic dependent launch of the decode kernels (Hopper and newer)
     use_triton: bool = True  # False: every op through its pure-torch reference (debugging)
     step_timing: bool = False  # accumulate the wall time of each phase of a step (engine.step_timer)
+    # ---- KV cache format. "auto" = the model's dtype; "fp8" = float8 e4m3 with one scale per layer and KV
+    # head (twice the tokens in the same memory; attention dequantizes in registers; docs/architecture.md).
+    kv_cache_dtype: str = "auto"
+    # fp8 scales: None = calibrated at start-up from the K/V of a forward over random tokens; a float =
+    # that scale for every layer and head; a str = a JSON file {"k": [[per head] per layer], "v": ...}.
+    kv_cache_scales: Optional[Union[float, str]] = None
+    # ---- throughput switches (GPU; A/B benchmarks)
+    # Decode attention work split: "uniform" = every sequence of a batch in the same number of splits;
+    # "balanced" = per-request splits of about the batch's mean context, so no program of the grid
+    # carries a long context alone (mixed lengths).
+    decode_split: str = "uniform"
+    step_timeline: bool = False  # record a per-step timeline (worker.runner.timeline; `bench throughput --timeline`)
 
     def __post_init__(self) -> None:
         if self.model is not None and not isinstance(self.model, str):
@@ -132,11 +148,35 @@ class EngineConfig:
             object.__setattr__(self, "quantization", quantization)
         if self.quantize_lm_head and self.quantization is None:
             raise ValueError("quantize_lm_head=True needs quantization='int8', 'int4' or 'fp8'")
-        for name in ("fuse_gemv_prologues", "pdl", "use_triton", "step_timing", "quantize_lm_head"):
+        kv_dtype = KV_CACHE_DTYPE_ALIASES.get(self.kv_cache_dtype, self.kv_cache_dtype)
+        if kv_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r}: use 'auto' (the model's dtype) or 'fp8'")
+        object.__setattr__(self, "kv_cache_dtype", kv_dtype)
+        _check_kv_cache_scales(self.kv_cache_scales, kv_dtype)
+        if kv_dtype == "fp8" and self.cascade_attention == "force":
+            raise ValueError("cascade_attention='force' does not read an fp8 KV cache (its kernels take bf16/fp16/fp32 "
+                             "K/V): use cascade_attention='auto' or 'off' with kv_cache_dtype='fp8', or kv_cache_dtype='auto'")
+        if kv_dtype == "fp8":  # 'auto' with an fp8 cache: cascade stays off (the plain kernels read fp8)
+            object.__setattr__(self, "cascade_attention", "off")
+        if self.decode_split not in DECODE_SPLITS:
+            raise ValueError(f"decode_split={self.decode_split!r}: use one of {DECODE_SPLITS}")
+        for name in ("fuse_gemv_prologues", "pdl", "use_triton", "step_timing", "step_timeline",
+                     "quantize_lm_head"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
+
+
+def _check_kv_cache_scales(scales, kv_dtype: str) -> None:
+    if scales is None:
+        return
+    if kv_dtype != "fp8":
+        raise ValueError("kv_cache_scales only applies to kv_cache_dtype='fp8'; drop it or set kv_cache_dtype='fp8'")
+    if isinstance(scales, bool) or not isinstance(scales, (int, float, str)):
+        raise TypeError(f"kv_cache_scales must be a positive float or a JSON file path, got {type(scales).__name__}")
+    if not isinstance(scales, str) and not (math.isfinite(scales) and scales > 0):
+        raise ValueError(f"kv_cache_scales={scales!r} must be a positive, finite float (or a JSON file path)")
 
 
 def _positive_int(name: str, value) -> None:

@@ -86,6 +86,7 @@ class WorkerInfo:
     param_bytes: int  # parameters, tied weights counted once (what a decode step reads)
     cuda_graphs: bool  # decode batches replay captured CUDA graphs
     cpu_fp16_weights: bool  # CPU GEMMs read fp16-packed weights
+    kv_cache_dtype: str = ""  # e.g. "bfloat16", "float8_e4m3fn"
     # every attention layer's keys end this far back (the widest window): the KV cache frees
     # blocks before it; None when any layer attends to the whole context
     kv_sliding_window: Optional[int] = None
