@@ -82,9 +82,10 @@ class WorkerInfo:
     device: str  # e.g. "cuda:0", "cpu"
     dtype: str  # e.g. "bfloat16"
     kv_bytes_per_block: int  # all layers, K and V
-    param_bytes: int  # parameters, tied weights counted once (what a decode step reads)
+    param_bytes: int  # this rank's parameters, tied weights counted once (what its decode step reads)
     cuda_graphs: bool  # decode batches replay captured CUDA graphs
     cpu_fp16_weights: bool  # CPU GEMMs read fp16-packed weights
+    tensor_parallel_size: int = 1  # ranks the model is split over (the other fields: rank 0's)
 
     @property
     def is_cuda(self) -> bool:
