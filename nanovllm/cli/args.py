@@ -21,10 +21,28 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) 
     p.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="fraction of GPU memory for weights + activations + KV cache (default 0.9)")
     p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    add_parallel_args(p)
+
+
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=None,
+                   help="split the model over this many GPUs (or CPU processes with --device cpu); "
+                        "default 1. See docs/parallelism.md")
+    p.add_argument("--distributed-executor-backend", choices=("uni", "mp"), default=None,
+                   help="uni = one process, mp = one process per rank (default: mp when -tp > 1)")
+
+
+def parallel_kwargs(args: argparse.Namespace) -> dict:
+    kwargs = {}
+    for name in ("tensor_parallel_size", "distributed_executor_backend"):
+        value = getattr(args, name, None)
+        if value is not None:
+            kwargs[name] = value
+    return kwargs
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    kwargs = {"device": args.device, "dtype": args.dtype, "enforce_eager": args.enforce_eager}
+    kwargs = {"device": args.device, "dtype": args.dtype, "enforce_eager": args.enforce_eager, **parallel_kwargs(args)}
     for name in ("max_model_len", "max_num_seqs", "gpu_memory_utilization"):
         value = getattr(args, name, None)
         if value is not None:

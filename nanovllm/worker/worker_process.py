@@ -117,8 +117,14 @@ def spawned_main(spec: RankSpec, report, parent_alive, num_threads: Optional[int
             report.send(f"{type(e).__name__}: {e}\n" + "".join(lines[-TRACEBACK_LINES:]))
         except OSError:
             pass
-        sys.stderr.flush()
-        os._exit(EXIT_FAILED)
+        _exit(EXIT_FAILED)
+    _exit(0)  # skip the interpreter's teardown of torch (seconds): the engine is waiting to finish
+
+
+def _exit(code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _exit_with_parent(conn) -> None:
