@@ -26,11 +26,12 @@ TINY_CONFIGS = {
 }
 
 
-def build_tiny_model(name: str, path: str, seed: int = 0) -> str:
-    """Save a random-weight model of TINY_CONFIGS[name] (safetensors + config.json) to path."""
+def build_tiny_model(name: str, path: str, seed: int = 0, **overrides) -> str:
+    """Save a random-weight model of TINY_CONFIGS[name] (safetensors + config.json) to path;
+    `overrides` replace config entries (e.g. an odd intermediate_size)."""
     import transformers
 
-    spec = dict(TINY_CONFIGS[name])
+    spec = {**TINY_CONFIGS[name], **overrides}
     arch = spec.pop("arch")
     config_cls = {"LlamaForCausalLM": transformers.LlamaConfig, "Qwen2ForCausalLM": transformers.Qwen2Config,
                   "Qwen3ForCausalLM": transformers.Qwen3Config}[arch]
