@@ -1,0 +1,167 @@
+"""Tensor parallelism through the front door, with real worker processes (CPU, gloo).
+
+- LLM(tensor_parallel_size=2) gives the greedy tokens of the single-process engine (fp32)
+  for a GQA Llama and for a Qwen2 with fewer KV heads than ranks (replicated);
+- the multi-process executor at size 1 ("mp") gives the in-process engine's tokens;
+- under torchrun (2 processes) rank 0 runs the engine and rank 1 a worker (Qwen3);
+- a killed worker makes the engine raise a WorkerDiedError naming the rank within seconds,
+  and every later call raises it too;
+- sizes that cannot work are a ValueError before any process starts.
+
+Spawning torch processes is slow on small CI machines: one engine per model, shared by the
+tests of this module.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.worker.executor import MultiprocExecutor, WorkerDiedError
+from tiny_models import TINY_CONFIGS
+
+REPO = Path(__file__).resolve().parents[2]
+KW = dict(skip_tokenizer_init=True, device="cpu", dtype="float32", max_model_len=128, num_kv_blocks=64)
+NUM_TOKENS = 8
+KILL_DEADLINE_S = 10.0
+TORCHRUN_TIMEOUT_S = 240
+
+pytestmark = pytest.mark.slow
+
+
+def prompts_for(name: str, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    vocab = TINY_CONFIGS[name]["vocab_size"]
+    return [{"prompt_token_ids": torch.randint(3, vocab, (n,), generator=g).tolist()} for n in (1, 7, 40)]
+
+
+def greedy(llm: LLM, prompts: list[dict]) -> list[list[int]]:
+    params = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+@pytest.fixture(scope="module")
+def single_llama(tiny_model_factory):
+    return LLM(tiny_model_factory("llama"), **KW)
+
+
+@pytest.fixture(scope="module")
+def tp_llama(tiny_model_factory):
+    llm = LLM(tiny_model_factory("llama"), tensor_parallel_size=2, **KW)
+    yield llm
+    llm.engine.shutdown()
+
+
+def test_two_ranks_give_the_single_process_tokens(tp_llama, single_llama):
+    assert isinstance(tp_llama.engine.executor, MultiprocExecutor)
+    assert tp_llama.engine.executor.info.tensor_parallel_size == 2
+    prompts = prompts_for("llama")
+    assert greedy(tp_llama, prompts) == greedy(single_llama, prompts)
+    # logprobs come from rank 0's gathered logits over the whole vocabulary
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, logprobs=2)
+    a = tp_llama.generate(prompts[1:2], params, use_tqdm=False)[0].outputs[0]
+    b = single_llama.generate(prompts[1:2], params, use_tqdm=False)[0].outputs[0]
+    for la, lb in zip(a.logprobs, b.logprobs):
+        assert set(la) == set(lb)
+        assert all(la[t].logprob == pytest.approx(lb[t].logprob, abs=2e-4) for t in la)
+
+
+def test_multiprocess_executor_at_size_one_gives_the_in_process_tokens(tiny_model_factory, single_llama):
+    llm = LLM(tiny_model_factory("llama"), distributed_executor_backend="mp", **KW)
+    try:
+        assert isinstance(llm.engine.executor, MultiprocExecutor) and llm.engine.executor.procs is None
+        prompts = prompts_for("llama", seed=1)
+        assert greedy(llm, prompts) == greedy(single_llama, prompts)
+    finally:
+        llm.engine.shutdown()
+
+
+def test_replicated_kv_heads_and_a_killed_worker(tiny_model_factory):
+    """Qwen2's one KV head is replicated on both ranks; then rank 1 is killed mid-generation."""
+    path = tiny_model_factory("qwen2")
+    prompts = prompts_for("qwen2")
+    expected = greedy(LLM(path, **KW), prompts)
+    llm = LLM(path, tensor_parallel_size=2, **KW)
+    try:
+        assert greedy(llm, prompts) == expected
+        executor = llm.engine.executor
+        pid = executor.procs.pids[1]
+        params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+        for i, p in enumerate(prompts):
+            llm.engine.add_request(f"long-{i}", p, params)
+        llm.engine.step()
+        os.kill(pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(WorkerDiedError, match=rf"rank 1 \(pid {pid}\) was killed by signal SIGKILL"):
+            while llm.engine.has_unfinished_requests():
+                llm.engine.step()
+        assert time.monotonic() - start < KILL_DEADLINE_S
+        assert executor.failure is not None
+        with pytest.raises(WorkerDiedError, match="rank 1"):  # the engine stays dead, and says why
+            llm.generate(prompts[:1], SamplingParams(max_tokens=2), use_tqdm=False)
+    finally:
+        llm.engine.shutdown()
+    assert not any(p.pid == pid for p in multiprocessing.active_children())
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(tensor_parallel_size=3), "does not divide the model's 4 attention heads"),
+    (dict(tensor_parallel_size=2, distributed_executor_backend="uni"), "needs one per rank"),
+    (dict(tensor_parallel_size=0), "positive"),
+    (dict(distributed_executor_backend="ray"), "use 'uni'"),
+])
+def test_impossible_sizes_are_refused_before_any_process_starts(tiny_model_factory, kwargs, match):
+    path = tiny_model_factory("llama")
+    before = {p.pid for p in multiprocessing.active_children()}
+    with pytest.raises(ValueError, match=match):
+        LLM(path, **KW, **kwargs)
+    assert {p.pid for p in multiprocessing.active_children()} <= before  # no worker was spawned
+
+
+def test_more_cpu_processes_than_cores_are_refused(tiny_model_factory, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    with pytest.raises(ValueError, match="exceed the 1 CPU cores"):
+        LLM(tiny_model_factory("llama"), tensor_parallel_size=2, **KW)
+
+
+TORCHRUN_SCRIPT = """
+import json, sys
+from nanovllm import LLM, SamplingParams
+llm = LLM(sys.argv[1], tensor_parallel_size=2, **json.loads(sys.argv[2]))  # ranks > 0 stay here, then exit
+outs = llm.generate(json.loads(sys.argv[3]), SamplingParams(temperature=0, max_tokens={n}, ignore_eos=True),
+                    use_tqdm=False)
+print("TOKENS", json.dumps([o.outputs[0].token_ids for o in outs]), flush=True)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_launch_runs_the_engine_on_rank_0(tiny_model_factory, tmp_path):
+    path = tiny_model_factory("qwen3")
+    prompts = prompts_for("qwen3")
+    expected = greedy(LLM(path, **KW), prompts)
+    script = tmp_path / "tp_script.py"
+    script.write_text(TORCHRUN_SCRIPT.format(n=NUM_TOKENS))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), str(script), path, json.dumps(KW), json.dumps(prompts)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=TORCHRUN_TIMEOUT_S)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    lines = [line for line in out.stdout.splitlines() if line.startswith("TOKENS")]
+    assert len(lines) == 1, out.stdout[-3000:]  # only rank 0 returns from LLM(...)
+    assert json.loads(lines[0].split(" ", 1)[1]) == expected
