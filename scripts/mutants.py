@@ -46,6 +46,7 @@ class Mutant:
 
 
 GEN = "tests/entrypoints/test_generation_features.py"
+TP_RANKS = "tests/worker/test_tensor_parallel_ranks.py"
 MUTANTS = [
     # ---- the five bugs the suite once let through (issue #20)
     Mutant(
@@ -160,6 +161,23 @@ MUTANTS = [
         "                    index = i * req.n + c.index\n",
         "                    index = i + c.index\n",
         ("tests/serve/test_streaming.py::test_several_prompts_streamed_with_echo",),
+    ),
+    # ---- tensor parallelism
+    Mutant(
+        "tp_tokens_not_broadcast", "ranks > 0 never receive rank 0's sampled tokens: under async scheduling "
+        "their next step embeds garbage token ids",
+        "nanovllm/worker/model_runner.py",
+        "                self.tp.broadcast_from_first(sampled)  # every rank feeds them to the next step\n",
+        "                pass\n",
+        (f"{TP_RANKS}::test_two_ranks_give_the_single_worker_results",),
+    ),
+    Mutant(
+        "tp_embedding_unmasked", "a rank looks up the tokens of another rank's vocabulary rows too (its row 0): "
+        "the all-reduce adds them in",
+        "nanovllm/layers/linear.py",
+        "        out.masked_fill_(outside.unsqueeze(-1), 0.0)\n",
+        "",
+        (f"{TP_RANKS}::test_two_ranks_give_the_single_worker_results",),
     ),
 ]
 
