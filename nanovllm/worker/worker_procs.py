@@ -68,8 +68,11 @@ class WorkerProcesses:
         except (EOFError, OSError):
             pass
         proc.join(REPORT_WAIT_S)
-        if not self._stopping:
-            self._on_death(describe_death(rank, proc.pid, proc.exitcode, report))
+        if self._stopping:
+            return
+        if report and "\n" in report.strip():  # the worker's traceback tail, for the log only
+            logger.error("tensor-parallel worker rank %d failed:\n%s", rank, report.strip())
+        self._on_death(describe_death(rank, proc.pid, proc.exitcode, report))
 
     def stop(self, graceful: bool) -> None:
         """Join the workers (`graceful`: they were told to stop), else terminate, then kill them."""
@@ -100,7 +103,8 @@ class WorkerProcesses:
 
 
 def describe_death(rank: int, pid: Optional[int], exitcode: Optional[int], report: Optional[str]) -> str:
-    """'tensor-parallel worker rank 1 (pid 123) was killed by signal SIGKILL' (+ its exception)."""
+    """'tensor-parallel worker rank 1 (pid 123) was killed by signal SIGKILL' (+ its exception's
+    first line: `report` is what the worker sent, its traceback tail after the first line)."""
     if exitcode is None:
         how = "stopped responding"
     elif exitcode < 0:
@@ -111,4 +115,5 @@ def describe_death(rank: int, pid: Optional[int], exitcode: Optional[int], repor
     else:
         how = f"exited with code {exitcode}"
     text = f"tensor-parallel worker rank {rank} (pid {pid}) {how}"
-    return f"{text}: {report.strip()}" if report else text
+    summary = report.strip().splitlines()[0] if report and report.strip() else ""
+    return f"{text}: {summary}" if summary else text

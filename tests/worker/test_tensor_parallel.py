@@ -58,13 +58,15 @@ def single_llama(tiny_model_factory):
 
 @pytest.fixture(scope="module")
 def tp_llama(tiny_model_factory):
-    llm = LLM(tiny_model_factory("llama"), tensor_parallel_size=2, **KW)
+    # async scheduling (the CUDA default): each step is launched before the previous one's
+    # tokens reach the host; rank 1 takes them from rank 0's broadcast on the device
+    llm = LLM(tiny_model_factory("llama"), tensor_parallel_size=2, async_scheduling=True, **KW)
     yield llm
     llm.engine.shutdown()
 
 
 def test_two_ranks_give_the_single_process_tokens(tp_llama, single_llama):
-    assert isinstance(tp_llama.engine.executor, MultiprocExecutor)
+    assert isinstance(tp_llama.engine.executor, MultiprocExecutor) and tp_llama.engine.async_scheduling
     assert tp_llama.engine.executor.info.tensor_parallel_size == 2
     prompts = prompts_for("llama")
     assert greedy(tp_llama, prompts) == greedy(single_llama, prompts)
@@ -165,3 +167,27 @@ def test_torchrun_launch_runs_the_engine_on_rank_0(tiny_model_factory, tmp_path)
     lines = [line for line in out.stdout.splitlines() if line.startswith("TOKENS")]
     assert len(lines) == 1, out.stdout[-3000:]  # only rank 0 returns from LLM(...)
     assert json.loads(lines[0].split(" ", 1)[1]) == expected
+
+
+def test_a_dead_worker_is_described_by_rank_pid_and_reason():
+    from nanovllm.worker.worker_procs import describe_death
+
+    killed = describe_death(1, 42, -signal.SIGKILL, None)
+    assert killed == "tensor-parallel worker rank 1 (pid 42) was killed by signal SIGKILL"
+    report = "ValueError: bad shard\nTraceback (most recent call last):\n  ...\nValueError: bad shard\n"
+    failed = describe_death(3, 7, 1, report)
+    assert failed == "tensor-parallel worker rank 3 (pid 7) exited with code 1: ValueError: bad shard"
+
+
+def test_ctrl_c_during_a_launch_is_delivered_after_it():
+    """A KeyboardInterrupt never lands between rank 0's publish and its own launch."""
+    from nanovllm.worker.executor import _SigintDeferred
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with _SigintDeferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the signal has been handled (held) by now
+            done.append("launch finished")
+    assert done == ["launch finished"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored

@@ -17,6 +17,9 @@ import torch
 import torch.distributed as dist
 
 from nanovllm.config import EngineConfig
+from nanovllm.kernels import gemv, reference
+from nanovllm.layers.kernel_options import KernelOptions, configure_kernels
+from nanovllm.layers.linear import Linear, gemv_shape, set_gemv_rows
 from nanovllm.loading import model_info as model_info_lib
 from nanovllm.loading.resolve import resolve_model
 from nanovllm.sampling_params import SamplingParams
@@ -159,3 +162,41 @@ def test_each_rank_holds_only_its_shard(tmp_path):
         real = min(911, (rank + 1) * 456) - rank * 456
         assert torch.equal(emb[:real], ref["model.embed_tokens.weight"][rank * 456: rank * 456 + real])
         assert not emb[real:].any()  # padding rows are zeros
+
+
+def test_skinny_gemm_dispatch_and_fused_prologues_serve_the_shards(tmp_path, monkeypatch):
+    """Decode steps take the skinny-GEMM paths on each rank's shard shapes, the RMSNorm and
+    SiLU-and-mul prologues fused (the row-parallel down_proj all-reduces the fused call's
+    output): the plain single worker's results. The three kernels are stood in for by their
+    torch references (the Triton interpreter is far too slow here; the kernels themselves are
+    tested against these references in tests/kernels/test_gemv.py)."""
+    path = build_tiny_model("qwen3", str(tmp_path / "qwen3"))
+    info = model_info(path)
+    config = EngineConfig(model=path, device="cpu", dtype="float32", block_size=BLOCK_SIZE, max_model_len=128)
+    single = run_steps(Worker(config, info))
+    calls = []
+
+    def stand_in(name, fn):
+        def call(*args, out=None, pdl=True):
+            calls.append((name, tuple(args[1 if name == "silu_mul" else (4 if name == "rms_norm" else 1)].shape)))
+            return fn(*args)
+        return call
+
+    monkeypatch.setattr(gemv, "skinny_gemm", stand_in("plain", reference.skinny_gemm_reference))
+    monkeypatch.setattr(gemv, "rms_norm_skinny_gemm", stand_in("rms_norm", reference.rms_norm_skinny_gemm_reference))
+    monkeypatch.setattr(gemv, "silu_mul_skinny_gemm", stand_in("silu_mul", reference.silu_mul_skinny_gemm_reference))
+
+    def rank(groups):
+        worker = Worker(config, info, tp=groups.tp, device=torch.device("cpu"))
+        configure_kernels(worker.model, KernelOptions(gemv_on_cpu=True))
+        set_gemv_rows(worker.model, {gemv_shape(m): 8 for m in worker.model.modules() if isinstance(m, Linear)})
+        return run_steps(worker)
+
+    ranks = run_ranks(2, rank)
+    assert_same_outputs(single, ranks[0])
+    # each rank's shard shapes (hidden 64, 2 of 4 q heads and 1 of 2 kv heads of 32, 40 of 80 MLP rows)
+    assert set(calls) == {("rms_norm", (128, 64)), ("rms_norm", (80, 64)), ("plain", (64, 64)),
+                          ("silu_mul", (64, 40)), ("plain", (502, 64))}
+    kinds = [kind for kind, _ in calls]  # decode steps only (the prefill's 43 rows are too many), per rank and layer
+    assert kinds.count("silu_mul") == 2 * 2 * NUM_DECODE_STEPS
+    assert kinds.count("rms_norm") == 2 * 2 * 2 * NUM_DECODE_STEPS
