@@ -200,3 +200,38 @@ def test_skinny_gemm_dispatch_and_fused_prologues_serve_the_shards(tmp_path, mon
     kinds = [kind for kind, _ in calls]  # decode steps only (the prefill's 43 rows are too many), per rank and layer
     assert kinds.count("silu_mul") == 2 * 2 * NUM_DECODE_STEPS
     assert kinds.count("rms_norm") == 2 * 2 * 2 * NUM_DECODE_STEPS
+
+
+def test_gguf_tensors_are_dequantized_then_sliced(tmp_path):
+    """A Q8_0 llama GGUF (Q/K rows stored in llama.cpp's permuted order): each rank dequantizes
+    a tensor whole, undoes the permutation, then keeps its rows or columns, so the two ranks
+    give the single worker's results and each holds exactly its slice of the single model."""
+    from gguf import GGMLQuantizationType
+
+    from loading.test_gguf_loader import HEADS, HIDDEN, KV_HEADS, write_tiny_model
+
+    path, _ = write_tiny_model(tmp_path / "tiny-q8.gguf", "llama", GGMLQuantizationType.Q8_0)
+    info = model_info(path)
+    config = EngineConfig(model=path, device="cpu", dtype="float32", block_size=BLOCK_SIZE, max_model_len=128)
+    single_worker = Worker(config, info)
+    full = {name: p.detach().clone() for name, p in single_worker.model.named_parameters()}
+    single = run_steps(single_worker)
+
+    def rank(groups):
+        worker = Worker(config, info, tp=groups.tp, device=torch.device("cpu"))
+        params = {name: p.detach().clone() for name, p in worker.model.named_parameters()}
+        return params, run_steps(worker)
+
+    ranks = run_ranks(2, rank)
+    assert_same_outputs(single, ranks[0][1])
+    hd, q_rows = HIDDEN // HEADS, HIDDEN // 2  # 2 of 4 q heads and 1 of 2 kv heads per rank
+    full_qkv = full["model.layers.0.self_attn.qkv_proj.weight"]  # [4 q + 2 k + 2 v heads, hidden]
+    for r, (params, _) in enumerate(ranks):
+        qkv = params["model.layers.0.self_attn.qkv_proj.weight"]
+        assert qkv.shape == (q_rows + 2 * hd, HIDDEN)
+        assert torch.equal(qkv[:q_rows], full_qkv[r * q_rows:(r + 1) * q_rows])
+        k0, v0 = HEADS * hd, (HEADS + KV_HEADS) * hd  # first k and v rows of the full tensor
+        assert torch.equal(qkv[q_rows:q_rows + hd], full_qkv[k0 + r * hd:k0 + (r + 1) * hd])
+        assert torch.equal(qkv[q_rows + hd:], full_qkv[v0 + r * hd:v0 + (r + 1) * hd])
+        down = params["model.layers.1.mlp.down_proj.weight"]  # row-parallel: input columns split
+        assert torch.equal(down, full["model.layers.1.mlp.down_proj.weight"][:, r * 256:(r + 1) * 256])
