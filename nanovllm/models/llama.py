@@ -121,6 +121,9 @@ class DecoderModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     qkv_bias = False
     qk_norm = False
+    # Its layers shard themselves over the tensor-parallel group (layers/linear.py); a family
+    # that does not say so is refused at tensor_parallel_size > 1 (worker/parallel.py).
+    supports_tensor_parallel = True
     # checkpoint name fragment -> (packed parameter fragment, shard)
     packed_modules_mapping = {
         "q_proj": ("qkv_proj", "q"),

@@ -192,8 +192,8 @@ class MultiprocExecutor(Executor):
         finally:
             self._calls -= 1
         self.info = self.worker.info()
-        logger.info("nanovllm: tensor parallelism over %d rank(s) (%s) on %s", world,
-                    "torchrun" if torchrun is not None else "spawned workers", self.info.device)
+        how = "torchrun" if torchrun is not None else ("spawned workers" if world > 1 else "this process only")
+        logger.info("nanovllm: tensor parallelism over %d rank(s) (%s) on %s", world, how, self.info.device)
 
     def _wait_ready(self) -> None:
         """Wait for every rank to reach the rendezvous, watching for a worker that dies first."""

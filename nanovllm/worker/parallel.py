@@ -155,6 +155,13 @@ def validate_parallel_config(config: EngineConfig, hf_config, torchrun: Optional
     """ValueError, saying what to change, when this engine cannot be split as asked (checked
     before any worker process starts)."""
     world = config.tensor_parallel_size
+    if world > 1:
+        from nanovllm.models.registry import resolve_model_class
+
+        model_cls = resolve_model_class(hf_config)
+        if not getattr(model_cls, "supports_tensor_parallel", False):
+            raise ValueError(f"{model_cls.__name__} cannot be split over ranks yet: run it with tensor_parallel_size=1 "
+                             f"(docs/models.md lists the families that support tensor parallelism)")
     num_heads = hf_config.num_attention_heads
     num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
     check_head_counts(num_heads, num_kv_heads, world)
