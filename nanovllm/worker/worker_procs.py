@@ -6,16 +6,22 @@ while the engine runs is reported once, to `on_death(message)`, with its rank, p
 or signal, and the exception it sent before exiting (worker_process.spawned_main). Each
 worker also holds the read end of a pipe whose write end lives here: when this process
 dies, however abruptly, the worker sees EOF and exits.
+
+A spawned worker runs nanovllm code only (its target and arguments are importable), so the
+user's script is not re-run in it: without that, a script that starts an engine at top level
+(no `if __name__ == "__main__":`) would start another engine inside every worker.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing.connection
 import signal
+import sys
 import threading
 import time
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -38,16 +44,17 @@ class WorkerProcesses:
         self._stopping = False
         ctx = torch.multiprocessing.get_context("spawn")
         self._wake_r, self._wake_w = ctx.Pipe(duplex=False)
-        for spec in specs:
-            report_r, report_w = ctx.Pipe(duplex=False)
-            alive_r, alive_w = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=spawned_main, name=f"nanovllm-tp-rank{spec.rank}", daemon=True,
-                               args=(spec, report_w, alive_r, num_threads))
-            proc.start()
-            report_w.close()
-            alive_r.close()
-            self._procs[spec.rank], self._reports[spec.rank] = proc, report_r
-            self._alive_pipes.append(alive_w)
+        with _main_module_not_rerun():
+            for spec in specs:
+                report_r, report_w = ctx.Pipe(duplex=False)
+                alive_r, alive_w = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=spawned_main, name=f"nanovllm-tp-rank{spec.rank}", daemon=True,
+                                   args=(spec, report_w, alive_r, num_threads))
+                proc.start()
+                report_w.close()
+                alive_r.close()
+                self._procs[spec.rank], self._reports[spec.rank] = proc, report_r
+                self._alive_pipes.append(alive_w)
         self._watchdog = threading.Thread(target=self._watch, name="nanovllm-tp-watchdog", daemon=True)
         self._watchdog.start()
 
@@ -102,6 +109,28 @@ class WorkerProcesses:
         self._reports, self._alive_pipes = {}, []
 
 
+@contextlib.contextmanager
+def _main_module_not_rerun() -> Iterator[None]:
+    """While workers start: multiprocessing's "spawn" re-runs `__main__` in each child when it
+    has a file (`__spec__` None) or imports it by name (`python -m`); hide both so the child
+    only unpickles nanovllm objects. Restored at once: `start()` reads them synchronously."""
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    missing = object()
+    saved = {name: getattr(main, name, missing) for name in ("__spec__", "__file__")}
+    try:
+        main.__spec__ = None
+        if saved["__file__"] is not missing:
+            del main.__file__
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is not missing:
+                setattr(main, name, value)
+
+
 def describe_death(rank: int, pid: Optional[int], exitcode: Optional[int], report: Optional[str]) -> str:
     """'tensor-parallel worker rank 1 (pid 123) was killed by signal SIGKILL' (+ its exception's
     first line: `report` is what the worker sent, its traceback tail after the first line)."""
@@ -116,4 +145,8 @@ def describe_death(rank: int, pid: Optional[int], exitcode: Optional[int], repor
         how = f"exited with code {exitcode}"
     text = f"tensor-parallel worker rank {rank} (pid {pid}) {how}"
     summary = report.strip().splitlines()[0] if report and report.strip() else ""
-    return f"{text}: {summary}" if summary else text
+    if summary:
+        return f"{text}: {summary}"
+    if exitcode is not None and exitcode > 0:  # it failed before it could report (e.g. while starting)
+        return f"{text} before reporting an error (its own output above says why)"
+    return text

@@ -192,6 +192,9 @@ def test_a_dead_worker_is_described_by_rank_pid_and_reason():
     report = "ValueError: bad shard\nTraceback (most recent call last):\n  ...\nValueError: bad shard\n"
     failed = describe_death(3, 7, 1, report)
     assert failed == "tensor-parallel worker rank 3 (pid 7) exited with code 1: ValueError: bad shard"
+    silent = describe_death(2, 9, 1, None)  # e.g. died while its interpreter started
+    assert silent == "tensor-parallel worker rank 2 (pid 9) exited with code 1 before reporting an error " \
+                     "(its own output above says why)"
 
 
 def test_ctrl_c_during_a_launch_is_delivered_after_it():
@@ -206,3 +209,45 @@ def test_ctrl_c_during_a_launch_is_delivered_after_it():
             done.append("launch finished")
     assert done == ["launch finished"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+CTRL_C_SCRIPT = """
+import json, sys
+from nanovllm import LLM, SamplingParams
+llm = LLM(sys.argv[1], tensor_parallel_size=2, **json.loads(sys.argv[2]))
+print("READY", json.dumps(list(llm.engine.executor.procs.pids.values())), flush=True)
+params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+while True:
+    llm.generate([{"prompt_token_ids": [5, 6, 7]}] * 4, params, use_tqdm=False)
+"""
+
+
+def test_ctrl_c_stops_the_engine_and_its_workers(tiny_model_factory, tmp_path):
+    """Ctrl-C in a terminal signals the whole foreground process group: the workers ignore it,
+    the engine process raises KeyboardInterrupt, stops its workers on the way out and exits
+    within seconds; no worker is left and none is reported as having died."""
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(CTRL_C_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, str(script), tiny_model_factory("llama"), json.dumps(KW)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)  # its own process group, as a terminal's job
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("READY"), line + proc.stderr.read()[-3000:]
+        workers = json.loads(line.split(" ", 1)[1])
+        time.sleep(1.0)  # mid-generation
+        os.killpg(proc.pid, signal.SIGINT)
+        start = time.monotonic()
+        proc.wait(timeout=60)
+        elapsed = time.monotonic() - start
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert elapsed < KILL_DEADLINE_S, err[-3000:]
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err, err[-3000:]
+    assert "tensor-parallel worker rank" not in err, err[-3000:]  # a clean stop, not a death
+    for pid in workers:
+        assert not Path(f"/proc/{pid}").exists(), f"worker {pid} outlived the engine"
