@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU issue's checks and benchmarks in one device call; logs and CSVs to $OUT.
-#   bash benchmarks/gpu_suite.sh [tests] [testsrev] [kernels] [gemv] [gemvcfg] [bench] [tput] [ab] [sync] [nopdl] [base] [trace] [tp] [tp1mp] [tp2] [bench8b] [hf] [serve] [profile]
+#   bash benchmarks/gpu_suite.sh [warm] [tests] [testsrev] [kernels] [gemv] [gemvcfg] [bench] [tput] [ab] [sync] [nopdl] [base] [trace] [tp] [tp1mp] [tp2] [bench8b] [hf] [serve] [profile]
 set -uo pipefail
 DEST=${OUT:-/tmp/nanovllm-out}; OUT=/tmp/suite-logs; mkdir -p "$OUT" "$DEST"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
@@ -10,13 +10,17 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 nv="python3 -m nanovllm.cli.main"
 # Every test file with GPU-marked tests, in file order: `tests` runs them in one process in this
 # order, `testsrev` in the reverse order (no state may leak from one engine or test to the next).
-gpu_test_files="tests/gpu/test_gpu_engine.py tests/gpu/test_gpu_tensor_parallel.py $(ls tests/kernels/test_*.py) tests/worker/test_staging.py"
+gpu_test_files="tests/gpu/test_gpu_engine.py tests/gpu/test_gpu_tensor_parallel.py $(grep -rlE 'mark\.gpu|kernel_params' tests --include='test_*.py' | grep -v '^tests/gpu/' | sort)"
 for s in $steps; do
   echo "=================== $s (t=${SECONDS}s)"
   case $s in
-    tests)   timeout 420 python3 -m pytest -q -m gpu -p no:randomly -p no:cacheprovider $gpu_test_files 2>&1 \
+    warm)    # fills Triton's compile and autotune caches in parallel (kernel tests only: engine tests would
+             # share the GPU's memory), so that the single-process runs below time the tests, not the compiler
+             timeout ${WARM_TIMEOUT:-200} python3 -m pytest -q -m gpu -n ${WARM_PROCS:-8} -p no:randomly -p no:cacheprovider \
+                 $(printf '%s\n' $gpu_test_files | grep '^tests/kernels/') 2>&1 | tee "$OUT/gpu_warm.log" | tail -6 ;;
+    tests)   timeout ${TESTS_TIMEOUT:-420} python3 -m pytest -q -m gpu --durations=15 -p no:randomly -p no:cacheprovider $gpu_test_files 2>&1 \
                  | tee "$OUT/gpu_tests.log" | tail -15 ;;
-    testsrev) timeout 420 python3 -m pytest -q -m gpu -p no:randomly -p no:cacheprovider \
+    testsrev) timeout ${TESTS_TIMEOUT:-420} python3 -m pytest -q -m gpu --durations=15 -p no:randomly -p no:cacheprovider \
                  $(printf '%s\n' $gpu_test_files | tac) 2>&1 | tee "$OUT/gpu_tests_reversed.log" | tail -15 ;;
     kernels) timeout 300 python3 -m pytest -q -m gpu ${KERNEL_TESTS:-tests/kernels} -p no:cacheprovider 2>&1 | tee "$OUT/kernel_tests.log" | tail -8 ;;
     gemvcfg) timeout 300 python3 benchmarks/gemv_configs.py ${GEMVCFG_ARGS:-} 2>&1 | tee "$OUT/gemv_configs.log" | grep -v "^INFO" ;;
