@@ -146,6 +146,29 @@ def test_a_family_without_parallel_layers_is_refused_at_size_two(tiny_model_fact
     assert {p.pid for p in multiprocessing.active_children()} <= before
 
 
+@pytest.mark.parametrize("device,world,torchrun,match", [
+    ("cuda", 2, None, "tensor_parallel_size=2 exceeds the 1 visible GPU"),
+    ("cuda:0", 2, None, "names one GPU but tensor_parallel_size=2"),
+    ("cuda", 2, (1, 3, 2), "LOCAL_RANK=3 but this host sees 1 GPU"),
+    ("cuda", 2, (0, 0, 4), r"torchrun started 4 processes \(WORLD_SIZE\) but tensor_parallel_size=2"),
+])
+def test_gpu_layouts_that_cannot_work_are_refused(tiny_model_factory, monkeypatch, device, world, torchrun, match):
+    """The GPU checks, on a machine made to look like it has one GPU (they read only counts)."""
+    from nanovllm.config import EngineConfig
+    from nanovllm.envs import TorchrunEnv
+    from nanovllm.worker.parallel import validate_parallel_config
+    from transformers import AutoConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    path = tiny_model_factory("llama")
+    config = EngineConfig(model=path, device=device, tensor_parallel_size=world)
+    env = TorchrunEnv(*torchrun, "127.0.0.1", 29500) if torchrun else None
+    with pytest.raises(ValueError, match=match):
+        validate_parallel_config(config, AutoConfig.from_pretrained(path), env)
+    validate_parallel_config(EngineConfig(model=path, device="cuda"), AutoConfig.from_pretrained(path), None)  # fits
+
+
 def test_more_cpu_processes_than_cores_are_refused(tiny_model_factory, monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 1)
     with pytest.raises(ValueError, match="exceed the 1 CPU cores"):
