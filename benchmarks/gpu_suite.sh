@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU issue's checks and benchmarks in one device call; logs and CSVs to $OUT.
-#   bash benchmarks/gpu_suite.sh [warm] [tests] [testsrev] [kernels] [gemv] [gemvcfg] [bench] [tput] [ab] [sync] [nopdl] [base] [trace] [tp] [tp1mp] [tp2] [bench8b] [hf] [serve] [profile]
+#   bash benchmarks/gpu_suite.sh [warm] [tests] [testsrev] [kernels] [gemv] [gemvcfg] [bench] [tput] [ab] [sync] [nopdl] [base] [trace] [tp] [tp1mp] [tp2] [bench8b] [hf] [serve] [profile] [moe]
 set -uo pipefail
 DEST=${OUT:-/tmp/nanovllm-out}; OUT=/tmp/suite-logs; mkdir -p "$OUT" "$DEST"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
@@ -92,6 +92,15 @@ for s in $steps; do
     trace)   # batch-1 Chrome trace (kernel gaps, work outside the graph) and a PDL-off 8B breakdown
              timeout 90 python3 benchmarks/profile_decode.py --batch 1 --trace "$OUT/trace_b1.json" 2>&1 | grep -v "^INFO" | tail -19
              NANOVLLM_PDL=0 timeout 120 python3 benchmarks/profile_decode.py --model benchmarks/configs/qwen3-8b --batch 1 2>&1 | grep -v "^INFO" | tail -19 ;;
+    moe)     # model families (#22): the GPU-marked MoE and Gemma kernel tests and every family's HF parity on
+             # CUDA, the 30B-A3B-shaped MoE layer (Triton vs reference), batch-1 latency + throughput of a
+             # ~1B-total random Qwen3-MoE
+             timeout 150 python3 -m pytest -q -m gpu -p no:randomly -p no:cacheprovider tests/kernels/test_fused_moe.py \
+                 tests/kernels/test_gemma_kernels.py tests/models/test_model_families.py 2>&1 | tee "$OUT/moe_tests.log" | tail -5
+             timeout 60 python3 benchmarks/moe_bench.py --tokens 1 16 256 4096 2>&1 | tee "$OUT/moe_layer.log"
+             timeout 60 $nv bench latency --model benchmarks/configs/qwen3-moe-1b --output-len 256 2>&1 | tee "$OUT/moe_latency.log" | tail -2
+             timeout 90 $nv bench throughput --model benchmarks/configs/qwen3-moe-1b --num-seqs 128 --max-model-len 2048 \
+                 2>&1 | tee "$OUT/moe_throughput.log" | tail -3 ;;
     profile) for b in ${PROFILE_BATCHES:-1 64 256}; do timeout 90 python3 benchmarks/profile_decode.py --batch $b 2>&1 | grep -v "^INFO" | tail -19; done 2>&1 | tee "$OUT/profile.log" ;;
   esac
 done

@@ -22,6 +22,7 @@ the device. This module imports nothing of nanovllm but sampling_params and outp
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from nanovllm.outputs import Logprob
 from nanovllm.sampling_params import SamplingParams
@@ -86,6 +87,12 @@ class WorkerInfo:
     cuda_graphs: bool  # decode batches replay captured CUDA graphs
     cpu_fp16_weights: bool  # CPU GEMMs read fp16-packed weights
     tensor_parallel_size: int = 1  # ranks the model is split over (the other fields: rank 0's)
+    # every attention layer's keys end this far back (the widest window): the KV cache frees
+    # blocks before it; None when any layer attends to the whole context
+    kv_sliding_window: Optional[int] = None
+    # what one token's decode step reads: as param_bytes, but a sparse MoE layer counts only
+    # top_k of its E experts (0 = not reported: use param_bytes)
+    active_param_bytes: int = 0
 
     @property
     def is_cuda(self) -> bool:

@@ -98,7 +98,8 @@ class LLMEngine:
         self.executor = Executor.create(config, self.model_info, step_timer=self.step_timer)
         info = self.executor.info
         num_blocks = self.executor.num_kv_blocks
-        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                                 sliding_window=info.kv_sliding_window)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, max(config.max_num_batched_tokens, 1), self.max_model_len,
                             config.enable_chunked_prefill),
@@ -108,6 +109,7 @@ class LLMEngine:
         self.input_processor = InputProcessor(
             self.tokenizer, self.hf_config.vocab_size, self.max_model_len, config.max_num_seqs,
             num_blocks, config.block_size, config.max_num_batched_tokens, config.enable_chunked_prefill,
+            sliding_window=info.kv_sliding_window,
         )
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else info.is_cuda)

@@ -129,6 +129,7 @@ class Scheduler:
             if num_new <= 0:
                 i += 1
                 continue
+            self.kv.free_out_of_window(req)  # sliding-window models: blocks no token will read again
             while not self.kv.allocate_slots(req, num_new):
                 victim = self.running[-1]
                 self._preempt(victim, out)
@@ -185,6 +186,7 @@ class Scheduler:
             if not self.kv.allocate_slots(req, num_new, cached_blocks):
                 req.num_computed_tokens = 0
                 break
+            self.kv.free_out_of_window(req)  # cached prefix blocks before the window of its first new token
             self.waiting.popleft()
             if req.num_preemptions == 0:
                 self.kv.record_prefix_lookup(req.num_tokens, num_cached)

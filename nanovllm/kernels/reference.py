@@ -72,12 +72,15 @@ def paged_attention(
     scale: float,
     sliding_window: Optional[int] = None,
     out: Optional[torch.Tensor] = None,
+    softcap: Optional[float] = None,
 ) -> torch.Tensor:
     """Causal attention of the new tokens over their sequence's paged K/V (already stored).
 
     Query token at absolute position p attends to keys at positions max(0, p - W + 1) .. p
     (W = sliding_window, or all of them when None). GQA: query head h reads KV head
-    h // (num_heads // num_kv_heads). Computed in fp32, returned in the query's dtype.
+    h // (num_heads // num_kv_heads). With `softcap` (Gemma 2) the scaled scores become
+    `softcap * tanh(scores / softcap)` before the mask and softmax. Computed in fp32,
+    returned in the query's dtype.
     """
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = k_cache.shape[1]
@@ -101,11 +104,18 @@ def paged_attention(
         allowed = k_pos[None, :] <= q_pos[:, None]  # [q_len, S]
         if sliding_window is not None:
             allowed &= k_pos[None, :] > q_pos[:, None] - sliding_window
-        scores = torch.matmul(q, k.transpose(1, 2)) * scale  # [H, q_len, S]
+        scores = soft_cap(torch.matmul(q, k.transpose(1, 2)) * scale, softcap)  # [H, q_len, S]
         scores = scores.masked_fill(~allowed, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[start:end] = torch.matmul(probs, v).transpose(0, 1).to(out.dtype)  # [q_len, H, D]
     return out
+
+
+def soft_cap(scores: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
+    """`softcap * tanh(scores / softcap)` (Gemma 2's attention and final-logit capping); None: unchanged."""
+    if softcap is None:
+        return scores
+    return torch.tanh(scores / softcap) * softcap
 
 
 def merge_attention_states(
@@ -210,6 +220,26 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """[..., 2 * d] -> silu(x[..., :d]) * x[..., d:]."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """[..., 2 * d] -> gelu_tanh(x[..., :d]) * x[..., d:] (Gemma's GeGLU, `gelu_pytorch_tanh`)."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
+def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's RMSNorm: x / rms(x) * (1 + weight), all in fp32, rounded once to x's dtype (HF
+    Gemma order; the checkpoint stores weight - 1, so a zero weight is the identity scale)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return (xf * (1.0 + weight.float())).to(x.dtype)
+
+
+def gemma_fused_add_rms_norm(x, residual, weight, eps) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual' = x + residual (rounded to x's dtype); returns (gemma_rms_norm(residual'), residual')."""
+    new_residual = (x.float() + residual.float()).to(x.dtype)
+    return gemma_rms_norm(new_residual, weight, eps), new_residual
 
 
 # ----------------------------------------------------------------------------- sampling

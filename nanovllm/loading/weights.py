@@ -5,6 +5,11 @@ which (`param.tp_shard`, a `layers.partition.ParamShard`): the loader checks the
 full extent, then reads only that slice (safetensors: just those bytes; GGUF tensors are
 dequantized whole, then sliced) and hands it to the parameter's `weight_loader`.
 
+A model may translate its checkpoint's tensors first (`remap_checkpoint_tensor(name, tensor)`
+yielding `(name, tensor)` or `(parameter name, tensor, shard)`): GPT-2's transposed Conv1D
+weights, Phi-3's fused qkv split into q/k/v, MoE experts into slices of stacked weights. A
+parameter that takes several shards names them in `expected_shards` (the stacked experts).
+
 Errors name the file and the tensor: a wrong shape, an unexpected tensor or a missing one
 is a ValueError, never a silent partial load.
 """
@@ -29,32 +34,51 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, Any, str]]) -> N
     params = dict(model.named_parameters(remove_duplicate=False))
     packed = getattr(model, "packed_modules_mapping", {})
     tied = getattr(model, "tie_word_embeddings", False)
+    remap = getattr(model, "remap_checkpoint_tensor", None)
+    ignored = IGNORED_SUFFIXES + tuple(getattr(model, "ignored_checkpoint_suffixes", ()))
     loaded: set[str] = set()
-    for name, tensor, source in tensors:
-        if name.endswith(IGNORED_SUFFIXES):
+    for checkpoint_name, checkpoint_tensor, source in tensors:
+        if checkpoint_name.endswith(ignored):
             continue
-        if tied and name == "lm_head.weight":
-            continue  # tied: the embedding is the head
-        target, shard = name, None
+        try:
+            if remap:  # a remap computes on whole tensors (transpose, split): read it whole first
+                entries = remap(checkpoint_name, read_shard(checkpoint_tensor, None, None, checkpoint_name))
+            else:
+                entries = [(checkpoint_name, checkpoint_tensor)]
+            for entry in entries:
+                _load_one(model, params, packed, tied, loaded, *entry)
+        except WeightShapeError as e:
+            raise ValueError(f"{source}: {e}") from None
+        except _Foreign as e:
+            raise ValueError(f"{source}: tensor {e.args[0]!r} does not belong to {type(model).__name__}") from None
+    _check_complete(model, params, packed, loaded, tied)
+
+
+class _Foreign(KeyError):
+    """A checkpoint tensor with no parameter to go to."""
+
+
+def _load_one(model, params, packed, tied, loaded, name, tensor, shard=_Foreign) -> None:
+    if tied and name == "lm_head.weight":
+        return  # tied: the embedding is the head
+    target = name
+    if shard is _Foreign:  # not placed by the model's remap: the packed-projection names apply
+        shard = None
         for fragment, (packed_fragment, packed_shard) in packed.items():
             if f".{fragment}." in name:
                 target, shard = name.replace(f".{fragment}.", f".{packed_fragment}."), packed_shard
                 break
-        param = params.get(target)
-        if param is None:
-            raise ValueError(f"{source}: tensor {name!r} does not belong to {type(model).__name__}")
-        loader = getattr(param, "weight_loader", default_weight_loader)
-        try:
-            part = read_shard(tensor, getattr(param, "tp_shard", None), shard, name)
-            with torch.no_grad():
-                if part is None:  # this rank holds none of it (a row-parallel bias on ranks > 0)
-                    param.data.zero_()
-                else:
-                    loader(param, part.to(param.dtype), shard, name=name)
-        except WeightShapeError as e:
-            raise ValueError(f"{source}: {e}") from None
-        loaded.add(f"{target}:{shard}")
-    _check_complete(model, params, packed, loaded, tied)
+    param = params.get(target)
+    if param is None:
+        raise _Foreign(name)
+    loader = getattr(param, "weight_loader", default_weight_loader)
+    part = read_shard(tensor, getattr(param, "tp_shard", None), shard, name)
+    with torch.no_grad():
+        if part is None:  # this rank holds none of it (a row-parallel bias on ranks > 0)
+            param.data.zero_()
+        else:
+            loader(param, part.to(param.dtype), shard, name=name)
+    loaded.add(f"{target}:{shard}")
 
 
 def read_shard(tensor: Any, spec: Optional[ParamShard], shard, name: str) -> Optional[torch.Tensor]:
@@ -79,11 +103,14 @@ def _check_complete(model, params, packed, loaded, tied) -> None:
     for fragment, (packed_fragment, shard) in packed.items():
         shards_of.setdefault(packed_fragment, []).append(shard)
     missing = []
-    for name in params:
+    for name, param in params.items():
         if tied and name == "lm_head.weight":
+            continue
+        if f"{name}:None" in loaded:  # loaded whole (a checkpoint that stores it packed)
             continue
         packed_fragment = next((p for p in shards_of if f".{p}." in name), None)
         shards = shards_of[packed_fragment] if packed_fragment else [None]
+        shards = getattr(param, "expected_shards", shards)
         missing += [f"{name}:{s}" if s is not None else name for s in shards if f"{name}:{s}" not in loaded]
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""

@@ -92,7 +92,7 @@ class ModelRunner:
     def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         caches = []
         for attn in self.model.attention_layers():
-            shape = (num_blocks, attn.num_kv_heads, self.block_size, attn.head_dim)
+            shape = (num_blocks, attn.num_kv_heads, self.block_size, attn.cache_head_dim)
             k = torch.zeros(shape, dtype=self.dtype, device=self.device)
             v = torch.zeros(shape, dtype=self.dtype, device=self.device)
             attn.k_cache, attn.v_cache = k, v

@@ -28,12 +28,20 @@ from nanovllm.loading import model_loader
 from nanovllm.loading.model_info import ModelInfo
 from nanovllm.layers.kernel_options import KernelOptions, configure_kernels
 from nanovllm.layers.linear import set_gemv_rows
+from nanovllm.layers.moe import active_param_bytes
 from nanovllm.layers.tp_group import SINGLE, TPGroup
 from nanovllm.step_io import StepInput, StepOutput, WorkerInfo
 from nanovllm.worker import memory
 from nanovllm.worker.model_runner import LaunchedStep, ModelRunner
 
 logger = logging.getLogger("nanovllm")
+
+
+def kv_sliding_window(model) -> Optional[int]:
+    """The widest sliding window when every attention layer has one (Mistral), else None (any
+    global layer, as in Gemma, reads the whole context: no KV block may be freed early)."""
+    windows = [a.sliding_window for a in model.attention_layers()]
+    return None if not windows or None in windows else max(windows)
 
 
 class Worker:
@@ -105,6 +113,8 @@ class Worker:
             cuda_graphs=self.runner is not None and self.runner.cuda_graphs is not None,
             cpu_fp16_weights=self.cpu_fp16_weights,
             tensor_parallel_size=self.tp.world_size,
+            kv_sliding_window=kv_sliding_window(self.model),
+            active_param_bytes=active_param_bytes(unique.values(), self.model),
         )
 
     # ------------------------------------------------------------------ steps
