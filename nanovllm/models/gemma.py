@@ -127,6 +127,7 @@ class GemmaModel(nn.Module):
 
 class Gemma2ForCausalLM(nn.Module):
     qk_norm = False
+    supports_tensor_parallel = False  # o_proj / down_proj are not row-parallel yet (worker/parallel.py refuses)
     packed_modules_mapping = LlamaForCausalLM.packed_modules_mapping
 
     def __init__(self, cfg, max_positions: int) -> None:

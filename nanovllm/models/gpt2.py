@@ -98,6 +98,7 @@ class GPT2Model(nn.Module):
 
 class GPT2LMHeadModel(nn.Module):
     packed_modules_mapping: dict = {}
+    supports_tensor_parallel = False  # c_fc / c_proj are not split yet (worker/parallel.py refuses)
     # the causal-mask buffers older checkpoints carry
     ignored_checkpoint_suffixes = (".attn.bias", ".attn.masked_bias")
     tie_word_embeddings = True

@@ -124,6 +124,8 @@ def assert_same_outputs(single, parallel):
     ("qwen3", {}),  # head_dim 32 != hidden / heads, q/k RMSNorm per head
     ("llama_tied_llama3rope", {}),  # tied embedding / LM head over a padded vocabulary (777 -> 778)
     ("llama", {"intermediate_size": 101, "vocab_size": 1001}),  # odd MLP split (51 + 50 rows) and vocab padding
+    ("mistral_window", {}),  # sliding-window attention on each rank's heads
+    ("phi3_longrope", {}),  # fused qkv / gate_up checkpoint tensors split by the model, then sliced per rank
 ])
 def test_two_ranks_give_the_single_worker_results(name, overrides, tmp_path):
     path = build_tiny_model(name, str(tmp_path / name), **overrides)
