@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU issue's checks and benchmarks in one device call; logs and CSVs to $OUT.
-#   bash benchmarks/gpu_suite.sh [warm] [tests] [testsrev] [kernels] [gemv] [gemvcfg] [bench] [tput] [ab] [sync] [nopdl] [base] [trace] [tp] [tp1mp] [tp2] [bench8b] [hf] [serve] [profile] [moe]
+#   bash benchmarks/gpu_suite.sh [warm] [tests] [testsrev] [kernels] [gemv] [gemvcfg] [bench] [tput] [ab] [sync] [nopdl] [base] [trace] [tp] [tp1mp] [tp2] [bench8b] [hf] [serve] [profile] [moe] [prefix]
 set -uo pipefail
 DEST=${OUT:-/tmp/nanovllm-out}; OUT=/tmp/suite-logs; mkdir -p "$OUT" "$DEST"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
@@ -10,7 +10,7 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 nv="python3 -m nanovllm.cli.main"
 # Every test file with GPU-marked tests, in file order: `tests` runs them in one process in this
 # order, `testsrev` in the reverse order (no state may leak from one engine or test to the next).
-gpu_test_files="tests/gpu/test_gpu_engine.py tests/gpu/test_gpu_tensor_parallel.py $(grep -rlE 'mark\.gpu|kernel_params' tests --include='test_*.py' | grep -v '^tests/gpu/' | sort)"
+gpu_test_files="tests/gpu/test_gpu_engine.py $(grep -rlE 'mark\.gpu|kernel_params' tests --include='test_*.py' | grep -v '^tests/gpu/test_gpu_engine.py' | sort)"
 for s in $steps; do
   echo "=================== $s (t=${SECONDS}s)"
   case $s in
@@ -101,6 +101,10 @@ for s in $steps; do
              timeout 60 $nv bench latency --model benchmarks/configs/qwen3-moe-1b --output-len 256 2>&1 | tee "$OUT/moe_latency.log" | tail -2
              timeout 90 $nv bench throughput --model benchmarks/configs/qwen3-moe-1b --num-seqs 128 --max-model-len 2048 \
                  2>&1 | tee "$OUT/moe_throughput.log" | tail -3 ;;
+    prefix)  # cascade attention (#24): its GPU tests, then `bench prefix` at Qwen3-0.6B shapes (CSV + PNG to $OUT)
+             timeout 120 python3 -m pytest -q -m gpu -p no:randomly -p no:cacheprovider tests/kernels/test_cascade_attention.py \
+                 tests/gpu/test_cascade_gpu.py 2>&1 | tee "$OUT/prefix_tests.log" | tail -8
+             timeout 270 $nv bench prefix --model benchmarks/configs/qwen3-0.6b 2>&1 | tee "$OUT/prefix.log" | grep -v "^INFO" | tail -12 ;;
     profile) for b in ${PROFILE_BATCHES:-1 64 256}; do timeout 90 python3 benchmarks/profile_decode.py --batch $b 2>&1 | grep -v "^INFO" | tail -19; done 2>&1 | tee "$OUT/profile.log" ;;
   esac
 done

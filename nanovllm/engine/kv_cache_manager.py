@@ -83,6 +83,11 @@ class KVCacheManager:
         """Fraction of blocks referenced by live requests (cached-but-free blocks count as free)."""
         return 1.0 - self.num_free_blocks / self.num_blocks
 
+    @property
+    def hit_rate(self) -> float:
+        """Prompt tokens found in the prefix cache / prompt tokens looked up (0 before any lookup)."""
+        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
+
     def blocks_of(self, request_id: str) -> list[int]:
         return self.req_blocks.get(request_id, [])
 
@@ -178,7 +183,9 @@ class KVCacheManager:
         blocks = self.req_blocks.get(req.request_id)
         if not blocks:
             return
-        num_full = min(req.num_computed_tokens // self.block_size, len(blocks))
+        # Async scheduling counts a launched step's tokens as computed before their values are
+        # known: a block is hashed only once every token in it is known.
+        num_full = min(min(req.num_computed_tokens, req.num_known_tokens) // self.block_size, len(blocks))
         self._register_blocks(req, blocks, num_full)
 
     def _register_blocks(self, req: Request, blocks: list[int], num_full: int) -> None:

@@ -102,7 +102,7 @@ class LLMEngine:
                                  sliding_window=info.kv_sliding_window)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, max(config.max_num_batched_tokens, 1), self.max_model_len,
-                            config.enable_chunked_prefill),
+                            config.enable_chunked_prefill, config.max_prefill_tokens_while_decoding),
             self.kv,
         )
         self.step_builder = StepBuilder(self.scheduler)
@@ -378,6 +378,7 @@ class LLMEngine:
             "num_blocks": self.kv.num_blocks,
             "prefix_cache_queries": self.kv.prefix_queries,
             "prefix_cache_hits": self.kv.prefix_hits,
+            "prefix_cache_hit_rate": self.kv.hit_rate,
             "prompt_tokens_total": self.num_prompt_tokens_total,
             "generation_tokens_total": self.num_generation_tokens_total,
             "preemptions_total": self.num_preemptions_total,

@@ -26,7 +26,9 @@ from the tensor, so a CUDA graph captured with an upper bound (`max_seq_len`,
 `num_splits`) stays right when the lengths change between replays.
 
 Softmax runs in base 2 (`exp2`, scores pre-multiplied by log2(e)) with fp32 statistics and
-an fp32 accumulator; log-sum-exp values that leave a kernel are natural logs.
+an fp32 accumulator; log-sum-exp values that leave a kernel are natural logs. Both kernels
+can also write each query row's log-sum-exp (`lse_out`), so that their result over part of
+the keys merges with another part's (cascade attention, kernels/cascade_attention.py).
 
 Soft-capping (Gemma 2: `cap * tanh(scale * q.k / cap)` before the softmax) and the sliding
 window are per-layer settings: `USE_SOFTCAP` / `USE_WINDOW` are constexprs, so a layer
@@ -126,6 +128,20 @@ def _check_common(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         raise ValueError(f"block_size must be a power of two, got {block_size}")
     if query.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("the last (head_dim) dimension of query and caches must be contiguous")
+
+
+def _check_lse_out(query: torch.Tensor, lse_out: Optional[torch.Tensor]) -> None:
+    if lse_out is not None and (lse_out.shape != query.shape[:2] or lse_out.dtype != torch.float32
+                                or not lse_out.is_contiguous()):
+        raise ValueError(f"lse_out must be a contiguous fp32 [num_tokens, num_heads] = {tuple(query.shape[:2])} "
+                         f"tensor, got {lse_out.dtype} {tuple(lse_out.shape)}")
+
+
+@triton.jit
+def _natural_lse(m_i, l_i):
+    """Natural-log sum-exp of rows from their base-2 running max and sum (-inf: no keys)."""
+    has_keys = l_i > 0.0
+    return tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
 
 
 # ----------------------------------------------------------------------------- merge
@@ -289,6 +305,7 @@ def _attend_tile(
 @triton.jit(do_not_specialize=["num_seqs", "num_tiles", "window", "stride_bt_seq"])  # vary per step: no recompiles
 def _unified_attention_kernel(
     out_ptr,  # [num_tokens, num_heads, head_dim]
+    lse_ptr,  # [num_tokens, num_heads] fp32 natural-log sum-exp of each row (WRITE_LSE)
     q_ptr,  # [num_tokens, num_heads, head_dim]
     k_cache_ptr,  # [num_blocks, num_kv_heads, block_size, head_dim]
     v_cache_ptr,  # [num_blocks, num_kv_heads, block_size, head_dim]
@@ -315,6 +332,7 @@ def _unified_attention_kernel(
     USE_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
+    WRITE_LSE: tl.constexpr = False,
 ):
     # Flat grid, KV head fastest and tiles in reverse: the last tiles of a sequence see the
     # most keys, so the longest programs start first and the short ones fill the tail.
@@ -381,11 +399,15 @@ def _unified_attention_kernel(
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     o_rows = (q_start + tok).to(tl.int64) * stride_o_tok + head * stride_o_head
     tl.store(out_ptr + o_rows[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    if WRITE_LSE:
+        lse_rows = (q_start + tok).to(tl.int64) * (num_kv_heads * GROUP) + head
+        tl.store(lse_ptr + lse_rows, _natural_lse(m_i, l_i), mask=row_ok)
 
 
 def _launch_unified(
     query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window, out,
     block_m: int, tile_n: int, num_warps: int, num_stages: int, softcap: Optional[float] = None,
+    lse_out: Optional[torch.Tensor] = None,
 ) -> None:
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
@@ -396,7 +418,7 @@ def _launch_unified(
     num_tiles = num_tokens // block_q + num_seqs  # upper bound, no host sync (see _find_seq)
     qk_scale, cap_log2 = _score_scales(scale, softcap)
     _unified_attention_kernel[(num_tiles * num_kv_heads,)](
-        out, query, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
+        out, out if lse_out is None else lse_out, query, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
         num_seqs, num_tiles, num_kv_heads, qk_scale, sliding_window or 0, cap_log2,
         query.stride(0), query.stride(1),
         out.stride(0), out.stride(1),
@@ -406,7 +428,7 @@ def _launch_unified(
         GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
         BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n,
         USE_WINDOW=sliding_window is not None, DOT_PRECISION=_dot_precision(query.dtype),
-        USE_SOFTCAP=softcap is not None, num_warps=num_warps, num_stages=num_stages,
+        USE_SOFTCAP=softcap is not None, WRITE_LSE=lse_out is not None, num_warps=num_warps, num_stages=num_stages,
     )
 
 
@@ -430,6 +452,7 @@ def paged_attention(
     *,
     pdl: bool = True,  # the decode kernel's programmatic dependent launch (kernels/pdl.py)
     softcap: Optional[float] = None,  # Gemma 2: scores -> softcap * tanh(scores / softcap)
+    lse_out: Optional[torch.Tensor] = None,  # [num_tokens, num_heads] fp32: also write each row's log-sum-exp
 ) -> torch.Tensor:
     """Causal attention of the new tokens over their paged K/V; `reference.paged_attention` semantics.
 
@@ -438,6 +461,7 @@ def paged_attention(
     handles any mix of prefill chunks, cached prefixes and decode tokens. Never syncs.
     """
     _check_common(query, k_cache, v_cache)
+    _check_lse_out(query, lse_out)
     if out is None:
         out = torch.empty_like(query)
     if query.shape[0] == 0:
@@ -446,13 +470,14 @@ def paged_attention(
         return paged_attention_decode(
             query, k_cache, v_cache, seq_lens, block_tables, scale,
             sliding_window=sliding_window, out=out, max_seq_len=max_seq_len, pdl=pdl, softcap=softcap,
+            lse_out=lse_out,
         )
     block_m, tile_n, num_warps, num_stages = _unified_config(
         query.shape[0], query.shape[1], k_cache.shape[1], query.device
     )
     _launch_unified(
         query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window, out,
-        block_m, tile_n, num_warps, num_stages, softcap,
+        block_m, tile_n, num_warps, num_stages, softcap, lse_out,
     )
     return out
 
@@ -463,6 +488,7 @@ def paged_attention(
 @triton.jit(do_not_specialize=["num_splits", "window", "stride_bt_seq"])  # block-table width varies per step
 def _decode_split_kernel(
     out_ptr,  # [num_seqs, num_heads, head_dim]
+    lse_ptr,  # [num_seqs, num_heads] fp32 natural-log sum-exp of each row (WRITE_LSE)
     part_out_ptr,  # [num_seqs, num_heads, num_splits, head_dim] fp32 (not DIRECT)
     part_lse_ptr,  # [num_seqs, num_heads, num_splits] fp32 (not DIRECT)
     counter_ptr,  # [num_seqs, num_kv_heads] int32, all 0 on entry and on exit (not DIRECT)
@@ -494,6 +520,7 @@ def _decode_split_kernel(
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels/pdl.py)
     USE_SOFTCAP: tl.constexpr,
+    WRITE_LSE: tl.constexpr = False,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -558,6 +585,8 @@ def _decode_split_kernel(
     if DIRECT:
         o_rows = seq.to(tl.int64) * stride_o_tok + head * stride_o_head
         tl.store(out_ptr + o_rows[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        if WRITE_LSE:
+            tl.store(lse_ptr + seq.to(tl.int64) * num_heads + head, _natural_lse(m_i, l_i), mask=row_ok)
     else:
         # natural-log LSE of the split = (max + log2(sum)) * ln(2), -inf when the split is empty
         lse_2 = m_i + tl.log2(tl.where(has_keys, l_i, 1.0))
@@ -574,13 +603,14 @@ def _decode_split_kernel(
         if arrived == num_splits - 1:
             tl.store(counter, 0)  # zero again for the next launch (graph replays reuse the buffer)
             _merge_splits(out_ptr, part_out_ptr, part_lse_ptr, seq, kv_head, num_heads, num_splits,
-                          stride_o_tok, stride_o_head, GROUP, GROUP_P2, HEAD_DIM, MERGE_SPLITS)
+                          stride_o_tok, stride_o_head, GROUP, GROUP_P2, HEAD_DIM, MERGE_SPLITS,
+                          lse_ptr, WRITE_LSE)
 
 
 @triton.jit
 def _merge_splits(out_ptr, part_out_ptr, part_lse_ptr, seq, kv_head, num_heads, num_splits, stride_o_tok,
                   stride_o_head, GROUP: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  MERGE_SPLITS: tl.constexpr):
+                  MERGE_SPLITS: tl.constexpr, lse_ptr, WRITE_LSE: tl.constexpr):
     """out[seq, heads of the KV group] = log-sum-exp merge of their num_splits partials.
 
     MERGE_SPLITS splits are loaded per iteration as one [GROUP, MERGE_SPLITS, D] tile (one
@@ -613,6 +643,9 @@ def _merge_splits(out_ptr, part_out_ptr, part_lse_ptr, seq, kv_head, num_heads, 
     out = acc / tl.where(l > 0.0, l, 1.0)[:, None]
     o_rows = seq.to(tl.int64) * stride_o_tok + head * stride_o_head
     tl.store(out_ptr + o_rows[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
+    if WRITE_LSE:  # the splits' lse are natural logs: the merged one is m + ln(l)
+        lse = tl.where(l > 0.0, m + tl.log(tl.where(l > 0.0, l, 1.0)), float("-inf"))
+        tl.store(lse_ptr + seq.to(tl.int64) * num_heads + head, lse, mask=g_ok)
 
 
 def choose_num_splits(
@@ -642,6 +675,7 @@ def _launch_decode(
     query, k_cache, v_cache, seq_lens, block_tables, scale, sliding_window, out,
     num_splits: int, tile_n: int, num_warps: int, num_stages: int, pdl: bool = True,
     softcap: Optional[float] = None,
+    lse_out: Optional[torch.Tensor] = None,
 ) -> None:
     num_seqs, num_heads, head_dim = query.shape
     num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
@@ -656,7 +690,7 @@ def _launch_decode(
         counters = split_counters(query.device, num_seqs * num_kv_heads)
     qk_scale, cap_log2 = _score_scales(scale, softcap)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-        out, part_out, part_lse, counters, query, k_cache, v_cache, seq_lens, block_tables,
+        out, out if lse_out is None else lse_out, part_out, part_lse, counters, query, k_cache, v_cache, seq_lens, block_tables,
         num_heads, num_kv_heads, num_splits, qk_scale, sliding_window or 0, cap_log2,
         query.stride(0), query.stride(1),
         out.stride(0), out.stride(1),
@@ -669,6 +703,7 @@ def _launch_decode(
         MERGE_SPLITS=merge_splits_per_load(num_splits, group, head_dim),
         DOT_PRECISION=_dot_precision(query.dtype),
         num_warps=num_warps, num_stages=num_stages, USE_PDL=pdl, USE_SOFTCAP=softcap is not None,
+        WRITE_LSE=lse_out is not None,
         **pdl_launch_options(pdl),
     )
 
@@ -709,6 +744,7 @@ def paged_attention_decode(
     *,
     pdl: bool = True,
     softcap: Optional[float] = None,  # Gemma 2: scores -> softcap * tanh(scores / softcap)
+    lse_out: Optional[torch.Tensor] = None,  # [num_seqs, num_heads] fp32: also write each row's log-sum-exp
 ) -> torch.Tensor:
     """Split-KV (flash-decoding) attention for a decode-only batch; CUDA-graph safe.
 
@@ -719,6 +755,7 @@ def paged_attention_decode(
     A sequence with seq_len 0 (batch padding) gets a zero output.
     """
     _check_common(query, k_cache, v_cache)
+    _check_lse_out(query, lse_out)
     num_seqs = query.shape[0]
     num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
     if seq_lens.shape[0] != num_seqs:
@@ -737,6 +774,6 @@ def paged_attention_decode(
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     _launch_decode(
         query, k_cache, v_cache, seq_lens, block_tables, scale, sliding_window, out,
-        num_splits, DECODE_TILE_N, DECODE_NUM_WARPS, DECODE_NUM_STAGES, pdl, softcap,
+        num_splits, DECODE_TILE_N, DECODE_NUM_WARPS, DECODE_NUM_STAGES, pdl, softcap, lse_out,
     )
     return out

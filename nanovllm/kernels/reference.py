@@ -131,6 +131,59 @@ def merge_attention_states(
     return (out_a.float() * wa + out_b.float() * wb).to(out_a.dtype), lse
 
 
+def paged_attention_lse(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_dim]
+    v_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,  # [num_seqs + 1]
+    seq_lens: torch.Tensor,  # [num_seqs]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq]
+    scale: float,
+    sliding_window: Optional[int] = None,
+) -> torch.Tensor:
+    """[num_tokens, num_heads] fp32: natural-log sum-exp of each new token's scaled scores over
+    the keys `paged_attention` lets it see (what the kernels write to `lse_out`)."""
+    num_heads = query.shape[1]
+    group = num_heads // k_cache.shape[1]
+    lse = torch.full(query.shape[:2], float("-inf"), dtype=torch.float32, device=query.device)
+    qsl = query_start_loc.tolist()
+    for i, seq_len in enumerate(seq_lens.tolist()):
+        start, end = qsl[i], qsl[i + 1]
+        if end == start:
+            continue
+        k = gather_kv(k_cache, block_tables[i], seq_len).float().repeat_interleave(group, dim=1)  # [S, H, D]
+        scores = torch.einsum("qhd,shd->hqs", query[start:end].float(), k) * scale  # [H, q_len, S]
+        q_pos = torch.arange(seq_len - (end - start), seq_len, device=query.device)
+        k_pos = torch.arange(seq_len, device=query.device)
+        allowed = k_pos[None, :] <= q_pos[:, None]  # [q_len, S]
+        if sliding_window is not None:
+            allowed &= q_pos[:, None] - k_pos[None, :] < sliding_window
+        lse[start:end] = torch.logsumexp(scores.masked_fill(~allowed, float("-inf")), dim=-1).transpose(0, 1)
+    return lse
+
+
+def shared_prefix_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_dim]
+    v_cache: torch.Tensor,
+    rows: torch.Tensor,  # [R] query rows (token indices) that all see the shared keys
+    block_table: torch.Tensor,  # [max_blocks] the table whose first blocks hold the shared keys
+    shared_len: int,  # keys 0 .. shared_len - 1 of that table
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of the rows over one shared run of keys, no mask (cascade attention's prefix part).
+
+    The shared K/V are gathered once for all rows. Returns (out [R, H, D] fp32, lse [R, H] fp32).
+    """
+    group = query.shape[1] // k_cache.shape[1]
+    k = gather_kv(k_cache, block_table, shared_len).float().repeat_interleave(group, dim=1)  # [S, H, D]
+    v = gather_kv(v_cache, block_table, shared_len).float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("rhd,shd->rhs", query[rows.long()].float(), k) * scale  # [R, H, S]
+    lse = torch.logsumexp(scores, dim=-1)  # [R, H]
+    out = torch.einsum("rhs,shd->rhd", torch.softmax(scores, dim=-1), v)  # [R, H, D]
+    return out, lse
+
+
 # ----------------------------------------------------------------------------- RoPE
 
 

@@ -103,6 +103,11 @@ class PagedAttention(nn.Module):
 
     def _attend(self, q: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         options = self.kernel_options
+        # The cascade kernels have no window and no soft-cap: such layers ignore the plan (still exact).
+        if ctx.cascade is not None and self.sliding_window is None and self.softcap is None:
+            out = self._attend_cascade(q, ctx)
+            if out is not None:
+                return out
         if options.triton_attention and ops.use_triton(q, options):
             return triton_backend.paged_attention(q, self.k_cache, self.v_cache, ctx, self.scale,
                                                   self.sliding_window, options, softcap=self.softcap)
@@ -115,6 +120,16 @@ class PagedAttention(nn.Module):
             q, self.k_cache, self.v_cache, ctx.query_start_loc, ctx.seq_lens, ctx.block_tables, self.scale,
             sliding_window=self.sliding_window, softcap=self.softcap,
         )
+
+    def _attend_cascade(self, q: torch.Tensor, ctx: ForwardContext) -> Optional[torch.Tensor]:
+        """Shared prefixes read once (layers/attention/cascade.py); None when no backend here serves the plan."""
+        options = self.kernel_options
+        if options.triton_attention and ops.use_triton(q, options):
+            return triton_backend.cascade_attention(q, self.k_cache, self.v_cache, ctx, self.scale, options)
+        if not q.is_cuda and ctx.is_decode_only and ctx.cascade.prefixes is not None:
+            return torch_backend.cascade_decode(q, self.k_cache, self.v_cache, ctx.cascade, ctx.block_tables,
+                                                self.scale, scratch=ctx.scratch)
+        return None
 
     @staticmethod
     def _qk_norm_fusable(q: torch.Tensor, norms: list[RMSNorm]) -> bool:

@@ -105,6 +105,63 @@ def _decode(q, k_cache, v_cache, blocks, masked, scale, softcap=None):
     return torch.matmul(probs, v.float()).view(b, num_heads, head_dim).to(q.dtype)  # [B, H, D]
 
 
+def cascade_decode(
+    query: torch.Tensor,  # [B, H, D], one token per sequence
+    k_cache: torch.Tensor,  # [num_blocks, Hkv, block_size, D]
+    v_cache: torch.Tensor,
+    cascade,  # forward_context.CascadeInputs with host prefixes and suffix lengths
+    block_tables: torch.Tensor,  # [B, max_blocks], the full tables (shared blocks first)
+    scale: float,
+    scratch: Optional[dict] = None,
+) -> torch.Tensor:
+    """Decode attention with shared prefixes (the CPU twin of kernels/cascade_attention.py for
+    decode groups): each prefix's K/V is gathered once for all its rows, each sequence's own
+    blocks go through the batched decode, and the two are merged by log-sum-exp."""
+    scratch = {} if scratch is None else scratch
+    if "cascade" not in scratch:
+        block_size = k_cache.shape[2]
+        mask = _decode_mask(cascade.suffix_seq_lens_cpu, block_size, None)
+        blocks = cascade.suffix_block_tables[:, : mask.shape[-1] // block_size].long()
+        shared = [(torch.from_numpy(p.rows).long(), block_tables[p.table_row, : p.shared_len // block_size].long())
+                  for p in cascade.prefixes]
+        scratch["cascade"] = (mask, blocks, shared)
+    mask, blocks, shared = scratch["cascade"]
+    out, lse = _decode_with_lse(query, k_cache, v_cache, blocks, mask, scale)
+    for rows, table in shared:
+        o, l = _shared_prefix(query[rows], k_cache, v_cache, table, scale)
+        out[rows], _ = reference.merge_attention_states(out[rows], lse[rows], o, l)
+    return out
+
+
+def _decode_with_lse(q, k_cache, v_cache, blocks, masked, scale):
+    """`_decode` that also returns each row's log-sum-exp: ([B, H, D] in q's dtype, [B, H] fp32)."""
+    b, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    k = _gather(k_cache, blocks, blocks.shape[1])  # [B, Hkv, S, D]
+    v = _gather(v_cache, blocks, blocks.shape[1])
+    qg = q.view(b, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, Hkv, G, D]
+    scores = torch.matmul(qg.float(), k.float().transpose(2, 3)) * scale  # [B, Hkv, G, S]
+    scores.masked_fill_(masked, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G]
+    out = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), v.float())  # [B, Hkv, G, D]
+    return out.view(b, num_heads, head_dim).to(q.dtype), lse.view(b, num_heads)
+
+
+def _shared_prefix(q, k_cache, v_cache, table, scale):
+    """Rows [R, H, D] over the shared blocks `table` [nb], no mask: ([R, H, D] fp32, [R, H] fp32)."""
+    r, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    k = _gather(k_cache, table.view(1, -1), table.shape[0])[0].float()  # [Hkv, S, D], gathered once
+    v = _gather(v_cache, table.view(1, -1), table.shape[0])[0].float()
+    qg = q.float().view(r, num_kv_heads, group, head_dim).transpose(0, 1).reshape(num_kv_heads, r * group, head_dim)
+    scores = torch.matmul(qg, k.transpose(1, 2)) * scale  # [Hkv, R * G, S]
+    lse = torch.logsumexp(scores, dim=-1)  # [Hkv, R * G]
+    out = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), v)  # [Hkv, R * G, D]
+    out = out.view(num_kv_heads, r, group, head_dim).transpose(0, 1).reshape(r, num_heads, head_dim)
+    return out, lse.view(num_kv_heads, r, group).transpose(0, 1).reshape(r, num_heads)
+
+
 def _prefill(q, k_cache, v_cache, seq_len, block_table, scale, sliding_window, softcap=None):
     q_len, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]

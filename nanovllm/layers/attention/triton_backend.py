@@ -46,3 +46,17 @@ def paged_attention(query, k_cache, v_cache, ctx: ForwardContext, scale: float, 
         sliding_window=sliding_window, max_query_len=ctx.max_query_len, max_seq_len=ctx.max_seq_len,
         pdl=options.pdl, softcap=softcap,
     )
+
+
+def cascade_attention(query, k_cache, v_cache, ctx: ForwardContext, scale: float,
+                      options: KernelOptions) -> torch.Tensor:
+    """Attention of the batch with ctx.cascade's shared prefixes read once per tile: [T, H, D]."""
+    from nanovllm.kernels import cascade_attention as ca
+
+    plan = ctx.cascade
+    return ca.cascade_attention(
+        query, k_cache, v_cache, ctx.query_start_loc, ctx.block_tables, plan.suffix_block_tables,
+        plan.suffix_seq_lens, plan.tiles, plan.query_rows, plan.queries_per_tile, scale,
+        max_query_len=ctx.max_query_len, max_suffix_len=plan.max_suffix_len, max_shared_len=plan.max_shared_len,
+        num_splits=plan.num_splits, pdl=options.pdl,
+    )
