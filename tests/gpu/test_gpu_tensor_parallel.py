@@ -1,9 +1,15 @@
 """GPU tensor parallelism: the multi-process executor at size 1 changes no token (Qwen3-0.6B
-shape, bf16, CUDA graphs, async scheduling); with two GPUs, TP=2 gives TP=1's tokens."""
+shape, bf16, CUDA graphs, async scheduling); with two GPUs, TP=2 gives TP=1's tokens and a
+killed worker ends the engine within seconds (NCCL)."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -61,3 +67,46 @@ def test_two_gpus_give_one_gpu_tokens(name, tiny_model_factory):
     assert [t[0] for t in two_bf16] == first  # the first token: no divergence compounded yet
     for a, b, tok in zip(lp1, lp2, first):
         assert b[0][tok].logprob == pytest.approx(a[0][tok].logprob, abs=0.05)
+
+
+KILL_SCRIPT = """
+import json, sys
+from nanovllm import LLM, SamplingParams
+llm = LLM(sys.argv[1], tensor_parallel_size=2, skip_tokenizer_init=True, device="cuda", max_model_len=256,
+          num_kv_blocks=256, max_num_seqs=8)
+print("READY", json.dumps(list(llm.engine.executor.procs.pids.values())), flush=True)
+params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+while True:
+    llm.generate([{"prompt_token_ids": [5, 6, 7]}] * 4, params, use_tqdm=False)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_killed_gpu_worker_ends_the_engine_within_seconds(tiny_model_factory, tmp_path):
+    """NCCL does not fail a collective whose peer died: the watchdog aborts the communicators
+    (WorkerDiedError) or, if the engine's call is still stuck, exits with code 1. Either way the
+    engine process ends within seconds, naming the rank. In a subprocess: the exit path would
+    end pytest itself."""
+    script = tmp_path / "kill_gpu_worker.py"
+    script.write_text(KILL_SCRIPT)
+    repo = os.path.join(os.path.dirname(__file__), "..", "..")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, str(script), tiny_model_factory("qwen3")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("READY"), line + proc.stderr.read()[-3000:]
+        (worker,) = json.loads(line.split(" ", 1)[1])
+        time.sleep(2.0)  # mid-generation, inside replayed graphs
+        os.kill(worker, signal.SIGKILL)
+        start = time.monotonic()
+        proc.wait(timeout=60)
+        elapsed = time.monotonic() - start
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert elapsed < 10.0, err[-3000:]
+    assert proc.returncode == 1, err[-3000:]
+    assert f"tensor-parallel worker rank 1 (pid {worker}) was killed by signal SIGKILL" in err
