@@ -126,6 +126,8 @@ def assert_same_outputs(single, parallel):
     ("llama", {"intermediate_size": 101, "vocab_size": 1001}),  # odd MLP split (51 + 50 rows) and vocab padding
     ("mistral_window", {}),  # sliding-window attention on each rank's heads
     ("phi3_longrope", {}),  # fused qkv / gate_up checkpoint tensors split by the model, then sliced per rank
+    ("gemma2", {}),  # GeGLU MLP, soft-capped attention and final logits (capped after the gather), windows
+    ("gemma3", {}),  # one KV head (replicated), Gemma q/k norms, local/global RoPE tables
 ])
 def test_two_ranks_give_the_single_worker_results(name, overrides, tmp_path):
     path = build_tiny_model(name, str(tmp_path / name), **overrides)
