@@ -128,6 +128,7 @@ def assert_same_outputs(single, parallel):
     ("phi3_longrope", {}),  # fused qkv / gate_up checkpoint tensors split by the model, then sliced per rank
     ("gemma2", {}),  # GeGLU MLP, soft-capped attention and final logits (capped after the gather), windows
     ("gemma3", {}),  # one KV head (replicated), Gemma q/k norms, local/global RoPE tables
+    ("gpt2", {}),  # transposed Conv1D and fused c_attn tensors, biased row-parallel c_proj, learned positions
 ])
 def test_two_ranks_give_the_single_worker_results(name, overrides, tmp_path):
     path = build_tiny_model(name, str(tmp_path / name), **overrides)
