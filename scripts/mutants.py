@@ -211,6 +211,21 @@ MUTANTS = [
         "",
         (f"{TP_RANKS}::test_two_ranks_give_the_single_worker_results",),
     ),
+    Mutant(
+        "tp_row_bias_on_every_rank", "every rank adds a row-parallel layer's bias: the all-reduce counts it N times",
+        "nanovllm/layers/partition.py",
+        "skip=self.rank != 0)",
+        "skip=False)",
+        (f"{TP_RANKS}::test_two_ranks_give_the_single_worker_results",),
+    ),
+    Mutant(
+        "tp_workers_rerun_main", "spawned workers re-run the user's script: one without a __main__ guard starts "
+        "an engine inside each worker, which dies",
+        "nanovllm/worker/worker_procs.py",
+        "        with _main_module_not_rerun():\n",
+        "        with contextlib.nullcontext():\n",
+        ("tests/worker/test_tensor_parallel.py::test_ctrl_c_stops_the_engine_and_its_workers",),
+    ),
 ]
 
 
