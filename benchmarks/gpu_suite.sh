@@ -2,8 +2,7 @@
 # The GPU issue's checks and benchmarks in one device call; logs and CSVs to $OUT.
 #   bash benchmarks/gpu_suite.sh [warm] [tests] [testsrev] [kernels] [gemv] [gemvcfg] [bench] [tput] [ab] [sync] [nopdl] [base] [trace] [tp] [tp1mp] [tp2] [bench8b] [hf] [serve] [profile] [moe] [prefix]
 set -uo pipefail
-# Logs go straight to $OUT/logs, so a call cut short by its time limit still returns what it wrote.
-DEST=${OUT:-/tmp/nanovllm-out}; OUT=$DEST/logs; mkdir -p "$OUT"
+DEST=${OUT:-/tmp/nanovllm-out}; OUT=/tmp/suite-logs; mkdir -p "$OUT" "$DEST"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
 steps=${*:-tests bench tput bench8b profile}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -108,6 +107,8 @@ for s in $steps; do
              timeout 270 $nv bench prefix --model benchmarks/configs/qwen3-0.6b 2>&1 | tee "$OUT/prefix.log" | grep -v "^INFO" | tail -12 ;;
     profile) for b in ${PROFILE_BATCHES:-1 64 256}; do timeout 90 python3 benchmarks/profile_decode.py --batch $b 2>&1 | grep -v "^INFO" | tail -19; done 2>&1 | tee "$OUT/profile.log" ;;
   esac
-  cp benchmarks/results/*.csv benchmarks/results/*.png "$OUT/" 2>/dev/null  # after every step (see above)
+  # after every step, one archive (a call returns few files): a call cut off by its limit still returns them
+  cp benchmarks/results/*.csv benchmarks/results/*.png "$OUT/" 2>/dev/null
+  tar czf "$DEST/suite.tgz" -C "$OUT" .
 done
-echo "results in $OUT"
+echo "results in suite.tgz"

@@ -22,9 +22,9 @@ from nanovllm.kernels.pdl import pdl_launch_options, pdl_wait, use_pdl
 
 MAX_BLOCK = 1024  # features of one output row per program
 NUM_WARPS = 4
-GELU_TANH_C = 0.7978845608028654  # sqrt(2 / pi)
-GELU_TANH_CUBIC = 0.044715
-TANH_SATURATION = 40.0  # exp(40) ~ 2e17: no inf in 1 - 2 / (e^x + 1)
+GELU_TANH_C = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
+GELU_TANH_CUBIC = tl.constexpr(0.044715)
+TANH_SATURATION = tl.constexpr(40.0)  # exp(40) ~ 2e17: no inf in 1 - 2 / (e^x + 1)
 
 
 @triton.jit

@@ -45,6 +45,7 @@ from nanovllm.kernels.paged_attention import (LOG2E, _check_common, _dot_precisi
 from nanovllm.kernels.pdl import pdl_launch_options, pdl_wait, use_pdl
 
 TILE_COLUMNS = CASCADE_TILE_COLUMNS  # a tile: (queries, shared keys, block-table row of the shared blocks)
+TILE_STRIDE = tl.constexpr(CASCADE_TILE_COLUMNS)  # the same, as the kernels see it
 
 CASCADE_TILE_N = 64  # keys per inner iteration
 CASCADE_NUM_WARPS = 4  # BLOCK_M 64 x TILE_N 64 x head_dim 128: the unified kernel's tuned shape
@@ -87,9 +88,9 @@ def _shared_prefix_kernel(
 
     # Before the PDL wait: only step inputs (tile table, query rows, block table), which no
     # kernel of the forward writes (kernels/pdl.py).
-    num_queries = tl.load(tiles_ptr + tile * TILE_COLUMNS)
-    shared_len = tl.load(tiles_ptr + tile * TILE_COLUMNS + 1)
-    table_row = tl.load(tiles_ptr + tile * TILE_COLUMNS + 2)
+    num_queries = tl.load(tiles_ptr + tile * TILE_STRIDE)
+    shared_len = tl.load(tiles_ptr + tile * TILE_STRIDE + 1)
+    table_row = tl.load(tiles_ptr + tile * TILE_STRIDE + 2)
     keys_per_split = tl.cdiv(tl.cdiv(shared_len, num_splits), TILE_N) * TILE_N
     s_lo = split * keys_per_split
     s_hi = tl.minimum(s_lo + keys_per_split, shared_len)  # empty when s_lo >= shared_len

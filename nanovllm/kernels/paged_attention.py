@@ -48,7 +48,7 @@ from nanovllm.kernels.launch_math import cdiv, next_pow2
 from nanovllm.kernels.pdl import pdl_launch_options, pdl_wait, use_pdl
 
 LOG2E = 1.4426950408889634  # log2(e): scores * scale * LOG2E feed exp2
-TANH_SATURATION = 40.0  # exp(40) ~ 2e17: 1 - 2 / (e^x + 1) is 1.0 in fp32 well before
+TANH_SATURATION = tl.constexpr(40.0)  # exp(40) ~ 2e17: 1 - 2 / (e^x + 1) is 1.0 in fp32 well before
 
 # Unified (prefill / mixed) kernel. BLOCK_M query rows = BLOCK_Q tokens x group heads.
 # H100 sweep (benchmarks/kernels_bench.py --sweep, Qwen3-0.6B shapes): 64/64/4 warps/3 stages
