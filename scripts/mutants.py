@@ -226,6 +226,13 @@ MUTANTS = [
         "        with contextlib.nullcontext():\n",
         ("tests/worker/test_tensor_parallel.py::test_ctrl_c_stops_the_engine_and_its_workers",),
     ),
+    Mutant(
+        "tp_moe_partial_sums", "MoE experts split over ranks return each rank's partial sum (no all-reduce)",
+        "nanovllm/layers/moe.py",
+        "        return self.tp.all_reduce(out)",
+        "        return out",
+        (f"{TP_RANKS}::test_two_ranks_give_the_single_worker_results",),
+    ),
 ]
 
 

@@ -131,12 +131,18 @@ def test_impossible_sizes_are_refused_before_any_process_starts(tiny_model_facto
     assert {p.pid for p in multiprocessing.active_children()} <= before  # no worker was spawned
 
 
-@pytest.mark.parametrize("name,cls", [("qwen3_moe", "Qwen3MoeForCausalLM"), ("mixtral", "MixtralForCausalLM")])
-def test_families_without_parallel_layers_are_refused_at_size_two(tiny_model_factory, name, cls):
-    """Their layers would load full size on every rank: refused before any process starts."""
+def test_a_family_without_parallel_layers_is_refused_at_size_two(tiny_model_factory, monkeypatch):
+    """A model class that does not declare `supports_tensor_parallel` would load full-size
+    layers on every rank: refused before any process starts."""
+    from nanovllm.models import registry
+
+    class Unsplit(registry.MODEL_REGISTRY["LlamaForCausalLM"]):
+        supports_tensor_parallel = False
+
+    monkeypatch.setitem(registry.MODEL_REGISTRY, "LlamaForCausalLM", Unsplit)
     before = {p.pid for p in multiprocessing.active_children()}
-    with pytest.raises(ValueError, match=f"{cls} cannot be split over ranks yet: run it with tensor_parallel_size=1"):
-        LLM(tiny_model_factory(name), tensor_parallel_size=2, **KW)
+    with pytest.raises(ValueError, match="Unsplit cannot be split over ranks yet: run it with tensor_parallel_size=1"):
+        LLM(tiny_model_factory("llama"), tensor_parallel_size=2, **KW)
     assert {p.pid for p in multiprocessing.active_children()} <= before
 
 

@@ -129,6 +129,8 @@ def assert_same_outputs(single, parallel):
     ("gemma2", {}),  # GeGLU MLP, soft-capped attention and final logits (capped after the gather), windows
     ("gemma3", {}),  # one KV head (replicated), Gemma q/k norms, local/global RoPE tables
     ("gpt2", {}),  # transposed Conv1D and fused c_attn tensors, biased row-parallel c_proj, learned positions
+    ("qwen3_moe", {"moe_intermediate_size": 41}),  # per-expert tensors, an odd split of each expert (21 + 20)
+    ("mixtral", {}),  # w1 / w3 / w2 experts, window
 ])
 def test_two_ranks_give_the_single_worker_results(name, overrides, tmp_path):
     path = build_tiny_model(name, str(tmp_path / name), **overrides)
