@@ -309,9 +309,11 @@ class MultiprocExecutor(Executor):
         if self.worker is not None:
             self.worker.shutdown()
             self.worker = None
+        self.channel = None  # it holds the control group: released here, not at interpreter teardown
         if self.groups is not None:
             self.groups.shutdown()
             self.groups = None
+        self._store = None
 
 
 class _SigintDeferred:

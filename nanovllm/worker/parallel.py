@@ -101,6 +101,8 @@ class ParallelGroups:
     def abort(self) -> None:
         """Make pending collectives fail (NCCL aborts its communicators); best effort."""
         for group in (self.device_group, self.control):
+            if group is None:  # already shut down
+                continue
             try:
                 group.abort()
             except Exception as e:  # already broken or unsupported: nothing more to do
@@ -110,10 +112,15 @@ class ParallelGroups:
         """Release the groups' connections. NCCL communicators are aborted, not finalized: a
         finalize waits for the other ranks, which may be gone already."""
         for group, nccl in ((self.device_group, self.device_group_is_nccl), (self.control, False)):
+            if group is None:
+                continue
             try:
                 group.abort() if nccl else group.shutdown()
             except Exception as e:
                 logger.debug("shutdown of a process group failed: %r", e)
+        # Drop them now, while the interpreter is whole: a gloo group destroyed during its
+        # teardown can end the process with "terminate called without an active exception".
+        self.device_group = self.control = None
 
 
 def _new_group(store: dist.Store, name: str, rank: int, world_size: int, backend: str, device: torch.device,
