@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU issue's checks and benchmarks in one device call; logs and CSVs to $OUT.
-#   bash benchmarks/gpu_suite.sh [warm] [tests] [testsrev] [kernels] [gemv] [gemvcfg] [bench] [tput] [ab] [sync] [nopdl] [base] [trace] [tp] [tp1mp] [tp2] [bench8b] [hf] [serve] [profile] [moe] [prefix]
+#   bash benchmarks/gpu_suite.sh [warm] [tests] [testsrev] [kernels] [gemv] [gemvcfg] [bench] [tput] [ab] [sync] [nopdl] [base] [trace] [tp] [tp1mp] [tp2] [bench8b] [hf] [serve] [serveperf] [profile] [moe] [prefix]
 set -uo pipefail
 DEST=${OUT:-/tmp/nanovllm-out}; OUT=/tmp/suite-logs; mkdir -p "$OUT" "$DEST"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
@@ -11,6 +11,27 @@ nv="python3 -m nanovllm.cli.main"
 # Every test file with GPU-marked tests, in file order: `tests` runs them in one process in this
 # order, `testsrev` in the reverse order (no state may leak from one engine or test to the next).
 gpu_test_files="tests/gpu/test_gpu_engine.py $(grep -rlE 'mark\.gpu|kernel_params' tests --include='test_*.py' | grep -v '^tests/gpu/test_gpu_engine.py' | sort)"
+# serveperf: the serve workload (512 requests of 512/256 tokens, concurrency 64, qwen3-0.6b random weights)
+serve_workload=${SERVEPERF_WORKLOAD:-"--num-prompts 512 --input-len 512 --output-len 256 --max-concurrency 64 --ignore-eos --temperature 0.6"}
+serve_model=${SERVEPERF_MODEL:-benchmarks/configs/qwen3-0.6b}
+serve_warmup=128  # requests of the warm-up run before each measured one (bench timeline --skip-first)
+gpu_name() { nvidia-smi --query-gpu=name --format=csv,noheader | head -1; }
+# serve_and_bench DIR LABEL TAG [server flags...]: DIR's server under this tree's `bench serve` (warm-up, then the
+# measured run appended to this tree's serve.csv); the server log goes to $OUT/server_TAG.log
+serve_and_bench() {
+  local dir=$1 label=$2 tag=$3; shift 3
+  (cd "$dir" && PYTHONPATH=$PWD:/tmp/site exec setsid python3 -m nanovllm.cli.main serve "$serve_model" \
+      --load-format dummy --skip-tokenizer-init --max-model-len ${SERVEPERF_MAX_MODEL_LEN:-2048} --port 8123 "$@") > "$OUT/server_$tag.log" 2>&1 &
+  local pid=$!
+  for i in $(seq 180); do curl -sf http://127.0.0.1:8123/health >/dev/null && break; sleep 1; done
+  timeout 60 $nv bench serve --base-url http://127.0.0.1:8123 --num-prompts $serve_warmup --max-concurrency 64 --input-len 512 \
+      --output-len 16 --ignore-eos --seed 99 --no-save > /dev/null 2>&1   # warm-up: Triton JIT, allocator
+  timeout 150 $nv bench serve --base-url http://127.0.0.1:8123 $serve_workload --label "$label, $(gpu_name)" 2>&1 \
+      | tee "$OUT/serve_$tag.log" | grep -E "Output token throughput|(Median|P99) (TTFT|ITL)|Failed"
+  kill -TERM "$pid"   # SIGTERM: graceful shutdown writes the request timeline
+  for i in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+  kill -KILL -- "-$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+}
 for s in $steps; do
   echo "=================== $s (t=${SECONDS}s)"
   case $s in
@@ -78,6 +99,34 @@ for s in $steps; do
                  --input-len 512 --output-len 256 --ignore-eos --temperature 0.6 --label "qwen3-0.6b random, $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" 2>&1 | tee "$OUT/serve.log" | tail -20
              curl -s http://127.0.0.1:8123/metrics | grep -E "^nanovllm:(num_requests|kv_cache)" | tee -a "$OUT/serve.log"
              pkill -f "nanovllm.cli.main serve" ;;
+    serveperf) # issue 27 in one call: this tree served (with its request timeline) next to the offline replay of
+             # the same workload, the same with the prefill cap while decoding for each value in $SERVEPERF_CAPS (default
+             # 512; empty = none), and the $BASE_DIR tree's server (41db9eb's, if carried) under the same client;
+             # SERVEPERF_NOCOALESCE=1 adds this tree's server with --no-coalesce-outputs
+             python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
+             csv=$PWD/benchmarks/results/serve.csv
+             serve_and_bench . "serveperf" tree --request-timeline "$OUT/timeline.csv"
+             $nv bench timeline "$OUT/timeline.csv" --skip-first $serve_warmup --png benchmarks/results/serve_timeline.png \
+                 --title "served TTFT by stage, $(gpu_name)" 2>&1 | tee "$OUT/timeline.log"
+             timeout 150 $nv bench throughput --workload serve --model "$serve_model" --max-model-len ${SERVEPERF_MAX_MODEL_LEN:-2048} \
+                 $serve_workload --csv "$csv" --label "serveperf offline replay, $(gpu_name)" 2>&1 | tee "$OUT/replay.log" \
+                 | grep -E "Output token throughput|(Median|P99) (TTFT|ITL)|Failed"
+             for cap in ${SERVEPERF_CAPS-512}; do
+               serve_and_bench . "serveperf prefill cap $cap" "cap$cap" --max-prefill-tokens-while-decoding "$cap" \
+                   --request-timeline "$OUT/timeline_cap$cap.csv"
+               $nv bench timeline "$OUT/timeline_cap$cap.csv" --skip-first $serve_warmup --png "benchmarks/results/serve_timeline_cap$cap.png" \
+                   --title "served TTFT by stage, prefill cap $cap, $(gpu_name)" 2>&1 | tee "$OUT/timeline_cap$cap.log"
+               timeout 150 $nv bench throughput --workload serve --model "$serve_model" --max-model-len ${SERVEPERF_MAX_MODEL_LEN:-2048} \
+                   --max-prefill-tokens-while-decoding "$cap" $serve_workload --csv "$csv" \
+                   --label "serveperf offline replay prefill cap $cap, $(gpu_name)" 2>&1 | tee "$OUT/replay_cap$cap.log" \
+                   | grep -E "Output token throughput|(Median|P99) (TTFT|ITL)|Failed"
+             done
+             if [ "${SERVEPERF_NOCOALESCE:-0}" = 1 ]; then   # A/B: every step's output its own chunk
+               serve_and_bench . "serveperf no coalescing" nocoalesce --no-coalesce-outputs
+             fi
+             if [ -d "${BASE_DIR:-.base}" ]; then
+               NANOVLLM_COMMIT=${BASE_COMMIT:-base} serve_and_bench "${BASE_DIR:-.base}" "serveperf base server" base
+             fi ;;
     base)    # same-run baseline: an earlier commit's tree carried in $BASE_DIR (git archive C | tar -x -C .base),
              # its rows go to this tree's CSVs under commit $BASE_COMMIT; BASE_TPUT=0 skips its throughput run
              csvdir=$PWD/benchmarks/results

@@ -34,7 +34,11 @@ class CompletionOutput:
 
 @dataclass
 class RequestMetrics:
-    arrival_time: float
+    """time.monotonic() stamps of one request's life in the engine."""
+
+    arrival_time: float  # when the caller submitted it (LLMEngine.add_request, or the async engine's caller)
+    queued_time: Optional[float] = None  # when the engine added it to the scheduler's queue
+    first_scheduled_time: Optional[float] = None  # when its first prefill chunk was scheduled
     first_token_time: Optional[float] = None
     last_token_time: Optional[float] = None
     finished_time: Optional[float] = None

@@ -10,6 +10,7 @@ SUBCOMMANDS = {
     "latency": ("nanovllm.bench.latency", "batch-1 decode speed next to the weight-read roofline"),
     "serve": ("nanovllm.bench.serve", "async load generator against an OpenAI-compatible server"),
     "prefix": ("nanovllm.bench.prefix", "shared-prefix throughput, cached TTFT, decode gaps with chunked prefill"),
+    "timeline": ("nanovllm.bench.timeline", "TTFT by stage from a `serve --request-timeline` CSV (+ PNG)"),
 }
 
 

@@ -17,21 +17,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Optional
 
 from nanovllm import envs
-
-# Words for synthetic text prompts: common English words are about one token each.
-WORDS = ("the of and to in is was for on that with as by at from his it an were are which this be had not but "
-         "they have one all their there been has more also new would first two time after other when some only "
-         "city year world state people team life school work history music game river house water light").split()
-
+from nanovllm.bench.workload import add_workload_args, make_workload, validate_workload_args
 
 @dataclass
 class RequestResult:
@@ -56,19 +49,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="/v1/completions or /v1/chat/completions (default completions)")
     p.add_argument("--model", default=None, help="model name to send (default: the first of GET /v1/models)")
     p.add_argument("--api-key", default=None, help="bearer key (default: $NANOVLLM_API_KEY, then $OPENAI_API_KEY)")
-    p.add_argument("--num-prompts", type=int, default=100, help="requests to send (default 100)")
-    p.add_argument("--request-rate", type=float, default=math.inf,
-                   help="mean requests/s of Poisson arrivals; inf = all at once (default inf)")
-    p.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight (default: no limit)")
-    p.add_argument("--input-len", type=int, default=32, help="prompt length in tokens (words for text) (default 32)")
-    p.add_argument("--output-len", type=int, default=16, help="max_tokens of each request (default 16)")
+    add_workload_args(p)
     p.add_argument("--prompt-kind", choices=("auto", "tokens", "text"), default="auto",
                    help="auto = token ids for completions, text for chat")
-    p.add_argument("--token-id-range", type=int, nargs=2, default=(1000, 10000), metavar=("LOW", "HIGH"),
-                   help="random prompt token ids are drawn from [LOW, HIGH) (default 1000 10000)")
-    p.add_argument("--ignore-eos", action="store_true", help="generate exactly --output-len tokens")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0 = greedy)")
-    p.add_argument("--seed", type=int, default=0, help="seed of prompts and arrival times (default 0)")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds (default 600)")
     p.add_argument("--label", default="", help="free text stored in the CSV row")
     p.add_argument("--result-dir", default=None, help="where serve.csv / serve.png go (default benchmarks/results)")
@@ -76,30 +59,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------- workload
-def make_prompts(args) -> list[tuple[Union[str, list[int]], int]]:
-    """(prompt, prompt length) pairs, reproducible from --seed."""
-    rng = random.Random(args.seed)
+def prompt_kind(args) -> str:
     kind = args.prompt_kind
     if kind == "auto":
         kind = "tokens" if args.endpoint == "completions" else "text"
     if kind == "tokens" and args.endpoint == "chat":
         raise ValueError("chat prompts are text: use --prompt-kind text (or auto) with --endpoint chat")
-    low, high = args.token_id_range
-    prompts = []
-    for _ in range(args.num_prompts):
-        if kind == "tokens":
-            prompts.append(([rng.randrange(low, high) for _ in range(args.input_len)], args.input_len))
-        else:
-            prompts.append((" ".join(rng.choice(WORDS) for _ in range(args.input_len)), args.input_len))
-    return prompts
-
-
-def arrival_delays(n: int, rate: float, seed: int) -> list[float]:
-    """Gaps before each request: exponential (Poisson process) at `rate`/s, 0 when rate is inf."""
-    if math.isinf(rate):
-        return [0.0] * n
-    rng = random.Random(seed + 1)
-    return [rng.expovariate(rate) for _ in range(n)]
+    return kind
 
 
 # ---------------------------------------------------------------------- one request
@@ -169,8 +135,7 @@ async def benchmark(args) -> dict:
         base = base[:-3]
     key = args.api_key or envs.api_key(openai_fallback=True)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    prompts = make_prompts(args)
-    delays = arrival_delays(len(prompts), args.request_rate, args.seed)
+    workload = make_workload(args, prompt_kind(args))
     connector = aiohttp.TCPConnector(limit=args.max_concurrency or 0, force_close=False)
     async with aiohttp.ClientSession(connector=connector) as session:
         model = args.model
@@ -204,7 +169,7 @@ async def benchmark(args) -> dict:
 
         start = time.perf_counter()
         tasks = []
-        for (prompt, plen), delay in zip(prompts, delays):
+        for prompt, plen, delay in zip(workload.prompts, workload.prompt_lens, workload.delays):
             if delay:
                 await asyncio.sleep(delay)
             tasks.append(asyncio.ensure_future(one(prompt, plen)))
@@ -280,33 +245,29 @@ def print_summary(s: dict) -> None:
     print("=" * 62)
 
 
-def save(args, s: dict) -> tuple[str, str]:
+def save(args, s: dict, bench: str = "serve") -> tuple[str, str]:
+    """Append the summary to serve.csv (or `args.csv`) with a `bench` column; plot it to serve[_BENCH].png."""
     from nanovllm.bench.report import RESULTS_DIR, append_rows, bar_plot, base_row
 
-    out_dir = args.result_dir or RESULTS_DIR
+    out_dir = getattr(args, "result_dir", None) or RESULTS_DIR
     row = base_row()
-    row.update({"bench": "serve", "label": args.label})
+    row.update({"bench": bench, "label": args.label})
     row.update({k: (round(v, 3) if isinstance(v, float) else v) for k, v in s.items() if k != "errors"})
-    csv_path = append_rows(os.path.join(out_dir, "serve.csv"), [row])
+    csv_path = append_rows(getattr(args, "csv", None) or os.path.join(out_dir, "serve.csv"), [row])
     labels = ["TTFT p50", "TTFT p99", "TPOT p50", "ITL p50", "ITL p99", "E2E p50"]
     values = [s["median_ttft_ms"], s["p99_ttft_ms"], s["median_tpot_ms"], s["median_itl_ms"], s["p99_itl_ms"],
               s["median_e2e_ms"]]
-    title = (f"bench serve: {s['model']} {s['endpoint']}, {s['num_prompts']} req, conc "
+    title = (f"bench {bench}: {s['model']} {s['endpoint']}, {s['num_prompts']} req, conc "
              f"{s['max_concurrency'] or 'inf'}, {s['request_throughput']:.2f} req/s, "
              f"{s['output_throughput']:.0f} out tok/s ({row['device']})")
-    png_path = bar_plot(os.path.join(out_dir, "serve.png"), labels, values, "milliseconds", title,
+    png_name = "serve.png" if bench == "serve" else f"serve_{bench}.png"
+    png_path = bar_plot(os.path.join(os.path.dirname(csv_path), png_name), labels, values, "milliseconds", title,
                         annotate_fmt="{:,.1f}")
     return csv_path, png_path
 
 
 def run(args) -> int:
-    for name in ("num_prompts", "input_len", "output_len"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.request_rate <= 0:
-        raise ValueError("--request-rate must be > 0 (inf = all at once)")
-    if args.max_concurrency is not None and args.max_concurrency < 1:
-        raise ValueError("--max-concurrency must be >= 1")
+    validate_workload_args(args)
     summary = asyncio.run(benchmark(args))
     print_summary(summary)
     if not args.no_save:

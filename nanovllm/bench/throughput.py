@@ -7,6 +7,10 @@ The model is built from a config JSON with random weights (nothing to download).
 
     nanovllm bench throughput --model benchmarks/configs/qwen3-0.6b
     nanovllm bench throughput --model benchmarks/configs/qwen3-0.6b --backend hf --num-seqs 64
+
+`--workload serve` replays `nanovllm bench serve`'s workload instead (same flags, same seed: the
+same requests, arrival pattern and concurrency cap) through the engine without HTTP, and appends
+a `bench=replay` row to serve.csv (see nanovllm/bench/replay.py).
 """
 
 from __future__ import annotations
@@ -35,7 +39,12 @@ def make_workload(num_seqs: int, max_input_len: int = MAX_LEN, max_output_len: i
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
+    from nanovllm.bench.workload import PROMPT_KINDS, add_workload_args
+
     p.add_argument("--model", required=True, help="model dir (a config.json is enough with --load-format dummy)")
+    p.add_argument("--workload", choices=("nanovllm", "serve"), default="nanovllm",
+                   help="nanovllm = nano-vLLM's bench.py workload (default); serve = bench serve's workload "
+                        "(--num-prompts, --input-len, ... below), replayed without HTTP")
     p.add_argument("--backend", choices=["nanovllm", "hf"], default="nanovllm")
     p.add_argument("--num-seqs", type=int, default=256)
     p.add_argument("--max-input-len", type=int, default=MAX_LEN)
@@ -48,7 +57,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
     add_parallel_args(p)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
-    p.add_argument("--csv", default=os.path.join(RESULTS_DIR, "throughput.csv"))
+    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--max-prefill-tokens-while-decoding", type=int, default=None,
+                   help="scheduling policy: most prompt tokens computed per step (default: no cap)")
+    p.add_argument("--csv", default=None, help="default benchmarks/results/throughput.csv (serve.csv for --workload serve)")
+    g = p.add_argument_group("--workload serve (the flags of `nanovllm bench serve`)")
+    add_workload_args(g)
+    g.add_argument("--prompt-kind", choices=PROMPT_KINDS, default="tokens",
+                   help="tokens (no tokenizer needed) or text (needs the model's tokenizer) (default tokens)")
+    g.add_argument("--label", default="", help="free text stored in the CSV row")
+    g.add_argument("--no-save", action="store_true", help="print only; write no CSV/PNG")
 
 
 WARMUP_SEQS = 32
@@ -79,8 +97,9 @@ def run_nanovllm(args, prompts, output_lens) -> float:
     from nanovllm import LLM, SamplingParams
 
     kwargs = {}
-    if args.max_num_batched_tokens:
-        kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
+    for name in ("max_num_batched_tokens", "max_num_seqs", "max_prefill_tokens_while_decoding"):
+        if getattr(args, name, None):
+            kwargs[name] = getattr(args, name)
     llm = LLM(args.model, load_format=args.load_format, skip_tokenizer_init=True, max_model_len=args.max_model_len,
               enforce_eager=args.enforce_eager,
               async_scheduling=args.async_scheduling, gpu_memory_utilization=args.gpu_memory_utilization,
@@ -125,6 +144,10 @@ def run_hf(args, prompts, output_lens) -> float:
 
 
 def run(args) -> int:
+    if args.workload == "serve":
+        from nanovllm.bench.replay import run_serve_workload
+
+        return run_serve_workload(args)
     from nanovllm.kernels.pdl import pdl_in_effect  # imports triton: only when benchmarking
 
     prompts, output_lens = make_workload(args.num_seqs, args.max_input_len, args.max_output_len)
@@ -138,7 +161,7 @@ def run(args) -> int:
            "async_scheduling": args.async_scheduling if args.backend == "nanovllm" else "",
            "pdl": pdl_in_effect(getattr(args, "pdl", True)) if args.backend == "nanovllm" else "",
            "tp": getattr(args, "tp", 1), "executor": getattr(args, "executor", "")}
-    path = append_rows(args.csv, [row])
+    path = append_rows(args.csv or os.path.join(RESULTS_DIR, "throughput.csv"), [row])
     plot(path, os.path.splitext(path)[0] + ".png")
     print(f"{args.backend}: {total} output tokens in {elapsed:.2f} s = {total / elapsed:,.0f} tok/s  (CSV: {path})")
     return 0

@@ -21,6 +21,9 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) 
     p.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="fraction of GPU memory for weights + activations + KV cache (default 0.9)")
     p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    p.add_argument("--max-prefill-tokens-while-decoding", type=int, default=None,
+                   help="scheduling policy: most prompt tokens computed per step, so new prompts cannot stretch "
+                        "running requests' decode steps (default: no cap but the step budget; see docs/serving.md)")
     add_parallel_args(p)
 
 
@@ -43,7 +46,7 @@ def parallel_kwargs(args: argparse.Namespace) -> dict:
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     kwargs = {"device": args.device, "dtype": args.dtype, "enforce_eager": args.enforce_eager, **parallel_kwargs(args)}
-    for name in ("max_model_len", "max_num_seqs", "gpu_memory_utilization"):
+    for name in ("max_model_len", "max_num_seqs", "gpu_memory_utilization", "max_prefill_tokens_while_decoding"):
         value = getattr(args, name, None)
         if value is not None:
             kwargs[name] = value

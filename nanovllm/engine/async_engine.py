@@ -15,6 +15,10 @@
 - A tensor-parallel worker process that dies kills the engine at once, busy or idle (the
   executor's failure callback); `on_dead` callbacks then run (the server shuts down).
 - With nothing to do the thread waits on a condition variable (no polling).
+- Each step's outputs reach an event loop in one `call_soon_threadsafe` (one wake-up per loop
+  per step, however many streams). With `coalesce_outputs`, a stream whose consumer fell behind
+  hands it the waiting outputs merged into one (engine/output_merge.py): same content, fewer
+  chunks to frame and send when the event loop is the bottleneck.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import AsyncIterator, Optional, Protocol
 from nanovllm.config import EngineConfig
 from nanovllm.engine.input_processor import PromptType
 from nanovllm.engine.llm_engine import LLMEngine
+from nanovllm.engine.output_merge import merge_delta_outputs
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -73,11 +78,14 @@ class _Stream:
 class RequestStream:
     """Async iterator over one request's DELTA RequestOutputs. Closing it early aborts the request."""
 
-    def __init__(self, engine: "AsyncLLMEngine", request_id: str, queue: asyncio.Queue) -> None:
+    def __init__(self, engine: "AsyncLLMEngine", request_id: str, queue: asyncio.Queue,
+                 coalesce: bool = False) -> None:
         self.request_id = request_id
         self._engine = engine
         self._queue = queue
         self._done = False
+        self._coalesce = coalesce
+        self._held = None  # an item taken from the queue while coalescing, for the next call
 
     def __aiter__(self) -> "RequestStream":
         return self
@@ -85,16 +93,31 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self._done:
             raise StopAsyncIteration
-        try:
-            item = await self._queue.get()
-        except BaseException:  # cancelled while waiting: the consumer is gone
-            self.abort()
-            raise
+        if self._held is not None:
+            item, self._held = self._held, None
+        else:
+            try:
+                item = await self._queue.get()
+            except BaseException:  # cancelled while waiting: the consumer is gone
+                self.abort()
+                raise
+        if self._coalesce:
+            item = self._take_waiting(item)
         if isinstance(item, BaseException):
             self._done = True
             raise item
         if item.finished:
             self._done = True
+        return item
+
+    def _take_waiting(self, item):
+        """`item` merged with the outputs already queued behind it (an error is kept for the next call)."""
+        while not isinstance(item, BaseException) and not item.finished and not self._queue.empty():
+            nxt = self._queue.get_nowait()
+            if isinstance(nxt, BaseException):
+                self._held = nxt
+                break
+            item = merge_delta_outputs(item, nxt)
         return item
 
     @property
@@ -124,7 +147,10 @@ class RequestStream:
 class AsyncLLMEngine:
     """Thread-safe, asyncio-facing wrapper of LLMEngine (see the module docstring)."""
 
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, coalesce_outputs: bool = False) -> None:
+        if not isinstance(coalesce_outputs, bool):
+            raise TypeError(f"coalesce_outputs must be True or False, got {coalesce_outputs!r}")
+        self.coalesce_outputs = coalesce_outputs
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
@@ -136,6 +162,7 @@ class AsyncLLMEngine:
         self._dead: Optional[BaseException] = None
         self._streams: dict[str, _Stream] = {}  # engine thread only
         self._observers: list[RequestObserver] = []
+        self._step_observers: list = []  # fn(t_start, t_end, stats) after each step, on the engine thread
         self._ids = itertools.count()
         self._consecutive_failures = 0
         self._stats = dict(engine.stats())
@@ -145,8 +172,8 @@ class AsyncLLMEngine:
         self._thread.start()
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> "AsyncLLMEngine":
-        return cls(LLMEngine(config))
+    def from_config(cls, config: EngineConfig, coalesce_outputs: bool = False) -> "AsyncLLMEngine":
+        return cls(LLMEngine(config), coalesce_outputs)
 
     # ------------------------------------------------------------------ public (event loop side)
     @property
@@ -165,6 +192,10 @@ class AsyncLLMEngine:
 
     def add_observer(self, observer: RequestObserver) -> None:
         self._observers.append(observer)
+
+    def add_step_observer(self, fn) -> None:
+        """Call fn(t_start, t_end, stats) on the engine thread after each step (monotonic seconds; keep it cheap)."""
+        self._step_observers.append(fn)
 
     def remove_observer(self, observer: RequestObserver) -> None:
         if observer in self._observers:
@@ -195,7 +226,7 @@ class AsyncLLMEngine:
         except asyncio.CancelledError:
             self.abort(request_id)  # commands run in order: this abort comes after the add
             raise
-        return RequestStream(self, request_id, stream.queue)
+        return RequestStream(self, request_id, stream.queue, self.coalesce_outputs)
 
     async def generate(self, prompt: PromptType, params: Optional[SamplingParams] = None,
                        request_id: Optional[str] = None) -> AsyncIterator[RequestOutput]:
@@ -293,8 +324,10 @@ class AsyncLLMEngine:
             self.engine.abort_request(rid)
 
     def _step(self) -> None:
+        t_start = time.monotonic()
         try:
             outputs = self.engine.step()
+            t_end = time.monotonic()
         except Exception as e:
             if self.engine.executor.failure is not None:  # a worker process is gone: nothing can run
                 self._die(e)
@@ -306,6 +339,11 @@ class AsyncLLMEngine:
             return
         self._consecutive_failures = 0
         self._snapshot()  # before delivering, so a client that got its answer sees fresh stats
+        for fn in self._step_observers:
+            try:
+                fn(t_start, t_end, self._stats)
+            except Exception:  # a timing hook must never break serving
+                logger.exception("step observer failed")
         self._dispatch(outputs)
 
     def _snapshot(self) -> None:

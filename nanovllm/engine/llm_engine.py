@@ -120,6 +120,7 @@ class LLMEngine:
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
         self.num_preemptions_total = 0
+        self.last_step_tokens = (0, 0, 0)  # (tokens, of which prefill, sequences) of the latest scheduled step
         logger.info(
             "nanovllm: %s on %s (%s), KV cache %d blocks x %d tokens = %d tokens, max_model_len %d, "
             "max concurrency %.1f full-length requests",
@@ -165,7 +166,7 @@ class LLMEngine:
             pending_fork=params.n if params.n > 1 else 0,
         )
         state = _RequestState(request_id, processed.prompt, processed.prompt_token_ids, params,
-                              metrics=RequestMetrics(arrival_time=now))
+                              metrics=RequestMetrics(arrival_time=now, queued_time=time.monotonic()))
         state.completions[0] = self._new_completion(req)
         self.states[request_id] = state
         self.scheduler.add_request(req)
@@ -236,6 +237,13 @@ class LLMEngine:
 
     def _schedule(self) -> SchedulerOutput:
         sched = self.scheduler.schedule()
+        self.last_step_tokens = (sched.num_batched_tokens, sched.num_prefill_tokens, len(sched.scheduled))
+        if sched.admitted:
+            now = time.monotonic()
+            for req in sched.admitted:
+                state = self.states.get(req.parent_id)
+                if state is not None and state.metrics.first_scheduled_time is None:
+                    state.metrics.first_scheduled_time = now
         for child in sched.forked:
             self.states[child.parent_id].completions[child.index] = self._new_completion(child)
         self.num_preemptions_total += len(sched.preempted)
@@ -382,6 +390,10 @@ class LLMEngine:
             "prompt_tokens_total": self.num_prompt_tokens_total,
             "generation_tokens_total": self.num_generation_tokens_total,
             "preemptions_total": self.num_preemptions_total,
+            # the latest scheduled step (the request timeline logs them)
+            "last_step_num_tokens": self.last_step_tokens[0],
+            "last_step_num_prefill_tokens": self.last_step_tokens[1],
+            "last_step_num_seqs": self.last_step_tokens[2],
         }
 
 

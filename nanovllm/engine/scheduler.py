@@ -63,9 +63,11 @@ class SchedulerOutput:
 
     scheduled: list[ScheduledRequest]
     num_batched_tokens: int
+    num_prefill_tokens: int = 0  # of num_batched_tokens: all but the one-token decodes (prompt chunks, recomputation)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), before forward
     preempted: list[Request] = field(default_factory=list)
     forked: list[Request] = field(default_factory=list)  # new n>1 children created this step
+    admitted: list[Request] = field(default_factory=list)  # scheduled for the first time (not after preemption)
 
     @property
     def is_empty(self) -> bool:
@@ -132,7 +134,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(self._tokens_to_compute(req), budget)
+            to_compute = self._tokens_to_compute(req)
+            num_new = min(to_compute, budget)
+            is_decode = to_compute == 1 and req.num_output_tokens + req.num_pending_tokens > 0
             if num_new > 1 and prefill_left is not None:  # a prefill chunk or a recomputation
                 num_new = min(num_new, prefill_left)
                 prefill_left -= num_new
@@ -149,6 +153,8 @@ class Scheduler:
                 break  # req itself was preempted: nothing younger is left to run
             out.scheduled.append(ScheduledRequest(req, num_new, self.kv.blocks_of(req.request_id)))
             budget -= num_new
+            if not is_decode:
+                out.num_prefill_tokens += num_new
             i += 1
 
         if not out.preempted:
@@ -211,11 +217,13 @@ class Scheduler:
             if req.num_preemptions == 0:
                 self.kv.record_prefix_lookup(req.num_tokens, num_cached)
                 req.num_cached_prompt_tokens = num_cached
+                out.admitted.append(req)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             if num_new > 0:
                 out.scheduled.append(ScheduledRequest(req, num_new, self.kv.blocks_of(req.request_id)))
                 budget -= num_new
+                out.num_prefill_tokens += num_new
                 if prefill_left is not None:
                     prefill_left -= num_new
         return budget

@@ -39,6 +39,13 @@ def add_serve_parser(sub) -> None:
                    help="largest request body accepted; larger ones get 413 (default 10 MiB)")
     p.add_argument("--no-web-ui", dest="web_ui", action="store_false",
                    help="leave out the browser chat (/) and the live dashboard (/dashboard)")
+    p.add_argument("--no-coalesce-outputs", dest="coalesce_outputs", action="store_false",
+                   help="send every engine step's output as its own chunk even when a stream's response lags "
+                        "(default: a lagging stream sends the outputs waiting for it as one chunk; for A/B runs)")
+    p.add_argument("--request-timeline", default=None, metavar="PATH",
+                   help="record each generation request's timeline (arrival, queued, first scheduled, first token, "
+                        "every chunk sent) and write it as CSV to PATH when the server stops; plot it with "
+                        "`nanovllm bench timeline PATH` (default: off)")
     p.add_argument("--uvicorn-log-level", default="warning", help="uvicorn's log level (default warning)")
     p.set_defaults(func=cmd_serve)
 
@@ -58,10 +65,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or envs.api_key()
     if not api_key and not _is_loopback(args.host):
         logger.warning("serving on %s without an API key: anyone who can reach it can use it", args.host)
-    engine = AsyncLLMEngine.from_config(config)
+    timeline = None
+    if args.request_timeline is not None:  # validated before the model loads
+        from nanovllm.serve.timeline import RequestTimeline
+
+        timeline = RequestTimeline(args.request_timeline)
+    engine = AsyncLLMEngine.from_config(config, coalesce_outputs=args.coalesce_outputs)
     name = args.served_model_name or args.model or engine.model_name
-    app = build_app(engine, name, api_key=api_key, max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES,
-                    web_ui=args.web_ui)
+    app = build_app(_with_timeline(engine, timeline), name, api_key=api_key,
+                    max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES, web_ui=args.web_ui)
+    if timeline is not None:
+        from nanovllm.serve.timeline import TimelineMiddleware
+
+        app.add_middleware(TimelineMiddleware, timeline=timeline)
+        # at lifespan shutdown: uvicorn re-raises SIGTERM/SIGINT once it has stopped, so no `finally` would run
+        app.router.on_shutdown.append(lambda: print(f"nanovllm serve: request timeline written to "
+                                                    f"{timeline.write()}", file=sys.stderr, flush=True))
     print(f"nanovllm serve: {name} on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
     if args.web_ui:
@@ -78,6 +97,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"nanovllm serve: the engine died: {engine.dead_error}", file=sys.stderr, flush=True)
         return EXIT_ENGINE_DIED
     return 0
+
+
+def _with_timeline(engine, timeline):
+    """The engine the routes use: wrapped to note each HTTP request's engine requests when timing."""
+    if timeline is None:
+        return engine
+    from nanovllm.serve.timeline import TimelineEngine
+
+    return TimelineEngine(engine, timeline)
 
 
 def _is_loopback(host: str) -> bool:

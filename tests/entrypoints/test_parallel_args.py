@@ -40,6 +40,14 @@ def test_every_engine_command_takes_the_parallel_flags(command, flags, expected)
         assert not {"tensor_parallel_size", "distributed_executor_backend"} - set(expected) & set(kwargs)
 
 
+def test_the_serve_workload_replay_passes_them_to_its_engine():
+    """`bench throughput --workload serve` builds its engine from its own argument list."""
+    from nanovllm.bench.replay import engine_kwargs as replay_engine_kwargs
+
+    args = build_parser().parse_args(COMMANDS["bench throughput"] + ["--workload", "serve", "-tp", "2"])
+    assert replay_engine_kwargs(args)["tensor_parallel_size"] == 2
+
+
 def test_an_unknown_executor_backend_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["generate", "hi", "--distributed-executor-backend", "ray"])
