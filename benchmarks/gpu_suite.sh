@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU issue's checks and benchmarks in one device call; logs and CSVs to $OUT.
-#   bash benchmarks/gpu_suite.sh [warm] [tests] [testsrev] [kernels] [gemv] [gemvcfg] [bench] [tput] [ab] [sync] [nopdl] [base] [trace] [tp] [tp1mp] [tp2] [bench8b] [hf] [serve] [serveperf] [profile] [moe] [prefix]
+#   bash benchmarks/gpu_suite.sh [warm] [tests] [testsrev] [kernels] [gemv] [gemvcfg] [bench] [tput] [ab] [sync] [nopdl] [base] [trace] [tp] [tp1mp] [tp2] [bench8b] [fp8] [hf] [serve] [serveperf] [profile] [moe] [prefix]
 set -uo pipefail
 DEST=${OUT:-/tmp/nanovllm-out}; OUT=/tmp/suite-logs; mkdir -p "$OUT" "$DEST"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
@@ -89,6 +89,15 @@ for s in $steps; do
     nopdl)   # same-run baseline: decode kernels launched without programmatic dependent launch
              NANOVLLM_PDL=0 timeout 120 $nv bench latency --model benchmarks/configs/qwen3-0.6b 2>&1 | tee "$OUT/latency_nopdl.log" | tail -3 ;;
     bench8b) timeout 150 $nv bench latency --model benchmarks/configs/qwen3-8b 2>&1 | tee "$OUT/latency8b.log" | tail -3 ;;
+    fp8)     # issue #26: fp8 KV kernel tests + Qwen3-0.6B quality and sizing (-s prints the MAEs), then the
+             # throughput workload once per setting in $FP8_TPUT (';'-separated bench flags) with --timeline
+             timeout 300 python3 -m pytest -q -s -m gpu -p no:randomly -p no:cacheprovider tests/kernels/test_kv_fp8.py \
+                 tests/gpu/test_kv_fp8_gpu.py 2>&1 | tee "$OUT/fp8_tests.log" | grep -E "KV:|passed|failed|Error"
+             IFS=';' read -ra fp8_runs <<< "${FP8_TPUT:---kv-cache-dtype auto;--kv-cache-dtype fp8;--kv-cache-dtype fp8 --decode-split balanced}"
+             for flags in "${fp8_runs[@]}"; do
+               echo "--- bench throughput $flags --timeline"
+               timeout 200 $nv bench throughput --model benchmarks/configs/qwen3-0.6b $flags --timeline 2>&1 | grep -v "^INFO" | tail -12
+             done 2>&1 | tee "$OUT/fp8_throughput.log" ;;
     hf)      timeout 150 $nv bench throughput --model benchmarks/configs/qwen3-0.6b --backend hf --num-seqs ${HF_SEQS:-64} 2>&1 | tee "$OUT/hf.log" | tail -4 ;;
     serve)   # needs the carried wheels in .whl (fastapi, uvicorn, pydantic are not in the device image)
              python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH

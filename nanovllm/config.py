@@ -6,8 +6,9 @@ model (hidden size, number of layers...) lives on the model's HF config.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_MAX_NUM_SEQS = 256
@@ -19,6 +20,9 @@ SUPPORTED_DTYPES = ("auto", "float32", "float16", "bfloat16")
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 LOAD_FORMATS = ("auto", "dummy")
 GEMV_MODES = ("auto", "off", "force")
+KV_CACHE_DTYPES = ("auto", "fp8")
+KV_CACHE_DTYPE_ALIASES = {"fp8_e4m3": "fp8", "float8_e4m3fn": "fp8"}
+DECODE_SPLITS = ("uniform", "balanced")
 CASCADE_MODES = ("auto", "off", "force")  # layers/attention/cascade.py (mirrored: config imports nothing)
 # How the engine reaches its workers (vLLM's names): "uni" = one worker in the engine's process,
 # "mp" = one process per tensor-parallel rank (rank 0's worker in the engine's process).
@@ -48,7 +52,7 @@ class EngineConfig:
     # Shared prefixes (prefix-cache hits, n > 1) read once per step for all requests sharing them,
     # merged with each request's own part by log-sum-exp (docs/memory.md): "auto" = when the rule
     # of layers/attention/cascade.py says it pays, "force" = whenever any whole block is shared
-    # (tests, A/B), "off". Results are the same either way.
+    # (tests, A/B), "off". Results are the same either way. An fp8 KV cache keeps it off.
     cascade_attention: str = "auto"
     enforce_eager: bool = False  # True disables CUDA graphs
     # Schedule and launch step N+1 before step N's tokens reach the host, so host work
@@ -72,6 +76,18 @@ class EngineConfig:
     pdl: bool = True  # programmatic dependent launch of the decode kernels (Hopper and newer)
     use_triton: bool = True  # False: every op through its pure-torch reference (debugging)
     step_timing: bool = False  # accumulate the wall time of each phase of a step (engine.step_timer)
+    # ---- KV cache format. "auto" = the model's dtype; "fp8" = float8 e4m3 with one scale per layer and KV
+    # head (twice the tokens in the same memory; attention dequantizes in registers; docs/architecture.md).
+    kv_cache_dtype: str = "auto"
+    # fp8 scales: None = calibrated at start-up from the K/V of a forward over random tokens; a float =
+    # that scale for every layer and head; a str = a JSON file {"k": [[per head] per layer], "v": ...}.
+    kv_cache_scales: Optional[Union[float, str]] = None
+    # ---- throughput switches (GPU; A/B benchmarks)
+    # Decode attention work split: "uniform" = every sequence of a batch in the same number of splits;
+    # "balanced" = per-request splits of about the batch's mean context, so no program of the grid
+    # carries a long context alone (mixed lengths).
+    decode_split: str = "uniform"
+    step_timeline: bool = False  # record a per-step timeline (worker.runner.timeline; `bench throughput --timeline`)
     # ---- parallelism (docs/parallelism.md)
     tensor_parallel_size: int = 1  # ranks one model is split over (GPUs, or CPU processes)
     # None = "uni" at tensor_parallel_size 1, else "mp"; "mp" at size 1 runs the multi-process
@@ -122,7 +138,19 @@ class EngineConfig:
                                  "(or leave it None)")
         if self.gemv not in GEMV_MODES:
             raise ValueError(f"gemv={self.gemv!r}: use 'auto' (calibrated), 'off' (cuBLAS) or 'force' (Triton)")
-        for name in ("fuse_gemv_prologues", "pdl", "use_triton", "step_timing"):
+        kv_dtype = KV_CACHE_DTYPE_ALIASES.get(self.kv_cache_dtype, self.kv_cache_dtype)
+        if kv_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r}: use 'auto' (the model's dtype) or 'fp8'")
+        object.__setattr__(self, "kv_cache_dtype", kv_dtype)
+        _check_kv_cache_scales(self.kv_cache_scales, kv_dtype)
+        if kv_dtype == "fp8" and self.cascade_attention == "force":
+            raise ValueError("cascade_attention='force' does not read an fp8 KV cache (its kernels take bf16/fp16/fp32 "
+                             "K/V): use cascade_attention='auto' or 'off' with kv_cache_dtype='fp8', or kv_cache_dtype='auto'")
+        if kv_dtype == "fp8":  # 'auto' with an fp8 cache: cascade stays off (the plain kernels read fp8)
+            object.__setattr__(self, "cascade_attention", "off")
+        if self.decode_split not in DECODE_SPLITS:
+            raise ValueError(f"decode_split={self.decode_split!r}: use one of {DECODE_SPLITS}")
+        for name in ("fuse_gemv_prologues", "pdl", "use_triton", "step_timing", "step_timeline"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.seed, int):
@@ -142,6 +170,17 @@ class EngineConfig:
         if self.distributed_executor_backend is not None:
             return self.distributed_executor_backend
         return "mp" if self.tensor_parallel_size > 1 else "uni"
+
+
+def _check_kv_cache_scales(scales, kv_dtype: str) -> None:
+    if scales is None:
+        return
+    if kv_dtype != "fp8":
+        raise ValueError("kv_cache_scales only applies to kv_cache_dtype='fp8'; drop it or set kv_cache_dtype='fp8'")
+    if isinstance(scales, bool) or not isinstance(scales, (int, float, str)):
+        raise TypeError(f"kv_cache_scales must be a positive float or a JSON file path, got {type(scales).__name__}")
+    if not isinstance(scales, str) and not (math.isfinite(scales) and scales > 0):
+        raise ValueError(f"kv_cache_scales={scales!r} must be a positive, finite float (or a JSON file path)")
 
 
 def _positive_int(name: str, value) -> None:

@@ -9,6 +9,7 @@ SUBCOMMANDS = {
     "throughput": ("nanovllm.bench.throughput", "offline throughput on nano-vLLM's bench.py workload"),
     "latency": ("nanovllm.bench.latency", "batch-1 decode speed next to the weight-read roofline"),
     "serve": ("nanovllm.bench.serve", "async load generator against an OpenAI-compatible server"),
+    "kv-quality": ("nanovllm.bench.kv_quality", "first-step quality of the bf16 and fp8 KV caches against fp32"),
     "prefix": ("nanovllm.bench.prefix", "shared-prefix throughput, cached TTFT, decode gaps with chunked prefill"),
     "timeline": ("nanovllm.bench.timeline", "TTFT by stage from a `serve --request-timeline` CSV (+ PNG)"),
 }

@@ -7,6 +7,11 @@ The model is built from a config JSON with random weights (nothing to download).
 
     nanovllm bench throughput --model benchmarks/configs/qwen3-0.6b
     nanovllm bench throughput --model benchmarks/configs/qwen3-0.6b --backend hf --num-seqs 64
+    nanovllm bench throughput --model benchmarks/configs/qwen3-0.6b --kv-cache-dtype fp8 --timeline
+
+`--timeline` records every step of the timed run (kind, batch, tokens, GPU time, host gap, bytes,
+the step's floor) to <csv stem>_timeline_<commit>.csv with a plot, and prints where the time
+above the floor goes (nanovllm/bench/step_timeline.py).
 
 `--workload serve` replays `nanovllm bench serve`'s workload instead (same flags, same seed: the
 same requests, arrival pattern and concurrency cap) through the engine without HTTP, and appends
@@ -20,7 +25,8 @@ import os
 import random
 import time
 
-from nanovllm.bench.report import RESULTS_DIR, append_rows, bar_plot, base_row
+from nanovllm.bench import step_timeline as timeline
+from nanovllm.bench.report import RESULTS_DIR, append_rows, bar_plot, base_row, git_commit
 from nanovllm.cli.args import add_parallel_args, parallel_kwargs
 
 WORKLOAD_SEED = 0
@@ -57,6 +63,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
     add_parallel_args(p)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) or fp8 (e4m3, twice the tokens)")
+    p.add_argument("--decode-split", default="uniform", choices=["uniform", "balanced"],
+                   help="decode attention work split: uniform, or balanced per request (mixed context lengths)")
+    p.add_argument("--timeline", action="store_true",
+                   help="record a per-step timeline of the timed run: CSV, plot and a summary of time above the floor")
+    p.add_argument("--bandwidth-gbs", type=float, default=timeline.H200_BANDWIDTH / 1e9,
+                   help="memory bandwidth for the timeline's floor in GB/s (default: H200's measured copy rate)")
+    p.add_argument("--peak-tflops", type=float, default=timeline.H200_PEAK_FLOPS / 1e12,
+                   help="GEMM peak for the timeline's floor in TFLOP/s (default: H200 bf16, measured)")
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--max-prefill-tokens-while-decoding", type=int, default=None,
                    help="scheduling policy: most prompt tokens computed per step (default: no cap)")
@@ -101,20 +116,55 @@ def run_nanovllm(args, prompts, output_lens) -> float:
         if getattr(args, name, None):
             kwargs[name] = getattr(args, name)
     llm = LLM(args.model, load_format=args.load_format, skip_tokenizer_init=True, max_model_len=args.max_model_len,
-              enforce_eager=args.enforce_eager,
+              enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype, decode_split=args.decode_split,
+              step_timeline=args.timeline,
               async_scheduling=args.async_scheduling, gpu_memory_utilization=args.gpu_memory_utilization,
               **parallel_kwargs(args), **kwargs)
     args.async_scheduling = llm.engine.async_scheduling  # what auto resolved to, for the CSV
     args.pdl = llm.engine.config.pdl
     args.tp, args.executor = llm.engine.config.tensor_parallel_size, llm.engine.config.executor_backend
     warm_up(llm)
+    recorder = step_timeline(llm) if args.timeline else None
+    if recorder is not None:
+        recorder.reset()  # the warm-up's steps are not the workload's
     params = [SamplingParams(temperature=TEMPERATURE, ignore_eos=True, max_tokens=n) for n in output_lens]
     t0 = time.perf_counter()
     llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
     if llm.engine.step_timer is not None:
         print("step phases:", llm.engine.step_timer.summary())
+    if recorder is not None:
+        report_timeline(args, recorder.records)
     return elapsed
+
+
+def step_timeline(llm):
+    """The in-process worker's StepTimeline (None with a multi-process executor)."""
+    worker = getattr(llm.engine.executor, "worker", None)
+    return getattr(getattr(worker, "runner", None), "timeline", None)
+
+
+def report_timeline(args, records: list) -> None:
+    bw, peak = args.bandwidth_gbs * 1e9, args.peak_tflops * 1e12
+    csv_path = args.csv or os.path.join(RESULTS_DIR, "throughput.csv")
+    stem = f"{os.path.splitext(csv_path)[0]}_timeline_{git_commit()}_{engine_options(args).replace(' ', '_').replace('=', '-')}"
+    path = timeline.write_csv(stem + ".csv", records, bw, peak)
+    timeline.plot(stem + ".png", records, f"{os.path.basename(os.path.normpath(args.model))} "
+                  f"({engine_options(args)}), {len(records)} steps", bw, peak)
+    print(f"timeline ({len(records)} steps, CSV: {path}):\n{timeline.format_summary(timeline.summarize(records, bw, peak))}")
+
+
+def backend_label(args) -> str:
+    """'nanovllm', or 'nanovllm (kv=fp8 ...)' when a throughput switch is off its default: the CSV keeps
+    its columns and the plot shows each setting of a same-run A/B as its own bar."""
+    if args.backend != "nanovllm" or (args.kv_cache_dtype, args.decode_split) == ("auto", "uniform"):
+        return args.backend
+    return f"nanovllm ({engine_options(args)})"
+
+
+def engine_options(args) -> str:
+    """The throughput switches of a nanovllm run, for the CSV row and file names."""
+    return f"kv={args.kv_cache_dtype} split={args.decode_split}"
 
 
 def run_hf(args, prompts, output_lens) -> float:
@@ -154,7 +204,7 @@ def run(args) -> int:
     fn = run_hf if args.backend == "hf" else run_nanovllm
     elapsed = fn(args, prompts, output_lens)
     total = sum(output_lens)
-    row = {**base_row(), "backend": args.backend, "model": os.path.basename(os.path.normpath(args.model)),
+    row = {**base_row(), "backend": backend_label(args), "model": os.path.basename(os.path.normpath(args.model)),
            "num_seqs": args.num_seqs, "input_tokens": sum(map(len, prompts)), "output_tokens": total,
            "seconds": round(elapsed, 2), "output_tok_per_s": round(total / elapsed, 1),
            "cuda_graphs": not args.enforce_eager,

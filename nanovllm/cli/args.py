@@ -24,6 +24,12 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) 
     p.add_argument("--max-prefill-tokens-while-decoding", type=int, default=None,
                    help="scheduling policy: most prompt tokens computed per step, so new prompts cannot stretch "
                         "running requests' decode steps (default: no cap but the step budget; see docs/serving.md)")
+    p.add_argument("--kv-cache-dtype", default=None,
+                   help="auto (the model's dtype, default) or fp8 (e4m3 with per-layer, per-KV-head scales: "
+                        "twice the tokens in the same memory)")
+    p.add_argument("--kv-cache-scales", default=None, type=_float_or_path,
+                   help="fp8 KV cache scales: a number (every layer and head) or a JSON file "
+                        "{\"k\": [[per KV head] per layer], \"v\": ...} (default: calibrated at start-up)")
     add_parallel_args(p)
 
 
@@ -44,9 +50,18 @@ def parallel_kwargs(args: argparse.Namespace) -> dict:
     return kwargs
 
 
+def _float_or_path(value: str):
+    """--kv-cache-scales: a number is a scale, anything else a JSON file path."""
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
 def engine_kwargs(args: argparse.Namespace) -> dict:
     kwargs = {"device": args.device, "dtype": args.dtype, "enforce_eager": args.enforce_eager, **parallel_kwargs(args)}
-    for name in ("max_model_len", "max_num_seqs", "gpu_memory_utilization", "max_prefill_tokens_while_decoding"):
+    for name in ("max_model_len", "max_num_seqs", "gpu_memory_utilization", "max_prefill_tokens_while_decoding",
+                 "kv_cache_dtype", "kv_cache_scales"):
         value = getattr(args, name, None)
         if value is not None:
             kwargs[name] = value

@@ -30,6 +30,11 @@ an fp32 accumulator; log-sum-exp values that leave a kernel are natural logs. Bo
 can also write each query row's log-sum-exp (`lse_out`), so that their result over part of
 the keys merges with another part's (cascade attention, kernels/cascade_attention.py).
 
+An fp8 cache (`kv_quant.py`, `KV_FP8`) is read as e4m3 tiles, converted to the query's dtype
+in registers; its per-KV-head scales are scalars of a program (one KV head each): the K
+scale multiplies the softmax scale (so scores and log-sum-exps are the real ones), the V
+scale the normalised output (before partials are written, so the split merge is unchanged).
+
 Soft-capping (Gemma 2: `cap * tanh(scale * q.k / cap)` before the softmax) and the sliding
 window are per-layer settings: `USE_SOFTCAP` / `USE_WINDOW` are constexprs, so a layer
 without them compiles to exactly the kernel it had before they existed.
@@ -44,10 +49,14 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels import decode_plan, kv_quant
 from nanovllm.kernels.launch_math import cdiv, next_pow2
 from nanovllm.kernels.pdl import pdl_launch_options, pdl_wait, use_pdl
 
 LOG2E = 1.4426950408889634  # log2(e): scores * scale * LOG2E feed exp2
+K_SCALE_ROW = tl.constexpr(kv_quant.K_SCALE)  # rows of a layer's kv_scale [4, num_kv_heads]
+V_SCALE_ROW = tl.constexpr(kv_quant.V_SCALE)
+PLAN_COLUMNS = tl.constexpr(decode_plan.PLAN_COLUMNS)
 TANH_SATURATION = tl.constexpr(40.0)  # exp(40) ~ 2e17: 1 - 2 / (e^x + 1) is 1.0 in fp32 well before
 
 # Unified (prefill / mixed) kernel. BLOCK_M query rows = BLOCK_Q tokens x group heads.
@@ -266,6 +275,7 @@ def _attend_tile(
     MASKED: tl.constexpr,  # False: every key of the tile is visible to every row
     USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
+    KV_FP8: tl.constexpr,  # e4m3 cache: tiles converted to q's dtype (scales applied by the caller)
 ):
     """One online-softmax step of BLOCK_M query rows over TILE_N paged keys (base-2 units)."""
     offs_d = tl.arange(0, HEAD_DIM)
@@ -298,6 +308,8 @@ def _attend_tile(
         v = tl.load(v_base + v_off, mask=k_ok[:, None], other=0.0)  # [TILE_N, D]
     else:
         v = tl.load(v_base + v_off)
+    if KV_FP8:
+        v = v.to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
@@ -312,6 +324,7 @@ def _unified_attention_kernel(
     query_start_loc_ptr,  # [num_seqs + 1]
     seq_lens_ptr,  # [num_seqs]
     block_tables_ptr,  # [num_seqs, max_blocks_per_seq]
+    kv_scale_ptr,  # [4, num_kv_heads] fp32 (kv_quant.py), read only when KV_FP8
     num_seqs,
     num_tiles,  # query tiles in the grid (upper bound, see _find_seq)
     num_kv_heads,
@@ -331,6 +344,7 @@ def _unified_attention_kernel(
     TILE_N: tl.constexpr,  # keys per iteration
     USE_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr,  # e4m3 cache with per-KV-head scales
     USE_SOFTCAP: tl.constexpr,
     WRITE_LSE: tl.constexpr = False,
 ):
@@ -368,6 +382,8 @@ def _unified_attention_kernel(
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
     k_base = k_cache_ptr + kv_head * stride_k_head
     v_base = v_cache_ptr + kv_head * stride_v_head
+    if KV_FP8:  # q . (k_code * k_scale) = (q . k_code) * k_scale
+        qk_scale = qk_scale * tl.load(kv_scale_ptr + K_SCALE_ROW * num_kv_heads + kv_head)
 
     # Keys this tile can see: up to its last token; with a window, from its first token's window.
     first_q = context_len + q_tile * BLOCK_Q
@@ -378,7 +394,7 @@ def _unified_attention_kernel(
             acc, m_i, l_i = _attend_tile(
                 q, acc, m_i, l_i, start + offs_n, q_pos, k_hi, window, bt_row, k_base, v_base,
                 stride_k_blk, stride_k_slot, stride_v_blk, stride_v_slot, qk_scale, cap_log2,
-                BLOCK_SIZE, HEAD_DIM, True, USE_WINDOW, DOT_PRECISION, USE_SOFTCAP,
+                BLOCK_SIZE, HEAD_DIM, True, USE_WINDOW, DOT_PRECISION, USE_SOFTCAP, KV_FP8,
             )
     else:
         # Whole tiles before the first query are visible to every row: no masks there.
@@ -387,16 +403,18 @@ def _unified_attention_kernel(
             acc, m_i, l_i = _attend_tile(
                 q, acc, m_i, l_i, start + offs_n, q_pos, k_hi, window, bt_row, k_base, v_base,
                 stride_k_blk, stride_k_slot, stride_v_blk, stride_v_slot, qk_scale, cap_log2,
-                BLOCK_SIZE, HEAD_DIM, False, USE_WINDOW, DOT_PRECISION, USE_SOFTCAP,
+                BLOCK_SIZE, HEAD_DIM, False, USE_WINDOW, DOT_PRECISION, USE_SOFTCAP, KV_FP8,
             )
         for start in range(k_full, k_hi, TILE_N):  # the causal diagonal
             acc, m_i, l_i = _attend_tile(
                 q, acc, m_i, l_i, start + offs_n, q_pos, k_hi, window, bt_row, k_base, v_base,
                 stride_k_blk, stride_k_slot, stride_v_blk, stride_v_slot, qk_scale, cap_log2,
-                BLOCK_SIZE, HEAD_DIM, True, USE_WINDOW, DOT_PRECISION, USE_SOFTCAP,
+                BLOCK_SIZE, HEAD_DIM, True, USE_WINDOW, DOT_PRECISION, USE_SOFTCAP, KV_FP8,
             )
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    if KV_FP8:  # sum_j p_j (v_code_j * v_scale) = v_scale * sum_j p_j v_code_j
+        out = out * tl.load(kv_scale_ptr + V_SCALE_ROW * num_kv_heads + kv_head)
     o_rows = (q_start + tok).to(tl.int64) * stride_o_tok + head * stride_o_head
     tl.store(out_ptr + o_rows[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
     if WRITE_LSE:
@@ -407,7 +425,7 @@ def _unified_attention_kernel(
 def _launch_unified(
     query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window, out,
     block_m: int, tile_n: int, num_warps: int, num_stages: int, softcap: Optional[float] = None,
-    lse_out: Optional[torch.Tensor] = None,
+    lse_out: Optional[torch.Tensor] = None, kv_scale: Optional[torch.Tensor] = None,
 ) -> None:
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
@@ -417,8 +435,10 @@ def _launch_unified(
     block_q = block_m // group
     num_tiles = num_tokens // block_q + num_seqs  # upper bound, no host sync (see _find_seq)
     qk_scale, cap_log2 = _score_scales(scale, softcap)
+    fp8 = kv_scale is not None
     _unified_attention_kernel[(num_tiles * num_kv_heads,)](
         out, out if lse_out is None else lse_out, query, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
+        kv_scale if fp8 else seq_lens,
         num_seqs, num_tiles, num_kv_heads, qk_scale, sliding_window or 0, cap_log2,
         query.stride(0), query.stride(1),
         out.stride(0), out.stride(1),
@@ -427,7 +447,7 @@ def _launch_unified(
         block_tables.stride(0),
         GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
         BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n,
-        USE_WINDOW=sliding_window is not None, DOT_PRECISION=_dot_precision(query.dtype),
+        USE_WINDOW=sliding_window is not None, DOT_PRECISION=_dot_precision(query.dtype), KV_FP8=fp8,
         USE_SOFTCAP=softcap is not None, WRITE_LSE=lse_out is not None, num_warps=num_warps, num_stages=num_stages,
     )
 
@@ -451,6 +471,8 @@ def paged_attention(
     max_seq_len: Optional[int] = None,
     *,
     pdl: bool = True,  # the decode kernel's programmatic dependent launch (kernels/pdl.py)
+    kv_scale: Optional[torch.Tensor] = None,  # [4, num_kv_heads] fp32: required by an fp8 cache
+    decode_plan: Optional[torch.Tensor] = None,  # balanced split-KV work items (decode_plan.py)
     softcap: Optional[float] = None,  # Gemma 2: scores -> softcap * tanh(scores / softcap)
     lse_out: Optional[torch.Tensor] = None,  # [num_tokens, num_heads] fp32: also write each row's log-sum-exp
 ) -> torch.Tensor:
@@ -461,6 +483,7 @@ def paged_attention(
     handles any mix of prefill chunks, cached prefixes and decode tokens. Never syncs.
     """
     _check_common(query, k_cache, v_cache)
+    fp8 = kv_quant.check_kv_scale(k_cache, kv_scale)
     _check_lse_out(query, lse_out)
     if out is None:
         out = torch.empty_like(query)
@@ -470,14 +493,14 @@ def paged_attention(
         return paged_attention_decode(
             query, k_cache, v_cache, seq_lens, block_tables, scale,
             sliding_window=sliding_window, out=out, max_seq_len=max_seq_len, pdl=pdl, softcap=softcap,
-            lse_out=lse_out,
+            lse_out=lse_out, kv_scale=kv_scale, plan=decode_plan,
         )
     block_m, tile_n, num_warps, num_stages = _unified_config(
         query.shape[0], query.shape[1], k_cache.shape[1], query.device
     )
     _launch_unified(
         query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window, out,
-        block_m, tile_n, num_warps, num_stages, softcap, lse_out,
+        block_m, tile_n, num_warps, num_stages, softcap, lse_out, kv_scale if fp8 else None,
     )
     return out
 
@@ -497,9 +520,11 @@ def _decode_split_kernel(
     v_cache_ptr,
     seq_lens_ptr,  # [num_seqs]
     block_tables_ptr,  # [num_seqs, max_blocks_per_seq]
+    kv_scale_ptr,  # [4, num_kv_heads] fp32 (kv_quant.py), read only when KV_FP8
+    plan_ptr,  # [num_items, PLAN_COLUMNS] int32 work items (decode_plan.py), read only when PLANNED
     num_heads,
     num_kv_heads,
-    num_splits,
+    num_splits,  # uniform: splits per sequence; PLANNED: unused (each item says its sequence's)
     qk_scale,  # softmax scale * log2(e); with USE_SOFTCAP scale / cap
     window,
     cap_log2,  # soft-cap * log2(e), only read when USE_SOFTCAP
@@ -518,28 +543,59 @@ def _decode_split_kernel(
     DIRECT: tl.constexpr,  # one split: write the normalised output, no merge
     MERGE_SPLITS: tl.constexpr,  # splits the merge loads per iteration (power of two)
     DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr,  # e4m3 cache with per-KV-head scales
+    PLANNED: tl.constexpr,  # grid (items, KV heads): each program's split comes from the plan
     USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels/pdl.py)
     USE_SOFTCAP: tl.constexpr,
     WRITE_LSE: tl.constexpr = False,
 ):
-    seq = tl.program_id(0)
     kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-
-    # Before the PDL wait: the split's bounds and its first tile's block ids. seq_lens and
-    # block_tables are step inputs, written before the forward's first kernel and by no kernel
-    # of the forward (see kernels/pdl.py), so two dependent loads leave the critical path.
-    # The real length comes from the tensor: a graph captured with a larger bound still works.
-    seq_len = tl.load(seq_lens_ptr + seq)
-    kv_lo = 0
-    if USE_WINDOW:  # the one query sits at seq_len - 1 and sees keys >= seq_len - window
-        kv_lo = tl.maximum(seq_len - window, 0)
-    keys_per_split = tl.cdiv(tl.cdiv(seq_len - kv_lo, num_splits), TILE_N) * TILE_N
-    s_lo = kv_lo + split * keys_per_split
-    s_hi = tl.minimum(s_lo + keys_per_split, seq_len)  # empty when s_lo >= seq_len
+    # Before the PDL wait: the split's bounds and its first tile's block ids. seq_lens,
+    # block_tables and the plan are step inputs, written before the forward's first kernel and
+    # by no kernel of the forward (see kernels/pdl.py), so these dependent loads leave the
+    # critical path. The real length comes from the tensor: a graph captured with a larger
+    # bound still works.
+    if PLANNED:
+        item = plan_ptr + tl.program_id(0) * PLAN_COLUMNS
+        seq = tl.load(item)
+        if seq < 0:  # unused row of the plan
+            return
+        split = tl.load(item + 1)
+        seq_splits = tl.load(item + 2)
+        part_base = tl.load(item + 3)
+        keys_per_split = tl.load(item + 4)
+        seq_len = tl.load(seq_lens_ptr + seq)
+        kv_lo = 0
+        if USE_WINDOW:
+            kv_lo = tl.maximum(seq_len - window, 0)
+        s_lo = tl.maximum(split * keys_per_split, kv_lo)  # the plan splits the whole context
+        s_hi = tl.minimum(split * keys_per_split + keys_per_split, seq_len)
+        # partial rows: [part_base + split, head] (num_heads rows per split)
+        part_row0 = part_base.to(tl.int64) * num_heads
+        part_head_stride = 1
+        part_split_stride = num_heads
+    else:
+        seq = tl.program_id(0)
+        split = tl.program_id(2)
+        seq_splits = num_splits
+        seq_len = tl.load(seq_lens_ptr + seq)
+        kv_lo = 0
+        if USE_WINDOW:  # the one query sits at seq_len - 1 and sees keys >= seq_len - window
+            kv_lo = tl.maximum(seq_len - window, 0)
+        keys_per_split = tl.cdiv(tl.cdiv(seq_len - kv_lo, num_splits), TILE_N) * TILE_N
+        s_lo = kv_lo + split * keys_per_split
+        s_hi = tl.minimum(s_lo + keys_per_split, seq_len)  # empty when s_lo >= seq_len
+        # partial rows: [seq, head, split]
+        part_row0 = seq.to(tl.int64) * num_heads * num_splits
+        part_head_stride = num_splits
+        part_split_stride = 1
     offs_n = tl.arange(0, TILE_N)
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
     blk = tl.load(bt_row + (s_lo + offs_n) // BLOCK_SIZE, mask=s_lo + offs_n < s_hi, other=0).to(tl.int64)
+    v_scale = 1.0
+    if KV_FP8:  # constants of the layer: read before the wait too
+        qk_scale = qk_scale * tl.load(kv_scale_ptr + K_SCALE_ROW * num_kv_heads + kv_head)
+        v_scale = tl.load(kv_scale_ptr + V_SCALE_ROW * num_kv_heads + kv_head)
     pdl_wait(USE_PDL)  # q and the new token's K/V come from the kernel before
 
     offs_g = tl.arange(0, GROUP_PAD)
@@ -569,6 +625,8 @@ def _decode_split_kernel(
         )  # [TILE_N, D]
         next_pos = k_pos + TILE_N  # the next tile's block ids, loaded while this tile computes
         blk = tl.load(bt_row + next_pos // BLOCK_SIZE, mask=next_pos < s_hi, other=0).to(tl.int64)
+        if KV_FP8:
+            v = v.to(q.dtype)
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, TILE_N]
         if USE_SOFTCAP:
             s = _soft_cap(s, cap_log2)
@@ -582,7 +640,12 @@ def _decode_split_kernel(
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]  # [GROUP_PAD, D]; 0 for an empty split
-    if DIRECT:
+    if KV_FP8:
+        out = out * v_scale
+    direct = DIRECT
+    if PLANNED:
+        direct = seq_splits == 1  # a sequence of one split writes its output, no merge
+    if direct:
         o_rows = seq.to(tl.int64) * stride_o_tok + head * stride_o_head
         tl.store(out_ptr + o_rows[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
         if WRITE_LSE:
@@ -591,7 +654,7 @@ def _decode_split_kernel(
         # natural-log LSE of the split = (max + log2(sum)) * ln(2), -inf when the split is empty
         lse_2 = m_i + tl.log2(tl.where(has_keys, l_i, 1.0))
         lse = tl.where(has_keys, lse_2 * 0.6931471805599453, float("-inf"))
-        part_row = (seq.to(tl.int64) * num_heads + head) * num_splits + split  # [GROUP_PAD]
+        part_row = part_row0 + head * part_head_stride + split * part_split_stride  # [GROUP_PAD]
         tl.store(part_out_ptr + part_row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
         tl.store(part_lse_ptr + part_row, lse, mask=row_ok)
         # The last split of this (seq, kv head) to arrive merges them all. The barrier puts
@@ -600,18 +663,22 @@ def _decode_split_kernel(
         tl.debug_barrier()
         counter = counter_ptr + seq * num_kv_heads + kv_head
         arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-        if arrived == num_splits - 1:
+        if arrived == seq_splits - 1:
             tl.store(counter, 0)  # zero again for the next launch (graph replays reuse the buffer)
-            _merge_splits(out_ptr, part_out_ptr, part_lse_ptr, seq, kv_head, num_heads, num_splits,
+            _merge_splits(out_ptr, part_out_ptr, part_lse_ptr, seq, kv_head, num_heads, seq_splits,
+                          part_row0, part_head_stride, part_split_stride,
                           stride_o_tok, stride_o_head, GROUP, GROUP_P2, HEAD_DIM, MERGE_SPLITS,
                           lse_ptr, WRITE_LSE)
 
 
 @triton.jit
-def _merge_splits(out_ptr, part_out_ptr, part_lse_ptr, seq, kv_head, num_heads, num_splits, stride_o_tok,
+def _merge_splits(out_ptr, part_out_ptr, part_lse_ptr, seq, kv_head, num_heads, num_splits,
+                  part_row0, part_head_stride, part_split_stride, stride_o_tok,
                   stride_o_head, GROUP: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr,
                   MERGE_SPLITS: tl.constexpr, lse_ptr, WRITE_LSE: tl.constexpr):
     """out[seq, heads of the KV group] = log-sum-exp merge of their num_splits partials.
+
+    Partial s of head h sits at row part_row0 + h * part_head_stride + s * part_split_stride.
 
     MERGE_SPLITS splits are loaded per iteration as one [GROUP, MERGE_SPLITS, D] tile (one
     memory round trip, not one per split), merged with a running max. The partials were
@@ -623,13 +690,13 @@ def _merge_splits(out_ptr, part_out_ptr, part_lse_ptr, seq, kv_head, num_heads, 
     offs_d = tl.arange(0, HEAD_DIM)
     g_ok = offs_g < GROUP
     head = kv_head * GROUP + offs_g  # [G]
-    first = (seq.to(tl.int64) * num_heads + head) * num_splits  # [G] row of split 0
+    first = part_row0 + head * part_head_stride  # [G] row of split 0
     m = tl.full([G], float("-inf"), dtype=tl.float32)  # running max of the splits' lse
     l = tl.zeros([G], dtype=tl.float32)  # sum of exp(lse - m)
     acc = tl.zeros([G, HEAD_DIM], dtype=tl.float32)
     for s0 in range(0, num_splits, MERGE_SPLITS):
         ok = g_ok[:, None] & (s0 + offs_s < num_splits)[None, :]  # [G, S]
-        rows = first[:, None] + s0 + offs_s[None, :]  # [G, S]
+        rows = first[:, None] + (s0 + offs_s[None, :]) * part_split_stride  # [G, S]
         lse = tl.load(part_lse_ptr + rows, mask=ok, other=float("-inf"), cache_modifier=".cg")
         o = tl.load(part_out_ptr + rows[:, :, None] * HEAD_DIM + offs_d[None, None, :], mask=ok[:, :, None],
                     other=0.0, cache_modifier=".cg")  # [G, S, D]
@@ -674,23 +741,34 @@ def choose_num_splits(
 def _launch_decode(
     query, k_cache, v_cache, seq_lens, block_tables, scale, sliding_window, out,
     num_splits: int, tile_n: int, num_warps: int, num_stages: int, pdl: bool = True,
-    softcap: Optional[float] = None,
-    lse_out: Optional[torch.Tensor] = None,
+    softcap: Optional[float] = None, lse_out: Optional[torch.Tensor] = None,
+    kv_scale: Optional[torch.Tensor] = None, plan: Optional[torch.Tensor] = None,
 ) -> None:
     num_seqs, num_heads, head_dim = query.shape
     num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
-    direct = num_splits == 1
     pdl = use_pdl(query, pdl)
-    if direct:
-        part_out = part_lse = counters = out  # unused placeholders
-    else:
-        part_out = query.new_empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32)
-        part_lse = query.new_empty((num_seqs, num_heads, num_splits), dtype=torch.float32)
+    if plan is not None:  # one program per (work item, KV head); partial rows per item
+        num_items = plan.shape[0]
+        grid = (num_items, num_kv_heads, 1)
+        direct, num_splits, merge_width = False, 1, num_items
+        part_out = query.new_empty((num_items, num_heads, head_dim), dtype=torch.float32)
+        part_lse = query.new_empty((num_items, num_heads), dtype=torch.float32)
         counters = split_counters(query.device, num_seqs * num_kv_heads)
+    else:
+        grid = (num_seqs, num_kv_heads, num_splits)
+        direct, merge_width = num_splits == 1, num_splits
+        if direct:
+            part_out = part_lse = counters = out  # unused placeholders
+        else:
+            part_out = query.new_empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32)
+            part_lse = query.new_empty((num_seqs, num_heads, num_splits), dtype=torch.float32)
+            counters = split_counters(query.device, num_seqs * num_kv_heads)
+    fp8 = kv_scale is not None
     qk_scale, cap_log2 = _score_scales(scale, softcap)
-    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-        out, out if lse_out is None else lse_out, part_out, part_lse, counters, query, k_cache, v_cache, seq_lens, block_tables,
+    _decode_split_kernel[grid](
+        out, out if lse_out is None else lse_out, part_out, part_lse, counters, query, k_cache, v_cache, seq_lens,
+        block_tables, kv_scale if fp8 else seq_lens, plan if plan is not None else seq_lens,
         num_heads, num_kv_heads, num_splits, qk_scale, sliding_window or 0, cap_log2,
         query.stride(0), query.stride(1),
         out.stride(0), out.stride(1),
@@ -700,8 +778,8 @@ def _launch_decode(
         GROUP=group, GROUP_PAD=max(DECODE_MIN_ROWS, next_pow2(group)), GROUP_P2=next_pow2(group),
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, TILE_N=tile_n,
         USE_WINDOW=sliding_window is not None, DIRECT=direct,
-        MERGE_SPLITS=merge_splits_per_load(num_splits, group, head_dim),
-        DOT_PRECISION=_dot_precision(query.dtype),
+        MERGE_SPLITS=merge_splits_per_load(merge_width, group, head_dim),
+        DOT_PRECISION=_dot_precision(query.dtype), KV_FP8=fp8, PLANNED=plan is not None,
         num_warps=num_warps, num_stages=num_stages, USE_PDL=pdl, USE_SOFTCAP=softcap is not None,
         WRITE_LSE=lse_out is not None,
         **pdl_launch_options(pdl),
@@ -743,6 +821,8 @@ def paged_attention_decode(
     num_splits: Optional[int] = None,
     *,
     pdl: bool = True,
+    kv_scale: Optional[torch.Tensor] = None,  # [4, num_kv_heads] fp32: required by an fp8 cache
+    plan: Optional[torch.Tensor] = None,  # [num_items, PLAN_COLUMNS] int32 balanced work list (decode_plan.py)
     softcap: Optional[float] = None,  # Gemma 2: scores -> softcap * tanh(scores / softcap)
     lse_out: Optional[torch.Tensor] = None,  # [num_seqs, num_heads] fp32: also write each row's log-sum-exp
 ) -> torch.Tensor:
@@ -753,8 +833,13 @@ def paged_attention_decode(
     from `seq_lens`, and splits past a sequence's end are empty (lse = -inf) and drop out
     of the merge. Pass a fixed `num_splits`/`max_seq_len` when capturing a graph.
     A sequence with seq_len 0 (batch padding) gets a zero output.
+
+    With a `plan` (`decode_plan.build_plan` over these seq_lens) the splits are the plan's
+    work items instead: per-sequence split counts of about equal keys (`num_splits` and
+    `max_seq_len` are then unused). Every sequence must have at least one item.
     """
     _check_common(query, k_cache, v_cache)
+    fp8 = kv_quant.check_kv_scale(k_cache, kv_scale)
     _check_lse_out(query, lse_out)
     num_seqs = query.shape[0]
     num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
@@ -768,12 +853,20 @@ def paged_attention_decode(
         max_seq_len = block_tables.shape[1] * block_size
     if sliding_window is not None:
         max_seq_len = min(max_seq_len, sliding_window)
-    if num_splits is None:
+    if plan is not None:
+        if plan.dim() != 2 or plan.shape[1] != decode_plan.PLAN_COLUMNS or plan.dtype != torch.int32:
+            raise ValueError(f"plan must be an int32 [num_items, {decode_plan.PLAN_COLUMNS}] tensor, "
+                             f"got {tuple(plan.shape)} {plan.dtype}")
+        if not plan.is_contiguous():
+            raise ValueError("plan must be contiguous")
+        num_splits = 1
+    elif num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, query.device)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     _launch_decode(
         query, k_cache, v_cache, seq_lens, block_tables, scale, sliding_window, out,
         num_splits, DECODE_TILE_N, DECODE_NUM_WARPS, DECODE_NUM_STAGES, pdl, softcap, lse_out,
+        kv_scale if fp8 else None, plan,
     )
     return out

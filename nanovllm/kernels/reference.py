@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from nanovllm.kernels import kv_quant
 from nanovllm.kernels.counter_rng import seeded_exponential
 
 # ----------------------------------------------------------------------------- KV store
@@ -29,9 +30,10 @@ def store_kv(
     k_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_dim]
     v_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens] int, -1 = skip (padding)
+    kv_scale: Optional[torch.Tensor] = None,  # [4, num_kv_heads] fp32, for an fp8 cache (kv_quant.py)
 ) -> None:
-    """Write each token's K and V into its cache slot."""
-    write_kv(key, value, k_cache, v_cache, *slot_coords(slot_mapping, k_cache.shape[2]))
+    """Write each token's K and V into its cache slot (quantized when the cache is fp8)."""
+    write_kv(key, value, k_cache, v_cache, *slot_coords(slot_mapping, k_cache.shape[2]), kv_scale=kv_scale)
 
 
 def slot_coords(slot_mapping: torch.Tensor, block_size: int):
@@ -41,8 +43,14 @@ def slot_coords(slot_mapping: torch.Tensor, block_size: int):
     return valid, slots // block_size, slots % block_size
 
 
-def write_kv(key, value, k_cache, v_cache, valid, blocks, offsets) -> None:
+def write_kv(key, value, k_cache, v_cache, valid, blocks, offsets, kv_scale=None) -> None:
     # index_put with (block, :, offset) -> value [n, num_kv_heads, head_dim]
+    if kv_quant.is_fp8(k_cache):
+        if kv_scale is None:
+            raise ValueError("an fp8 KV cache needs its kv_scale tensor [4, num_kv_heads]")
+        k_cache[blocks, :, offsets] = kv_quant.quantize(key[valid], kv_scale[kv_quant.K_INV])
+        v_cache[blocks, :, offsets] = kv_quant.quantize(value[valid], kv_scale[kv_quant.V_INV])
+        return
     k_cache[blocks, :, offsets] = key[valid].to(k_cache.dtype)
     v_cache[blocks, :, offsets] = value[valid].to(v_cache.dtype)
 
@@ -73,13 +81,15 @@ def paged_attention(
     sliding_window: Optional[int] = None,
     out: Optional[torch.Tensor] = None,
     softcap: Optional[float] = None,
+    kv_scale: Optional[torch.Tensor] = None,  # [4, num_kv_heads] fp32, for an fp8 cache (kv_quant.py)
 ) -> torch.Tensor:
     """Causal attention of the new tokens over their sequence's paged K/V (already stored).
 
     Query token at absolute position p attends to keys at positions max(0, p - W + 1) .. p
     (W = sliding_window, or all of them when None). GQA: query head h reads KV head
     h // (num_heads // num_kv_heads). With `softcap` (Gemma 2) the scaled scores become
-    `softcap * tanh(scores / softcap)` before the mask and softmax. Computed in fp32,
+    `softcap * tanh(scores / softcap)` before the mask and softmax. Computed in fp32 (an fp8
+    cache dequantized first),
     returned in the query's dtype.
     """
     num_tokens, num_heads, head_dim = query.shape
@@ -94,8 +104,9 @@ def paged_attention(
         q_len = end - start
         if q_len == 0:
             continue
-        k = gather_kv(k_cache, block_tables[i], seq_len).float()  # [S, Hkv, D]
-        v = gather_kv(v_cache, block_tables[i], seq_len).float()
+        k = kv_quant.maybe_dequantize(gather_kv(k_cache, block_tables[i], seq_len), kv_scale, kv_quant.K_SCALE)
+        v = kv_quant.maybe_dequantize(gather_kv(v_cache, block_tables[i], seq_len), kv_scale, kv_quant.V_SCALE)
+        # k, v: [S, Hkv, D] fp32
         k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, S, D]
         v = v.repeat_interleave(group, dim=1).transpose(0, 1)
         q = query[start:end].float().transpose(0, 1)  # [H, q_len, D]
@@ -230,6 +241,7 @@ def rope_and_store_kv(
     q_norm_weight: Optional[torch.Tensor] = None,  # [head_dim]
     k_norm_weight: Optional[torch.Tensor] = None,  # [head_dim]
     norm_eps: float = 1e-6,
+    kv_scale: Optional[torch.Tensor] = None,  # [4, num_kv_heads] fp32, for an fp8 cache
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE on q and k, then store rotated k and v into the cache. Returns (q, k) rotated.
 
@@ -244,8 +256,17 @@ def rope_and_store_kv(
     q = apply_rope(query, positions, cos_sin_cache)
     k = apply_rope(key, positions, cos_sin_cache)
     if k_cache is not None:  # None: rotate only, as the Triton twin
-        store_kv(k, value, k_cache, v_cache, slot_mapping)
+        k_stored = k
+        if kv_quant.is_fp8(k_cache) and kv_quant.rotates_keys(k.shape[-1], cos_sin_cache.shape[-1]):
+            q, k_stored = hadamard_rotate(q, k)
+        store_kv(k_stored, value, k_cache, v_cache, slot_mapping, kv_scale)
     return q, k
+
+
+def hadamard_rotate(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H q in q's dtype, H k in fp32) per head: the fp8 store's rotated keys (kv_quant.py)."""
+    h = kv_quant.hadamard(k.shape[-1], k.device)  # [D, D], symmetric
+    return (q.float() @ h).to(q.dtype), k.float() @ h
 
 
 # ----------------------------------------------------------------------------- norms, activations

@@ -23,6 +23,15 @@ to the cache dtype), matching the reference.
 
 q and k may be strided views (e.g. slices of the fused qkv output) as long as their last
 dimension is contiguous; they are normalised / rotated in place and returned.
+
+An fp8 cache (`kv_quant.py`) gets `round_e4m3(clamp(x * inv_scale, +-448))` per KV head, the
+reciprocal scales read from the layer's `kv_scale [4, num_kv_heads]`. For a fully rotary head
+the keys are stored rotated by a normalised Hadamard matrix H and q is rewritten as H q, so
+that q.k is unchanged and no channel of k dominates the rounding error (kv_quant.py): one
+butterfly of the two rotary halves and a half-size H on tensor cores. The rounding is done
+in fp32 by `_round_e4m3` (exact integer arithmetic, ties to even) before the conversion, so
+the conversion itself is exact: the GPU's saturating conversion and the CPU interpreter's
+(which mis-rounds values that carry into the next binade) then store the same bits as torch.
 """
 
 from __future__ import annotations
@@ -33,16 +42,55 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels import kv_quant
 from nanovllm.kernels.launch_math import next_pow2
 from nanovllm.kernels.pdl import pdl_launch_options, pdl_wait, use_pdl
 
 SMALL_TILE = 2048  # elements (heads x features) per tile up to which 4 warps suffice
+HADAMARD_MIN_ROWS = 16  # tl.dot operands have at least 16 rows
 NUM_WARPS_SMALL = 4
 NUM_WARPS_LARGE = 8
 
 
 def _num_warps(elements: int) -> int:
     return NUM_WARPS_SMALL if elements <= SMALL_TILE else NUM_WARPS_LARGE
+
+
+FP8_MAX = tl.constexpr(kv_quant.FP8_E4M3_MAX)
+E4M3_MANTISSA_BITS = tl.constexpr(3)
+E4M3_MIN_EXP = tl.constexpr(-6)  # smallest normal exponent; below it the quantum stays 2^-9
+K_INV_ROW = tl.constexpr(kv_quant.K_INV)
+V_INV_ROW = tl.constexpr(kv_quant.V_INV)
+
+
+@triton.jit
+def _round_e4m3(x):
+    """fp32 x -> the nearest e4m3 value (ties to even), saturated at +-448, still as fp32.
+
+    The quantum of |x| is 2^(e - 3) for its exponent e >= -6, 2^-9 below (subnormals). |x|
+    divided by it (a power of two: exact) is r in [0, 16]; round half up, then undo the ties
+    that landed on an odd integer. Every step is exact in fp32.
+    """
+    negative = x.to(tl.int32, bitcast=True) < 0  # the sign bit: -0.0 and tiny negatives keep it
+    a = tl.minimum(tl.abs(x), FP8_MAX)
+    biased = (a.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    q_exp = tl.maximum(biased, 127 + E4M3_MIN_EXP) - E4M3_MANTISSA_BITS  # biased exponent of the quantum
+    q = (q_exp << 23).to(tl.float32, bitcast=True)
+    inv_q = ((254 - q_exp) << 23).to(tl.float32, bitcast=True)
+    r = a * inv_q
+    t = (r + 0.5).to(tl.int32)
+    tie = (t.to(tl.float32) - r) == 0.5
+    t = tl.where(tie & ((t & 1) == 1), t - 1, t)
+    y = t.to(tl.float32) * q
+    return tl.where(negative, -y, y)
+
+
+@triton.jit
+def _to_cache(y, inv_scale, cache_ptr, KV_FP8: tl.constexpr):
+    """Values [rows, cols] (rows = KV heads) as stored in the cache: cast, or fp8 with per-row inv_scale."""
+    if KV_FP8:
+        return _round_e4m3(y.to(tl.float32) * inv_scale[:, None]).to(cache_ptr.dtype.element_ty)
+    return y.to(cache_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -57,6 +105,8 @@ def _norm_rope_heads(
     cache_ptr,  # the token's cache slot is written only when STORE and slot >= 0
     slot,
     stride_c_blk, stride_c_head, stride_c_slot,
+    inv_scale_ptr,  # [num_heads] fp32 reciprocal cache scales, read only when KV_FP8
+    h_ptr,  # [HALF, HALF] fp32 normalised Hadamard matrix of half a head, read only when HADAMARD
     HEAD_DIM: tl.constexpr,
     HALF: tl.constexpr,  # rotary_dim // 2
     HALF_PAD: tl.constexpr,
@@ -65,6 +115,8 @@ def _norm_rope_heads(
     BLOCK_SIZE: tl.constexpr,
     NORM: tl.constexpr,
     STORE: tl.constexpr,
+    KV_FP8: tl.constexpr,  # the cache is fp8 e4m3: scale, round, saturate
+    HADAMARD: tl.constexpr,  # rotate the head by H (kv_quant.py): q in place, k only into the cache
 ):
     """[RMSNorm per head, then] rotate-half RoPE of every head, in place [and into the cache].
 
@@ -103,17 +155,31 @@ def _norm_rope_heads(
             tl.store(ptr_p, xp, mask=pmask)
     y1 = (x1 * cos[None, :] - x2 * sin[None, :]).to(dtype)
     y2 = (x2 * cos[None, :] + x1 * sin[None, :]).to(dtype)
-    tl.store(ptr1, y1, mask=mask)
-    tl.store(ptr1 + HALF, y2, mask=mask)
-    c_dtype = cache_ptr.dtype.element_ty
+    r1 = y1
+    r2 = y2
+    if HADAMARD:  # [y1 | y2] H = [(y1 + y2) Hh | (y1 - y2) Hh] / sqrt(2), Hh the half-size H (full rotary)
+        hm = tl.load(h_ptr + offs_r[:, None] * HALF + offs_r[None, :])  # [HALF, HALF]
+        a = y1.to(tl.float32)
+        b = y2.to(tl.float32)
+        r1 = tl.dot(a + b, hm) * 0.7071067811865476  # [HEADS_PAD, HALF] fp32
+        r2 = tl.dot(a - b, hm) * 0.7071067811865476
+    if HADAMARD and not STORE:  # q: attention reads it rotated
+        tl.store(ptr1, r1.to(dtype), mask=mask)
+        tl.store(ptr1 + HALF, r2.to(dtype), mask=mask)
+    else:
+        tl.store(ptr1, y1, mask=mask)
+        tl.store(ptr1 + HALF, y2, mask=mask)
     if STORE and slot >= 0:  # STORE is constexpr: no store code at all for q
         blk = slot // BLOCK_SIZE
         off = slot % BLOCK_SIZE
         c = cache_ptr + blk * stride_c_blk + off * stride_c_slot + offs_h[:, None] * stride_c_head
-        tl.store(c + offs_r[None, :], y1.to(c_dtype), mask=mask)
-        tl.store(c + HALF + offs_r[None, :], y2.to(c_dtype), mask=mask)
+        inv = tl.full([HEADS_PAD], 1.0, tl.float32)
+        if KV_FP8:
+            inv = tl.load(inv_scale_ptr + offs_h, mask=head_ok, other=1.0)  # [HEADS_PAD]
+        tl.store(c + offs_r[None, :], _to_cache(r1, inv, cache_ptr, KV_FP8), mask=mask)
+        tl.store(c + HALF + offs_r[None, :], _to_cache(r2, inv, cache_ptr, KV_FP8), mask=mask)
         if PASS_PAD > 0:  # partial rotary: the features past rotary_dim, not rotated
-            tl.store(c + offs_p[None, :], xp.to(c_dtype), mask=pmask)
+            tl.store(c + offs_p[None, :], _to_cache(xp, inv, cache_ptr, KV_FP8), mask=pmask)
 
 
 @triton.jit
@@ -128,6 +194,8 @@ def _rope_store_kernel(
     slot_mapping_ptr,  # [num_tokens]
     q_norm_ptr,  # [head_dim], read only when Q_NORM
     k_norm_ptr,  # [head_dim], read only when K_NORM
+    kv_scale_ptr,  # [4, num_kv_heads] fp32 (kv_quant.py), read only when KV_FP8
+    h_ptr,  # [HALF, HALF] fp32 half-size normalised Hadamard matrix, read only when HADAMARD
     norm_eps,
     num_heads,
     num_kv_heads,
@@ -148,6 +216,8 @@ def _rope_store_kernel(
     STORE: tl.constexpr,  # False: rotate only (no cache given)
     Q_NORM: tl.constexpr,  # per-head RMSNorm of q before RoPE (Qwen3)
     K_NORM: tl.constexpr,  # per-head RMSNorm of k before RoPE (Qwen3)
+    KV_FP8: tl.constexpr,  # fp8 cache: K and V scaled by their reciprocal scales and rounded to e4m3
+    HADAMARD: tl.constexpr,  # fp8 cache, full rotary: q rewritten as H q, H k stored (kv_quant.py)
     USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
     # Before the PDL wait: positions and slots are step inputs and the cos/sin table a constant
@@ -165,13 +235,14 @@ def _rope_store_kernel(
 
     _norm_rope_heads(
         q_ptr + tok * stride_q_tok, num_heads, stride_q_head, cos, sin, q_norm_ptr, norm_eps,
-        k_cache_ptr, slot, stride_kc_blk, stride_kc_head, stride_kc_slot,
-        HEAD_DIM, HALF, HALF_PAD, PASS_PAD, HEADS_PAD, BLOCK_SIZE, Q_NORM, False,
+        k_cache_ptr, slot, stride_kc_blk, stride_kc_head, stride_kc_slot, kv_scale_ptr, h_ptr,
+        HEAD_DIM, HALF, HALF_PAD, PASS_PAD, HEADS_PAD, BLOCK_SIZE, Q_NORM, False, False, HADAMARD,
     )
     _norm_rope_heads(
         k_ptr + tok * stride_k_tok, num_kv_heads, stride_k_head, cos, sin, k_norm_ptr, norm_eps,
         k_cache_ptr, slot, stride_kc_blk, stride_kc_head, stride_kc_slot,
-        HEAD_DIM, HALF, HALF_PAD, PASS_PAD, KV_HEADS_PAD, BLOCK_SIZE, K_NORM, STORE,
+        kv_scale_ptr + K_INV_ROW * num_kv_heads, h_ptr,
+        HEAD_DIM, HALF, HALF_PAD, PASS_PAD, KV_HEADS_PAD, BLOCK_SIZE, K_NORM, STORE, KV_FP8, HADAMARD,
     )  # rotated k (whole head) written to its cache slot as well
 
     if STORE and slot >= 0:  # v, whole head
@@ -182,7 +253,10 @@ def _rope_store_kernel(
         vmask = (offs_h < num_kv_heads)[:, None] & (offs_d < HEAD_DIM)[None, :]
         v = tl.load(v_ptr + tok * stride_v_tok + offs_h[:, None] * stride_v_head + offs_d[None, :], mask=vmask)
         vc = v_cache_ptr + blk * stride_vc_blk + off * stride_vc_slot + offs_h[:, None] * stride_vc_head
-        tl.store(vc + offs_d[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=vmask)
+        inv = tl.full([KV_HEADS_PAD], 1.0, tl.float32)
+        if KV_FP8:
+            inv = tl.load(kv_scale_ptr + V_INV_ROW * num_kv_heads + offs_h, mask=offs_h < num_kv_heads, other=1.0)
+        tl.store(vc + offs_d[None, :], _to_cache(v, inv, v_cache_ptr, KV_FP8), mask=vmask)
 
 
 @triton.jit
@@ -192,6 +266,7 @@ def _store_kv_kernel(
     k_cache_ptr,  # [num_blocks, num_kv_heads, block_size, head_dim]
     v_cache_ptr,
     slot_mapping_ptr,  # [num_tokens]
+    kv_scale_ptr,  # [4, num_kv_heads] fp32 (kv_quant.py), read only when KV_FP8
     num_kv_heads,
     stride_k_tok, stride_k_head,
     stride_v_tok, stride_v_head,
@@ -201,6 +276,7 @@ def _store_kv_kernel(
     HEAD_DIM_PAD: tl.constexpr,
     KV_HEADS_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    KV_FP8: tl.constexpr,
     USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
     tok = tl.program_id(0).to(tl.int64)
@@ -216,8 +292,14 @@ def _store_kv_kernel(
         v = tl.load(v_ptr + tok * stride_v_tok + offs_h[:, None] * stride_v_head + offs_d[None, :], mask=mask)
         kc = k_cache_ptr + blk * stride_kc_blk + off * stride_kc_slot + offs_h[:, None] * stride_kc_head
         vc = v_cache_ptr + blk * stride_vc_blk + off * stride_vc_slot + offs_h[:, None] * stride_vc_head
-        tl.store(kc + offs_d[None, :], k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-        tl.store(vc + offs_d[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+        k_inv = tl.full([KV_HEADS_PAD], 1.0, tl.float32)
+        v_inv = k_inv
+        if KV_FP8:
+            head_ok = offs_h < num_kv_heads
+            k_inv = tl.load(kv_scale_ptr + K_INV_ROW * num_kv_heads + offs_h, mask=head_ok, other=1.0)
+            v_inv = tl.load(kv_scale_ptr + V_INV_ROW * num_kv_heads + offs_h, mask=head_ok, other=1.0)
+        tl.store(kc + offs_d[None, :], _to_cache(k, k_inv, k_cache_ptr, KV_FP8), mask=mask)
+        tl.store(vc + offs_d[None, :], _to_cache(v, v_inv, v_cache_ptr, KV_FP8), mask=mask)
 
 
 def _check_heads(name: str, x: torch.Tensor) -> None:
@@ -253,6 +335,7 @@ def rope_and_store_kv(
     norm_eps: float = 1e-6,
     *,
     pdl: bool = True,  # programmatic dependent launch where the device supports it (kernels/pdl.py)
+    kv_scale: Optional[torch.Tensor] = None,  # [4, num_kv_heads] fp32: required by an fp8 cache
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[RMSNorm q / k heads,] rotate q and k in place, store k and v into their cache slots.
 
@@ -275,14 +358,20 @@ def rope_and_store_kv(
     _check_norm_weight("q_norm_weight", q_norm_weight, head_dim)
     _check_norm_weight("k_norm_weight", k_norm_weight, head_dim)
     store = k_cache is not None
+    fp8 = False
     if store:
         _check_cache(k_cache, v_cache, key)
+        fp8 = kv_quant.check_kv_scale(k_cache, kv_scale)
         if slot_mapping is None or slot_mapping.shape[0] != num_tokens:
             raise ValueError("slot_mapping must have one entry per token")
     if num_tokens == 0:
         return query, key
     half = rotary_dim // 2
-    heads_pad = next_pow2(num_heads)
+    hadamard = fp8 and kv_quant.rotates_keys(head_dim, rotary_dim)
+    # tl.dot (the Hadamard rotation) needs >= 16 rows: pad the head tiles (masked rows)
+    min_heads = HADAMARD_MIN_ROWS if hadamard else 1
+    heads_pad = max(min_heads, next_pow2(num_heads))
+    kv_heads_pad = max(min_heads, next_pow2(num_kv_heads))
     dummy = key  # placeholder pointer for what is not given (never read or written)
     pdl = use_pdl(query, pdl)
     _rope_store_kernel[(num_tokens,)](
@@ -290,6 +379,8 @@ def rope_and_store_kv(
         k_cache if store else dummy, v_cache if store else dummy, slot_mapping if store else positions,
         q_norm_weight if q_norm_weight is not None else dummy,
         k_norm_weight if k_norm_weight is not None else dummy,
+        kv_scale if fp8 else dummy,
+        kv_quant.hadamard(half, query.device) if hadamard else dummy,
         float(norm_eps),
         num_heads, num_kv_heads,
         query.stride(0), query.stride(1),
@@ -301,9 +392,9 @@ def rope_and_store_kv(
         HEAD_DIM=head_dim, HEAD_DIM_PAD=next_pow2(head_dim),
         HALF=half, HALF_PAD=next_pow2(half),
         PASS_PAD=next_pow2(head_dim - rotary_dim) if head_dim > rotary_dim else 0,
-        HEADS_PAD=heads_pad, KV_HEADS_PAD=next_pow2(num_kv_heads),
+        HEADS_PAD=heads_pad, KV_HEADS_PAD=kv_heads_pad,
         BLOCK_SIZE=k_cache.shape[2] if store else 1, STORE=store,
-        Q_NORM=q_norm_weight is not None, K_NORM=k_norm_weight is not None,
+        Q_NORM=q_norm_weight is not None, K_NORM=k_norm_weight is not None, KV_FP8=fp8, HADAMARD=hadamard,
         num_warps=_num_warps(heads_pad * next_pow2(half)),
         USE_PDL=pdl, **pdl_launch_options(pdl),
     )
@@ -318,11 +409,13 @@ def store_kv(
     slot_mapping: torch.Tensor,  # [num_tokens] int, -1 = skip
     *,
     pdl: bool = True,
+    kv_scale: Optional[torch.Tensor] = None,  # [4, num_kv_heads] fp32: required by an fp8 cache
 ) -> None:
     """Write each token's K and V into its cache slot (no RoPE); `reference.store_kv` twin."""
     _check_heads("key", key)
     _check_heads("value", value)
     _check_cache(k_cache, v_cache, key)
+    fp8 = kv_quant.check_kv_scale(k_cache, kv_scale)
     num_tokens, num_kv_heads, head_dim = key.shape
     if value.shape != key.shape or slot_mapping.shape[0] != num_tokens:
         raise ValueError("key, value and slot_mapping must agree on num_tokens / shape")
@@ -332,12 +425,12 @@ def store_kv(
     d_pad = next_pow2(head_dim)
     pdl = use_pdl(key, pdl)
     _store_kv_kernel[(num_tokens,)](
-        key, value, k_cache, v_cache, slot_mapping, num_kv_heads,
+        key, value, k_cache, v_cache, slot_mapping, kv_scale if fp8 else key, num_kv_heads,
         key.stride(0), key.stride(1),
         value.stride(0), value.stride(1),
         *k_cache.stride()[:3],
         *v_cache.stride()[:3],
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, KV_HEADS_PAD=kv_pad, BLOCK_SIZE=k_cache.shape[2],
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, KV_HEADS_PAD=kv_pad, BLOCK_SIZE=k_cache.shape[2], KV_FP8=fp8,
         num_warps=_num_warps(kv_pad * d_pad),
         USE_PDL=pdl, **pdl_launch_options(pdl),
     )

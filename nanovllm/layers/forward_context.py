@@ -43,6 +43,9 @@ class ForwardContext:
     max_query_len: int  # longest run of new tokens of one sequence
     max_seq_len: int  # longest context in the batch
     num_seqs: int
+    # Decode-only batches with `decode_split="balanced"` (GPU): the split-KV work items, one row per
+    # (sequence, split) program: [num_items, PLAN_COLUMNS] int32 (kernels/decode_plan.py). None = uniform.
+    decode_plan: Optional[torch.Tensor] = None
     # Host copies, for the torch reference path and for kernel launch decisions.
     query_start_loc_cpu: Optional[list[int]] = None
     seq_lens_cpu: Optional[list[int]] = None

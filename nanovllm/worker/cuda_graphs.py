@@ -29,6 +29,7 @@ from typing import Optional
 
 import torch
 
+from nanovllm.kernels import decode_plan
 from nanovllm.kernels.launch_math import cdiv
 from nanovllm.layers.forward_context import CascadeInputs, ForwardContext
 
@@ -118,6 +119,13 @@ class CUDAGraphRunner:
             self.suffix_seq_lens = torch.ones(n_seq, dtype=torch.int32, device=device)
             self.tiles = torch.zeros(max_tiles, 3, dtype=torch.int32, device=device)
             self.query_rows = torch.full((max_tiles * cascade.queries_per_tile,), -1, dtype=torch.int32, device=device)
+        # balanced split-KV plans (decode_split="balanced"): decode graphs read a fixed number of plan rows per batch size
+        self.balanced = runner.options.balanced_decode
+        self.plan_rows = {bs: decode_plan.plan_items(bs, runner.num_kv_heads, runner.num_sms) for bs in self.sizes}
+        self.decode_plan = None
+        if self.balanced:
+            self.decode_plan = torch.full((max(self.plan_rows.values()), decode_plan.PLAN_COLUMNS), -1,
+                                          dtype=torch.int32, device=device)
         self.graphs: dict[GraphShape, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[GraphShape, torch.Tensor] = {}
         self.pool = None
@@ -170,7 +178,18 @@ class CUDAGraphRunner:
             max_seq_len=self.max_model_len,  # upper bound: the kernels read real lengths from seq_lens
             num_seqs=s,
             cascade=cascade,
+            decode_plan=self._plan_view(shape),
         )
+
+    def _plan_view(self, shape: GraphShape) -> Optional[torch.Tensor]:
+        """A decode graph's balanced plan rows (padding rows included), None for the other kinds."""
+        if not self.balanced or shape.kind != "decode":
+            return None
+        return self.decode_plan[: self.plan_rows[shape.batch]]
+
+    def batch_size_for(self, num_seqs: int) -> int:
+        """Rows of the forward a decode batch of num_seqs runs: its padded graph size, or itself (eager)."""
+        return padded_batch_size(self.sizes, num_seqs) if num_seqs <= self.max_bs else num_seqs
 
     # ------------------------------------------------------------------ capture
     def _capture_inputs(self, shape: GraphShape) -> None:
@@ -186,6 +205,8 @@ class CUDAGraphRunner:
             self.suffix_seq_lens.copy_(self.seq_lens)
             self.tiles.zero_()
             self.query_rows.fill_(-1)
+        if self.decode_plan is not None:  # no work items: the capture's programs return at once
+            self.decode_plan.fill_(-1)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -221,8 +242,11 @@ class CUDAGraphRunner:
     # ------------------------------------------------------------------ replay
     def can_run(self, inputs) -> bool:
         ctx = inputs.ctx
-        return (ctx.max_seq_len <= self.max_model_len and self._select(
-            ctx.num_seqs, inputs.input_ids.shape[0], ctx.max_query_len, ctx.cascade is not None) is not None)
+        shape = None
+        if ctx.max_seq_len <= self.max_model_len:
+            shape = self._select(ctx.num_seqs, inputs.input_ids.shape[0], ctx.max_query_len, ctx.cascade is not None)
+        # a decode graph reads a balanced plan exactly when the runner builds one
+        return shape is not None and (shape.kind != "decode" or (ctx.decode_plan is not None) == self.balanced)
 
     def run(self, inputs) -> torch.Tensor:
         ctx = inputs.ctx
@@ -245,6 +269,12 @@ class CUDAGraphRunner:
             self.seq_lens[b:s].fill_(1)
         if self._uses_cascade(shape):
             self._fill_cascade(shape, ctx, b, s, nb)
+        plan_view = self._plan_view(shape)
+        if plan_view is not None:  # built by prepare_inputs for the padded batch (padding rows included)
+            plan = ctx.decode_plan
+            if plan.shape[0] != plan_view.shape[0]:
+                raise RuntimeError(f"decode plan of {plan.shape[0]} rows for a graph of {plan_view.shape[0]}")
+            plan_view.copy_(plan, non_blocking=True)
         self.graphs[shape].replay()
         self.num_replays[shape.kind] += 1
         return self.outputs[shape][:t]

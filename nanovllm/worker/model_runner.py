@@ -27,6 +27,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from nanovllm.kernels import decode_plan, kv_quant
 from nanovllm.kernels.launch_math import cascade_queries_per_tile
 from nanovllm.layers.attention.cascade import CascadeRule, plan_cascade
 from nanovllm.layers.forward_context import CascadeInputs, ForwardContext
@@ -37,6 +38,7 @@ from nanovllm.worker.request_states import RequestState, RequestStates
 from nanovllm.worker.sampler import (Sampler, SamplerOutput, SamplingBatch, compute_prompt_logprobs,
                                      to_device_async)
 from nanovllm.worker.staging import StagingBuffer
+from nanovllm.worker.timeline import StepTimeline
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,19 @@ logger = logging.getLogger(__name__)
 # Two sets of pinned staging buffers: a step's host-to-device copies may still be queued
 # while the next step fills the other set (async scheduling keeps one step in flight).
 NUM_STAGING_SETS = 2
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    """How the runner builds a step's inputs (from EngineConfig and the worker's kernel choices)."""
+
+    balanced_decode: bool = False  # decode-only batches carry a balanced split-KV plan (kernels/decode_plan.py)
+    max_model_len: int = 0  # the block-table width of a persistent batch (0: not known)
+
+    @classmethod
+    def of(cls, config, kernel_options, max_model_len: int) -> "RunnerOptions":
+        triton_attention = kernel_options.triton and kernel_options.triton_attention
+        return cls(balanced_decode=config.decode_split == "balanced" and triton_attention, max_model_len=max_model_len)
 
 
 @dataclass
@@ -67,15 +82,18 @@ class LaunchedStep:
     host_tokens: Optional[torch.Tensor]  # [S] int64 CPU copy of the sampled tokens (non-blocking on CUDA)
     done: Optional[torch.cuda.Event]  # recorded after the step's last device work (CUDA only)
     result: StepOutput  # prompt logprobs are filled in at launch
+    timeline: Optional[tuple] = None  # (StepRecord, start event) when the runner keeps a timeline
 
 
 class ModelRunner:
-    def __init__(self, model, device: torch.device, dtype: torch.dtype, num_kv_blocks: int,
-                 block_size: int, eos_token_ids: list[int], step_timer=None, tp: TPGroup = SINGLE) -> None:
+    def __init__(self, model, device: torch.device, kv_cache_dtype: torch.dtype, num_kv_blocks: int,
+                 block_size: int, eos_token_ids: list[int], step_timer=None,
+                 options: RunnerOptions = RunnerOptions(), tp: TPGroup = SINGLE) -> None:
         self.model = model
         self.tp = tp  # rank 0 samples; the others receive its tokens
         self.device = device
-        self.dtype = dtype
+        self.kv_cache_dtype = kv_cache_dtype
+        self.options = options
         self.block_size = block_size
         self.num_kv_blocks = num_kv_blocks
         self.eos_token_ids = list(eos_token_ids)
@@ -95,14 +113,19 @@ class ModelRunner:
         self._last_sampled: Optional[torch.Tensor] = None
         self._last_sampled_rows: dict[str, int] = {}
         self.step_timer = step_timer  # the engine's StepTimer (step_timing=True): `mark(phase)` after prepare
+        layers = model.attention_layers()
+        self.num_kv_heads = layers[0].num_kv_heads if layers else 1
+        self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda"
+                        else decode_plan.DEFAULT_NUM_SMS)
+        self.timeline: Optional[StepTimeline] = None  # set by the worker (step_timeline=True)
 
     # ------------------------------------------------------------------ KV cache
     def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         caches = []
         for attn in self.model.attention_layers():
             shape = (num_blocks, attn.num_kv_heads, self.block_size, attn.cache_head_dim)
-            k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            k = torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
+            v = torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
             attn.k_cache, attn.v_cache = k, v
             caches.append((k, v))
         return caches
@@ -113,6 +136,8 @@ class ModelRunner:
         src = to_device_async(torch.tensor([p[0] for p in pairs]), self.device)
         dst = to_device_async(torch.tensor([p[1] for p in pairs]), self.device)
         for k, v in self.kv_caches:
+            if k.dtype == kv_quant.FP8_DTYPE:  # copied as bytes: indexing kernels need not know fp8
+                k, v = k.view(torch.uint8), v.view(torch.uint8)
             k[dst] = k[src]
             v[dst] = v[src]
 
@@ -134,6 +159,10 @@ class ModelRunner:
         num_tokens = step.num_batched_tokens or sum(num_new)
         max_blocks = max(len(r.block_ids) for r in reqs)
         tokens, seqs = (num_tokens,), (num_seqs,)
+        plan_seqs = plan_rows = 0
+        if self.options.balanced_decode and num_tokens == num_seqs:  # decode-only: a balanced split plan
+            plan_seqs = self.cuda_graphs.batch_size_for(num_seqs) if self.cuda_graphs is not None else num_seqs
+            plan_rows = decode_plan.plan_items(plan_seqs, self.num_kv_heads, self.num_sms)
         staging = self._staging()
         host = staging.layout({
             "input_ids": (tokens, torch.int64),
@@ -145,6 +174,7 @@ class ModelRunner:
             "logits_indices": (seqs, torch.int64),  # first num_sample entries used
             "pending_dst": (seqs, torch.int64),  # async: token rows to fill from the last step's samples
             "pending_src": (seqs, torch.int64),
+            **({"decode_plan": ((plan_rows, decode_plan.PLAN_COLUMNS), torch.int32)} if plan_rows else {}),
         })
         input_ids, positions, slot_mapping = host["input_ids"], host["positions"], host["slot_mapping"]
         query_start_loc, seq_lens, block_tables = host["query_start_loc"], host["seq_lens"], host["block_tables"]
@@ -190,6 +220,10 @@ class ModelRunner:
         host["pending_dst"][:num_pending] = pending_dst
         host["pending_src"][:num_pending] = pending_src
         max_query_len = int(np.diff(query_start_loc).max())
+        if plan_rows:  # CUDA-graph padding rows (length 1, see cuda_graphs.py) get their item too
+            lens = seq_lens if plan_seqs == num_seqs else np.concatenate(
+                [seq_lens, np.ones(plan_seqs - num_seqs, dtype=np.int32)])
+            decode_plan.build_plan(lens, plan_rows, decode_plan.KEY_TILE, out=host["decode_plan"])
         dev = staging.to_device(self.device)  # the step's one host-to-device copy
         cascade = None
         if self.cascade_rule is not None:
@@ -203,6 +237,7 @@ class ModelRunner:
             max_query_len=max_query_len,
             max_seq_len=int(seq_lens.max()),
             num_seqs=num_seqs,
+            decode_plan=dev["decode_plan"] if plan_rows else None,
             query_start_loc_cpu=query_start_loc.tolist() if self.device.type == "cpu" else None,
             seq_lens_cpu=seq_lens.tolist() if self.device.type == "cpu" else None,
             cascade=cascade,
@@ -278,6 +313,7 @@ class ModelRunner:
         self.copy_blocks(step.blocks_to_copy)
         if not step.req_ids:
             return LaunchedStep([], None, None, None, StepOutput(sampled_token_ids={}))
+        marks = self.timeline.begin(step, self.requests) if self.timeline is not None else None
         inputs = self.prepare_inputs(step)
         self._num_launched += 1
         if self.step_timer:
@@ -302,10 +338,12 @@ class ModelRunner:
             self._last_sampled = sampled  # [S]: the next step's pending tokens
             self._last_sampled_rows = {r.req_id: i for i, r in enumerate(reqs)}
         done = None
-        if self.device.type == "cuda":
+        if marks is not None:
+            done = self.timeline.end_event()  # timing-enabled; None on CPU
+        elif self.device.type == "cuda":
             done = torch.cuda.Event()
             done.record()
-        return LaunchedStep(reqs, out, host_tokens, done, result)
+        return LaunchedStep(reqs, out, host_tokens, done, result, marks)
 
     def _sample(self, logits: torch.Tensor, reqs: list[RequestState], inputs: ForwardInputs) -> SamplerOutput:
         params = [r.sampling_params for r in reqs]
@@ -328,6 +366,8 @@ class ModelRunner:
         (an empty output on tensor-parallel ranks > 0)."""
         if step.done is not None:
             step.done.synchronize()
+        if step.timeline is not None:  # the step's events are complete: reading them adds no sync
+            self.timeline.finish(*step.timeline, step.done)
         result = step.result
         if not step.sample_requests or step.sampler_output is None:
             return result

@@ -169,6 +169,9 @@ def validate_parallel_config(config: EngineConfig, hf_config, torchrun: Optional
         if not getattr(model_cls, "supports_tensor_parallel", False):
             raise ValueError(f"{model_cls.__name__} cannot be split over ranks yet: run it with tensor_parallel_size=1 "
                              f"(docs/models.md lists the families that support tensor parallelism)")
+        if config.kv_cache_dtype == "fp8":  # its scales are per layer and KV head of one model
+            raise ValueError(f"kv_cache_dtype='fp8' is not available with tensor_parallel_size={world} yet: use "
+                             f"kv_cache_dtype='auto', or tensor_parallel_size=1")
     num_heads = hf_config.num_attention_heads
     num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
     check_head_counts(num_heads, num_kv_heads, world)

@@ -1,7 +1,8 @@
 """Worker: owns one model replica's whole life, and runs the engine's steps on it.
 
     Worker(config, model_info)          device, dtype, build the model, load weights, kernel
-                                        options, CPU weight packing, GEMV calibration
+                                        options, CPU weight packing, GEMV calibration, fp8 KV
+                                        scales (calibrated or given)
     determine_num_kv_blocks()           from the memory left after a profiling forward (GPU),
                                         in tokens (CPU), or config.num_kv_blocks
     initialize_cache(num_blocks)        allocate the KV cache, capture the decode CUDA graphs
@@ -33,8 +34,10 @@ from nanovllm.layers.linear import set_gemv_rows
 from nanovllm.layers.moe import active_param_bytes
 from nanovllm.layers.tp_group import SINGLE, TPGroup
 from nanovllm.step_io import StepInput, StepOutput, WorkerInfo
-from nanovllm.worker import memory
-from nanovllm.worker.model_runner import LaunchedStep, ModelRunner
+from nanovllm.kernels import kv_quant
+from nanovllm.worker import kv_scales, memory
+from nanovllm.worker.model_runner import LaunchedStep, ModelRunner, RunnerOptions
+from nanovllm.worker.timeline import ModelCost, StepTimeline
 
 logger = logging.getLogger("nanovllm")
 
@@ -68,7 +71,10 @@ class Worker:
             self.model, config.cpu_weight_format, model_info.source, model_info.hf_config)
         if self.device.type == "cuda":
             self.calibrate_gemv()
-        self.kv_bytes_per_block = memory.kv_bytes_per_block(self.model, config.block_size, self.dtype)
+        self.kv_cache_dtype = kv_quant.FP8_DTYPE if config.kv_cache_dtype == "fp8" else self.dtype
+        if config.kv_cache_dtype == "fp8":
+            self.set_kv_scales()
+        self.kv_bytes_per_block = memory.kv_bytes_per_block(self.model, config.block_size, self.kv_cache_dtype)
         self.runner: Optional[ModelRunner] = None
 
     def calibrate_gemv(self) -> dict:
@@ -82,6 +88,21 @@ class Worker:
         set_gemv_rows(self.model, row_limits(result))
         return result
 
+    def set_kv_scales(self) -> None:
+        """fp8 KV cache: each attention layer's K / V scales, given or calibrated (worker/kv_scales.py)."""
+        cfg = self.config
+        if cfg.kv_cache_scales is not None:
+            scales = kv_scales.load_scales(cfg.kv_cache_scales, self.model)
+        else:
+            # positions past max_model_len have no RoPE entry: calibrate within the model's window
+            seq_len = min(kv_scales.CALIBRATION_LEN, self.model_info.max_model_len)
+            amax = kv_scales.calibrate_amax(self.model, self.device, self.dtype, cfg.block_size,
+                                            self.model_info.hf_config.vocab_size, seq_len=seq_len)
+            scales = kv_scales.scales_from_calibration(amax)
+        kv_scales.apply_scales(self.model, scales, self.device)
+        logger.info("fp8 KV cache (%s): %s", "given scales" if cfg.kv_cache_scales is not None else "calibrated",
+                    kv_scales.summary(self.model))
+
     # ------------------------------------------------------------------ KV cache
     def determine_num_kv_blocks(self) -> int:
         cfg = self.config
@@ -89,14 +110,16 @@ class Worker:
             return cfg.num_kv_blocks
         if self.device.type == "cpu":
             return memory.cpu_num_kv_blocks(cfg, self.model_info.max_model_len, self.kv_bytes_per_block)
-        return memory.profile_num_kv_blocks(self.model, cfg, self.device, self.dtype, self.model_info.max_model_len,
-                                            self.kv_bytes_per_block)
+        return memory.profile_num_kv_blocks(self.model, cfg, self.device, self.kv_cache_dtype,
+                                            self.model_info.max_model_len, self.kv_bytes_per_block)
 
     def initialize_cache(self, num_blocks: int) -> WorkerInfo:
         """Allocate `num_blocks` KV blocks and capture the decode graphs; the worker is then ready."""
         cfg = self.config
-        self.runner = ModelRunner(self.model, self.device, self.dtype, num_blocks, cfg.block_size,
-                                  list(self.model_info.eos_token_ids), step_timer=self.step_timer, tp=self.tp)
+        self.runner = ModelRunner(self.model, self.device, self.kv_cache_dtype, num_blocks, cfg.block_size,
+                                  list(self.model_info.eos_token_ids), step_timer=self.step_timer,
+                                  options=RunnerOptions.of(cfg, self.kernel_options, self.model_info.max_model_len),
+                                  tp=self.tp)
         self.runner.cascade_rule = self._cascade_rule()
         if self.device.type == "cuda" and not cfg.enforce_eager:
             from nanovllm.worker.cuda_graphs import CascadeGraphSpec, CUDAGraphRunner
@@ -109,12 +132,18 @@ class Worker:
                                                       prefill_tokens=cfg.max_prefill_tokens_while_decoding or 0,
                                                       cascade=spec)
             self.runner.cuda_graphs.capture()
-        return self.info()
+        info = self.info()
+        if cfg.step_timeline:
+            cost = ModelCost.of(self.model, info.param_bytes, self.kv_bytes_per_block // cfg.block_size)
+            self.runner.timeline = StepTimeline(cost, self.device)
+        return info
 
     def _cascade_rule(self) -> Optional[CascadeRule]:
         """When steps get a cascade plan: the config's mode, where a backend serves plans (Triton
         attention on CUDA; the torch path on CPU, decode groups only) and some layer can use them."""
         if all(a.sliding_window is not None for a in self.model.attention_layers()):
+            return None
+        if self.config.kv_cache_dtype == "fp8":  # the cascade kernels read no fp8 cache (EngineConfig: off)
             return None
         if self.device.type == "cuda":
             options = self.kernel_options
@@ -130,6 +159,7 @@ class Worker:
             device=str(self.device),
             dtype=str(self.dtype).replace("torch.", ""),
             kv_bytes_per_block=self.kv_bytes_per_block,
+            kv_cache_dtype=str(self.kv_cache_dtype).replace("torch.", ""),
             param_bytes=sum(p.numel() * p.element_size() for p in unique.values()),
             cuda_graphs=self.runner is not None and self.runner.cuda_graphs is not None,
             cpu_fp16_weights=self.cpu_fp16_weights,

@@ -122,6 +122,7 @@ def test_replicated_kv_heads_and_a_killed_worker(tiny_model_factory):
     (dict(tensor_parallel_size=2, distributed_executor_backend="uni"), "needs one per rank"),
     (dict(tensor_parallel_size=0), "positive"),
     (dict(distributed_executor_backend="ray"), "use 'uni'"),
+    (dict(tensor_parallel_size=2, kv_cache_dtype="fp8"), "kv_cache_dtype='fp8' is not available with tensor_par"),
 ])
 def test_impossible_sizes_are_refused_before_any_process_starts(tiny_model_factory, kwargs, match):
     path = tiny_model_factory("llama")

@@ -40,6 +40,9 @@ class PagedAttention(nn.Module):
         # Bound by the worker once the cache is allocated: [num_blocks, Hkv, block_size, cache_head_dim].
         self.k_cache: torch.Tensor = torch.empty(0)
         self.v_cache: torch.Tensor = torch.empty(0)
+        # fp8 cache only: [4, Hkv] fp32 K / V scales and reciprocals (kernels/kv_quant.py), set by the worker.
+        self.kv_scale: Optional[torch.Tensor] = None
+        self.rotary_dim: Optional[int] = None  # seen at the last forward (fp8 calibration: are keys rotated)
 
     def forward(
         self,
@@ -53,6 +56,7 @@ class PagedAttention(nn.Module):
         k_norm: Optional[RMSNorm] = None,
     ) -> torch.Tensor:
         options = self.kernel_options
+        self.rotary_dim = None if cos_sin_cache is None else cos_sin_cache.shape[-1]
         triton_rope = ops.use_triton(q, options)
         pad = self.cache_head_dim - self.head_dim
         store_with_rope = pad == 0 and cos_sin_cache is not None
@@ -64,6 +68,7 @@ class PagedAttention(nn.Module):
                 q, k, v, positions, cos_sin_cache, self.k_cache, self.v_cache, ctx.slot_mapping, options,
                 q_norm_weight=None if q_norm is None else q_norm.weight,
                 k_norm_weight=None if k_norm is None else k_norm.weight, norm_eps=norms[0].eps,
+                kv_scale=self.kv_scale,
             )
             return self._attend(q, ctx)  # [T, H, D]
         if q_norm is not None:
@@ -83,9 +88,10 @@ class PagedAttention(nn.Module):
 
     def _store(self, k, v, ctx: ForwardContext, triton: bool) -> None:
         if triton:
-            triton_backend.store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping, self.kernel_options)
+            triton_backend.store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping, self.kernel_options,
+                                    kv_scale=self.kv_scale)
         else:
-            reference.store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+            reference.store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping, kv_scale=self.kv_scale)
 
     def _rope(self, q, k, v, positions, cos_sin_cache, triton: bool):
         if triton:
@@ -96,29 +102,32 @@ class PagedAttention(nn.Module):
     def _rope_and_store(self, q, k, v, positions, cos_sin_cache, ctx: ForwardContext, triton_rope: bool):
         args = (q, k, v, positions, cos_sin_cache, self.k_cache, self.v_cache, ctx.slot_mapping)
         if triton_rope:
-            return triton_backend.rope_and_store_kv(*args, self.kernel_options)
+            return triton_backend.rope_and_store_kv(*args, self.kernel_options, kv_scale=self.kv_scale)
         if not q.is_cuda:
-            return torch_backend.rope_and_store_kv(*args, ctx.scratch)
-        return reference.rope_and_store_kv(*args)
+            return torch_backend.rope_and_store_kv(*args, ctx.scratch, kv_scale=self.kv_scale)
+        return reference.rope_and_store_kv(*args, kv_scale=self.kv_scale)
 
     def _attend(self, q: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         options = self.kernel_options
-        # The cascade kernels have no window and no soft-cap: such layers ignore the plan (still exact).
-        if ctx.cascade is not None and self.sliding_window is None and self.softcap is None:
+        # The cascade kernels have no window, no soft-cap and no fp8 cache: such layers ignore the
+        # plan (still exact; EngineConfig keeps cascade off with an fp8 cache).
+        if ctx.cascade is not None and self.sliding_window is None and self.softcap is None and self.kv_scale is None:
             out = self._attend_cascade(q, ctx)
             if out is not None:
                 return out
         if options.triton_attention and ops.use_triton(q, options):
             return triton_backend.paged_attention(q, self.k_cache, self.v_cache, ctx, self.scale,
-                                                  self.sliding_window, options, softcap=self.softcap)
+                                                  self.sliding_window, options, softcap=self.softcap,
+                                                  kv_scale=self.kv_scale)
         if not q.is_cuda and ctx.query_start_loc_cpu is not None:
             return torch_backend.paged_attention(
                 q, self.k_cache, self.v_cache, ctx.query_start_loc_cpu, ctx.seq_lens_cpu, ctx.block_tables,
                 self.scale, sliding_window=self.sliding_window, scratch=ctx.scratch, softcap=self.softcap,
+                kv_scale=self.kv_scale,
             )
         return reference.paged_attention(
             q, self.k_cache, self.v_cache, ctx.query_start_loc, ctx.seq_lens, ctx.block_tables, self.scale,
-            sliding_window=self.sliding_window, softcap=self.softcap,
+            sliding_window=self.sliding_window, softcap=self.softcap, kv_scale=self.kv_scale,
         )
 
     def _attend_cascade(self, q: torch.Tensor, ctx: ForwardContext) -> Optional[torch.Tensor]:

@@ -14,13 +14,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from nanovllm.kernels import reference
+from nanovllm.kernels import kv_quant, reference
 from nanovllm.kernels.launch_math import cdiv
 
 
 def rope_and_store_kv(query, key, value, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
-                      scratch: Optional[dict] = None):
-    """reference.rope_and_store_kv with cos/sin and cache slots computed once per step."""
+                      scratch: Optional[dict] = None, kv_scale: Optional[torch.Tensor] = None):
+    """reference.rope_and_store_kv with cos/sin and cache slots computed once per step (an fp8
+    cache gets its values quantized with the layer's `kv_scale`, as the reference does)."""
     scratch = {} if scratch is None else scratch
     entry = f"rope/{cos_sin_cache.data_ptr()}"  # one per table (Gemma 3: local and global rope bases)
     if entry not in scratch:
@@ -29,7 +30,10 @@ def rope_and_store_kv(query, key, value, positions, cos_sin_cache, k_cache, v_ca
         scratch[entry] = (cos.unsqueeze(1).float(), sin.unsqueeze(1).float(), coords)
     cos, sin, coords = scratch[entry]
     q, k = reference.rotate_half(query, cos, sin), reference.rotate_half(key, cos, sin)
-    reference.write_kv(k, value, k_cache, v_cache, *coords)
+    k_stored = k
+    if kv_quant.is_fp8(k_cache) and kv_quant.rotates_keys(k.shape[-1], cos_sin_cache.shape[-1]):
+        q, k_stored = reference.hadamard_rotate(q, k)
+    reference.write_kv(k_stored, value, k_cache, v_cache, *coords, kv_scale=kv_scale)
     return q, k
 
 
@@ -44,6 +48,7 @@ def paged_attention(
     sliding_window: Optional[int] = None,
     scratch: Optional[dict] = None,
     softcap: Optional[float] = None,
+    kv_scale: Optional[torch.Tensor] = None,  # [4, num_kv_heads] fp32 when the cache is fp8
 ) -> torch.Tensor:
     """The batch's decode rows in one batched matmul, each prefill through SDPA (or, soft-capped,
     an explicit softmax); `scratch` keeps what depends only on the batch and the layer's window."""
@@ -61,16 +66,16 @@ def paged_attention(
     plan = scratch[plan_key]
     q_lens, decode = plan["q_lens"], plan["decode"]
     if len(decode) == len(q_lens):  # decode-only batch: no scatter needed
-        return _decode(query, k_cache, v_cache, plan["blocks"], plan["mask"], scale, softcap)
+        return _decode(query, k_cache, v_cache, plan["blocks"], plan["mask"], scale, softcap, kv_scale)
     out = torch.empty_like(query)
     if decode:
         rows = plan["rows"]
-        out[rows] = _decode(query[rows], k_cache, v_cache, plan["blocks"], plan["mask"], scale, softcap)
+        out[rows] = _decode(query[rows], k_cache, v_cache, plan["blocks"], plan["mask"], scale, softcap, kv_scale)
     for i, n in enumerate(q_lens):
         if n > 1:
             start = query_start_loc[i]
             out[start : start + n] = _prefill(query[start : start + n], k_cache, v_cache, seq_lens[i],
-                                              block_tables[i], scale, sliding_window, softcap)
+                                              block_tables[i], scale, sliding_window, softcap, kv_scale)
     return out
 
 
@@ -92,17 +97,18 @@ def _decode_mask(seq_lens: list[int], block_size: int, sliding_window: Optional[
     return masked
 
 
-def _decode(q, k_cache, v_cache, blocks, masked, scale, softcap=None):
+def _decode(q, k_cache, v_cache, blocks, masked, scale, softcap=None, kv_scale=None):
     b, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     group = num_heads // num_kv_heads
-    k = _gather(k_cache, blocks, blocks.shape[1])  # [B, Hkv, S, D]
-    v = _gather(v_cache, blocks, blocks.shape[1])
+    # [B, Hkv, S, D] fp32 (an fp8 cache dequantized per KV head)
+    k = kv_quant.maybe_dequantize(_gather(k_cache, blocks, blocks.shape[1]), kv_scale, kv_quant.K_SCALE, -3)
+    v = kv_quant.maybe_dequantize(_gather(v_cache, blocks, blocks.shape[1]), kv_scale, kv_quant.V_SCALE, -3)
     qg = q.view(b, num_kv_heads, group, head_dim)  # [B, Hkv, G, D]
-    scores = reference.soft_cap(torch.matmul(qg.float(), k.float().transpose(2, 3)) * scale, softcap)  # [B, Hkv, G, S]
+    scores = reference.soft_cap(torch.matmul(qg.float(), k.transpose(2, 3)) * scale, softcap)  # [B, Hkv, G, S]
     scores.masked_fill_(masked, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    return torch.matmul(probs, v.float()).view(b, num_heads, head_dim).to(q.dtype)  # [B, H, D]
+    return torch.matmul(probs, v).view(b, num_heads, head_dim).to(q.dtype)  # [B, H, D]
 
 
 def cascade_decode(
@@ -162,13 +168,17 @@ def _shared_prefix(q, k_cache, v_cache, table, scale):
     return out, lse.view(num_kv_heads, r, group).transpose(0, 1).reshape(r, num_heads)
 
 
-def _prefill(q, k_cache, v_cache, seq_len, block_table, scale, sliding_window, softcap=None):
+def _prefill(q, k_cache, v_cache, seq_len, block_table, scale, sliding_window, softcap=None,
+             kv_scale=None):
     q_len, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
     nb = cdiv(seq_len, block_size)
     table = block_table.view(1, -1).long()
     k = _gather(k_cache, table, nb)[0, :, :seq_len]  # [Hkv, S, D]
     v = _gather(v_cache, table, nb)[0, :, :seq_len]
+    if kv_quant.is_fp8(k):  # SDPA runs in the query's dtype
+        k = kv_quant.dequantize(k, kv_scale[kv_quant.K_SCALE], -3).to(q.dtype)
+        v = kv_quant.dequantize(v, kv_scale[kv_quant.V_SCALE], -3).to(q.dtype)
     group = num_heads // num_kv_heads
     k = k.repeat_interleave(group, dim=0)  # [H, S, D]
     v = v.repeat_interleave(group, dim=0)

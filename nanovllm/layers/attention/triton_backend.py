@@ -16,41 +16,47 @@ from nanovllm.layers.kernel_options import KernelOptions
 
 def rope_and_store_kv(query, key, value, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
                       options: KernelOptions, q_norm_weight: Optional[torch.Tensor] = None,
-                      k_norm_weight: Optional[torch.Tensor] = None, norm_eps: float = 1e-6):
-    """[per-head RMSNorm of q / k,] RoPE of q and k in place, K/V into the cache; returns (q, k)."""
+                      k_norm_weight: Optional[torch.Tensor] = None, norm_eps: float = 1e-6,
+                      kv_scale: Optional[torch.Tensor] = None):
+    """[per-head RMSNorm of q / k,] RoPE of q and k in place, K/V into the cache (quantized into an
+    fp8 cache with `kv_scale`); returns (q, k)."""
     from nanovllm.kernels import rope_kv_store
 
     if q_norm_weight is None and k_norm_weight is None:
         return rope_kv_store.rope_and_store_kv(query, key, value, positions, cos_sin_cache, k_cache, v_cache,
-                                               slot_mapping, pdl=options.pdl)
+                                               slot_mapping, pdl=options.pdl, kv_scale=kv_scale)
     return rope_kv_store.rope_and_store_kv(
         query, key, value, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
         q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, norm_eps=norm_eps, pdl=options.pdl,
+        kv_scale=kv_scale,
     )
 
 
-def store_kv(key, value, k_cache, v_cache, slot_mapping, options: KernelOptions) -> None:
-    """K/V into the cache without RoPE (models with learned positions)."""
+def store_kv(key, value, k_cache, v_cache, slot_mapping, options: KernelOptions,
+             kv_scale: Optional[torch.Tensor] = None) -> None:
+    """K/V into the cache without RoPE (models with learned positions, padded head dims)."""
     from nanovllm.kernels import rope_kv_store
 
-    rope_kv_store.store_kv(key, value, k_cache, v_cache, slot_mapping, pdl=options.pdl)
+    rope_kv_store.store_kv(key, value, k_cache, v_cache, slot_mapping, pdl=options.pdl, kv_scale=kv_scale)
 
 
 def paged_attention(query, k_cache, v_cache, ctx: ForwardContext, scale: float, sliding_window: Optional[int],
-                    options: KernelOptions, softcap: Optional[float] = None) -> torch.Tensor:
+                    options: KernelOptions, softcap: Optional[float] = None,
+                    kv_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of the batch's new tokens over the paged cache described by ctx: [T, H, D]."""
     from nanovllm.kernels import paged_attention as pa
 
     return pa.paged_attention(
         query, k_cache, v_cache, ctx.query_start_loc, ctx.seq_lens, ctx.block_tables, scale,
         sliding_window=sliding_window, max_query_len=ctx.max_query_len, max_seq_len=ctx.max_seq_len,
-        pdl=options.pdl, softcap=softcap,
+        pdl=options.pdl, softcap=softcap, kv_scale=kv_scale, decode_plan=ctx.decode_plan,
     )
 
 
 def cascade_attention(query, k_cache, v_cache, ctx: ForwardContext, scale: float,
                       options: KernelOptions) -> torch.Tensor:
-    """Attention of the batch with ctx.cascade's shared prefixes read once per tile: [T, H, D]."""
+    """Attention of the batch with ctx.cascade's shared prefixes read once per tile: [T, H, D]
+    (a bf16/fp16/fp32 cache only: EngineConfig turns cascade off for an fp8 cache)."""
     from nanovllm.kernels import cascade_attention as ca
 
     plan = ctx.cascade
