@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from nanovllm.layers.tp_group import SINGLE, TPGroup, building_with
 from nanovllm.loading.resolve import ModelSource
 from nanovllm.loading.safetensors_loader import iter_safetensors
 from nanovllm.loading.weights import load_weights
@@ -39,13 +40,14 @@ def resolve_dtype(requested: str, hf_config, device: torch.device) -> torch.dtyp
 
 
 def build_model(source: ModelSource, hf_config, device: torch.device, dtype: torch.dtype, max_positions: int,
-                load_format: str = "auto"):
-    """Instantiate the architecture and load its weights (`load_format='dummy'`: random weights)."""
+                load_format: str = "auto", tp: TPGroup = SINGLE):
+    """Instantiate the architecture and load its weights (`load_format='dummy'`: random weights).
+    With a tensor-parallel group the model holds, and reads, only `tp.rank`'s shards."""
     model_cls = resolve_model_class(hf_config)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):
+        with torch.device(device), building_with(tp):
             model = model_cls(hf_config, max_positions)
     finally:
         torch.set_default_dtype(previous)
@@ -100,5 +102,7 @@ def init_random_weights(model, seed: int = 0) -> None:
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
             p.fill_(1.0)
+        elif getattr(p, "tp_shard", None) is not None and p.tp_shard.skip:
+            p.zero_()  # held by another rank (a row-parallel bias): zero here, as when loading
         else:
             p.normal_(0.0, DUMMY_INIT_STD, generator=gen)

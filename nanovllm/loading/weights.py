@@ -1,4 +1,9 @@
-"""Copy checkpoint tensors into a model's parameters, packed projections included.
+"""Copy checkpoint tensors into a model's parameters, packed projections and shards included.
+
+Under tensor parallelism a parameter holds one rank's part of a checkpoint tensor and says
+which (`param.tp_shard`, a `layers.partition.ParamShard`): the loader checks the tensor's
+full extent, then reads only that slice (safetensors: just those bytes; GGUF tensors are
+dequantized whole, then sliced) and hands it to the parameter's `weight_loader`.
 
 A model may translate its checkpoint's tensors first (`remap_checkpoint_tensor(name, tensor)`
 yielding `(name, tensor)` or `(parameter name, tensor, shard)`): GPT-2's transposed Conv1D
@@ -11,18 +16,21 @@ is a ValueError, never a silent partial load.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
 
 from nanovllm.layers.linear import WeightShapeError, default_weight_loader
+from nanovllm.layers.partition import ParamShard
 
 # Tensors some checkpoints carry that the engine recomputes itself.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor, str]]) -> None:
+def load_weights(model: nn.Module, tensors: Iterable[tuple[str, Any, str]]) -> None:
+    """`tensors`: (name, tensor, source file); a tensor is a torch.Tensor or a lazy one with
+    `shape`, `narrow(dim, start, length)` and `load()` (safetensors_loader.SafetensorsTensor)."""
     params = dict(model.named_parameters(remove_duplicate=False))
     packed = getattr(model, "packed_modules_mapping", {})
     tied = getattr(model, "tie_word_embeddings", False)
@@ -33,7 +41,10 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor, st
         if checkpoint_name.endswith(ignored):
             continue
         try:
-            entries = remap(checkpoint_name, checkpoint_tensor) if remap else [(checkpoint_name, checkpoint_tensor)]
+            if remap:  # a remap computes on whole tensors (transpose, split): read it whole first
+                entries = remap(checkpoint_name, read_shard(checkpoint_tensor, None, None, checkpoint_name))
+            else:
+                entries = [(checkpoint_name, checkpoint_tensor)]
             for entry in entries:
                 _load_one(model, params, packed, tied, loaded, *entry)
         except WeightShapeError as e:
@@ -61,9 +72,30 @@ def _load_one(model, params, packed, tied, loaded, name, tensor, shard=_Foreign)
     if param is None:
         raise _Foreign(name)
     loader = getattr(param, "weight_loader", default_weight_loader)
+    part = read_shard(tensor, getattr(param, "tp_shard", None), shard, name)
     with torch.no_grad():
-        loader(param, tensor.to(param.dtype), shard, name=name)
+        if part is None:  # this rank holds none of it (a row-parallel bias on ranks > 0)
+            param.data.zero_()
+        else:
+            loader(param, part.to(param.dtype), shard, name=name)
     loaded.add(f"{target}:{shard}")
+
+
+def read_shard(tensor: Any, spec: Optional[ParamShard], shard, name: str) -> Optional[torch.Tensor]:
+    """The part of a checkpoint tensor a parameter holds (all of it without `spec`); None
+    when it holds none. Raises WeightShapeError when the tensor's split dim has the wrong extent."""
+    if spec is None:
+        load = None if isinstance(tensor, torch.Tensor) else getattr(tensor, "load", None)
+        return load() if load is not None else tensor
+    if shard not in spec.ranges:
+        raise WeightShapeError(f"tensor {name!r}: unknown shard {shard!r} of a packed projection")
+    shape, full = tuple(tensor.shape), spec.full_sizes[shard]
+    if len(shape) <= spec.dim or shape[spec.dim] != full:
+        raise WeightShapeError(f"tensor {name!r}: expected {full} along dim {spec.dim}, checkpoint has shape {shape}")
+    if spec.skip:
+        return None
+    r = spec.ranges[shard]
+    return tensor.narrow(spec.dim, r.start, r.size)
 
 
 def _check_complete(model, params, packed, loaded, tied) -> None:
