@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU issue's checks and benchmarks in one device call; logs and CSVs to $OUT.
-#   bash benchmarks/gpu_suite.sh [warm] [tests] [testsrev] [kernels] [gemv] [gemvcfg] [bench] [tput] [ab] [sync] [nopdl] [base] [trace] [tp] [bench8b] [fp8] [hf] [serve] [serveperf] [profile] [moe] [prefix] [quant] [quanttput]
+#   bash benchmarks/gpu_suite.sh [warm] [tests] [testsrev] [kernels] [gemv] [gemvcfg] [bench] [tput] [ab] [sync] [nopdl] [base] [trace] [tp] [tp1mp] [tp2] [bench8b] [fp8] [hf] [serve] [serveperf] [profile] [moe] [prefix] [quant] [quanttput]
 set -uo pipefail
 DEST=${OUT:-/tmp/nanovllm-out}; OUT=/tmp/suite-logs; mkdir -p "$OUT" "$DEST"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
@@ -63,6 +63,29 @@ for s in $steps; do
              timeout 120 $nv bench latency --model benchmarks/configs/qwen3-0.6b --no-async-scheduling 2>&1 | tee "$OUT/latency_sync.log" | tail -3
              timeout 200 $nv bench throughput --model benchmarks/configs/qwen3-0.6b --no-async-scheduling 2>&1 | tee "$OUT/throughput_sync.log" | tail -4 ;;
     tp)      NANOVLLM_STEP_TIMING=1 timeout 150 $nv bench throughput --model benchmarks/configs/qwen3-0.6b 2>&1 | tee "$OUT/throughput_timed.log" | grep -v "^INFO" | tail -3 ;;
+    tp1mp)   # tensor parallelism's executor at size 1 against the in-process one, same run: tokens (GPU test on
+             # Qwen3-0.6B), then batch-1 latency and throughput with each backend; mp/uni ratios printed last
+             timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_gpu_tensor_parallel.py 2>&1 \
+                 | tee "$OUT/tp1mp_tests.log" | tail -4
+             for b in uni mp; do
+               timeout 120 $nv bench latency --model benchmarks/configs/qwen3-0.6b --distributed-executor-backend $b \
+                   --csv "$OUT/tp1mp_latency.csv" 2>&1 | tee -a "$OUT/tp1mp_bench.log" | tail -1
+               timeout 200 $nv bench throughput --model benchmarks/configs/qwen3-0.6b --distributed-executor-backend $b \
+                   --csv "$OUT/tp1mp_throughput.csv" 2>&1 | tee -a "$OUT/tp1mp_bench.log" | tail -1
+             done
+             python3 benchmarks/compare_executors.py "$OUT/tp1mp_latency.csv" "$OUT/tp1mp_throughput.csv" 2>&1 \
+                 | tee -a "$OUT/tp1mp_bench.log" ;;
+    tp2)     # needs nvidia-h200-x2: TP=2 tokens vs TP=1 (GPU tests), then latency / throughput at TP=1 and TP=2
+             timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_gpu_tensor_parallel.py 2>&1 \
+                 | tee "$OUT/tp2_tests.log" | tail -4
+             for m in ${TP2_MODELS:-qwen3-0.6b qwen3-8b}; do
+               for t in 1 2; do
+                 timeout 200 $nv bench latency --model benchmarks/configs/$m -tp $t 2>&1 | tee -a "$OUT/tp2_bench.log" | tail -1
+               done
+             done
+             for t in 1 2; do
+               timeout 300 $nv bench throughput --model benchmarks/configs/qwen3-0.6b -tp $t 2>&1 | tee -a "$OUT/tp2_bench.log" | tail -1
+             done ;;
     nopdl)   # same-run baseline: decode kernels launched without programmatic dependent launch
              NANOVLLM_PDL=0 timeout 120 $nv bench latency --model benchmarks/configs/qwen3-0.6b 2>&1 | tee "$OUT/latency_nopdl.log" | tail -3 ;;
     bench8b) timeout 150 $nv bench latency --model benchmarks/configs/qwen3-8b 2>&1 | tee "$OUT/latency8b.log" | tail -3 ;;

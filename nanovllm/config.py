@@ -26,6 +26,9 @@ KV_CACHE_DTYPES = ("auto", "fp8")
 KV_CACHE_DTYPE_ALIASES = {"fp8_e4m3": "fp8", "float8_e4m3fn": "fp8"}
 DECODE_SPLITS = ("uniform", "balanced")
 CASCADE_MODES = ("auto", "off", "force")  # layers/attention/cascade.py (mirrored: config imports nothing)
+# How the engine reaches its workers (vLLM's names): "uni" = one worker in the engine's process,
+# "mp" = one process per tensor-parallel rank (rank 0's worker in the engine's process).
+EXECUTOR_BACKENDS = ("uni", "mp")
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,11 @@ class EngineConfig:
     # carries a long context alone (mixed lengths).
     decode_split: str = "uniform"
     step_timeline: bool = False  # record a per-step timeline (worker.runner.timeline; `bench throughput --timeline`)
+    # ---- parallelism (docs/parallelism.md)
+    tensor_parallel_size: int = 1  # ranks one model is split over (GPUs, or CPU processes)
+    # None = "uni" at tensor_parallel_size 1, else "mp"; "mp" at size 1 runs the multi-process
+    # executor's path with one rank (A/B against "uni")
+    distributed_executor_backend: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.model is not None and not isinstance(self.model, str):
@@ -166,6 +174,21 @@ class EngineConfig:
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
+        _positive_int("tensor_parallel_size", self.tensor_parallel_size)
+        backend = self.distributed_executor_backend
+        if backend is not None and backend not in EXECUTOR_BACKENDS:
+            raise ValueError(f"distributed_executor_backend={backend!r}: use 'uni' (one process), 'mp' "
+                             f"(one process per rank) or None (chosen from tensor_parallel_size)")
+        if backend == "uni" and self.tensor_parallel_size > 1:
+            raise ValueError(f"distributed_executor_backend='uni' runs one process, but tensor_parallel_size="
+                             f"{self.tensor_parallel_size} needs one per rank: use 'mp' or leave it unset")
+
+    @property
+    def executor_backend(self) -> str:
+        """'uni' or 'mp', with None resolved from tensor_parallel_size."""
+        if self.distributed_executor_backend is not None:
+            return self.distributed_executor_backend
+        return "mp" if self.tensor_parallel_size > 1 else "uni"
 
 
 def _check_kv_cache_scales(scales, kv_dtype: str) -> None:

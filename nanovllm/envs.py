@@ -72,8 +72,17 @@ TRITON_INTERPRET = EnvVar(
     "TRITON_INTERPRET", None, "Triton's own switch, read here only to know that kernels run in Triton's CPU "
     "interpreter (no autotuning, no PDL)")
 
-ALL = (NANOVLLM_GEMV, NANOVLLM_GEMV_FUSE, NANOVLLM_PDL, NANOVLLM_CASCADE, NANOVLLM_DISABLE_TRITON, NANOVLLM_STEP_TIMING,
-       NANOVLLM_API_KEY, OPENAI_API_KEY, NANOVLLM_COMMIT, TRITON_INTERPRET)
+# torchrun's (torch.distributed.run) variables: a tensor-parallel engine launched by torchrun
+# (one process per rank, possibly on several hosts) takes its rank and rendezvous from them.
+RANK = EnvVar("RANK", None, "torchrun: this process's global rank (rank 0 runs the engine, the others a worker)")
+LOCAL_RANK = EnvVar("LOCAL_RANK", None, "torchrun: this process's rank on its host (its GPU index)")
+WORLD_SIZE = EnvVar("WORLD_SIZE", None, "torchrun: number of processes; must equal tensor_parallel_size")
+MASTER_ADDR = EnvVar("MASTER_ADDR", None, "torchrun: host of rank 0's rendezvous store")
+MASTER_PORT = EnvVar("MASTER_PORT", None, "torchrun: port of the rendezvous store")
+
+ALL = (NANOVLLM_GEMV, NANOVLLM_GEMV_FUSE, NANOVLLM_PDL, NANOVLLM_CASCADE, NANOVLLM_DISABLE_TRITON,
+       NANOVLLM_STEP_TIMING, NANOVLLM_API_KEY, OPENAI_API_KEY, NANOVLLM_COMMIT, TRITON_INTERPRET, RANK, LOCAL_RANK,
+       WORLD_SIZE, MASTER_ADDR, MASTER_PORT)
 
 
 def config_overrides() -> dict[str, object]:
@@ -98,3 +107,28 @@ def api_key(*, openai_fallback: bool = False) -> Optional[str]:
 
 def commit() -> Optional[str]:
     return NANOVLLM_COMMIT.get() or None
+
+
+@dataclass(frozen=True)
+class TorchrunEnv:
+    """The rendezvous torchrun gives each process it starts."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+
+
+def torchrun_env() -> Optional[TorchrunEnv]:
+    """torchrun's settings when this process was started by it (RANK and WORLD_SIZE set), else None.
+    ValueError when they are set but malformed."""
+    rank, world = RANK.get(), WORLD_SIZE.get()
+    if not rank or not world:
+        return None
+    try:
+        return TorchrunEnv(int(rank), int(LOCAL_RANK.get() or rank), int(world), MASTER_ADDR.get() or "127.0.0.1",
+                           int(MASTER_PORT.get() or 29500))
+    except ValueError:
+        raise ValueError(f"torchrun variables RANK={rank!r} WORLD_SIZE={world!r} LOCAL_RANK={LOCAL_RANK.get()!r} "
+                         f"MASTER_PORT={MASTER_PORT.get()!r} must be integers") from None

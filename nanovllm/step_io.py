@@ -83,9 +83,10 @@ class WorkerInfo:
     device: str  # e.g. "cuda:0", "cpu"
     dtype: str  # e.g. "bfloat16"
     kv_bytes_per_block: int  # all layers, K and V
-    param_bytes: int  # parameters, tied weights counted once (what a decode step reads)
+    param_bytes: int  # this rank's parameters, tied weights counted once (what its decode step reads)
     cuda_graphs: bool  # decode batches replay captured CUDA graphs
     cpu_fp16_weights: bool  # CPU GEMMs read fp16-packed weights
+    tensor_parallel_size: int = 1  # ranks the model is split over (the other fields: rank 0's)
     kv_cache_dtype: str = ""  # e.g. "bfloat16", "float8_e4m3fn"
     # every attention layer's keys end this far back (the widest window): the KV cache frees
     # blocks before it; None when any layer attends to the whole context

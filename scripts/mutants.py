@@ -46,6 +46,7 @@ class Mutant:
 
 
 GEN = "tests/entrypoints/test_generation_features.py"
+TP_RANKS = "tests/worker/test_tensor_parallel_ranks.py"
 MUTANTS = [
     # ---- the five bugs the suite once let through (issue #20)
     Mutant(
@@ -192,6 +193,45 @@ MUTANTS = [
         "            num_new = min(num_new, budget if prefill_left is None else min(budget, prefill_left))\n",
         "            num_new = min(num_new, budget)\n",
         ("tests/engine/test_chunked_prefill_policy.py::test_a_long_prompt_is_spread_over_steps_while_others_decode",),
+    ),
+    # ---- tensor parallelism
+    Mutant(
+        "tp_tokens_not_broadcast", "ranks > 0 never receive rank 0's sampled tokens: under async scheduling "
+        "their next step embeds garbage token ids",
+        "nanovllm/worker/model_runner.py",
+        "                self.tp.broadcast_from_first(sampled)  # every rank feeds them to the next step\n",
+        "                pass\n",
+        (f"{TP_RANKS}::test_two_ranks_give_the_single_worker_results",),
+    ),
+    Mutant(
+        "tp_embedding_unmasked", "a rank looks up the tokens of another rank's vocabulary rows too (its row 0): "
+        "the all-reduce adds them in",
+        "nanovllm/layers/linear.py",
+        "        out.masked_fill_(outside.unsqueeze(-1), 0.0)\n",
+        "",
+        (f"{TP_RANKS}::test_two_ranks_give_the_single_worker_results",),
+    ),
+    Mutant(
+        "tp_row_bias_on_every_rank", "every rank adds a row-parallel layer's bias: the all-reduce counts it N times",
+        "nanovllm/layers/partition.py",
+        "skip=self.rank != 0)",
+        "skip=False)",
+        (f"{TP_RANKS}::test_two_ranks_give_the_single_worker_results",),
+    ),
+    Mutant(
+        "tp_workers_rerun_main", "spawned workers re-run the user's script: one without a __main__ guard starts "
+        "an engine inside each worker, which dies",
+        "nanovllm/worker/worker_procs.py",
+        "        with _main_module_not_rerun():\n",
+        "        with contextlib.nullcontext():\n",
+        ("tests/worker/test_tensor_parallel.py::test_ctrl_c_stops_the_engine_and_its_workers",),
+    ),
+    Mutant(
+        "tp_moe_partial_sums", "MoE experts split over ranks return each rank's partial sum (no all-reduce)",
+        "nanovllm/layers/moe.py",
+        "        return self.tp.all_reduce(out)",
+        "        return out",
+        (f"{TP_RANKS}::test_two_ranks_give_the_single_worker_results",),
     ),
 ]
 

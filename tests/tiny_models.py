@@ -67,11 +67,12 @@ CONFIG_CLASSES = {"LlamaForCausalLM": "LlamaConfig", "MistralForCausalLM": "Mist
                   "Qwen3MoeForCausalLM": "Qwen3MoeConfig", "MixtralForCausalLM": "MixtralConfig"}
 
 
-def build_tiny_model(name: str, path: str, seed: int = 0) -> str:
-    """Save a random-weight model of ALL_CONFIGS[name] (safetensors + config.json) to path."""
+def build_tiny_model(name: str, path: str, seed: int = 0, **overrides) -> str:
+    """Save a random-weight model of ALL_CONFIGS[name] (safetensors + config.json) to path;
+    `overrides` replace config entries (e.g. an odd intermediate_size)."""
     import transformers
 
-    spec = dict(ALL_CONFIGS[name])
+    spec = {**ALL_CONFIGS[name], **overrides}
     arch = spec.pop("arch")
     config_cls = getattr(transformers, CONFIG_CLASSES[arch])
     extra = {} if arch == "GPT2LMHeadModel" else {"rms_norm_eps": 1e-6}

@@ -14,7 +14,7 @@ import os
 import time
 
 from nanovllm.bench.report import RESULTS_DIR, append_rows, bar_plot, base_row
-from nanovllm.cli.args import add_quantization_args, quantization_kwargs
+from nanovllm.cli.args import add_parallel_args, add_quantization_args, parallel_kwargs, quantization_kwargs
 
 COPY_BYTES = 1 << 30  # 1 GiB buffer for the bandwidth measurement
 COPY_REPEATS = 20
@@ -47,6 +47,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_const", const=False,
                    help="wait for each step's tokens before scheduling the next (the baseline for A/B runs)")
     p.add_argument("--enforce-eager", action="store_true")
+    add_parallel_args(p)
     p.add_argument("--repeats", type=int, default=3, help="timed runs (median reported)")
     p.add_argument("--max-num-seqs", type=int, default=8, help="graphs to capture (batch 1 needs few)")
     p.add_argument("--csv", default=os.path.join(RESULTS_DIR, "latency.csv"))
@@ -77,7 +78,7 @@ def run(args) -> int:
 
     llm = LLM(args.model, load_format=args.load_format, skip_tokenizer_init=True, enforce_eager=args.enforce_eager,
               async_scheduling=args.async_scheduling, max_model_len=args.input_len + args.output_len + 16,
-              max_num_seqs=args.max_num_seqs, **quantization_kwargs(args))
+              max_num_seqs=args.max_num_seqs, **quantization_kwargs(args), **parallel_kwargs(args))
     engine = llm.engine
     args.async_scheduling = engine.async_scheduling  # what auto resolved to, for the CSV
     prompt = {"prompt_token_ids": [(7 * i + 3) % 10000 for i in range(args.input_len)]}
@@ -109,7 +110,8 @@ def run(args) -> int:
            "async_scheduling": args.async_scheduling,
            "decode_tok_per_s": round(rate, 1), "ms_per_token": round(1000 / rate, 3),
            "param_bytes": param_bytes, "copy_bw_GBps": round(bw / 1e9, 1), "roofline_tok_per_s": round(roofline, 1),
-           "pct_of_roofline": round(100 * rate / roofline, 1), "pdl": pdl_in_effect(engine.config.pdl), **memory_cols}
+           "pct_of_roofline": round(100 * rate / roofline, 1), "pdl": pdl_in_effect(engine.config.pdl),
+           "tp": engine.config.tensor_parallel_size, "executor": engine.config.executor_backend, **memory_cols}
     path = append_rows(args.csv, [row])
     bar_plot(os.path.splitext(path)[0] + f"_{row['model']}.png", ["nanovllm", "weight-read roofline"],
              [rate, roofline], "decode tokens/s",

@@ -16,6 +16,7 @@ import threading
 import time
 
 from nanovllm.bench.serve import RequestResult, print_summary, save, summarize
+from nanovllm.cli.args import parallel_kwargs
 from nanovllm.bench.workload import ServeWorkload, make_workload
 
 
@@ -109,7 +110,7 @@ def engine_kwargs(args) -> dict:
     for name in ("max_num_batched_tokens", "max_num_seqs", "max_prefill_tokens_while_decoding"):
         if getattr(args, name, None):
             kwargs[name] = getattr(args, name)
-    return kwargs
+    return {**kwargs, **parallel_kwargs(args)}  # -tp / --distributed-executor-backend
 
 
 def run_serve_workload(args) -> int:

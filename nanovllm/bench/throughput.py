@@ -27,7 +27,7 @@ import time
 
 from nanovllm.bench import step_timeline as timeline
 from nanovllm.bench.report import RESULTS_DIR, append_rows, bar_plot, base_row, git_commit
-from nanovllm.cli.args import add_quantization_args, quantization_kwargs
+from nanovllm.cli.args import add_parallel_args, add_quantization_args, parallel_kwargs, quantization_kwargs
 
 WORKLOAD_SEED = 0
 TOKEN_ID_MAX = 10000
@@ -60,6 +60,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_const", const=False,
                    help="wait for each step's tokens before scheduling the next (the baseline for A/B runs)")
     p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    add_parallel_args(p)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) or fp8 (e4m3, twice the tokens)")
@@ -118,9 +119,11 @@ def run_nanovllm(args, prompts, output_lens) -> float:
     llm = LLM(args.model, load_format=args.load_format, skip_tokenizer_init=True, max_model_len=args.max_model_len,
               enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype, decode_split=args.decode_split,
               step_timeline=args.timeline,
-              async_scheduling=args.async_scheduling, gpu_memory_utilization=args.gpu_memory_utilization, **kwargs)
+              async_scheduling=args.async_scheduling, gpu_memory_utilization=args.gpu_memory_utilization,
+              **parallel_kwargs(args), **kwargs)
     args.async_scheduling = llm.engine.async_scheduling  # what auto resolved to, for the CSV
     args.pdl = llm.engine.config.pdl
+    args.tp, args.executor = llm.engine.config.tensor_parallel_size, llm.engine.config.executor_backend
     warm_up(llm)
     recorder = step_timeline(llm) if args.timeline else None
     if recorder is not None:
@@ -208,7 +211,8 @@ def run(args) -> int:
            "cuda_graphs": not args.enforce_eager,
            "async_scheduling": args.async_scheduling if args.backend == "nanovllm" else "",
            "pdl": pdl_in_effect(getattr(args, "pdl", True)) if args.backend == "nanovllm" else "",
-           "quantization": getattr(args, "quantization", None) or ""}
+           "quantization": getattr(args, "quantization", None) or "",
+           "tp": getattr(args, "tp", 1), "executor": getattr(args, "executor", "")}
     path = append_rows(args.csv or os.path.join(RESULTS_DIR, "throughput.csv"), [row])
     plot(path, os.path.splitext(path)[0] + ".png")
     label = args.backend + (f" {args.quantization}" if getattr(args, "quantization", None) else "")

@@ -33,6 +33,7 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) 
                    help="fp8 KV cache scales: a number (every layer and head) or a JSON file "
                         "{\"k\": [[per KV head] per layer], \"v\": ...} (default: calibrated at start-up)")
     add_quantization_args(p)
+    add_parallel_args(p)
 
 
 def add_quantization_args(p: argparse.ArgumentParser) -> None:
@@ -51,6 +52,23 @@ def quantization_kwargs(args: argparse.Namespace) -> dict:
     return kwargs
 
 
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=None,
+                   help="split the model over this many GPUs (or CPU processes with --device cpu); "
+                        "default 1. See docs/parallelism.md")
+    p.add_argument("--distributed-executor-backend", choices=("uni", "mp"), default=None,
+                   help="uni = one process, mp = one process per rank (default: mp when -tp > 1)")
+
+
+def parallel_kwargs(args: argparse.Namespace) -> dict:
+    kwargs = {}
+    for name in ("tensor_parallel_size", "distributed_executor_backend"):
+        value = getattr(args, name, None)
+        if value is not None:
+            kwargs[name] = value
+    return kwargs
+
+
 def _float_or_path(value: str):
     """--kv-cache-scales: a number is a scale, anything else a JSON file path."""
     try:
@@ -60,7 +78,7 @@ def _float_or_path(value: str):
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    kwargs = {"device": args.device, "dtype": args.dtype, "enforce_eager": args.enforce_eager}
+    kwargs = {"device": args.device, "dtype": args.dtype, "enforce_eager": args.enforce_eager, **parallel_kwargs(args)}
     for name in ("max_model_len", "max_num_seqs", "gpu_memory_utilization", "max_prefill_tokens_while_decoding",
                  "kv_cache_dtype", "kv_cache_scales"):
         value = getattr(args, name, None)

@@ -8,6 +8,7 @@ import sys
 from typing import Optional
 
 from nanovllm.cli.args import add_engine_args, add_sampling_args, engine_kwargs, sampling_params
+from nanovllm.worker.executor import WorkerDiedError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +110,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except WorkerDiedError as e:  # a tensor-parallel worker process ended (logged with its reason)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

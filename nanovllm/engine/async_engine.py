@@ -12,6 +12,8 @@
 - If `step()` raises, the requests that were running fail with `RequestFailedError`, the
   error is logged, and the loop goes on serving the others. If the engine cannot even abort
   them, it is marked dead: every stream fails and new requests raise `EngineDeadError`.
+- A tensor-parallel worker process that dies kills the engine at once, busy or idle (the
+  executor's failure callback); `on_dead` callbacks then run (the server shuts down).
 - With nothing to do the thread waits on a condition variable (no polling).
 - Each step's outputs reach an event loop in one `call_soon_threadsafe` (one wake-up per loop
   per step, however many streams). With `coalesce_outputs`, a stream whose consumer fell behind
@@ -164,6 +166,8 @@ class AsyncLLMEngine:
         self._ids = itertools.count()
         self._consecutive_failures = 0
         self._stats = dict(engine.stats())
+        self._dead_callbacks: list = []
+        engine.executor.add_failure_callback(self._on_executor_failure)
         self._thread = threading.Thread(target=self._run, name="nanovllm-engine", daemon=True)
         self._thread.start()
 
@@ -179,6 +183,12 @@ class AsyncLLMEngine:
     @property
     def dead_error(self) -> Optional[BaseException]:
         return self._dead
+
+    def on_dead(self, callback) -> None:
+        """`callback(error)` runs once when the engine dies (on the engine thread; at once if dead)."""
+        self._dead_callbacks.append(callback)
+        if self._dead is not None:
+            callback(self._dead)
 
     def add_observer(self, observer: RequestObserver) -> None:
         self._observers.append(observer)
@@ -275,7 +285,17 @@ class AsyncLLMEngine:
                 self._snapshot()
         self._fail_all(EngineDeadError("the engine was shut down"))
 
+    def _on_executor_failure(self, error: BaseException) -> None:
+        """A worker process died (called on the executor's watchdog thread): wake the engine thread."""
+        with self._cond:
+            self._commands.append(("die", error))
+            self._cond.notify()
+
     def _apply(self, command: tuple) -> None:
+        if command[0] == "die":
+            if self._dead is None:
+                self._die(command[1])
+            return
         if command[0] == "abort":
             rid = command[1]
             stream = self._streams.pop(rid, None)
@@ -309,6 +329,9 @@ class AsyncLLMEngine:
             outputs = self.engine.step()
             t_end = time.monotonic()
         except Exception as e:
+            if self.engine.executor.failure is not None:  # a worker process is gone: nothing can run
+                self._die(e)
+                return
             logger.exception("engine step failed; failing the requests it was running")
             self._consecutive_failures += 1
             self._fail_running(e)
@@ -404,6 +427,11 @@ class AsyncLLMEngine:
         logger.error("nanovllm engine is dead: %r", error)
         self._dead = error
         self._fail_all(EngineDeadError(f"the engine died: {error!r}"))
+        for callback in self._dead_callbacks:
+            try:
+                callback(error)
+            except Exception:  # the others still run
+                logger.exception("engine-dead callback failed")
 
 
 # ---------------------------------------------------------------------- event-loop callbacks

@@ -14,11 +14,16 @@ Checkpoints store one tensor per expert and projection (`...experts.{e}.gate_pro
 Mixtral's `w1` / `w3` / `w2`); `expert_checkpoint_tensor` maps such a name to its slice of
 the stacked weight, and the weight loaders copy it there. A checkpoint with the stacked
 tensors (`experts.gate_up_proj`, `experts.down_proj`) loads whole.
+
+Tensor parallelism splits every expert's intermediate size over the ranks (as a dense MLP:
+its gate and up rows, the matching down columns); each rank computes a partial sum of every
+routed token's output and one all-reduce completes it. The router is replicated.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Optional
 
 import torch
 from torch import nn
@@ -27,6 +32,8 @@ from nanovllm.kernels.moe_reference import fused_moe_torch
 from nanovllm.layers import ops
 from nanovllm.layers.kernel_options import DEFAULT_KERNEL_OPTIONS
 from nanovllm.layers.linear import Linear, WeightShapeError, check_shape
+from nanovllm.layers.partition import split_evenly
+from nanovllm.layers.tp_group import TPGroup, build_group
 
 GATE, UP, DOWN = "gate", "up", "down"
 _PER_EXPERT = re.compile(r"(?P<prefix>.*\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight")
@@ -61,12 +68,15 @@ def expert_checkpoint_tensor(name: str, tensor: torch.Tensor, proj_names: dict[s
 
 class FusedMoE(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, top_k: int,
-                 renormalize: bool) -> None:
+                 renormalize: bool, tp: Optional[TPGroup] = None) -> None:
         super().__init__()
         if not 0 < top_k <= num_experts:
             raise ValueError(f"num_experts_per_tok={top_k} must be in [1, num_experts={num_experts}]")
         self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
-        self.intermediate_size = intermediate_size
+        self.tp = tp or build_group()
+        self.full_intermediate_size = intermediate_size
+        self.rows = split_evenly(intermediate_size, self.tp.world_size, self.tp.rank)  # this rank's share of I
+        intermediate_size = self.intermediate_size = self.rows.size
         self.w13_weight = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.w2_weight = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         for param, parts in ((self.w13_weight, (GATE, UP)), (self.w2_weight, (DOWN,))):
@@ -75,7 +85,13 @@ class FusedMoE(nn.Module):
         self.kernel_options = DEFAULT_KERNEL_OPTIONS
 
     def load_expert(self, param: nn.Parameter, loaded: torch.Tensor, shard=None, name: str = "") -> None:
-        if shard is None:  # the whole stacked tensor
+        if shard is None:  # the whole stacked tensor: [E, 2I, H] (gate rows, then up rows) or [E, H, I]
+            if self.tp.world_size > 1:
+                full, r = self.full_intermediate_size, self.rows
+                if param is self.w13_weight and loaded.dim() == 3 and loaded.shape[1] == 2 * full:
+                    loaded = torch.cat([loaded.narrow(1, r.start, r.size), loaded.narrow(1, full + r.start, r.size)], 1)
+                elif param is self.w2_weight and loaded.dim() == 3 and loaded.shape[2] == full:
+                    loaded = loaded.narrow(2, r.start, r.size)
             check_shape(name, param.shape, loaded.shape)
             param.data.copy_(loaded)
             return
@@ -85,6 +101,10 @@ class FusedMoE(nn.Module):
         target = param.data[expert]  # [2I, H] or [H, I]
         if which in (GATE, UP):
             target = target.narrow(0, 0 if which == GATE else self.intermediate_size, self.intermediate_size)
+        if self.tp.world_size > 1:  # this rank's rows of gate / up ([I, H]), its columns of down ([H, I])
+            dim = 0 if which in (GATE, UP) else 1
+            if loaded.dim() == 2 and loaded.shape[dim] == self.full_intermediate_size:
+                loaded = loaded.narrow(dim, self.rows.start, self.rows.size)
         check_shape(name, target.shape, loaded.shape)
         target.copy_(loaded)
 
@@ -94,9 +114,11 @@ class FusedMoE(nn.Module):
         if ops.use_triton(hidden, self.kernel_options):
             from nanovllm.kernels import fused_moe
 
-            return fused_moe.fused_moe(hidden, self.w13_weight, self.w2_weight, weights, ids,
-                                       act_and_mul=lambda x: ops.silu_and_mul(x, self.kernel_options))
-        return fused_moe_torch(hidden, self.w13_weight, self.w2_weight, weights, ids)
+            out = fused_moe.fused_moe(hidden, self.w13_weight, self.w2_weight, weights, ids,
+                                      act_and_mul=lambda x: ops.silu_and_mul(x, self.kernel_options))
+        else:
+            out = fused_moe_torch(hidden, self.w13_weight, self.w2_weight, weights, ids)
+        return self.tp.all_reduce(out)  # [T, H]: each rank's experts saw its share of I (identity at size 1)
 
 
 class SparseMoeBlock(nn.Module):

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from nanovllm.layers import ops
-from nanovllm.layers.linear import Linear, gemv_kernels
+from nanovllm.layers.linear import Linear, RowParallelLinear, gemv_kernels
 from nanovllm.layers.norm import RMSNorm
 
 logger = logging.getLogger(__name__)
@@ -75,16 +75,21 @@ class RMSNormLinear(nn.Module):
                                           and residual.stride(-1) == 1)))
 
 
-class SiluMulLinear(Linear):
+class SiluMulLinear(RowParallelLinear):
     """A Linear of K inputs applied to `silu(x[..., :K]) * x[..., K:]` (the MLP's down
-    projection after gate_up): one kernel when the skinny GEMM serves the call."""
+    projection after gate_up): one kernel when the skinny GEMM serves the call. Row-parallel:
+    with tensor parallelism each rank holds its share of K (its gate and up rows) and the
+    ranks' outputs are summed."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, 2K] = [gate | up]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, 2K] = [gate | up], this rank's K
+        out = None
         if (self.gemv_rows and self.kernel_options.fuse_gemv_prologues and x.dim() == 2
                 and self.uses_gemv(x, x_features=2 * self.in_features)):
             gemv = gemv_kernels()
             try:
-                return gemv.silu_mul_skinny_gemm(x, self.weight, self.bias, pdl=self.kernel_options.pdl)
+                out = gemv.silu_mul_skinny_gemm(x, self.weight, self.bias, pdl=self.kernel_options.pdl)
             except gemv.NotTunedError as e:
                 logger.warning("%s; this graph runs the activation and the projection separately", e)
-        return super().forward(ops.silu_and_mul(x, self.kernel_options))
+        if out is None:
+            out = Linear.forward(self, ops.silu_and_mul(x, self.kernel_options))
+        return self.tp.all_reduce(out) if self.reduce else out

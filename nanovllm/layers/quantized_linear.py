@@ -266,6 +266,12 @@ class QuantizedLinear(Linear):
 # ----------------------------------------------------------------------------- conversions
 
 
+def is_codes(loaded) -> bool:
+    """Whether a checkpoint value is quantized codes (QuantCodes, or a QuantizedLinearSource
+    wrapping them) rather than a tensor (torch, or a lazy safetensors one)."""
+    return isinstance(loaded, qf.QuantCodes) or isinstance(getattr(loaded, "codes", None), qf.QuantCodes)
+
+
 def as_codes(loaded) -> qf.QuantCodes:
     """The QuantCodes of a checkpoint value (a QuantizedLinearSource wraps them)."""
     return loaded if isinstance(loaded, qf.QuantCodes) else loaded.codes

@@ -193,6 +193,8 @@ def group_quantized_tensors(tensors: Iterable[tuple[str, torch.Tensor, str]], cf
         if suffix not in QUANT_SUFFIXES:
             yield name, tensor, source
             continue
+        # a lazy safetensors tensor is valid only until the stream moves on: read the part now
+        tensor = tensor if isinstance(tensor, torch.Tensor) else tensor.load()
         if prefix in done:
             k = tensor.shape[0]
             group = k if cfg.group_size == -1 else cfg.group_size

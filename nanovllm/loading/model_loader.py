@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from nanovllm.layers.quantized_linear import quantize_modules, quantized_modules
+from nanovllm.layers.tp_group import SINGLE, TPGroup, building_with
 from nanovllm.loading.gptq_awq import group_quantized_tensors
 from nanovllm.loading.quant_plan import plan_quantization
 from nanovllm.loading.resolve import ModelSource
@@ -45,14 +46,16 @@ def resolve_dtype(requested: str, hf_config, device: torch.device) -> torch.dtyp
 
 def build_model(source: ModelSource, hf_config, device: torch.device, dtype: torch.dtype, max_positions: int,
                 load_format: str = "auto", quantization: Optional[str] = None, quantize_lm_head: bool = False,
-                cpu_weight_format: str = "auto"):
+                cpu_weight_format: str = "auto", tp: TPGroup = SINGLE):
     """Instantiate the architecture, swap in quantized linears where the plan says
-    (quant_plan.py), and load the weights (`load_format='dummy'`: random weights)."""
+    (quant_plan.py), and load the weights (`load_format='dummy'`: random weights).
+    With a tensor-parallel group the model holds, and reads, only `tp.rank`'s shards
+    (quantized layers do not shard: the plan keeps everything float there)."""
     model_cls = resolve_model_class(hf_config)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):
+        with torch.device(device), building_with(tp):
             model = model_cls(hf_config, max_positions)
     finally:
         torch.set_default_dtype(previous)
@@ -61,7 +64,7 @@ def build_model(source: ModelSource, hf_config, device: torch.device, dtype: tor
             if name.startswith("cos_sin_cache"):
                 setattr(module, name, buf.float())
     plan = plan_quantization(model, source, hf_config, quantization, quantize_lm_head, device.type,
-                             cpu_weight_format, load_format)
+                             cpu_weight_format, load_format, tp_size=tp.world_size)
     if plan.specs:
         quantize_modules(model, plan.specs)
     if load_format == "dummy":
@@ -120,6 +123,8 @@ def init_random_weights(model, seed: int = 0) -> None:
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
             p.fill_(1.0)
+        elif getattr(p, "tp_shard", None) is not None and p.tp_shard.skip:
+            p.zero_()  # held by another rank (a row-parallel bias): zero here, as when loading
         else:
             p.normal_(0.0, DUMMY_INIT_STD, generator=gen)
     for name, module in quantized_modules(model).items():

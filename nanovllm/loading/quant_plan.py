@@ -14,6 +14,9 @@ too). The LM head stays as the checkpoint has it (float, or a GGUF's quantized o
 embedding tensor) unless `quantize_lm_head`; the embedding table is always float. On CPU
 with quantization=None and an explicit cpu_weight_format ("fp16" / "fp32") a GGUF is
 dequantized as before (the fbgemm fp16 / fp32 paths).
+
+Quantized layers do not shard yet: under tensor parallelism (`tp_size > 1`) a GGUF is
+dequantized at load as before, and `quantization` or a GPTQ / AWQ checkpoint is refused.
 """
 
 from __future__ import annotations
@@ -49,12 +52,15 @@ class QuantPlan:
 
 def plan_quantization(model: nn.Module, source: ModelSource, hf_config, quantization: Optional[str],
                       quantize_lm_head: bool = False, device_type: str = "cuda",
-                      cpu_weight_format: str = "auto", load_format: str = "auto") -> QuantPlan:
+                      cpu_weight_format: str = "auto", load_format: str = "auto", tp_size: int = 1) -> QuantPlan:
     if quantization is not None and quantization not in QTYPES:
         raise ValueError(f"quantization={quantization!r} is not supported; use one of {QTYPES} or None")
     linears = {name: m for name, m in model.named_modules() if isinstance(m, Linear)}
     decoder = [n for n in linears if n != LM_HEAD and not n.endswith(ROUTER_SUFFIX)]
     prequant = parse_quantization_config(hf_config) if source.kind != "gguf" and load_format != "dummy" else None
+    if tp_size > 1:
+        _refuse_sharded(quantization, prequant, tp_size)
+        return QuantPlan()  # GGUF: dequantized at load, then split like a float checkpoint
     if prequant is not None:
         return _prequant_plan(prequant, decoder, quantization, quantize_lm_head)
     if source.kind == "gguf" and load_format != "dummy":
@@ -65,6 +71,15 @@ def plan_quantization(model: nn.Module, source: ModelSource, hf_config, quantiza
         return QuantPlan()
     names = decoder + ([LM_HEAD] if quantize_lm_head and LM_HEAD in linears else [])
     return QuantPlan({n: _default_spec(quantization, linears[n].in_features) for n in names})
+
+
+def _refuse_sharded(quantization: Optional[str], prequant: Optional[PrequantConfig], tp_size: int) -> None:
+    if quantization is not None:
+        raise ValueError(f"quantization={quantization!r} needs tensor_parallel_size=1 (got {tp_size}): quantized "
+                         "layers are not split across GPUs yet; drop the quantization or use one GPU")
+    if prequant is not None:
+        raise ValueError(f"this {prequant.method.upper()} checkpoint needs tensor_parallel_size=1 (got {tp_size}): "
+                         "quantized layers are not split across GPUs yet; use one GPU or a bf16/fp16 checkpoint")
 
 
 def _default_spec(qtype: str, k: int) -> LinearQuantSpec:

@@ -1,4 +1,9 @@
-"""Copy checkpoint tensors into a model's parameters, packed projections included.
+"""Copy checkpoint tensors into a model's parameters, packed projections and shards included.
+
+Under tensor parallelism a parameter holds one rank's part of a checkpoint tensor and says
+which (`param.tp_shard`, a `layers.partition.ParamShard`): the loader checks the tensor's
+full extent, then reads only that slice (safetensors: just those bytes; GGUF tensors are
+dequantized whole, then sliced) and hands it to the parameter's `weight_loader`.
 
 A model may translate its checkpoint's tensors first (`remap_checkpoint_tensor(name, tensor)`
 yielding `(name, tensor)` or `(parameter name, tensor, shard)`): GPT-2's transposed Conv1D
@@ -11,29 +16,36 @@ is a ValueError, never a silent partial load.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
 
 from nanovllm.layers.linear import WeightShapeError, default_weight_loader
-from nanovllm.layers.quantized_linear import as_codes
+from nanovllm.layers.partition import ParamShard
+from nanovllm.layers.quantized_linear import as_codes, is_codes
 
 # Tensors some checkpoints carry that the engine recomputes itself.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def _load(param: nn.Parameter, value, shard, name: str) -> None:
-    """Hand a checkpoint value to the parameter's loader: float tensors in the parameter's
-    dtype; quantized codes (GGUF blocks, GPTQ / AWQ layers) as they are to a quantized layer's
-    loader, dequantized for a plain parameter."""
+    """Hand a checkpoint value to the parameter's loader: quantized codes (GGUF blocks, GPTQ /
+    AWQ layers) as they are to a quantized layer's loader, dequantized for a plain parameter;
+    tensors (torch or lazy) as this rank's part (read_shard) in the parameter's dtype."""
     loader = getattr(param, "weight_loader", default_weight_loader)
-    if not isinstance(value, torch.Tensor) and not getattr(param, "accepts_codes", False):
+    if is_codes(value):
+        if getattr(param, "accepts_codes", False):
+            with torch.no_grad():
+                loader(param, value, shard, name=name)
+            return
         value = _dequantized(value, name)
-    if isinstance(value, torch.Tensor):
-        value = value.to(param.dtype)
+    part = read_shard(value, getattr(param, "tp_shard", None), shard, name)
     with torch.no_grad():
-        loader(param, value, shard, name=name)
+        if part is None:  # this rank holds none of it (a row-parallel bias on ranks > 0)
+            param.data.zero_()
+        else:
+            loader(param, part.to(param.dtype), shard, name=name)
 
 
 def _dequantized(value, name: str) -> torch.Tensor:
@@ -43,7 +55,10 @@ def _dequantized(value, name: str) -> torch.Tensor:
     return as_codes(value).dequantize()
 
 
-def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor, str]]) -> None:
+def load_weights(model: nn.Module, tensors: Iterable[tuple[str, Any, str]]) -> None:
+    """`tensors`: (name, value, source file); a value is a torch.Tensor, a lazy one with
+    `shape`, `narrow(dim, start, length)` and `load()` (safetensors_loader.SafetensorsTensor),
+    or quantized codes (`is_codes`: GGUF blocks, an assembled GPTQ / AWQ layer)."""
     params = dict(model.named_parameters(remove_duplicate=False))
     packed = getattr(model, "packed_modules_mapping", {})
     tied = getattr(model, "tie_word_embeddings", False)
@@ -54,9 +69,12 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor, st
         if checkpoint_name.endswith(ignored):
             continue
         try:
-            if remap and not isinstance(checkpoint_tensor, torch.Tensor):  # remaps transform float tensors
-                checkpoint_tensor = _dequantized(checkpoint_tensor, checkpoint_name)
-            entries = remap(checkpoint_name, checkpoint_tensor) if remap else [(checkpoint_name, checkpoint_tensor)]
+            if remap:  # a remap computes on whole float tensors (transpose, split): read it whole first
+                whole = (_dequantized(checkpoint_tensor, checkpoint_name) if is_codes(checkpoint_tensor)
+                         else read_shard(checkpoint_tensor, None, None, checkpoint_name))
+                entries = remap(checkpoint_name, whole)
+            else:
+                entries = [(checkpoint_name, checkpoint_tensor)]
             for entry in entries:
                 _load_one(model, params, packed, tied, loaded, *entry)
         except WeightShapeError as e:
@@ -88,6 +106,23 @@ def _load_one(model, params, packed, tied, loaded, name, tensor, shard=_Foreign)
     for other, p in params.items():  # a quantized layer tied to this tensor (the head) takes its own copy
         if getattr(p, "tied_to", None) == target and other != target:
             _load(p, tensor, None, other)
+
+
+def read_shard(tensor: Any, spec: Optional[ParamShard], shard, name: str) -> Optional[torch.Tensor]:
+    """The part of a checkpoint tensor a parameter holds (all of it without `spec`); None
+    when it holds none. Raises WeightShapeError when the tensor's split dim has the wrong extent."""
+    if spec is None:
+        load = None if isinstance(tensor, torch.Tensor) else getattr(tensor, "load", None)
+        return load() if load is not None else tensor
+    if shard not in spec.ranges:
+        raise WeightShapeError(f"tensor {name!r}: unknown shard {shard!r} of a packed projection")
+    shape, full = tuple(tensor.shape), spec.full_sizes[shard]
+    if len(shape) <= spec.dim or shape[spec.dim] != full:
+        raise WeightShapeError(f"tensor {name!r}: expected {full} along dim {spec.dim}, checkpoint has shape {shape}")
+    if spec.skip:
+        return None
+    r = spec.ranges[shard]
+    return tensor.narrow(spec.dim, r.start, r.size)
 
 
 def _check_complete(model, params, packed, loaded, tied) -> None:

@@ -11,6 +11,9 @@ Differences from Llama, all visible below:
 - Gemma 2: attention-logit and final-logit soft-capping (`cap * tanh(x / cap)`);
 - Gemma 3: q/k RMSNorm (Gemma style) before RoPE, and per-layer-type RoPE: the local
   layers' base (`rope_local_base_freq`, 10k) differs from the global layers' (1M, maybe scaled).
+
+Tensor parallelism as Llama's: the parallel layers take their rank's share of the full sizes
+passed here; the final-logit soft-cap runs on rank 0's gathered logits.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from nanovllm.layers import ops
 from nanovllm.layers.attention import PagedAttention
 from nanovllm.layers.forward_context import ForwardContext
 from nanovllm.layers.kernel_options import DEFAULT_KERNEL_OPTIONS
-from nanovllm.layers.linear import GateUpLinear, Linear, LMHead, QKVLinear, VocabEmbedding
+from nanovllm.layers.linear import GateUpLinear, LMHead, QKVLinear, RowParallelLinear, VocabEmbedding
 from nanovllm.layers.norm import GemmaRMSNorm
 from nanovllm.layers.rotary import SLIDING_ATTENTION, build_cos_sin_cache, rope_settings
 from nanovllm.models.llama import LlamaForCausalLM, head_dim_of, layer_sliding_window
@@ -36,13 +39,14 @@ GELU_TANH_ACTS = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new")
 class GemmaAttention(nn.Module):
     def __init__(self, cfg, layer_idx: int, qk_norm: bool) -> None:
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
+        total_heads = cfg.num_attention_heads
+        total_kv_heads = getattr(cfg, "num_key_value_heads", None) or total_heads
         self.head_dim = head_dim_of(cfg)
-        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         bias = bool(getattr(cfg, "attention_bias", False))
-        self.qkv_proj = QKVLinear(cfg.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads, bias)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=bias)
+        self.qkv_proj = QKVLinear(cfg.hidden_size, self.head_dim, total_heads, total_kv_heads, bias)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads  # this rank's
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.o_proj = RowParallelLinear(total_heads * self.head_dim, cfg.hidden_size, bias=bias)
         self.q_norm = GemmaRMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = GemmaRMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         scale = float(getattr(cfg, "query_pre_attn_scalar", None) or self.head_dim) ** -0.5
@@ -68,7 +72,7 @@ class GemmaMLP(nn.Module):
         if act not in GELU_TANH_ACTS:
             raise ValueError(f"Gemma hidden_activation={act!r} is not supported (only {', '.join(GELU_TANH_ACTS)})")
         self.gate_up_proj = GateUpLinear(cfg.hidden_size, cfg.intermediate_size)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size)
         self.kernel_options = DEFAULT_KERNEL_OPTIONS
 
     def forward(self, x):
@@ -127,6 +131,7 @@ class GemmaModel(nn.Module):
 
 class Gemma2ForCausalLM(nn.Module):
     qk_norm = False
+    supports_tensor_parallel = True  # heads, MLP rows and vocabulary split as Llama's (layers/linear.py)
     packed_modules_mapping = LlamaForCausalLM.packed_modules_mapping
 
     def __init__(self, cfg, max_positions: int) -> None:
@@ -143,7 +148,8 @@ class Gemma2ForCausalLM(nn.Module):
         return self.model(input_ids, positions, ctx)  # [T, hidden]
 
     def compute_logits(self, hidden: torch.Tensor, indices: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return soft_cap(self.lm_head(hidden, indices), self.final_logit_softcap)  # [N, vocab]
+        logits = self.lm_head(hidden, indices)  # [N, vocab]; None on tensor-parallel ranks > 0
+        return None if logits is None else soft_cap(logits, self.final_logit_softcap)
 
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.model.layers]

@@ -17,7 +17,8 @@ from torch import nn
 
 from nanovllm.layers.attention import PagedAttention
 from nanovllm.layers.forward_context import ForwardContext
-from nanovllm.layers.linear import Linear, LMHead, QKVLinear, VocabEmbedding, WeightShapeError
+from nanovllm.layers.linear import (ColumnParallelLinear, LMHead, QKVLinear, RowParallelLinear, VocabEmbedding,
+                                    WeightShapeError)
 from nanovllm.layers.norm import LayerNorm
 
 PREFIX = "transformer."
@@ -28,23 +29,24 @@ GELU_APPROXIMATION = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fas
 class GPT2Attention(nn.Module):
     def __init__(self, cfg, layer_idx: int) -> None:
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.head_dim = cfg.hidden_size // self.num_heads
-        self.hidden_size = cfg.hidden_size
-        self.c_attn = QKVLinear(cfg.hidden_size, self.head_dim, self.num_heads, self.num_heads, bias=True)
+        total_heads = cfg.num_attention_heads
+        self.head_dim = cfg.hidden_size // total_heads
+        self.c_attn = QKVLinear(cfg.hidden_size, self.head_dim, total_heads, total_heads, bias=True)
         for param in (self.c_attn.weight, self.c_attn.bias):  # loaded as the q, k, v thirds of c_attn
             param.expected_shards = ["q", "k", "v"]
-        self.c_proj = Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
+        self.num_heads = self.c_attn.num_heads  # this rank's
+        self.q_size = self.num_heads * self.head_dim
+        self.c_proj = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, bias=True)
         scale = self.head_dim**-0.5 if getattr(cfg, "scale_attn_weights", True) else 1.0
         if getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
             scale /= layer_idx + 1
         self.attn = PagedAttention(self.num_heads, self.num_heads, self.head_dim, scale)
 
     def forward(self, hidden, positions, ctx: ForwardContext):
-        q, k, v = self.c_attn(hidden).split(self.hidden_size, dim=-1)  # [T, hidden] each
+        q, k, v = self.c_attn(hidden).split(self.q_size, dim=-1)  # [T, H * D] each (this rank's heads)
         shape = (-1, self.num_heads, self.head_dim)
         out = self.attn(q.view(shape), k.view(shape), v.view(shape), positions, None, ctx)  # [T, H, D]
-        return self.c_proj(out.reshape(-1, self.hidden_size))
+        return self.c_proj(out.reshape(-1, self.q_size))
 
 
 class GPT2MLP(nn.Module):
@@ -55,8 +57,8 @@ class GPT2MLP(nn.Module):
             raise ValueError(f"GPT-2 activation_function={act!r} is not supported; supported: {sorted(GELU_APPROXIMATION)}")
         self.approximate = GELU_APPROXIMATION[act]
         inner = getattr(cfg, "n_inner", None) or 4 * cfg.hidden_size
-        self.c_fc = Linear(cfg.hidden_size, inner, bias=True)
-        self.c_proj = Linear(inner, cfg.hidden_size, bias=True)
+        self.c_fc = ColumnParallelLinear(cfg.hidden_size, inner, bias=True)
+        self.c_proj = RowParallelLinear(inner, cfg.hidden_size, bias=True)
 
     def forward(self, hidden):
         return self.c_proj(F.gelu(self.c_fc(hidden), approximate=self.approximate))
@@ -98,6 +100,7 @@ class GPT2Model(nn.Module):
 
 class GPT2LMHeadModel(nn.Module):
     packed_modules_mapping: dict = {}
+    supports_tensor_parallel = True  # heads, c_fc rows, vocabulary and positions split (layers/linear.py)
     # the causal-mask buffers older checkpoints carry
     ignored_checkpoint_suffixes = (".attn.bias", ".attn.masked_bias")
     tie_word_embeddings = True

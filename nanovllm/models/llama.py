@@ -4,6 +4,10 @@ One forward over a varlen batch: `input_ids [T]`, `positions [T]`, and a Forward
 describing which sequences the tokens belong to. Qwen2 adds q/k/v biases; Qwen3 adds a
 per-head RMSNorm on q and k before RoPE. How each step runs (which kernels, what is fused)
 is the layers' business: this file is the math.
+
+Tensor parallelism is the layers' business too: the model passes full sizes, the parallel
+layers take their rank's share (q/kv heads, MLP rows, vocabulary rows) from the group the
+worker builds the model in, and attention runs on the rank's heads (`qkv_proj.num_heads`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from torch import nn
 
 from nanovllm.layers.attention import PagedAttention
 from nanovllm.layers.forward_context import ForwardContext
-from nanovllm.layers.linear import GateUpLinear, Linear, LMHead, QKVLinear, VocabEmbedding
+from nanovllm.layers.linear import GateUpLinear, LMHead, QKVLinear, RowParallelLinear, VocabEmbedding
 from nanovllm.layers.norm import RMSNorm
 from nanovllm.layers.norm_linear import RMSNormLinear, SiluMulLinear
 from nanovllm.layers.rotary import build_cos_sin_cache
@@ -46,13 +50,15 @@ def layer_sliding_window(cfg, layer_idx: int) -> Optional[int]:
 class DecoderAttention(nn.Module):
     def __init__(self, cfg, qkv_bias: bool, qk_norm: bool, layer_idx: int = 0) -> None:
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
+        total_heads = cfg.num_attention_heads
+        total_kv_heads = getattr(cfg, "num_key_value_heads", None) or total_heads
         self.head_dim = head_dim_of(cfg)
+        self.qkv_proj = QKVLinear(cfg.hidden_size, self.head_dim, total_heads, total_kv_heads, qkv_bias)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads  # this rank's
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = QKVLinear(cfg.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads, qkv_bias)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=getattr(cfg, "o_bias", False))
+        self.o_proj = RowParallelLinear(total_heads * self.head_dim, cfg.hidden_size,
+                                        bias=getattr(cfg, "o_bias", False))
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.attn = PagedAttention(
@@ -125,6 +131,9 @@ class DecoderModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     qkv_bias = False
     qk_norm = False
+    # Its layers shard themselves over the tensor-parallel group (layers/linear.py); a family
+    # that does not say so is refused at tensor_parallel_size > 1 (worker/parallel.py).
+    supports_tensor_parallel = True
     # checkpoint name fragment -> (packed parameter fragment, shard)
     packed_modules_mapping = {
         "q_proj": ("qkv_proj", "q"),

@@ -71,6 +71,7 @@ class MoEModel(nn.Module):
 
 
 class Qwen3MoeForCausalLM(nn.Module):
+    supports_tensor_parallel = True  # attention as Llama's; each expert's intermediate size split (layers/moe.py)
     qkv_bias = False
     qk_norm = True
     moe_attribute = "mlp"  # checkpoint name of a sparse layer's MoE block

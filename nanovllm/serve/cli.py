@@ -11,6 +11,7 @@ from nanovllm import envs
 from nanovllm.cli.args import add_engine_args, engine_kwargs
 
 API_KEY_ENV = envs.NANOVLLM_API_KEY.name
+EXIT_ENGINE_DIED = 1
 logger = logging.getLogger("nanovllm")
 
 
@@ -85,11 +86,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.web_ui:
         print(f"nanovllm serve: web chat on http://{args.host}:{args.port}/ and dashboard on "
               f"http://{args.host}:{args.port}/dashboard", file=sys.stderr, flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                                           timeout_graceful_shutdown=5))
+    engine.on_dead(lambda error: setattr(server, "should_exit", True))  # e.g. a tensor-parallel worker died
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                    timeout_graceful_shutdown=5)
+        server.run()
     finally:
         engine.shutdown()
+    if engine.dead_error is not None:
+        print(f"nanovllm serve: the engine died: {engine.dead_error}", file=sys.stderr, flush=True)
+        return EXIT_ENGINE_DIED
     return 0
 
 

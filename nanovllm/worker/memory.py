@@ -124,8 +124,9 @@ def profile_num_kv_blocks(model, cfg: EngineConfig, device: torch.device, dtype:
     hidden = model(input_ids, ctx.positions, ctx)
     # logits + sampling temporaries for a full decode batch
     rows = torch.arange(min(cfg.max_num_seqs, num_tokens), device=device)
-    logits = model.compute_logits(hidden, rows).float()
-    torch.softmax(logits, dim=-1).argmax(dim=-1)
+    logits = model.compute_logits(hidden, rows)  # None on tensor-parallel ranks > 0 (rank 0 samples)
+    if logits is not None:
+        torch.softmax(logits.float(), dim=-1).argmax(dim=-1)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - allocated_before - temp_cache_bytes
     del hidden, logits

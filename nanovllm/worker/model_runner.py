@@ -11,6 +11,11 @@ A step is `launch` (enqueue everything on the device, return at once) then `reso
 engine launches step N+1 before resolving step N: a decode token that step N sampled is
 then not known on the host yet, and step N+1 reads it from step N's sampled-token tensor
 on the device (the `pending_dst` / `pending_src` rows of `prepare_inputs`).
+
+Tensor parallelism: every rank runs the same steps on its shard of the model; the logits
+are gathered on rank 0, which alone samples (and builds the StepOutput); its sampled tokens
+are broadcast to the other ranks on the device, where async scheduling's next step reads
+them like rank 0 does.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from nanovllm.kernels import decode_plan, kv_quant
 from nanovllm.kernels.launch_math import cascade_queries_per_tile
 from nanovllm.layers.attention.cascade import CascadeRule, plan_cascade
 from nanovllm.layers.forward_context import CascadeInputs, ForwardContext
+from nanovllm.layers.tp_group import SINGLE, TPGroup
 from nanovllm.outputs import Logprob
 from nanovllm.step_io import StepInput, StepOutput
 from nanovllm.worker.request_states import RequestState, RequestStates
@@ -72,7 +78,7 @@ class LaunchedStep:
     """A step whose device work is enqueued; `ModelRunner.resolve` turns it into results."""
 
     sample_requests: list[RequestState]  # in sampled-row order
-    sampler_output: Optional[SamplerOutput]  # device tensors
+    sampler_output: Optional[SamplerOutput]  # device tensors (None on tensor-parallel ranks > 0)
     host_tokens: Optional[torch.Tensor]  # [S] int64 CPU copy of the sampled tokens (non-blocking on CUDA)
     done: Optional[torch.cuda.Event]  # recorded after the step's last device work (CUDA only)
     result: StepOutput  # prompt logprobs are filled in at launch
@@ -82,8 +88,9 @@ class LaunchedStep:
 class ModelRunner:
     def __init__(self, model, device: torch.device, kv_cache_dtype: torch.dtype, num_kv_blocks: int,
                  block_size: int, eos_token_ids: list[int], step_timer=None,
-                 options: RunnerOptions = RunnerOptions()) -> None:
+                 options: RunnerOptions = RunnerOptions(), tp: TPGroup = SINGLE) -> None:
         self.model = model
+        self.tp = tp  # rank 0 samples; the others receive its tokens
         self.device = device
         self.kv_cache_dtype = kv_cache_dtype
         self.options = options
@@ -318,24 +325,18 @@ class ModelRunner:
         reqs = inputs.sample_requests
         out = host_tokens = None
         if reqs:
-            logits = self.model.compute_logits(hidden, inputs.logits_indices)  # [S, V], sampler upcasts
-            params = [r.sampling_params for r in reqs]
-            prompts = [()] * len(reqs)  # penalties read the prompts (as arrays: a memcpy each step)
-            if any(p.uses_penalties for p in params):
-                prompts = [r.prompt_array if p.uses_penalties else () for r, p in zip(reqs, params)]
-            batch = SamplingBatch.build(
-                params=params,
-                prompt_token_ids=prompts,
-                output_token_ids=[r.output_token_ids for r in reqs],
-                eos_token_ids=self.eos_token_ids,
-                vocab_size=logits.shape[-1],
-                device=logits.device,
-                num_output_tokens=inputs.num_output_tokens,
-            )
-            out = self.sampler(logits, batch)
-            self._last_sampled = out.sampled_token_ids  # [S]: the next step's pending tokens
+            # [S, V], sampler upcasts; None on tensor-parallel ranks > 0 (gathered to rank 0)
+            logits = self.model.compute_logits(hidden, inputs.logits_indices)
+            if logits is not None:
+                out = self._sample(logits, reqs, inputs)
+                sampled = out.sampled_token_ids  # [S]
+                host_tokens = sampled.to("cpu", non_blocking=True)  # the step's one device->host copy
+            else:
+                sampled = torch.empty(len(reqs), dtype=torch.int64, device=self.device)
+            if self.tp.world_size > 1:
+                self.tp.broadcast_from_first(sampled)  # every rank feeds them to the next step
+            self._last_sampled = sampled  # [S]: the next step's pending tokens
             self._last_sampled_rows = {r.req_id: i for i, r in enumerate(reqs)}
-            host_tokens = out.sampled_token_ids.to("cpu", non_blocking=True)  # the step's one device->host copy
         done = None
         if marks is not None:
             done = self.timeline.end_event()  # timing-enabled; None on CPU
@@ -344,14 +345,31 @@ class ModelRunner:
             done.record()
         return LaunchedStep(reqs, out, host_tokens, done, result, marks)
 
+    def _sample(self, logits: torch.Tensor, reqs: list[RequestState], inputs: ForwardInputs) -> SamplerOutput:
+        params = [r.sampling_params for r in reqs]
+        prompts = [()] * len(reqs)  # penalties read the prompts (as arrays: a memcpy each step)
+        if any(p.uses_penalties for p in params):
+            prompts = [r.prompt_array if p.uses_penalties else () for r, p in zip(reqs, params)]
+        batch = SamplingBatch.build(
+            params=params,
+            prompt_token_ids=prompts,
+            output_token_ids=[r.output_token_ids for r in reqs],
+            eos_token_ids=self.eos_token_ids,
+            vocab_size=logits.shape[-1],
+            device=logits.device,
+            num_output_tokens=inputs.num_output_tokens,
+        )
+        return self.sampler(logits, batch)
+
     def resolve(self, step: LaunchedStep) -> StepOutput:
-        """Wait for a launched step and turn its sampled tokens (and logprobs) into host values."""
+        """Wait for a launched step and turn its sampled tokens (and logprobs) into host values
+        (an empty output on tensor-parallel ranks > 0)."""
         if step.done is not None:
             step.done.synchronize()
         if step.timeline is not None:  # the step's events are complete: reading them adds no sync
             self.timeline.finish(*step.timeline, step.done)
         result = step.result
-        if not step.sample_requests:
+        if not step.sample_requests or step.sampler_output is None:
             return result
         reqs, out = step.sample_requests, step.sampler_output
         tokens = step.host_tokens.tolist()
@@ -391,7 +409,10 @@ class ModelRunner:
             if not positions:
                 continue
             rows = torch.arange(offset, offset + len(positions), device=hidden.device)
-            logits = self.model.compute_logits(hidden, rows).float()  # [P, V]
+            logits = self.model.compute_logits(hidden, rows)  # [P, V]; None on tensor-parallel ranks > 0
+            if logits is None:
+                continue
+            logits = logits.float()
             targets = torch.tensor([req.prompt_token_ids[p + 1] for p in positions], device=hidden.device)
             k = req.sampling_params.prompt_logprobs
             tok_lp, ranks, top_ids, top_lps = compute_prompt_logprobs(logits, targets, k)

@@ -10,7 +10,9 @@
 
 The stages are separate calls so that an executor with several workers (tensor parallelism:
 one per GPU, each in its own process) can agree on one block count (the minimum over the
-workers) before any of them allocates. Everything the worker decides (kernel options, the
+workers) before any of them allocates. Under tensor parallelism a worker is one rank: it
+builds its shard of the model over the rank's `TPGroup` and runs the same steps as the
+others; rank 0 samples (model_runner.py). Everything the worker decides (kernel options, the
 GEMV row limits) lives on its own model's modules: two workers in one process never see
 each other's choices.
 """
@@ -31,6 +33,7 @@ from nanovllm.layers.kernel_options import KernelOptions, configure_kernels
 from nanovllm.layers.linear import set_gemv_rows
 from nanovllm.layers.moe import active_param_bytes
 from nanovllm.layers.quantized_linear import describe_quantization, unquantized_weight_bytes, weight_bytes
+from nanovllm.layers.tp_group import SINGLE, TPGroup
 from nanovllm.step_io import StepInput, StepOutput, WorkerInfo
 from nanovllm.kernels import kv_quant
 from nanovllm.worker import kv_scales, memory
@@ -48,15 +51,19 @@ def kv_sliding_window(model) -> Optional[int]:
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, model_info: ModelInfo, step_timer=None) -> None:
+    def __init__(self, config: EngineConfig, model_info: ModelInfo, step_timer=None, tp: TPGroup = SINGLE,
+                 device: Optional[torch.device] = None) -> None:
+        """`tp`: this worker's rank of a tensor-parallel group; `device`: the rank's device
+        (default: config.device resolved)."""
         self.config = config
         self.model_info = model_info
         self.step_timer = step_timer  # the engine's StepTimer in-process (step_timing=True), else None
-        self.device = model_loader.resolve_device(config.device)
+        self.tp = tp
+        self.device = device if device is not None else model_loader.resolve_device(config.device)
         self.dtype = model_loader.resolve_dtype(config.dtype, model_info.hf_config, self.device)
         self.model = model_loader.build_model(model_info.source, model_info.hf_config, self.device, self.dtype,
                                               model_info.max_model_len, config.load_format, config.quantization,
-                                              config.quantize_lm_head, config.cpu_weight_format)
+                                              config.quantize_lm_head, config.cpu_weight_format, tp=tp)
         self.kernel_options = KernelOptions(
             triton=config.use_triton, triton_attention=config.attention_backend != "torch", pdl=config.pdl,
             fuse_gemv_prologues=config.fuse_gemv_prologues,
@@ -122,7 +129,8 @@ class Worker:
         cfg = self.config
         self.runner = ModelRunner(self.model, self.device, self.kv_cache_dtype, num_blocks, cfg.block_size,
                                   list(self.model_info.eos_token_ids), step_timer=self.step_timer,
-                                  options=RunnerOptions.of(cfg, self.kernel_options, self.model_info.max_model_len))
+                                  options=RunnerOptions.of(cfg, self.kernel_options, self.model_info.max_model_len),
+                                  tp=self.tp)
         self.runner.cascade_rule = self._cascade_rule()
         if self.device.type == "cuda" and not cfg.enforce_eager:
             from nanovllm.worker.cuda_graphs import CascadeGraphSpec, CUDAGraphRunner
@@ -170,6 +178,7 @@ class Worker:
             quantization=describe_quantization(self.model),
             cuda_graphs=self.runner is not None and self.runner.cuda_graphs is not None,
             cpu_fp16_weights=self.cpu_fp16_weights,
+            tensor_parallel_size=self.tp.world_size,
             kv_sliding_window=kv_sliding_window(self.model),
             active_param_bytes=active_param_bytes(unique.values(), self.model) + quantized_extra,
         )

@@ -72,3 +72,31 @@ def test_per_expert_checkpoint_loads_and_a_missing_expert_is_named(name, cls, ti
         other = cls(cfg, 64)
         load_weights(other, ((k, v, "ckpt") for k, v in stacked.items()))
         torch.testing.assert_close(other.model.layers[0].mlp.experts.w13_weight, moe.w13_weight)
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_each_tensor_parallel_rank_keeps_its_share_of_every_expert(stacked):
+    """Intermediate size 5 over two ranks (3 + 2): a rank holds its gate and up rows and the
+    matching down columns of every expert, whether the checkpoint stores experts one by one
+    or stacked. (Loading needs no collective: the group's process group is never called.)"""
+    from nanovllm.layers.tp_group import TPGroup, building_with
+
+    num_experts, hidden, inter = 3, 8, 5
+    g = torch.Generator().manual_seed(0)
+    gate, up = torch.randn(num_experts, inter, hidden, generator=g), torch.randn(num_experts, inter, hidden, generator=g)
+    down = torch.randn(num_experts, hidden, inter, generator=g)
+    for rank, (start, size) in enumerate([(0, 3), (3, 2)]):
+        with building_with(TPGroup(rank, 2, device_group=object())):
+            moe = FusedMoE(num_experts, hidden, inter, top_k=2, renormalize=True)
+        assert moe.w13_weight.shape == (num_experts, 2 * size, hidden) and moe.w2_weight.shape == (num_experts, hidden, size)
+        if stacked:
+            moe.load_expert(moe.w13_weight, torch.cat([gate, up], 1), None, "experts.gate_up_proj")
+            moe.load_expert(moe.w2_weight, down, None, "experts.down_proj")
+        else:
+            for e in range(num_experts):
+                moe.load_expert(moe.w13_weight, gate[e], (e, "gate"), f"experts.{e}.gate_proj.weight")
+                moe.load_expert(moe.w13_weight, up[e], (e, "up"), f"experts.{e}.up_proj.weight")
+                moe.load_expert(moe.w2_weight, down[e], (e, "down"), f"experts.{e}.down_proj.weight")
+        rows = slice(start, start + size)
+        assert torch.equal(moe.w13_weight.data, torch.cat([gate[:, rows], up[:, rows]], 1))
+        assert torch.equal(moe.w2_weight.data, down[:, :, rows])
