@@ -128,6 +128,17 @@ def test_cpu_packed_formats(spec):
         assert weight_bytes(torch.nn.Sequential(layer)) < bf16_bytes / (3 if spec.qtype == "int4" else 1.7)
 
 
+@pytest.mark.skipif(not cpu_quant_ops_available(), reason="torch without the CPU int4/int8 kernels")
+@pytest.mark.parametrize("spec", SPECS[:2], ids=SPEC_IDS[:2])
+def test_cpu_packed_rows_do_not_depend_on_the_batch(spec):
+    """A row's output has the same bits alone, in a batch of 2 and in one of 15 (a prefill):
+    greedy decoding of the same sequence must not change with what runs beside it."""
+    layer, _ = quantized(Linear(576, 96), spec)
+    x = rand(15, 576, seed=11)  # [15, K]
+    whole = layer(x)
+    assert torch.equal(layer(x[-2:]), whole[-2:]) and torch.equal(layer(x[-1:]), whole[-1:])
+
+
 def test_codes_are_kept_regrouped_or_requantized():
     gen_w = rand(32, 64, seed=11, scale=0.1)
     q8 = qf.quantize_int8_codes(gen_w, 32)  # like GGUF Q8_0
