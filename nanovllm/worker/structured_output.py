@@ -1,0 +1,280 @@
+"""Structured output: grammars compiled with xgrammar, one matcher per request, token bitmasks.
+
+    GrammarCompiler          StructuredOutputsParams -> xgrammar CompiledGrammar, LRU-cached
+                             per normalised spec (same schema text = one compilation)
+    StructuredOutputManager  owned by the worker: compiles on demand, keeps one GrammarMatcher
+                             per request, advances it with the request's accepted tokens and
+                             fills the step's bitmask rows ([B, ceil(V / 32)] int32, bit j of
+                             word w = token 32 w + j allowed)
+    apply_token_bitmask_     masks the disallowed logits with -inf, in place, on the rows
+                             that have a grammar (one masked fill; xgrammar's Triton kernel
+                             on CUDA, `apply_token_bitmask_reference` elsewhere)
+
+All grammar state lives in a StructuredOutputManager object: two engines in one process
+never share matchers or caches. xgrammar is imported on first use, so engines that never
+see a structured request never load it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from nanovllm.sampling_params import StructuredOutputsParams
+
+logger = logging.getLogger("nanovllm")
+
+BITS_PER_WORD = 32
+ALL_ALLOWED = -1  # int32 with every bit set: no token masked
+DEFAULT_GRAMMAR_CACHE_ENTRIES = 256
+# xgrammar compiles with this many threads (its default is 8, far more than a small host has)
+COMPILER_THREADS = 2
+XGRAMMAR_HINT = "pip install xgrammar"
+
+
+def bitmask_width(vocab_size: int) -> int:
+    """int32 words per bitmask row."""
+    return (vocab_size + BITS_PER_WORD - 1) // BITS_PER_WORD
+
+
+def _import_xgrammar():
+    try:
+        import xgrammar
+    except ImportError as e:  # an optional-looking dependency that is in fact required for this feature
+        raise ValueError(f"structured outputs need the xgrammar package, which is not installed ({e}); "
+                         f"run `{XGRAMMAR_HINT}`") from None
+    return xgrammar
+
+
+# ----------------------------------------------------------------------------- compile + cache
+
+
+class GrammarCompiler:
+    """Compiles StructuredOutputsParams for one tokenizer; an LRU cache keyed by the spec.
+
+    Bad specs (schemas xgrammar cannot handle, regexes or grammars that do not parse) raise
+    ValueError with xgrammar's reason, so the request is refused before it runs.
+    """
+
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int],
+                 max_entries: int = DEFAULT_GRAMMAR_CACHE_ENTRIES) -> None:
+        if tokenizer is None:
+            raise ValueError("structured outputs need a tokenizer; this engine runs with skip_tokenizer_init=True")
+        xgr = _import_xgrammar()
+        self._xgr = xgr
+        self.vocab_size = vocab_size
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                  stop_token_ids=list(stop_token_ids))
+        # xgrammar's own cache keys by the exact text; ours by the normalised spec (and bounded)
+        self._compiler = xgr.GrammarCompiler(info, max_threads=COMPILER_THREADS, cache_enabled=False)
+        self._cache: OrderedDict[tuple, object] = OrderedDict()
+        self.max_entries = max_entries
+        self.num_compilations = 0  # cache misses (tests and logs read it)
+
+    def compile(self, spec: StructuredOutputsParams):
+        key = spec.cache_key()
+        compiled = self._cache.get(key)
+        if compiled is not None:
+            self._cache.move_to_end(key)
+            return compiled
+        compiled = self._compile_uncached(spec)
+        self.num_compilations += 1
+        self._cache[key] = compiled
+        if len(self._cache) > self.max_entries:
+            self._cache.popitem(last=False)
+        return compiled
+
+    def _compile_uncached(self, spec: StructuredOutputsParams):
+        kind = spec.kind
+        c = self._compiler
+        try:
+            if kind == "json":
+                schema = spec.json
+                if spec.disable_additional_properties:
+                    schema = no_additional_properties(schema)
+                return c.compile_json_schema(schema, any_whitespace=not spec.disable_any_whitespace)
+            if kind == "json_object":
+                return c.compile_json_schema({"type": "object"}, any_whitespace=not spec.disable_any_whitespace)
+            if kind == "regex":
+                return c.compile_regex(spec.regex)
+            if kind == "choice":
+                return c.compile_grammar(choice_grammar(spec.choice))
+            if kind == "grammar":
+                if "::=" in spec.grammar:  # EBNF / GBNF
+                    return c.compile_grammar(spec.grammar)
+                return c.compile_lark(spec.grammar)
+            if kind == "structural_tag":
+                return self._compile_structural_tag(spec.structural_tag)
+        except Exception as e:  # xgrammar raises its own types (InvalidJSONError, RuntimeError, ...)
+            raise ValueError(f"structured_outputs.{kind} could not be compiled: {_first_line(e)}") from None
+        raise ValueError(f"unknown structured output kind {kind!r}")
+
+    def _compile_structural_tag(self, tag: dict):
+        """xgrammar's structural tag {"type": "structural_tag", "format": ...}, or the older shape
+        vLLM's examples send: {"type": "structural_tag", "structures": [...], "triggers": [...]}."""
+        if "format" in tag:
+            return self._compiler.compile_structural_tag(tag)
+        structures = tag.get("structures")
+        triggers = tag.get("triggers")
+        if not isinstance(structures, list) or not structures or not isinstance(triggers, list) or not triggers:
+            raise ValueError("a structural tag needs non-empty lists `structures` ({begin, schema, end}) and "
+                             "`triggers`")
+        items = []
+        for s in structures:
+            if not isinstance(s, dict) or not {"begin", "end"} <= set(s):
+                raise ValueError("each structural tag structure needs `begin`, `schema` and `end`")
+            items.append(self._xgr.StructuralTagItem(begin=s["begin"], schema=s.get("schema", {}), end=s["end"]))
+        return self._compiler.compile_structural_tag(items, triggers)
+
+
+def choice_grammar(choices: Sequence[str]) -> str:
+    """EBNF whose language is exactly the given strings (JSON string escapes are EBNF's too)."""
+    import json
+
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
+def no_additional_properties(schema):
+    """A copy of a JSON schema where every object schema without `additionalProperties` forbids them."""
+    if isinstance(schema, dict):
+        out = {k: no_additional_properties(v) for k, v in schema.items()}
+        if out.get("type") == "object" or "properties" in out:
+            out.setdefault("additionalProperties", False)
+        return out
+    if isinstance(schema, list):
+        return [no_additional_properties(v) for v in schema]
+    return schema
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:500]
+
+
+# ----------------------------------------------------------------------------- per-request matchers
+
+
+@dataclass
+class _Matcher:
+    matcher: object  # xgrammar GrammarMatcher
+    num_accepted: int = 0  # output tokens fed to the matcher so far
+    broken: bool = False  # a token was refused (e.g. forced by min_tokens): no more masking
+
+
+class StructuredOutputManager:
+    """The worker's grammar state: a compiler (created on first use) and a matcher per request.
+
+    `fill_bitmask` is called at launch for the rows that sample this step; the matcher must
+    see every earlier output token first, so the engine resolves the step in flight before
+    scheduling a structured request again (as it does for penalties).
+    """
+
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int]) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.stop_token_ids = list(stop_token_ids)
+        self._compiler: Optional[GrammarCompiler] = None
+        self._matchers: dict[str, _Matcher] = {}
+
+    @property
+    def compiler(self) -> GrammarCompiler:
+        if self._compiler is None:
+            self._compiler = GrammarCompiler(self.tokenizer, self.vocab_size, self.stop_token_ids)
+        return self._compiler
+
+    @property
+    def num_live_matchers(self) -> int:
+        return len(self._matchers)
+
+    def validate(self, spec: StructuredOutputsParams) -> None:
+        """Compile (cached) now, so that a bad spec is refused when the request is added."""
+        self.compiler.compile(spec)
+
+    def fill_bitmask(self, request_ids: Sequence[str], specs: Sequence[Optional[StructuredOutputsParams]],
+                     output_token_ids: Sequence[Sequence[int]]) -> Optional[tuple[np.ndarray, list[int]]]:
+        """Bitmask of one step's sampling rows: (int32 [B, W], rows that carry a grammar), or None.
+
+        Rows without a grammar (or whose grammar has finished) are all ones and not listed.
+        Each matcher first accepts the request's output tokens it has not seen yet.
+        """
+        rows = [i for i, s in enumerate(specs) if s is not None]
+        if not rows:
+            return None
+        bitmask = np.full((len(specs), bitmask_width(self.vocab_size)), ALL_ALLOWED, dtype=np.int32)
+        masked = []
+        for i in rows:
+            state = self._matcher(request_ids[i], specs[i])
+            self._advance(request_ids[i], state, output_token_ids[i])
+            if state.broken or state.matcher.is_terminated():
+                continue
+            state.matcher.fill_next_token_bitmask(bitmask, i)
+            masked.append(i)
+        return (bitmask, masked) if masked else None
+
+    def release(self, request_ids) -> None:
+        """Drop the matchers of finished or aborted requests (unknown ids are ignored)."""
+        for rid in request_ids:
+            self._matchers.pop(rid, None)
+
+    def _matcher(self, request_id: str, spec: StructuredOutputsParams) -> _Matcher:
+        state = self._matchers.get(request_id)
+        if state is None:
+            compiled = self.compiler.compile(spec)
+            state = self._matchers[request_id] = _Matcher(self.compiler._xgr.GrammarMatcher(compiled))
+        return state
+
+    def _advance(self, request_id: str, state: _Matcher, tokens: Sequence[int]) -> None:
+        if state.broken:
+            return
+        for token in tokens[state.num_accepted:]:
+            if state.matcher.is_terminated():
+                break
+            if not state.matcher.accept_token(int(token)):
+                logger.warning("request %s: token %d does not fit its grammar (forced by min_tokens or a "
+                               "stop condition?); the rest of its output is not constrained", request_id, token)
+                state.broken = True
+                return
+        state.num_accepted = len(tokens)
+
+
+# ----------------------------------------------------------------------------- apply
+
+
+def apply_token_bitmask_reference(logits: torch.Tensor, bitmask: torch.Tensor,
+                                  rows: Optional[torch.Tensor] = None) -> None:
+    """Pure torch: logits[r, t] = -inf where bit t of bitmask[r] is 0, for r in rows (None = all).
+
+    logits: [B, V] float; bitmask: [B, W] int32 with W >= ceil(V / 32), on the logits' device.
+    """
+    vocab_size = logits.shape[-1]
+    shifts = torch.arange(BITS_PER_WORD, dtype=torch.int32, device=logits.device)  # [32]
+    words = bitmask if rows is None else bitmask.index_select(0, rows)  # [R, W]
+    bits = (words.unsqueeze(-1) >> shifts) & 1  # [R, W, 32]: bit j of word w = token 32 w + j
+    disallowed = (bits == 0).flatten(1)[:, :vocab_size]  # [R, V]
+    if rows is None:
+        logits.masked_fill_(disallowed, float("-inf"))
+    else:
+        logits[rows] = logits.index_select(0, rows).masked_fill_(disallowed, float("-inf"))
+
+
+def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor,
+                         use_kernel: Optional[bool] = None) -> None:
+    """Mask `logits` [B, V] in place on `rows` ([R] int64, device) with `bitmask` [B, W] (device).
+
+    On CUDA this is xgrammar's Triton kernel (one launch, row indices read on the device, no
+    host sync); elsewhere the torch reference. `use_kernel` forces the choice (tests).
+    """
+    if use_kernel is None:
+        use_kernel = logits.is_cuda
+    if not use_kernel:
+        apply_token_bitmask_reference(logits, bitmask, rows)
+        return
+    xgr = _import_xgrammar()
+    backend = "triton" if logits.is_cuda else "cpu"
+    indices = rows if logits.is_cuda else rows.tolist()
+    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[-1], indices=indices, backend=backend)
