@@ -46,6 +46,15 @@ class EngineConfig:
     seed: int = 0
     tokenizer: Optional[str] = None  # override tokenizer location
     trust_remote_code: bool = False
+    # ---- where a hub model comes from (repo ids not in the local cache are downloaded)
+    download_dir: Optional[str] = None  # Hugging Face cache directory (default: HF_HUB_CACHE)
+    revision: Optional[str] = None  # branch, tag or commit of a hub repo
+    # "auto": the model's generation_config.json gives the default sampling parameters;
+    # "vllm": nanovllm's own defaults
+    generation_config: str = "auto"
+    # ---- scale-out and weight formats (values other than these defaults are not built yet)
+    tensor_parallel_size: int = 1
+    quantization: Optional[str] = None
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -82,6 +91,19 @@ class EngineConfig:
             raise TypeError(f"async_scheduling must be True, False or None (auto), got {self.async_scheduling!r}")
         if not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
+        for name in ("download_dir", "revision", "tokenizer"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name} must be a string, got {type(value).__name__}")
+        if not isinstance(self.generation_config, str) or not self.generation_config:
+            raise TypeError(f"generation_config must be 'auto', 'vllm' or a directory, got {self.generation_config!r}")
+        _positive_int("tensor_parallel_size", self.tensor_parallel_size)
+        if self.tensor_parallel_size != 1:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} is not supported yet; "
+                             f"use tensor_parallel_size=1")
+        if self.quantization is not None:
+            raise ValueError(f"quantization={self.quantization!r} is not supported yet; leave it unset (None). "
+                             f"GGUF checkpoints are dequantized at load without it")
 
 
 def _positive_int(name: str, value) -> None:

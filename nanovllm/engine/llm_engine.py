@@ -81,12 +81,14 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = _resolve_device(config.device)
-        self.source = resolve_model(config.model)
+        self.source = resolve_model(config.model, config.download_dir, config.revision)
         self.hf_config = model_loader.load_hf_config(self.source, config.trust_remote_code)
         self.tokenizer = None
         if not config.skip_tokenizer_init:
             self.tokenizer = model_loader.load_tokenizer(self.source, config.tokenizer, config.trust_remote_code)
         self.eos_token_ids = model_loader.eos_token_ids(self.source, self.hf_config, self.tokenizer)
+        # the model's generation_config.json defaults (temperature, top_p, ...), as vLLM applies them
+        self.default_sampling_values = model_loader.generation_defaults(self.source, config.generation_config)
         self.max_model_len = self._resolve_max_model_len()
         self.dtype = model_loader.resolve_dtype(config.dtype, self.hf_config, self.device)
         load_format = config.extra.get("load_format", "auto")
@@ -170,6 +172,7 @@ class LLMEngine:
             params = SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        params = params.clone()  # the engine's own verified copy: later changes by the caller do not reach it
         if request_id is None:
             request_id = str(next(self._counter))
         if not isinstance(request_id, str):

@@ -66,6 +66,34 @@ def eos_token_ids(source: ModelSource, hf_config, tokenizer) -> list[int]:
     return ids
 
 
+# generation_config.json key -> SamplingParams field (what vLLM takes from it)
+GENERATION_DEFAULT_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                           "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def generation_defaults(source: ModelSource, generation_config: str = "auto") -> dict:
+    """Default sampling values from the model's generation_config.json ({} without one, or with "vllm").
+
+    `generation_config` is "auto" (the model's directory), "vllm" (none) or a directory.
+    """
+    if generation_config == "vllm":
+        return {}
+    folder = source.path if generation_config == "auto" else generation_config
+    if generation_config == "auto" and source.kind != "hf_dir":
+        return {}
+    path = os.path.join(folder, "generation_config.json")
+    if not os.path.isfile(path):
+        if generation_config != "auto":
+            raise ValueError(f"generation_config={generation_config!r}: {path} does not exist")
+        return {}
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read the generation config ({e})") from e
+    return {field: values[key] for key, field in GENERATION_DEFAULT_KEYS.items() if values.get(key) is not None}
+
+
 def resolve_dtype(requested: str, hf_config, device: torch.device) -> torch.dtype:
     """auto: fp32 on CPU; on GPU the checkpoint's half type, bf16 for fp32/GGUF checkpoints."""
     if requested != "auto":

@@ -1,0 +1,166 @@
+"""Chat messages (OpenAI's shape) -> the model's chat template -> prompt token ids.
+
+Shared by `LLM.chat` and the server. Messages may carry text content parts, assistant
+`tool_calls` and `tool` results; image and audio parts are refused (the models served are
+text-only). Tool definitions reach the template as `tools=` (transformers' convention),
+extra template variables (e.g. Qwen3's `enable_thinking`) as `chat_template_kwargs`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Optional
+
+logger = logging.getLogger("nanovllm")
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+NON_TEXT_PARTS = frozenset({"image_url", "input_image", "image", "image_pil", "image_embeds", "input_audio",
+                            "audio_url", "audio", "video_url", "video", "file", "input_file"})
+# template variables set by the renderer itself; chat_template_kwargs may not override them
+RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "messages", "tools", "documents", "chat_template",
+                                      "add_generation_prompt", "continue_final_message", "tokenize",
+                                      "return_dict", "return_tensors", "tokenizer", "padding", "truncation"})
+
+
+def load_chat_template(value: Optional[str]) -> Optional[str]:
+    """A chat template given as a file path or as the Jinja text itself (`--chat-template`)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"chat template must be a file path or Jinja text, got {value!r}")
+    path = os.path.expanduser(value)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    if "{{" in value or "{%" in value:
+        return value
+    raise ValueError(f"chat template {value!r}: no such file (and not Jinja text with {{{{ or {{%)")
+
+
+def _text_of(content: Any, where: str) -> str:
+    """Message content (None, a string, or a list of parts) as one string; refuses non-text parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, (list, tuple)):
+        raise TypeError(f"{where}.content must be a string or a list of content parts, got {type(content).__name__}")
+    texts = []
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise TypeError(f"{where}.content[{j}] must be an object with a `type`, got {part!r}")
+        kind = part["type"]
+        if kind in ("text", "input_text", "output_text"):
+            if not isinstance(part.get("text"), str):
+                raise TypeError(f"{where}.content[{j}].text must be a string")
+            texts.append(part["text"])
+        elif kind == "refusal":
+            texts.append(str(part.get("refusal") or ""))
+        elif kind in NON_TEXT_PARTS:
+            raise ValueError(f"{where}.content[{j}] is an `{kind}` part, but this model is text-only: "
+                             f"send text content only")
+        else:
+            raise ValueError(f"{where}.content[{j}] has unknown type `{kind}`; use `text` parts")
+    return "\n".join(texts)
+
+
+def normalize_messages(messages: Any) -> list[dict]:
+    """Validated template dicts: content as text, `developer` as `system`, tool-call arguments as dicts."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise TypeError("messages must be a non-empty list of {'role', 'content'} objects")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise TypeError(f"{where} must be an object with `role` and `content`, got {type(m).__name__}")
+        role = m.get("role")
+        if not isinstance(role, str):
+            raise TypeError(f"{where} needs a `role` (one of {list(ROLES)})")
+        if role not in ROLES:
+            raise ValueError(f"{where}.role must be one of {list(ROLES)}, got {role!r}")
+        if "content" not in m and not m.get("tool_calls"):
+            raise TypeError(f"{where} needs `content` (or `tool_calls` for an assistant message)")
+        msg = {"role": "system" if role == "developer" else role, "content": _text_of(m.get("content"), where)}
+        if m.get("name") is not None:
+            msg["name"] = m["name"]
+        if m.get("tool_call_id") is not None:
+            msg["tool_call_id"] = m["tool_call_id"]
+        if m.get("tool_calls"):
+            if role != "assistant":
+                raise ValueError(f"{where}: only assistant messages carry tool_calls")
+            msg["tool_calls"] = [_tool_call_for_template(c, f"{where}.tool_calls[{k}]")
+                                 for k, c in enumerate(m["tool_calls"])]
+        out.append(msg)
+    return out
+
+
+def _tool_call_for_template(call: Any, where: str) -> dict:
+    """OpenAI's {"id", "type", "function": {"name", "arguments": JSON text}} with the arguments
+    parsed: chat templates (Qwen, Hermes, Llama 3) render them with `tojson`."""
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        raise TypeError(f"{where} must be {{'id', 'type': 'function', 'function': {{'name', 'arguments'}}}}")
+    fn = dict(call["function"])
+    if not isinstance(fn.get("name"), str):
+        raise TypeError(f"{where}.function.name must be a string")
+    args = fn.get("arguments")
+    if isinstance(args, str):
+        try:
+            fn["arguments"] = json.loads(args) if args.strip() else {}
+        except ValueError:
+            pass  # not JSON: the template gets the text as it is
+    out = {"type": call.get("type") or "function", "function": fn}
+    if call.get("id") is not None:
+        out["id"] = call["id"]
+    return out
+
+
+class ChatRenderer:
+    """Renders conversations with one tokenizer; `default_template` overrides the tokenizer's."""
+
+    def __init__(self, tokenizer, default_template: Optional[str] = None) -> None:
+        self.tokenizer = tokenizer
+        self.default_template = default_template
+        self._warned_tools_ignored = False
+
+    @property
+    def has_template(self) -> bool:
+        return self.default_template is not None or bool(getattr(self.tokenizer, "chat_template", None))
+
+    def render(self, messages: Any, *, chat_template: Optional[str] = None, tools: Optional[list[dict]] = None,
+               add_generation_prompt: bool = True, continue_final_message: bool = False,
+               chat_template_kwargs: Optional[dict] = None) -> list[int]:
+        """Token ids of `messages` under the template (request's, else the default, else the tokenizer's)."""
+        tok = self.tokenizer
+        if tok is None:
+            raise ValueError("chat needs a tokenizer; this engine runs with skip_tokenizer_init=True")
+        template = chat_template or self.default_template
+        if template is None and not getattr(tok, "chat_template", None):
+            raise ValueError("this model has no chat template: pass chat_template=... (or --chat-template FILE), "
+                             "or use completions")
+        if add_generation_prompt and continue_final_message:
+            raise ValueError("continue_final_message continues the last (assistant) message, so it cannot be "
+                             "combined with add_generation_prompt=True")
+        if not isinstance(chat_template_kwargs or {}, dict):
+            raise TypeError("chat_template_kwargs must be an object of template variables")
+        kwargs = dict(chat_template_kwargs or {})
+        reserved = sorted(set(kwargs) & RESERVED_TEMPLATE_KWARGS)
+        if reserved:
+            raise ValueError(f"chat_template_kwargs may not set {reserved}: use the request's own fields")
+        conversation = normalize_messages(messages)
+        if tools and not self._warned_tools_ignored and "tools" not in (template or tok.chat_template or ""):
+            self._warned_tools_ignored = True
+            logger.warning("the chat template never mentions `tools`, so the model is not shown the tool "
+                           "definitions; pass a tool-aware template (--chat-template, e.g. "
+                           "examples/tool_chat_template_chatml.jinja)")
+        try:
+            ids = tok.apply_chat_template(
+                conversation, tools=tools or None, chat_template=template, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, tokenize=True, return_dict=False, **kwargs,
+            )
+        except Exception as e:  # jinja errors (raise_exception in the template, bad role order) are the caller's
+            raise ValueError(f"the chat template refused these messages: {e}") from None
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
