@@ -9,30 +9,18 @@ from typing import Optional
 
 
 def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) -> None:
-    if model_positional:
-        p.add_argument("model", nargs="?", default=None,
-                       help="model: HF directory, repo id in the local HF cache, or .gguf file "
-                            "(default: the bundled SmolLM2-135M-Instruct)")
-    else:
-        p.add_argument("--model", "-m", default=None,
-                       help="model: HF directory, repo id in the local HF cache, or .gguf file "
-                            "(default: the bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (auto: fp32 on CPU, bf16 on GPU)")
-    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion in tokens")
-    p.add_argument("--max-num-seqs", type=int, default=None, help="most sequences in one batch (default 256)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=None,
-                   help="fraction of GPU memory for weights + activations + KV cache (default 0.9)")
-    p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    """The engine flags (EngineArgs, vLLM's spellings); validated before any model loads (see main)."""
+    from nanovllm.engine.arg_utils import EngineArgs
+
+    EngineArgs.add_cli_args(p, model_positional=model_positional)
+    p.set_defaults(_has_engine_args=True)
 
 
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    kwargs = {"device": args.device, "dtype": args.dtype, "enforce_eager": args.enforce_eager}
-    for name in ("max_model_len", "max_num_seqs", "gpu_memory_utilization"):
-        value = getattr(args, name, None)
-        if value is not None:
-            kwargs[name] = value
-    return kwargs
+def engine_args(args: argparse.Namespace):
+    """The EngineArgs of parsed flags (already validated by main)."""
+    from nanovllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs.from_cli_args(args)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, default_temperature: float) -> None:
@@ -59,18 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="complete one prompt and print the completion",
                          description="Complete PROMPT with the model and print the completion.")
     gen.add_argument("prompt", help="the text to complete")
-    add_engine_args(gen)
     add_sampling_args(gen, default_temperature=0.0)
+    add_engine_args(gen)
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")
-    gen.set_defaults(func=cmd_generate)
+    gen.set_defaults(func=cmd_generate, _parser=gen)
 
     chat = sub.add_parser("chat", help="interactive chat in the terminal (streamed, keeps history)",
                           description="Interactive chat. Type a message and press Enter; /exit or Ctrl-D quits, "
                                       "/reset clears the history.")
-    add_engine_args(chat)
     add_sampling_args(chat, default_temperature=0.0)
+    add_engine_args(chat)
     chat.add_argument("--system", default=None, help="optional system prompt")
-    chat.set_defaults(func=cmd_chat, max_tokens=256)
+    chat.set_defaults(func=cmd_chat, max_tokens=256, _parser=chat)
 
     try:
         from nanovllm.serve.cli import add_serve_parser
@@ -90,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_generate(args: argparse.Namespace) -> int:
     from nanovllm import LLM
 
-    llm = LLM(args.model, **engine_kwargs(args))
+    llm = LLM(**engine_args(args).as_kwargs())
     params = sampling_params(args)
     if args.stream:
         for delta in llm.stream(args.prompt, params):
@@ -105,7 +93,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from nanovllm import LLM
 
-    llm = LLM(args.model, **engine_kwargs(args))
+    llm = LLM(**engine_args(args).as_kwargs())
     params = sampling_params(args)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     print("nanovllm chat: /exit or Ctrl-D to quit, /reset to clear the history.", flush=True)
@@ -143,13 +131,38 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    command_parser = getattr(args, "_parser", parser)
+    if unknown:  # a mistyped flag: the subcommand's usage, and the nearest real flag
+        command_parser.error(_unknown_flags_message(command_parser, unknown))
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if getattr(args, "_has_engine_args", False):  # bad values are refused before any model loads
+            engine_args(args).create_engine_config()
+        check = getattr(args, "check", None)
+        if check is not None:
+            check(args)
+    except (ValueError, TypeError) as e:
+        command_parser.error(str(e))
     try:
         return args.func(args) or 0
     except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _unknown_flags_message(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
+    import difflib
+
+    known = [o for o in parser._option_string_actions if o.startswith("--")]
+    hints = []
+    for arg in unknown:
+        if arg.startswith("-"):
+            close = difflib.get_close_matches(arg.split("=", 1)[0], known, n=1)
+            if close:
+                hints.append(f"{arg.split('=', 1)[0]} -> did you mean {close[0]}?")
+    message = f"unrecognized arguments: {' '.join(unknown)}"
+    return message + (f" ({'; '.join(hints)})" if hints else "")
 
 
 if __name__ == "__main__":

@@ -153,7 +153,8 @@ class EngineArgs:
         g.add_argument("--device", default="auto", type=_device, help="auto (CUDA when present), cpu, cuda or cuda:N")
         g.add_argument("--dtype", default="auto", type=_dtype,
                        help="auto, float32, float16 or bfloat16 (auto: fp32 on CPU, bf16 on GPU)")
-        g.add_argument("--seed", type=int, default=0, help="engine seed (default 0)")
+        if "--seed" not in parser._option_string_actions:  # a command's own --seed (a request seed) wins
+            g.add_argument("--seed", type=int, default=0, help="engine seed (default 0)")
         g.add_argument("--max-model-len", type=_positive_int, default=None,
                        help="longest prompt + completion in tokens (default: the model's, capped at 32768)")
         g.add_argument("--max-num-seqs", type=_positive_int, default=DEFAULT_MAX_NUM_SEQS,
@@ -190,8 +191,21 @@ class EngineArgs:
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":
-        names = {f.name for f in fields(cls)} - {"compat"}
-        return cls(**{name: getattr(args, name) for name in names if hasattr(args, name)})
+        """From parsed flags; a None where the field has a non-None default keeps the default."""
+        values = {}
+        for f in fields(cls):
+            if f.name == "compat" or not hasattr(args, f.name):
+                continue
+            value = getattr(args, f.name)
+            if value is None and f.default is not None:
+                continue
+            values[f.name] = value
+        return cls(**values)
+
+    def as_kwargs(self) -> dict:
+        """Keyword arguments for LLM(...) that rebuild these EngineArgs."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "compat"}
+        return {**values, **self.compat}
 
     def replace(self, **changes) -> "EngineArgs":
         return dataclasses.replace(self, **changes)

@@ -128,6 +128,7 @@ class AsyncLLMEngine:
         self.max_model_len = engine.max_model_len
         self.model_name = engine.source.name
         self.vocab_size = engine.hf_config.vocab_size
+        self.default_sampling_values = dict(engine.default_sampling_values)
         self._cond = threading.Condition()
         self._commands: list[tuple] = []  # guarded by _cond
         self._stopping = False  # guarded by _cond

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional, Union
 
@@ -25,13 +26,13 @@ from nanovllm.serve.protocol import (
     CompletionStreamResponse,
     UsageInfo,
     check_context_length,
-    random_id,
     safe_logprob,
     sse,
     sse_error,
     to_sampling_params,
     token_text,
 )
+from nanovllm.serve.structured import log_ignored_fields, structured_outputs_of
 
 
 # ---------------------------------------------------------------------- shared with chat.py
@@ -149,20 +150,28 @@ class OpenAIServingCompletion:
                 out.append({"prompt_token_ids": item})
         return out
 
-    async def create(self, req: CompletionRequest) -> Union[CompletionResponse, AsyncIterator[str]]:
+    async def create(self, req: CompletionRequest,
+                     request_id: Optional[str] = None) -> Union[CompletionResponse, AsyncIterator[str]]:
         if req.echo and req.logprobs is not None:
             raise APIError("echo with logprobs is not supported (it needs prompt logprobs)", param="echo")
+        log_ignored_fields(req)
+        structured = structured_outputs_of(req)
+        if structured is not None and self.engine.tokenizer is None:
+            raise APIError("structured outputs need a tokenizer; this server runs with --skip-tokenizer-init",
+                           param="structured_outputs")
         prompts = self.prompts(req)
         explicit = "max_tokens" in req.model_fields_set and req.max_tokens is not None
         for p in prompts:
             check_context_length(len(p["prompt_token_ids"]), req.max_tokens if explicit else None,
                                  self.engine.max_model_len, "max_tokens", "prompt")
-        params = to_sampling_params(req, req.max_tokens, req.logprobs)
-        request_id = random_id("cmpl")
+        params = to_sampling_params(req, req.max_tokens, req.logprobs, structured,
+                                    self.engine.default_sampling_values)
+        request_id = f"cmpl-{request_id or uuid.uuid4().hex}"
+        engine_prefix = f"{request_id}-{uuid.uuid4().hex[:8]}"  # unique even when clients reuse X-Request-Id
         streams: list[RequestStream] = []
         try:
             for i, p in enumerate(prompts):
-                streams.append(await self.engine.add_request(p, params, request_id=f"{request_id}-{i}"))
+                streams.append(await self.engine.add_request(p, params, request_id=f"{engine_prefix}-{i}"))
         except BaseException:
             for s in streams:
                 s.abort()
