@@ -12,7 +12,8 @@ for step N and returns its outputs, so the host's scheduling, input preparation,
 detokenization and output building overlap the GPU's work. The scheduler plans each
 decode's next token before its value is known (`Request.num_pending_tokens`); a request
 that turns out to be finished has computed one token for nothing, which is discarded.
-Steps whose sampling needs the previous token's value (penalties) wait for it first.
+Steps whose sampling needs the previous token's value (penalties, and structured outputs,
+whose grammar must accept a token before it can mask the next) wait for it first.
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ class LLMEngine:
         self.runner = ModelRunner(
             self.model, self.hf_config, self.device, self.dtype, num_blocks, config.block_size,
             self.eos_token_ids, use_triton_attention=config.attention_backend != "torch",
+            tokenizer=self.tokenizer,
         )
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -185,6 +187,10 @@ class LLMEngine:
             if tid >= self.hf_config.vocab_size:
                 raise ValueError(f"token id {tid} in stop_token_ids/logit_bias is outside the vocabulary "
                                  f"[0, {self.hf_config.vocab_size})")
+        if params.structured_outputs is not None:
+            if self.tokenizer is None:
+                raise ValueError("structured outputs need a tokenizer; this engine runs with skip_tokenizer_init=True")
+            self.runner.structured.validate(params.structured_outputs)  # compiled (cached) now: bad specs fail here
         max_tokens = self.input_processor.resolve_max_tokens(params, prompt_len)
         self.input_processor.check_fits(params, prompt_len, max_tokens)
         now = arrival_time if arrival_time is not None else time.monotonic()
@@ -224,6 +230,7 @@ class LLMEngine:
                 continue
             ids = [c.request.request_id for c in state.completions.values() if not c.request.is_finished]
             self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
+            self._release_grammars(state)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.states)
@@ -338,6 +345,10 @@ class LLMEngine:
             lp.decoded_token = self.tokenizer.decode([tid], skip_special_tokens=False)
         return entry
 
+    def _release_grammars(self, state: _RequestState) -> None:
+        if state.params.structured_outputs is not None:
+            self.runner.structured.release([c.request.request_id for c in state.completions.values()])
+
     # ------------------------------------------------------------------ outputs
     def _outputs(self, touched: set[str]) -> list[RequestOutput]:
         """RequestOutputs of the requests that changed this step (finishing only happens there)."""
@@ -352,6 +363,7 @@ class LLMEngine:
             if finished:
                 state.metrics.finished_time = now
                 del self.states[rid]
+                self._release_grammars(state)
             outputs.append(self._make_output(state, finished, kind))
         return outputs
 
@@ -426,7 +438,11 @@ class _InFlightStep:
 
 
 def _needs_token_values(sched: SchedulerOutput) -> bool:
-    return any(it.needs_sample and it.request.sampling_params.uses_penalties for it in sched.scheduled)
+    """Whether a request sampled by this step needs the token's value before its next step:
+    penalties count it, a grammar must accept it before masking the next token."""
+    return any(it.needs_sample and (it.request.sampling_params.uses_penalties
+                                    or it.request.sampling_params.structured_outputs is not None)
+               for it in sched.scheduled)
 
 
 class StepTimer:

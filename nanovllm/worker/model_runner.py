@@ -27,6 +27,7 @@ from nanovllm.worker.forward_context import ForwardContext
 from nanovllm.worker.staging import StagingBuffer
 from nanovllm.worker.sampler import (Sampler, SamplerOutput, SamplingBatch, compute_prompt_logprobs,
                                      to_device_async)
+from nanovllm.worker.structured_output import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,8 @@ class LaunchedStep:
 
 class ModelRunner:
     def __init__(self, model, hf_config, device: torch.device, dtype: torch.dtype, num_kv_blocks: int,
-                 block_size: int, eos_token_ids: list[int], use_triton_attention: bool = True) -> None:
+                 block_size: int, eos_token_ids: list[int], use_triton_attention: bool = True,
+                 tokenizer=None) -> None:
         self.model = model
         self.hf_config = hf_config
         self.device = device
@@ -69,6 +71,8 @@ class ModelRunner:
         self.eos_token_ids = list(eos_token_ids)
         self.use_triton_attention = use_triton_attention
         self.sampler = Sampler()
+        # grammar state of structured-output requests (xgrammar loads on the first one)
+        self.structured = StructuredOutputManager(tokenizer, self.vocab_size, self.eos_token_ids)
         self.kv_caches = self._allocate_kv_cache(num_kv_blocks)
         self.cuda_graphs = None  # a CUDAGraphRunner, set by the engine on CUDA unless enforce_eager
         self._staging_sets = [StagingBuffer(pin=device.type == "cuda") for _ in range(NUM_STAGING_SETS)]
@@ -243,6 +247,8 @@ class ModelRunner:
                 device=logits.device,
                 num_output_tokens=[r.num_output_tokens + r.num_pending_tokens for r in reqs],
             )
+            # host work while the device runs the forward: the grammars' token bitmasks
+            self._grammar_bitmask(reqs, batch, logits.device)
             out = self.sampler(logits, batch)
             self._last_sampled = out.sampled_token_ids  # [S]: the next step's pending tokens
             self._last_sampled_rows = {r.request_id: i for i, r in enumerate(reqs)}
@@ -252,6 +258,20 @@ class ModelRunner:
             done = torch.cuda.Event()
             done.record()
         return LaunchedStep(reqs, out, host_tokens, done, result)
+
+    def _grammar_bitmask(self, reqs, batch: SamplingBatch, device: torch.device) -> None:
+        """Fill the bitmask rows of structured-output requests into `batch` (nothing for other batches)."""
+        specs = [r.sampling_params.structured_outputs for r in reqs]
+        if all(s is None for s in specs):
+            return
+        for r, spec in zip(reqs, specs):
+            if spec is not None and r.num_pending_tokens:  # engine invariant: resolved before it is launched
+                raise RuntimeError(f"request {r.request_id}: grammar masking needs its previous token first")
+        filled = self.structured.fill_bitmask([r.request_id for r in reqs], specs, [r.output_token_ids for r in reqs])
+        if filled is not None:
+            bitmask, rows = filled
+            batch.grammar_bitmask = to_device_async(torch.from_numpy(bitmask), device)  # [S, W] int32
+            batch.grammar_rows = to_device_async(torch.tensor(rows, dtype=torch.int64), device)  # [R]
 
     def resolve(self, step: LaunchedStep) -> ModelRunnerOutput:
         """Wait for a launched step and turn its sampled tokens (and logprobs) into host values."""

@@ -5,6 +5,8 @@ Every step runs the same sequence of tensor ops over the whole batch (vLLM's ord
   0. logprobs (only if some request asked) from the RAW model distribution:
      `log_softmax(logits)` of the logits exactly as the model produced them, before
      bias, penalties, temperature or truncation.
+  0b. grammar mask:      rows with a structured-output grammar: l[t] = -inf for tokens it
+                         does not allow (in place on `logits`, so every path below sees it)
   1. logit_bias:         l[t] += bias[t]
   2. min_tokens:         while len(output) < min_tokens, l[t] = -inf for t in EOS ids ∪ stop_token_ids
   3. penalties:          repetition over prompt ∪ output: l > 0 ? l / r : l * r;
@@ -49,6 +51,7 @@ import numpy as np
 import torch
 
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.worker.structured_output import apply_token_bitmask_
 
 NEG_INF = float("-inf")
 
@@ -134,6 +137,9 @@ class SamplingBatch:
     # ---- fused fast path (temperature + exponential race only)
     fast_path_ok: bool = False  # no processors, top-k, top-p, min-p or logprobs in the batch
     sample_temperature: torch.Tensor | None = None  # [B] float32, 0 on greedy rows; only when fast_path_ok
+    # ---- structured outputs (set by the model runner; None when no row has a grammar)
+    grammar_bitmask: Optional[torch.Tensor] = None  # [B, ceil(V / 32)] int32, bit set = token allowed
+    grammar_rows: Optional[torch.Tensor] = None  # [R] int64, the rows to mask
 
     @property
     def needs_logits_processing(self) -> bool:
@@ -358,10 +364,14 @@ class Sampler:
         return logits.argmax(dim=-1)
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-        """`logits`: [B, V], any float dtype; it is never modified."""
+        """`logits`: [B, V], any float dtype; only grammar masks change it (in place, their rows)."""
         raw_logprobs = None
         if batch.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # [B, V]
+        if batch.grammar_rows is not None:
+            # structured outputs: disallowed tokens -> -inf on the grammar rows, before any
+            # sampling path (one kernel on CUDA); other rows are not touched
+            apply_token_bitmask_(logits, batch.grammar_bitmask, batch.grammar_rows)
 
         if batch.all_greedy and not batch.needs_logits_processing:
             sampled = self._argmax(logits)  # fast path: no copy, no float32 conversion

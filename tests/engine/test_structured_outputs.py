@@ -1,0 +1,141 @@
+"""Structured outputs through the engine (bundled model): constrained requests follow their
+grammar, and unconstrained requests batched with them keep their tokens and their speed."""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import time
+
+import pytest
+
+jsonschema = pytest.importorskip("jsonschema")
+pytest.importorskip("xgrammar")
+
+from nanovllm import GuidedDecodingParams, SamplingParams, StructuredOutputsParams  # noqa: E402
+from nanovllm.worker import sampler as sampler_module  # noqa: E402
+
+CAR = {
+    "type": "object",
+    "properties": {"brand": {"type": "string"}, "model": {"type": "string"},
+                   "car_type": {"type": "string", "enum": ["sedan", "SUV", "Truck", "Coupe"]}},
+    "required": ["brand", "model", "car_type"],
+}
+PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "def fibonacci(n):"]
+# cannot finish within the token budget, so every structured row stays masked to the end
+LONG_REGEX = r"[a-z ]{400}"
+MAX_TOKENS = 12
+TIMING_ROUNDS = 3
+TIMING_REPEATS = 3
+SLOWDOWN_LIMIT = 1.05
+
+
+def chat_prompt(llm, text: str) -> dict:
+    return llm.apply_chat_template([{"role": "user", "content": text}])
+
+
+def test_offline_constraints_vllm_example(bundled_llm):
+    """vLLM's offline structured-outputs example: choice, regex, JSON schema, grammar."""
+    llm = bundled_llm
+    sql = ('root ::= select_statement\nselect_statement ::= "SELECT " column " from " table " where " condition\n'
+           'column ::= "col_1 " | "col_2 "\ntable ::= "table_1 " | "table_2 "\ncondition ::= column "= " number\n'
+           'number ::= "1 " | "2 "')
+    cases = [
+        ("Classify this sentiment: vLLM is wonderful!", StructuredOutputsParams(choice=["Positive", "Negative"])),
+        ("Generate an email address for Alan Turing, who works in Enigma. End in .com and new line. Example "
+         "result: alan.turing@enigma.com\n", StructuredOutputsParams(regex=r"\w+@\w+\.com\n")),
+        ("Generate a JSON with the brand, model and car_type of the most iconic car from the 90's",
+         GuidedDecodingParams(json=CAR)),  # vLLM's older spelling
+        ("Generate an SQL query to show the 'username' and 'email' from the 'users' table.",
+         StructuredOutputsParams(grammar=sql)),
+    ]
+    params = []
+    for _, so in cases:
+        p = llm.get_default_sampling_params()
+        p.temperature, p.max_tokens, p.structured_outputs = 0.0, 96, so  # adjusted after construction
+        params.append(p)
+    outs = llm.generate([chat_prompt(llm, text) for text, _ in cases], params, use_tqdm=False)
+    texts = [o.outputs[0].text for o in outs]
+    assert all(o.outputs[0].finish_reason == "stop" for o in outs), texts
+    assert texts[0] in ("Positive", "Negative")
+    assert re.fullmatch(r"\w+@\w+\.com\n", texts[1]), texts[1]
+    jsonschema.validate(json.loads(texts[2]), CAR)
+    assert re.fullmatch(r"SELECT (col_1|col_2)  from (table_1|table_2)  where (col_1|col_2) = (1|2) ", texts[3])
+    assert llm.engine.runner.structured.num_live_matchers == 0  # released when the requests finished
+
+
+def test_bad_constraint_is_refused_before_it_runs(bundled_llm):
+    with pytest.raises(ValueError, match="regex"):
+        bundled_llm.generate(["x"], SamplingParams(structured_outputs=StructuredOutputsParams(regex="[a-")),
+                             use_tqdm=False)
+    bad = SamplingParams(max_tokens=4)
+    bad.structured_outputs = StructuredOutputsParams(choice=["a"])
+    bad.structured_outputs.choice = []  # broken after construction: verify() catches it when the engine copies it
+    with pytest.raises(ValueError, match="choice"):
+        bundled_llm.generate(["x"], bad, use_tqdm=False)
+    assert not bundled_llm.engine.has_unfinished_requests()
+
+
+def _run_batch(llm, structured: bool) -> tuple[dict[str, list[int]], list[float], int]:
+    """PROMPTS unconstrained + as many extra requests (constrained or not); per-step wall times."""
+    engine = llm.engine
+    plain = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    extra = plain.replace(structured_outputs=StructuredOutputsParams(regex=LONG_REGEX)) if structured else plain
+    ids = [engine.add_request(None, p, plain) for p in PROMPTS]
+    for p in PROMPTS:
+        engine.add_request(None, p + " The", extra)
+    tokens, times = {}, []
+    while engine.has_unfinished_requests():
+        t0 = time.perf_counter()
+        outs = engine.step()
+        times.append(time.perf_counter() - t0)
+        for out in outs:
+            if out.finished and out.request_id in ids:
+                tokens[out.request_id] = out.outputs[0].token_ids
+    return {p: tokens[i] for p, i in zip(PROMPTS, ids)}, times[1:], len(times)  # [1:]: the prefill step
+
+
+def test_unstructured_requests_keep_tokens_and_speed(bundled_llm, monkeypatch):
+    llm = bundled_llm
+    grammar_s: list[float] = []
+    fill = llm.engine.runner._grammar_bitmask
+    apply = sampler_module.apply_token_bitmask_
+
+    def timed(fn):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                grammar_s.append(time.perf_counter() - t0)
+        return wrapper
+
+    monkeypatch.setattr(llm.engine.runner, "_grammar_bitmask", timed(fill))
+    monkeypatch.setattr(sampler_module, "apply_token_bitmask_", timed(apply))
+    _run_batch(llm, structured=True)  # warm-up: compile the grammar, load xgrammar
+    ratios = []
+    for _ in range(TIMING_ROUNDS):
+        plain_steps, mixed_steps, grammar_per_step = [], [], []
+        for _ in range(TIMING_REPEATS):  # interleaved, so both see the same machine load
+            ref_tokens, times, n_plain = _run_batch(llm, structured=False)
+            plain_steps += times
+            grammar_s.clear()
+            tokens, times, n_mixed = _run_batch(llm, structured=True)
+            mixed_steps += times
+            grammar_per_step.append(sum(grammar_s) / n_mixed)
+            # greedy tokens of the unconstrained requests do not depend on their neighbours' grammars
+            assert tokens == ref_tokens
+            assert n_mixed == n_plain  # same number of steps to finish
+        # The structured machinery (bitmask fill + apply) is what a mixed batch adds to each
+        # step; measured inside the same steps it is immune to the machine's load.
+        assert statistics.median(grammar_per_step) < (SLOWDOWN_LIMIT - 1) * statistics.median(mixed_steps)
+        # Wall clock, same run: fast steps (low quantile) show the cost without other jobs' noise.
+        ratios.append(_low_quantile(mixed_steps) / _low_quantile(plain_steps))
+        if ratios[-1] <= SLOWDOWN_LIMIT:
+            break
+    assert min(ratios) <= SLOWDOWN_LIMIT, f"mixed/plain step time ratios {ratios}"
+
+
+def _low_quantile(values: list[float]) -> float:
+    return statistics.quantiles(values, n=5)[0]  # 20th percentile
