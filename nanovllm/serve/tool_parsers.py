@@ -252,13 +252,14 @@ class ToolOutputStream:
     def parse(self, text: str) -> ParsedOutput:
         """The whole output at once: content (None when empty) and the complete tool calls.
 
-        If the text ends inside a call (cut by max_tokens) the call is dropped and the raw
-        text is returned as content, so no half-written arguments reach the client.
+        If the text ends inside a call (cut by max_tokens), that call is dropped, so no
+        half-written arguments reach the client; the complete calls before it stand. With
+        no complete call at all the raw text is returned as content.
         """
         content, _ = self.feed(text)
         rest, _ = self.finish()
         content += rest
-        if self.scanner.in_call:
+        if self.scanner.in_call and not self.tool_calls:
             return ParsedOutput(content=text or None)
         content = content.strip()
         return ParsedOutput(content=content or None, tool_calls=list(self.tool_calls))

@@ -85,7 +85,7 @@ def test_text_parts_and_chat_template_per_request(server):
     template = "{% for m in messages %}[{{ m.content }}|{{ mood }}]{% endfor %}"
     ids = tokenize({"messages": plain, "chat_template": template, "chat_template_kwargs": {"mood": "calm"}})
     assert ids == tokenize({"prompt": "[Hello\nthere|calm]", "add_special_tokens": False})
-    r = _chat(server, {"chat_template": template, "chat_template_kwargs": {"mood": "calm"}})
+    r = _chat(server, {"messages": plain, "chat_template": template, "chat_template_kwargs": {"mood": "calm"}})
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(ids)
     r = _chat(server, {"chat_template_kwargs": {"add_generation_prompt": False}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs"

@@ -89,6 +89,9 @@ def test_cut_off_call_is_returned_as_content():
     text = '<tool_call>{"name": "f", "arguments": {"a": 1'
     parsed = HermesStream().parse(text)
     assert parsed.content == text and parsed.tool_calls == []
+    # complete calls before the cut stand; the half-written one is dropped
+    parsed = RequiredStream().parse('[{"name": "f", "parameters": {"a": 1}}, {"name": "f", "parameters": {"a"')
+    assert parsed.content is None and [(c.name, c.arguments) for c in parsed.tool_calls] == [("f", '{"a": 1}')]
 
 
 def test_string_encoded_arguments_are_decoded():
