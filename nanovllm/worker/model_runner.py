@@ -270,7 +270,7 @@ class ModelRunner:
         filled = self.structured.fill_bitmask([r.request_id for r in reqs], specs, [r.output_token_ids for r in reqs])
         if filled is not None:
             bitmask, rows = filled
-            batch.grammar_bitmask = to_device_async(torch.from_numpy(bitmask), device)  # [S, W] int32
+            batch.grammar_bitmask = to_device_async(torch.from_numpy(bitmask), device)  # [R, W] int32
             batch.grammar_rows = to_device_async(torch.tensor(rows, dtype=torch.int64), device)  # [R]
 
     def resolve(self, step: LaunchedStep) -> ModelRunnerOutput:

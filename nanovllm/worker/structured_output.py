@@ -30,7 +30,8 @@ from nanovllm.sampling_params import StructuredOutputsParams
 logger = logging.getLogger("nanovllm")
 
 BITS_PER_WORD = 32
-ALL_ALLOWED = -1  # int32 with every bit set: no token masked
+# from this many grammar rows in one step, xgrammar fills their bitmasks on several threads
+BATCH_FILL_MIN_ROWS = 8
 DEFAULT_GRAMMAR_CACHE_ENTRIES = 256
 # xgrammar compiles with this many threads (its default is 8, far more than a small host has)
 COMPILER_THREADS = 2
@@ -180,6 +181,7 @@ class StructuredOutputManager:
         self.stop_token_ids = list(stop_token_ids)
         self._compiler: Optional[GrammarCompiler] = None
         self._matchers: dict[str, _Matcher] = {}
+        self._batch_filler = None  # xgrammar BatchGrammarMatcher, made when a step has many grammar rows
 
     @property
     def compiler(self) -> GrammarCompiler:
@@ -197,24 +199,32 @@ class StructuredOutputManager:
 
     def fill_bitmask(self, request_ids: Sequence[str], specs: Sequence[Optional[StructuredOutputsParams]],
                      output_token_ids: Sequence[Sequence[int]]) -> Optional[tuple[np.ndarray, list[int]]]:
-        """Bitmask of one step's sampling rows: (int32 [B, W], rows that carry a grammar), or None.
+        """Bitmasks of one step's grammar rows: (int32 [R, W], their row indices in the batch), or None.
 
-        Rows without a grammar (or whose grammar has finished) are all ones and not listed.
+        Only rows whose grammar is live get a bitmask row (finished or broken grammars do
+        not), so the host work and the copy to the device grow with R, not with the batch.
         Each matcher first accepts the request's output tokens it has not seen yet.
         """
         rows = [i for i, s in enumerate(specs) if s is not None]
         if not rows:
             return None
-        bitmask = np.full((len(specs), bitmask_width(self.vocab_size)), ALL_ALLOWED, dtype=np.int32)
-        masked = []
+        live: list[tuple[int, object]] = []
         for i in rows:
             state = self._matcher(request_ids[i], specs[i])
             self._advance(request_ids[i], state, output_token_ids[i])
-            if state.broken or state.matcher.is_terminated():
-                continue
-            state.matcher.fill_next_token_bitmask(bitmask, i)
-            masked.append(i)
-        return (bitmask, masked) if masked else None
+            if not (state.broken or state.matcher.is_terminated()):
+                live.append((i, state.matcher))
+        if not live:
+            return None
+        bitmask = np.empty((len(live), bitmask_width(self.vocab_size)), dtype=np.int32)  # [R, W]
+        if len(live) >= BATCH_FILL_MIN_ROWS:  # xgrammar fills them on several threads
+            if self._batch_filler is None:
+                self._batch_filler = self.compiler._xgr.BatchGrammarMatcher()
+            self._batch_filler.batch_fill_next_token_bitmask([m for _, m in live], bitmask)
+        else:
+            for k, (_, matcher) in enumerate(live):
+                matcher.fill_next_token_bitmask(bitmask, k)
+        return bitmask, [i for i, _ in live]
 
     def release(self, request_ids) -> None:
         """Drop the matchers of finished or aborted requests (unknown ids are ignored)."""
@@ -245,29 +255,26 @@ class StructuredOutputManager:
 # ----------------------------------------------------------------------------- apply
 
 
-def apply_token_bitmask_reference(logits: torch.Tensor, bitmask: torch.Tensor,
-                                  rows: Optional[torch.Tensor] = None) -> None:
-    """Pure torch: logits[r, t] = -inf where bit t of bitmask[r] is 0, for r in rows (None = all).
+def apply_token_bitmask_reference(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
+    """Pure torch: logits[rows[k], t] = -inf where bit t of bitmask[k] is 0.
 
-    logits: [B, V] float; bitmask: [B, W] int32 with W >= ceil(V / 32), on the logits' device.
+    logits: [B, V] float; bitmask: [R, W] int32 with W >= ceil(V / 32); rows: [R] int64 (all
+    three on one device).
     """
     vocab_size = logits.shape[-1]
     shifts = torch.arange(BITS_PER_WORD, dtype=torch.int32, device=logits.device)  # [32]
-    words = bitmask if rows is None else bitmask.index_select(0, rows)  # [R, W]
-    bits = (words.unsqueeze(-1) >> shifts) & 1  # [R, W, 32]: bit j of word w = token 32 w + j
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [R, W, 32]: bit j of word w = token 32 w + j
     disallowed = (bits == 0).flatten(1)[:, :vocab_size]  # [R, V]
-    if rows is None:
-        logits.masked_fill_(disallowed, float("-inf"))
-    else:
-        logits[rows] = logits.index_select(0, rows).masked_fill_(disallowed, float("-inf"))
+    logits.index_copy_(0, rows, logits.index_select(0, rows).masked_fill_(disallowed, float("-inf")))
 
 
 def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor,
                          use_kernel: Optional[bool] = None) -> None:
-    """Mask `logits` [B, V] in place on `rows` ([R] int64, device) with `bitmask` [B, W] (device).
+    """Mask `logits` [B, V] in place: row rows[k] with bitmask[k] ([R, W] int32, device).
 
-    On CUDA this is xgrammar's Triton kernel (one launch, row indices read on the device, no
-    host sync); elsewhere the torch reference. `use_kernel` forces the choice (tests).
+    On CUDA this is xgrammar's Triton kernel on the grammar rows (gathered when they are not
+    the whole batch; no host sync); elsewhere the torch reference. `use_kernel` forces the
+    choice (tests run xgrammar's CPU kernel).
     """
     if use_kernel is None:
         use_kernel = logits.is_cuda
@@ -276,5 +283,9 @@ def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor, rows: torc
         return
     xgr = _import_xgrammar()
     backend = "triton" if logits.is_cuda else "cpu"
-    indices = rows if logits.is_cuda else rows.tolist()
-    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[-1], indices=indices, backend=backend)
+    if rows.shape[0] == logits.shape[0]:  # every row has a grammar, in order (rows come sorted)
+        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[-1], backend=backend)
+        return
+    sub = logits.index_select(0, rows)  # [R, V]
+    xgr.apply_token_bitmask_inplace(sub, bitmask, vocab_size=logits.shape[-1], backend=backend)
+    logits.index_copy_(0, rows, sub)

@@ -139,3 +139,45 @@ def test_unstructured_requests_keep_tokens_and_speed(bundled_llm, monkeypatch):
 
 def _low_quantile(values: list[float]) -> float:
     return statistics.quantiles(values, n=5)[0]  # 20th percentile
+
+
+@pytest.mark.gpu
+def test_gpu_mixed_batch_launch_never_waits_and_keeps_tokens():
+    """On CUDA (async scheduling, CUDA graphs): grammar rows are masked by the Triton kernel,
+    launch() still never synchronizes, and unconstrained neighbours keep their greedy tokens."""
+    import warnings
+
+    import torch
+
+    from nanovllm import LLM
+
+    llm = LLM(device="cuda", max_model_len=512, max_num_seqs=16)
+    assert llm.engine.async_scheduling
+    plain = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    regex = plain.replace(structured_outputs=StructuredOutputsParams(regex=LONG_REGEX))
+    extra = [p + " The" for p in PROMPTS]
+    # same batch shapes at every step in both runs: every request runs exactly 24 tokens
+    ref = llm.generate(PROMPTS + extra, plain, use_tqdm=False)
+    runner = llm.engine.runner
+    original, syncs = runner.launch, []
+
+    def watched_launch(sched):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                return original(sched)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                syncs.extend(str(w.message) for w in caught if "called a synchronizing" in str(w.message))
+
+    runner.launch = watched_launch
+    outs = llm.generate(PROMPTS + extra, [plain] * len(PROMPTS) + [regex] * len(extra), use_tqdm=False)
+    car = SamplingParams(temperature=0, max_tokens=96, structured_outputs=StructuredOutputsParams(json=CAR))
+    cars = llm.generate([chat_prompt(llm, "Generate a JSON with the brand, model and car_type of a 90's car")] * 2,
+                        car, use_tqdm=False)
+    assert syncs == [], "launch() synchronized with the GPU:\n" + "\n".join(syncs)
+    assert [o.outputs[0].token_ids for o in outs[:len(PROMPTS)]] == [o.outputs[0].token_ids for o in ref[:len(PROMPTS)]]
+    assert all(re.fullmatch(r"[a-z ]+", o.outputs[0].text) for o in outs[len(PROMPTS):])
+    for o in cars:
+        jsonschema.validate(json.loads(o.outputs[0].text), CAR)

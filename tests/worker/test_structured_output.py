@@ -18,7 +18,7 @@ jsonschema = pytest.importorskip("jsonschema")
 
 from nanovllm.sampling_params import StructuredOutputsParams  # noqa: E402
 from nanovllm.worker.structured_output import (  # noqa: E402
-    ALL_ALLOWED,
+    BATCH_FILL_MIN_ROWS,
     StructuredOutputManager,
     apply_token_bitmask_,
     apply_token_bitmask_reference,
@@ -62,7 +62,7 @@ def decode_constrained(manager, spec, seed: int, request_id: str = "r") -> tuple
         bitmask, rows = filled
         assert rows == [0]
         logits = torch.randn(1, manager.vocab_size, generator=gen)
-        apply_token_bitmask_reference(logits, torch.from_numpy(bitmask))
+        apply_token_bitmask_reference(logits, torch.from_numpy(bitmask), torch.tensor(rows))
         token = int(logits.argmax())
         tokens.append(token)
         if token == eos:
@@ -139,11 +139,26 @@ def test_bitmask_rows_only_for_structured_requests(manager):
     spec = StructuredOutputsParams(choice=["yes", "no"])
     assert manager.fill_bitmask(["a", "b"], [None, None], [[], []]) is None
     bitmask, rows = manager.fill_bitmask(["a", "s", "b"], [None, spec, None], [[], [], []])
-    assert rows == [1]
-    assert bitmask.shape == (3, bitmask_width(manager.vocab_size)) and bitmask.dtype == np.int32
-    assert (bitmask[[0, 2]] == ALL_ALLOWED).all()
-    texts = {manager.tokenizer.decode([t]) for t in allowed_tokens(bitmask, 1, manager.vocab_size)}
+    assert rows == [1]  # one bitmask row, for the one grammar row of the batch
+    assert bitmask.shape == (1, bitmask_width(manager.vocab_size)) and bitmask.dtype == np.int32
+    texts = {manager.tokenizer.decode([t]) for t in allowed_tokens(bitmask, 0, manager.vocab_size)}
     assert texts and all("yes".startswith(x) or "no".startswith(x) for x in texts), texts
+
+
+def test_many_rows_are_filled_like_one_by_one(manager):
+    """From BATCH_FILL_MIN_ROWS rows xgrammar fills on threads: same bits as row by row."""
+    specs = [StructuredOutputsParams(json=PERSON), None, StructuredOutputsParams(choice=["yes", "no"])]
+    specs = (specs * BATCH_FILL_MIN_ROWS)[: BATCH_FILL_MIN_ROWS + 3]
+    prefix = manager.tokenizer('{"name": "Al').input_ids
+    outputs = [prefix if s is not None and s.json else [] for s in specs]
+    ids = [f"m{i}" for i in range(len(specs))]
+    bitmask, rows = manager.fill_bitmask(ids, specs, outputs)
+    assert rows == [i for i, s in enumerate(specs) if s is not None]
+    for k, i in enumerate(rows):
+        single = StructuredOutputManager(manager.tokenizer, manager.vocab_size, manager.stop_token_ids)
+        single._compiler = manager.compiler
+        alone, _ = single.fill_bitmask(["x"], [specs[i]], [outputs[i]])
+        assert np.array_equal(bitmask[k], alone[0])
 
 
 def test_finished_grammar_stops_masking(manager):
@@ -164,40 +179,44 @@ def test_refused_token_stops_constraining(manager, caplog):
 
 @pytest.mark.parametrize("vocab_size", [31, 32, 100, 1000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("row_subset", [False, True])
-def test_apply_reference_matches_xgrammar(vocab_size, dtype, row_subset):
+@pytest.mark.parametrize("rows", [[0, 3], [1], [0, 1, 2, 3, 4]])
+def test_apply_reference_matches_xgrammar(vocab_size, dtype, rows):
     gen = torch.Generator().manual_seed(vocab_size)
     batch = 5
     logits = torch.randn(batch, vocab_size, generator=gen).to(dtype)
-    bitmask = torch.randint(-(2**31), 2**31 - 1, (batch, bitmask_width(vocab_size)), generator=gen,
-                            dtype=torch.int64).to(torch.int32)
-    rows = torch.tensor([0, 3] if row_subset else list(range(batch)), dtype=torch.int64)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (len(rows), bitmask_width(vocab_size)), generator=gen,
+                            dtype=torch.int64).to(torch.int32)  # [R, W]: one row per grammar row
+    rows_t = torch.tensor(rows, dtype=torch.int64)
     ours = logits.clone()
-    apply_token_bitmask_reference(ours, bitmask, rows)
+    apply_token_bitmask_reference(ours, bitmask, rows_t)
     theirs = logits.clone()
-    apply_token_bitmask_(theirs, bitmask, rows, use_kernel=True)  # xgrammar's CPU kernel
+    apply_token_bitmask_(theirs, bitmask, rows_t, use_kernel=True)  # xgrammar's CPU kernel
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     # untouched rows stay as they were; masked entries are exactly the zero bits
     for r in range(batch):
-        if r not in rows.tolist():
+        if r not in rows:
             assert torch.equal(ours[r], logits[r])
             continue
+        k = rows.index(r)
         for t in range(vocab_size):
-            bit = (int(bitmask[r, t // 32]) >> (t % 32)) & 1
+            bit = (int(bitmask[k, t // 32]) >> (t % 32)) & 1
             assert (ours[r, t] == float("-inf")) == (bit == 0)
+            if bit:
+                assert ours[r, t] == logits[r, t]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("vocab_size", [32000, 151936])
-def test_apply_kernel_matches_reference_gpu(vocab_size):
+@pytest.mark.parametrize("rows", [[1, 2, 6], list(range(8))])
+def test_apply_kernel_matches_reference_gpu(vocab_size, rows):
     gen = torch.Generator().manual_seed(0)
     batch = 8
     logits = torch.randn(batch, vocab_size, generator=gen).to(torch.bfloat16).cuda()
-    bitmask = torch.randint(-(2**31), 2**31 - 1, (batch, bitmask_width(vocab_size)), generator=gen,
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (len(rows), bitmask_width(vocab_size)), generator=gen,
                             dtype=torch.int64).to(torch.int32).cuda()
-    rows = torch.tensor([1, 2, 6], device="cuda")
+    rows_t = torch.tensor(rows, device="cuda")
     ours = logits.clone()
-    apply_token_bitmask_reference(ours, bitmask, rows)
+    apply_token_bitmask_reference(ours, bitmask, rows_t)
     theirs = logits.clone()
-    apply_token_bitmask_(theirs, bitmask, rows)  # Triton kernel on CUDA
+    apply_token_bitmask_(theirs, bitmask, rows_t)  # Triton kernel on CUDA
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
