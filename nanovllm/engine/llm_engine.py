@@ -12,8 +12,8 @@ for step N and returns its outputs, so the host's scheduling, input preparation,
 detokenization and output building overlap the GPU's work. The scheduler plans each
 decode's next token before its value is known (`Request.num_pending_tokens`); a request
 that turns out to be finished has computed one token for nothing, which is discarded.
-Steps whose sampling needs the previous token's value (penalties, and structured outputs,
-whose grammar must accept a token before it can mask the next) wait for it first.
+Steps whose sampling needs the previous token's value (penalties) wait for it first;
+structured outputs get it inside the next launch, after its forward is queued.
 """
 
 from __future__ import annotations
@@ -438,11 +438,10 @@ class _InFlightStep:
 
 
 def _needs_token_values(sched: SchedulerOutput) -> bool:
-    """Whether a request sampled by this step needs the token's value before its next step:
-    penalties count it, a grammar must accept it before masking the next token."""
-    return any(it.needs_sample and (it.request.sampling_params.uses_penalties
-                                    or it.request.sampling_params.structured_outputs is not None)
-               for it in sched.scheduled)
+    """Whether a request sampled by this step needs the token's value on the host before its
+    next step is scheduled: penalties count it. (Grammars need it too, but later: the model
+    runner reads it from the previous step's host copy once the next forward is queued.)"""
+    return any(it.needs_sample and it.request.sampling_params.uses_penalties for it in sched.scheduled)
 
 
 class StepTimer:

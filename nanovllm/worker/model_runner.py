@@ -80,6 +80,9 @@ class ModelRunner:
         # the last step's sampled tokens on the device, and each sampling request's row there
         self._last_sampled: Optional[torch.Tensor] = None
         self._last_sampled_rows: dict[str, int] = {}
+        # ... and its host copy with the event after which it is valid (grammars read it)
+        self._last_host_tokens: Optional[torch.Tensor] = None
+        self._last_done: Optional[torch.cuda.Event] = None
         self.step_timer = None  # the engine's StepTimer when NANOVLLM_STEP_TIMING=1
 
     # ------------------------------------------------------------------ KV cache
@@ -257,17 +260,34 @@ class ModelRunner:
         if self.device.type == "cuda":
             done = torch.cuda.Event()
             done.record()
+        if reqs:
+            self._last_host_tokens, self._last_done = host_tokens, done
         return LaunchedStep(reqs, out, host_tokens, done, result)
 
     def _grammar_bitmask(self, reqs, batch: SamplingBatch, device: torch.device) -> None:
-        """Fill the bitmask rows of structured-output requests into `batch` (nothing for other batches)."""
+        """Fill the bitmask rows of structured-output requests into `batch` (nothing for other batches).
+
+        Runs after this step's forward is queued. A grammar must accept a request's previous
+        token before masking the next; with async scheduling that token may still be pending
+        (sampled by the step launched just before): its value is read from that step's host
+        copy, waiting for that step only; the device already has this step's forward to run.
+        """
         specs = [r.sampling_params.structured_outputs for r in reqs]
         if all(s is None for s in specs):
             return
+        outputs = []
+        waited = False
         for r, spec in zip(reqs, specs):
-            if spec is not None and r.num_pending_tokens:  # engine invariant: resolved before it is launched
-                raise RuntimeError(f"request {r.request_id}: grammar masking needs its previous token first")
-        filled = self.structured.fill_bitmask([r.request_id for r in reqs], specs, [r.output_token_ids for r in reqs])
+            tokens = r.output_token_ids
+            if spec is not None and r.num_pending_tokens:
+                if r.num_pending_tokens > 1:  # engine invariant: steps before the last one are resolved
+                    raise RuntimeError(f"request {r.request_id} has {r.num_pending_tokens} tokens in flight")
+                if not waited and self._last_done is not None:
+                    self._last_done.synchronize()
+                    waited = True
+                tokens = tokens + [int(self._last_host_tokens[self._pending_row(r)])]
+            outputs.append(tokens)
+        filled = self.structured.fill_bitmask([r.request_id for r in reqs], specs, outputs)
         if filled is not None:
             bitmask, rows = filled
             batch.grammar_bitmask = to_device_async(torch.from_numpy(bitmask), device)  # [R, W] int32
