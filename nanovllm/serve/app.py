@@ -3,6 +3,7 @@
     GET  /v1/models                 POST /v1/completions        POST /v1/chat/completions
     POST /tokenize                  POST /detokenize            GET  /version
     GET  /health   GET /metrics     GET|POST /ping              (never behind the API key)
+    GET  /  GET /dashboard  GET /ui/*   the web chat and dashboard (web.py; pages open, data behind the key)
 
 A thin layer: protocol.py validates the JSON, completions.py / chat.py turn it into engine
 requests, AsyncLLMEngine runs them. Every error is answered in OpenAI's shape
@@ -48,6 +49,7 @@ from nanovllm.serve.protocol import (
     TokenizeResponse,
     error_body,
 )
+from nanovllm.serve.web import add_web_ui, is_web_path
 
 logger = logging.getLogger("nanovllm")
 
@@ -70,13 +72,14 @@ class CorsSettings:
 
 
 def build_app(engine: AsyncLLMEngine, served_model_name: Optional[str] = None, api_key: Optional[str] = None,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, *, chat_template: Optional[str] = None,
-              tool_parser: Optional[str] = None, enable_auto_tool_choice: bool = False,
-              cors: Optional[CorsSettings] = None) -> FastAPI:
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, web_ui: bool = True, *,
+              chat_template: Optional[str] = None, tool_parser: Optional[str] = None,
+              enable_auto_tool_choice: bool = False, cors: Optional[CorsSettings] = None) -> FastAPI:
     """FastAPI app serving `engine` under `served_model_name` (default: the engine's model name).
 
-    With `api_key`, every route but /health, /metrics and /ping needs `Authorization: Bearer
-    <key>`. Bodies larger than `max_body_bytes` get 413. `chat_template` (Jinja text)
+    With `api_key`, every route but /health, /metrics, /ping and the web pages needs
+    `Authorization: Bearer <key>`. Bodies larger than `max_body_bytes` get 413. `web_ui`
+    adds the chat page (/) and the dashboard (/dashboard). `chat_template` (Jinja text)
     replaces the model's; `tool_parser` reads tool calls from replies when tool_choice is
     auto (only with `enable_auto_tool_choice`, as in vLLM).
     """
@@ -91,13 +94,16 @@ def build_app(engine: AsyncLLMEngine, served_model_name: Optional[str] = None, a
     app = FastAPI(title="nanovllm", description="OpenAI-compatible server of nanovllm", version=__version__)
     app.state.engine = engine
     app.state.metrics = metrics
-    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes,
+                       is_public=_with_web_paths if web_ui else PUBLIC_PATHS.__contains__)
     app.add_middleware(_RequestId)
     if cors is not None:  # outermost: preflights and error answers get the CORS headers too
         app.add_middleware(CORSMiddleware, allow_origins=cors.allowed_origins, allow_methods=cors.allowed_methods,
                            allow_headers=cors.allowed_headers, allow_credentials=cors.allow_credentials,
                            expose_headers=[REQUEST_ID_HEADER])
     _add_error_handlers(app)
+    if web_ui:
+        add_web_ui(app)
 
     def check_model(model: Optional[str]) -> None:
         if model is not None and model != name:
@@ -175,6 +181,10 @@ def build_app(engine: AsyncLLMEngine, served_model_name: Optional[str] = None, a
         return _json(DetokenizeResponse(prompt=tok.decode(body.tokens)))
 
     return app
+
+
+def _with_web_paths(path: str) -> bool:
+    return path in PUBLIC_PATHS or is_web_path(path)
 
 
 # ---------------------------------------------------------------------- request ids
@@ -329,8 +339,9 @@ def _validation_message(errors) -> tuple[str, Optional[str]]:
 class _Guard:
     """ASGI middleware: 413 for bodies over the limit, 401 without the API key (before any parsing)."""
 
-    def __init__(self, app, api_key: Optional[str], max_body_bytes: int) -> None:
+    def __init__(self, app, api_key: Optional[str], max_body_bytes: int, is_public=PUBLIC_PATHS.__contains__) -> None:
         self.app = app
+        self.is_public = is_public  # path -> True when it needs no key
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
 
@@ -338,7 +349,7 @@ class _Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        if self.api_key is not None and scope.get("path") not in PUBLIC_PATHS and scope.get("method") != "OPTIONS":
+        if self.api_key is not None and not self.is_public(scope.get("path", "")) and scope.get("method") != "OPTIONS":
             auth = headers.get(b"authorization", b"")
             scheme, _, token = auth.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key):

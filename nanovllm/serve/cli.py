@@ -28,7 +28,8 @@ def add_serve_parser(sub) -> None:
     p = sub.add_parser(
         "serve", help="OpenAI-compatible HTTP server",
         description="Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
-                    "/v1/models, /tokenize, /detokenize, /health, /ping, /version, /metrics). See docs/serving.md.",
+                    "/v1/models, /tokenize, /detokenize, /health, /ping, /version, /metrics), with a web chat at / "
+                    "and a live dashboard at /dashboard. See docs/serving.md.",
     )
     add_engine_args(p, model_positional=True)
     g = p.add_argument_group("server")
@@ -41,6 +42,8 @@ def add_serve_parser(sub) -> None:
                    help="model name clients must send (default: the MODEL argument, or the bundled model's name)")
     g.add_argument("--max-body-bytes", type=_positive_int, default=None,
                    help="largest request body accepted; larger ones get 413 (default 10 MiB)")
+    g.add_argument("--no-web-ui", dest="web_ui", action="store_false",
+                   help="leave out the browser chat (/) and the live dashboard (/dashboard)")
     g.add_argument("--uvicorn-log-level", default="warning", choices=UVICORN_LOG_LEVELS,
                    help="uvicorn's log level (default warning)")
     g = p.add_argument_group("chat templates and tools")
@@ -96,9 +99,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or args.model or engine.model_name
     app = build_app(engine, name, api_key=api_key, max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES,
                     chat_template=args.chat_template_text, tool_parser=args.tool_call_parser,
-                    enable_auto_tool_choice=args.enable_auto_tool_choice, cors=cors)
+                    enable_auto_tool_choice=args.enable_auto_tool_choice, cors=cors, web_ui=args.web_ui)
     print(f"nanovllm serve: {name} on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
+    if args.web_ui:
+        print(f"nanovllm serve: web chat on http://{args.host}:{args.port}/ and dashboard on "
+              f"http://{args.host}:{args.port}/dashboard", file=sys.stderr, flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                     timeout_graceful_shutdown=5)
