@@ -24,10 +24,14 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) 
     p.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="fraction of GPU memory for weights + activations + KV cache (default 0.9)")
     p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    p.add_argument("--allow-long-max-model-len", action="store_true",
+                   help="accept a --max-model-len beyond the model's max_position_embeddings (untrained positions)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     kwargs = {"device": args.device, "dtype": args.dtype, "enforce_eager": args.enforce_eager}
+    if getattr(args, "allow_long_max_model_len", False):
+        kwargs["allow_long_max_model_len"] = True
     for name in ("max_model_len", "max_num_seqs", "gpu_memory_utilization"):
         value = getattr(args, name, None)
         if value is not None:

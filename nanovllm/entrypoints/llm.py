@@ -9,7 +9,7 @@ from nanovllm.config import EngineConfig
 from nanovllm.engine.input_processor import PromptType
 from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.outputs import RequestOutput
-from nanovllm.sampling_params import RequestOutputKind, SamplingParams
+from nanovllm.sampling_params import RequestOutputKind, SamplingParams, require_valid_unicode
 
 Conversation = list[dict]
 
@@ -91,12 +91,14 @@ class LLM:
             return [SamplingParams()] * count
         if isinstance(params, SamplingParams):
             return [params] * count
+        if not isinstance(params, (list, tuple)):
+            raise TypeError(_params_type_message(params))
         params = list(params)
-        if len(params) != count:
-            raise ValueError(f"got {len(params)} SamplingParams for {count} prompts; pass one, or one per prompt")
         for p in params:
             if not isinstance(p, SamplingParams):
-                raise TypeError(f"sampling_params must be SamplingParams, got {type(p).__name__}")
+                raise TypeError(_params_type_message(p))
+        if len(params) != count:
+            raise ValueError(f"got {len(params)} SamplingParams for {count} prompts; pass one, or one per prompt")
         return params
 
     # ------------------------------------------------------------------ stream
@@ -105,6 +107,8 @@ class LLM:
 
         Closing the generator early (break) aborts the request and frees its blocks.
         """
+        if sampling_params is not None and not isinstance(sampling_params, SamplingParams):
+            raise TypeError(_params_type_message(sampling_params, one=True))
         params = (sampling_params or SamplingParams()).replace(output_kind=RequestOutputKind.DELTA)
         if params.n != 1:
             raise ValueError("stream() produces one completion; use n=1")
@@ -143,14 +147,46 @@ class LLM:
             raise ValueError("chat needs a tokenizer; this engine was started with skip_tokenizer_init=True")
         if chat_template is None and not getattr(tok, "chat_template", None):
             raise ValueError("this model has no chat template; pass chat_template=... or use generate()")
-        ids = tok.apply_chat_template(
-            conversation, add_generation_prompt=add_generation_prompt, tokenize=True, chat_template=chat_template,
-            return_dict=False,
-        )
+        if chat_template is not None and not isinstance(chat_template, str):
+            raise TypeError(f"chat_template must be a Jinja template string, got {type(chat_template).__name__}")
+        for i, m in enumerate(conversation):
+            for key, value in (m.items() if isinstance(m, dict) else ()):
+                if isinstance(value, str):
+                    require_valid_unicode(f"message {i} {key}", value)
+        ids = render_chat_template(tok, conversation, add_generation_prompt, chat_template)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         text = tok.decode(ids)
         return {"prompt": text, "prompt_token_ids": list(ids)}
+
+
+def render_chat_template(tok, conversation: list[dict], add_generation_prompt: bool,
+                         chat_template: Optional[str] = None):
+    """tok.apply_chat_template with the template's own errors (jinja2) as a ValueError saying whose they are."""
+    import jinja2
+
+    try:
+        return tok.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                       chat_template=chat_template, return_dict=False)
+    except jinja2.TemplateError as e:
+        whose = "the chat_template passed" if chat_template is not None else "the model's chat template"
+        raise ValueError(f"{whose} failed on these messages ({type(e).__name__}: {e}); fix the template or the "
+                         f"messages") from None
+
+
+def _params_type_message(value, one: bool = False) -> str:
+    want = "a SamplingParams" if one else "a SamplingParams or a list of them (one per prompt)"
+    hint = ""
+    if isinstance(value, dict):
+        hint = "; build one with SamplingParams(**values) or SamplingParams.from_dict(values)"
+    elif isinstance(value, str):
+        hint = "; e.g. SamplingParams(temperature=0.0, max_tokens=64)"
+    return f"sampling_params must be {want}, got {type(value).__name__} {_short_repr(value)}{hint}"
+
+
+def _short_repr(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _as_prompt_list(prompts) -> list:

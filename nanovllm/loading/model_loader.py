@@ -12,7 +12,7 @@ from nanovllm.loading.config_check import validate_hf_config
 from nanovllm.loading.resolve import ModelSource
 from nanovllm.loading.safetensors_loader import iter_safetensors
 from nanovllm.loading.weights import load_weights
-from nanovllm.models.registry import resolve_model_class
+from nanovllm.models.registry import resolve_model_class, supported_architectures
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -28,12 +28,13 @@ def load_hf_config(source: ModelSource, trust_remote_code: bool = False):
 
     path = os.path.join(source.path, "config.json")
     raw = _read_json(path)
-    if raw is not None:
+    if raw is not None and set(raw.get("architectures") or ()) & set(supported_architectures()):
         validate_hf_config(raw, path)  # before transformers, which divides by some of these fields
     try:
         config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: cannot read model config ({e})") from e
+    resolve_model_class(config)  # an unsupported architecture is the first thing to say
     validate_hf_config(config, path)
     return config
 
