@@ -13,7 +13,7 @@ from typing import AsyncIterator, Optional, Union
 
 from nanovllm.engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestFailedError, RequestStream
 from nanovllm.sampling_params import MAX_LOGPROBS
-from nanovllm.serve.completions import collect_all
+from nanovllm.serve.completions import add_requests, collect_all
 from nanovllm.serve.protocol import (
     MIN_LOGPROB,
     SSE_DONE,
@@ -63,6 +63,16 @@ class OpenAIServingChat:
             ids = ids["input_ids"]
         return list(ids)
 
+    async def render_async(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+        """`render` on the engine's preprocessing threads, after a length check that refuses a
+        conversation too long to fit without rendering it."""
+        limit = self.engine.max_prompt_chars
+        chars = sum(len(m.as_template_dict()["content"]) for m in messages)
+        if limit is not None and chars > limit:
+            raise APIError(f"messages have {chars} characters, more than any prompt that fits in max_model_len="
+                           f"{self.engine.max_model_len} tokens can have ({limit}): shorten them", param="messages")
+        return await self.engine.preprocess(self.render, messages, add_generation_prompt)
+
     async def create(self, req: ChatCompletionRequest) -> Union[ChatCompletionResponse, AsyncIterator[str]]:
         if req.top_logprobs is not None:
             if not req.logprobs:
@@ -70,7 +80,7 @@ class OpenAIServingChat:
             if not 0 <= req.top_logprobs <= MAX_LOGPROBS:
                 raise APIError(f"top_logprobs={req.top_logprobs} is out of range: must be in [0, {MAX_LOGPROBS}]",
                                param="top_logprobs")
-        ids = self.render(req.messages, req.add_generation_prompt)
+        ids = await self.render_async(req.messages, req.add_generation_prompt)
         if req.max_completion_tokens is not None:
             max_tokens, param = req.max_completion_tokens, "max_completion_tokens"
         else:
@@ -79,7 +89,8 @@ class OpenAIServingChat:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = to_sampling_params(req, max_tokens, logprobs)  # max_tokens None = up to the context
         request_id = random_id("chatcmpl")
-        stream = await self.engine.add_request({"prompt_token_ids": ids}, params, request_id=request_id)
+        [stream] = await add_requests(self.engine, [({"prompt_token_ids": ids}, params, request_id)],
+                                      {"prompt": "messages", "max_tokens": param})
         if req.stream:
             return self._stream(req, len(ids), stream, request_id)
         [(_, states)] = await collect_all([stream], req.n)

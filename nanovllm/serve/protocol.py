@@ -13,9 +13,9 @@ import uuid
 from http import HTTPStatus
 from typing import Any, ClassVar, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer
 
-from nanovllm.sampling_params import RequestOutputKind, SamplingParams
+from nanovllm.sampling_params import RequestOutputKind, SamplingParams, require_valid_unicode
 
 # ---------------------------------------------------------------------- errors
 
@@ -53,6 +53,19 @@ def error_body(message: str, status: int, param: Optional[str] = None) -> dict:
 
 class OpenAIRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, value: Any, info: ValidationInfo) -> Any:
+        """Refuse lone surrogates ("\\ud800", legal in JSON) here, with the field's name, rather
+        than as the tokenizer's internal error."""
+        if isinstance(value, str):
+            require_valid_unicode(info.field_name, value)
+        elif isinstance(value, list) and value and isinstance(value[0], str):
+            for item in value:
+                if isinstance(item, str):
+                    require_valid_unicode(info.field_name, item)
+        return value
 
 
 class StreamOptions(OpenAIRequest):
