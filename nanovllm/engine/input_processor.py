@@ -60,14 +60,14 @@ class InputProcessor:
         """Refuse text that cannot be tokenized or cannot fit, before spending time on it."""
         if not isinstance(text, str):
             raise invalid(f"{param} text must be a string, got {type(text).__name__}", param, TypeError)
-        try:
-            require_valid_unicode(param, text)
-        except ValueError as e:
-            raise invalid(str(e), param) from None
         if self.max_prompt_chars is not None and len(text) > self.max_prompt_chars:
             raise invalid(
                 f"{param} has {len(text)} characters, more than any text that fits in max_model_len="
                 f"{self.max_model_len} tokens can have ({self.max_prompt_chars}): shorten it", param)
+        try:
+            require_valid_unicode(param, text)
+        except ValueError as e:
+            raise invalid(str(e), param) from None
 
     def tokenize(self, text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
         """Checked text -> token ids (a thread-safe call: servers run it off their event loop)."""
