@@ -3,6 +3,7 @@
     GET  /v1/models                 POST /v1/completions        POST /v1/chat/completions
     POST /tokenize                  POST /detokenize
     GET  /health   GET /metrics     (never behind the API key)
+    GET  /  GET /dashboard  GET /ui/*   the web chat and dashboard (web.py; pages open, data behind the key)
 
 A thin layer: protocol.py validates the JSON, completions.py / chat.py turn it into engine
 requests, AsyncLLMEngine runs them. Every error is answered in OpenAI's shape
@@ -42,6 +43,7 @@ from nanovllm.serve.protocol import (
     TokenizeResponse,
     error_body,
 )
+from nanovllm.serve.web import add_web_ui, is_web_path
 
 logger = logging.getLogger("nanovllm")
 
@@ -51,12 +53,14 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for "client went away"; never actu
 
 
 def build_app(engine: AsyncLLMEngine, served_model_name: Optional[str] = None, api_key: Optional[str] = None,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, read_timeout: Optional[float] = None) -> FastAPI:
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, web_ui: bool = True,
+              read_timeout: Optional[float] = None) -> FastAPI:
     """FastAPI app serving `engine` under `served_model_name` (default: the engine's model name).
 
-    With `api_key`, every route but /health and /metrics needs `Authorization: Bearer <key>`.
-    Bodies larger than `max_body_bytes` get 413; bodies not complete within `read_timeout`
-    seconds of the request head get 408.
+    With `api_key`, every route but /health, /metrics and the web pages needs
+    `Authorization: Bearer <key>`. Bodies larger than `max_body_bytes` get 413; bodies not
+    complete within `read_timeout` seconds of the request head get 408. `web_ui` adds the chat
+    page (/) and the dashboard (/dashboard).
     """
     if api_key is not None and not api_key.strip():
         raise ValueError("api_key is empty: give a key, or None to serve without authentication")
@@ -69,8 +73,11 @@ def build_app(engine: AsyncLLMEngine, served_model_name: Optional[str] = None, a
     app = FastAPI(title="nanovllm", description="OpenAI-compatible server of nanovllm")
     app.state.engine = engine
     app.state.metrics = metrics
-    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes, read_timeout=read_timeout)
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes, read_timeout=read_timeout,
+                       is_public=_with_web_paths if web_ui else PUBLIC_PATHS.__contains__)
     _add_error_handlers(app)
+    if web_ui:
+        add_web_ui(app)
 
     def check_model(model: Optional[str]) -> None:
         if model is not None and model != name:
@@ -137,6 +144,10 @@ def build_app(engine: AsyncLLMEngine, served_model_name: Optional[str] = None, a
         return _json(DetokenizeResponse(prompt=await engine.preprocess(tok.decode, body.tokens)))
 
     return app
+
+
+def _with_web_paths(path: str) -> bool:
+    return path in PUBLIC_PATHS or is_web_path(path)
 
 
 # ---------------------------------------------------------------------- responses
@@ -268,8 +279,10 @@ class _Guard:
     """ASGI middleware: 401 without the API key (before any parsing), 413 for bodies over the
     limit, 408 for bodies that do not arrive in time."""
 
-    def __init__(self, app, api_key: Optional[str], max_body_bytes: int, read_timeout: Optional[float] = None) -> None:
+    def __init__(self, app, api_key: Optional[str], max_body_bytes: int, read_timeout: Optional[float] = None,
+                 is_public=PUBLIC_PATHS.__contains__) -> None:
         self.app = app
+        self.is_public = is_public  # path -> True when it needs no key
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
         self.read_timeout = read_timeout
@@ -278,7 +291,7 @@ class _Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        if self.api_key is not None and scope.get("path") not in PUBLIC_PATHS and scope.get("method") != "OPTIONS":
+        if self.api_key is not None and not self.is_public(scope.get("path", "")) and scope.get("method") != "OPTIONS":
             auth = headers.get(b"authorization", b"")
             scheme, _, token = auth.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key):

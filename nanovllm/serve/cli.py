@@ -19,7 +19,8 @@ def add_serve_parser(sub) -> None:
     p = sub.add_parser(
         "serve", help="OpenAI-compatible HTTP server",
         description="Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
-                    "/v1/models, /tokenize, /detokenize, /health, /metrics). See docs/serving.md.",
+                    "/v1/models, /tokenize, /detokenize, /health, /metrics), with a web chat at / and a live dashboard "
+                    "at /dashboard. See docs/serving.md.",
     )
     add_engine_args(p, model_positional=True)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
@@ -39,6 +40,8 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks (default: sized from memory)")
     p.add_argument("--max-body-bytes", type=int, default=None,
                    help="largest request body accepted; larger ones get 413 (default 10 MiB)")
+    p.add_argument("--no-web-ui", dest="web_ui", action="store_false",
+                   help="leave out the browser chat (/) and the live dashboard (/dashboard)")
     p.add_argument("--uvicorn-log-level", default="warning", help="uvicorn's log level (default warning)")
     add_server_limit_args(p)
     p.set_defaults(func=cmd_serve)
@@ -118,9 +121,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = AsyncLLMEngine.from_config(config)
     name = args.served_model_name or args.model or engine.model_name
     app = build_app(engine, name, api_key=api_key, max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES,
-                    read_timeout=settings.read_timeout)
+                    read_timeout=settings.read_timeout, web_ui=args.web_ui)
     print(f"nanovllm serve: {name} on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
+    if args.web_ui:
+        print(f"nanovllm serve: web chat on http://{args.host}:{args.port}/ and dashboard on "
+              f"http://{args.host}:{args.port}/dashboard", file=sys.stderr, flush=True)
     try:
         make_server(app, engine, args.host, args.port, settings, args.uvicorn_log_level).run()
     finally:

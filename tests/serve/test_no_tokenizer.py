@@ -1,4 +1,5 @@
-"""A server without a tokenizer (--skip-tokenizer-init, random dummy weights): token-id completions only."""
+"""A bare server: no tokenizer (--skip-tokenizer-init, random dummy weights), token-id completions only,
+and no web pages (--no-web-ui)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def bare(tiny_model_factory):
     engine = AsyncLLMEngine.from_config(EngineConfig(
         model=tiny_model_factory("qwen3"), device="cpu", skip_tokenizer_init=True, max_model_len=MAX_MODEL_LEN,
         extra={"load_format": "dummy"}))
-    app = build_app(engine, "tiny", max_body_bytes=4096)
+    app = build_app(engine, "tiny", max_body_bytes=4096, web_ui=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -41,6 +42,13 @@ def bare(tiny_model_factory):
     server.should_exit = True
     thread.join(30)
     engine.shutdown()
+
+
+@pytest.mark.parametrize("path", ["/", "/dashboard", "/ui/chat.js"])
+def test_no_web_ui(bare, path):
+    r = httpx.get(bare + path, timeout=30)
+    assert r.status_code == 404
+    assert r.json()["error"]["type"] == "not_found_error"
 
 
 def test_token_id_completion(bare):
