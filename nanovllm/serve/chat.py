@@ -63,15 +63,15 @@ class OpenAIServingChat:
             ids = ids["input_ids"]
         return list(ids)
 
-    async def render_async(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
-        """`render` on the engine's preprocessing threads, after a length check that refuses a
-        conversation too long to fit without rendering it."""
+    async def render_async(self, messages: list[ChatMessage], *args, **kwargs) -> list[int]:
+        """`render(messages, *args, **kwargs)` on the engine's preprocessing threads (never on the
+        event loop), after a length check that refuses a conversation too long to fit unrendered."""
         limit = self.engine.max_prompt_chars
         chars = sum(len(m.as_template_dict()["content"]) for m in messages)
         if limit is not None and chars > limit:
             raise APIError(f"messages have {chars} characters, more than any prompt that fits in max_model_len="
                            f"{self.engine.max_model_len} tokens can have ({limit}): shorten them", param="messages")
-        return await self.engine.preprocess(self.render, messages, add_generation_prompt)
+        return await self.engine.preprocess(self.render, messages, *args, **kwargs)
 
     async def create(self, req: ChatCompletionRequest) -> Union[ChatCompletionResponse, AsyncIterator[str]]:
         if req.top_logprobs is not None:

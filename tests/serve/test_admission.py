@@ -21,7 +21,7 @@ NUM_PROMPTS = 24
 def engine(tiny_model_factory):
     eng = AsyncLLMEngine.from_config(EngineConfig(
         model=tiny_model_factory("qwen3"), device="cpu", skip_tokenizer_init=True, max_model_len=128,
-        max_num_seqs=32, extra={"load_format": "dummy"}))
+        max_num_seqs=32))
     yield eng
     eng.shutdown()
 
