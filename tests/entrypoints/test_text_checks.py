@@ -38,6 +38,12 @@ def test_prompt_too_long_is_refused_before_tokenizing(bundled_llm, monkeypatch):
 ])
 def test_broken_chat_template(bundled_llm, template, words):
     with pytest.raises(ValueError, match=f"the chat_template passed failed on these messages .*{words}"):
+        bundled_llm.apply_chat_template(CHAT, chat_template=template)
+    with pytest.raises(ValueError, match="failed on these messages"):
         bundled_llm.chat(CHAT, SamplingParams(max_tokens=1), chat_template=template, use_tqdm=False)
+    assert not bundled_llm.engine.has_unfinished_requests()
+
+
+def test_chat_still_works_after_template_errors(bundled_llm):
     out = bundled_llm.chat(CHAT, SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)
     assert out[0].outputs[0].token_ids
