@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU issue's checks and benchmarks in one device call; logs and CSVs to $OUT.
-#   bash benchmarks/gpu_suite.sh [tests] [kernels] [gemv] [gemvcfg] [bench] [tput] [ab] [sync] [nopdl] [base] [trace] [tp] [bench8b] [hf] [serve] [profile]
+#   bash benchmarks/gpu_suite.sh [tests] [kernels] [gemv] [gemvcfg] [bench] [tput] [ab] [sync] [nopdl] [base] [trace] [tp] [bench8b] [hf] [serve] [soak] [nanscan] [profile]
 set -uo pipefail
 DEST=${OUT:-/tmp/nanovllm-out}; OUT=/tmp/suite-logs; mkdir -p "$OUT" "$DEST"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
@@ -45,6 +45,14 @@ for s in $steps; do
                  --input-len 512 --output-len 256 --ignore-eos --temperature 0.6 --label "qwen3-0.6b random, $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" 2>&1 | tee "$OUT/serve.log" | tail -20
              curl -s http://127.0.0.1:8123/metrics | grep -E "^nanovllm:(num_requests|kv_cache)" | tee -a "$OUT/serve.log"
              pkill -f "nanovllm.cli.main serve" ;;
+    soak)    # benchmarks/soak.py for $SOAK_MINUTES (default 5) on the GPU; needs the carried wheels as for serve
+             # (plus aiohttp and matplotlib when the image lacks them); CSV, PNG, JSON and server log to $DEST/soak
+             python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
+             timeout $(( ${SOAK_MINUTES:-5} * 60 + 240 )) python3 benchmarks/soak.py --minutes ${SOAK_MINUTES:-5} \
+                 --concurrency ${SOAK_CONCURRENCY:-64} --max-output 256 --out-dir "$DEST/soak" --tag "soak_$(date +%F)_gpu" \
+                 -- ${SOAK_SERVE_ARGS:-benchmarks/configs/qwen3-0.6b --load-format dummy --skip-tokenizer-init --max-model-len 2048} \
+                 2>&1 | tee "$OUT/soak.log" | tail -40 ;;
+    nanscan) timeout 120 python3 benchmarks/nan_scan_cost.py 2>&1 | tee "$OUT/nan_scan.log" ;;
     base)    # same-run baseline: an earlier commit's tree carried in $BASE_DIR (git archive C | tar -x -C .base),
              # its rows go to this tree's CSVs under commit $BASE_COMMIT
              csvdir=$PWD/benchmarks/results

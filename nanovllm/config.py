@@ -27,6 +27,9 @@ class EngineConfig:
     dtype: str = "auto"
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     max_model_len: Optional[int] = None  # None = model's max_position_embeddings (capped)
+    # A max_model_len beyond the model's max_position_embeddings is refused unless this is set
+    # (positions the model was never trained on; vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN=1).
+    allow_long_max_model_len: bool = False
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
     block_size: int = DEFAULT_BLOCK_SIZE
@@ -77,6 +80,8 @@ class EngineConfig:
             raise ValueError(f"block_size={self.block_size} must be a power of two (e.g. 16)")
         if self.max_model_len is not None:
             _positive_int("max_model_len", self.max_model_len)
+        if not isinstance(self.allow_long_max_model_len, bool):
+            raise TypeError(f"allow_long_max_model_len must be True or False, got {self.allow_long_max_model_len!r}")
         if self.num_kv_blocks is not None:
             _positive_int("num_kv_blocks", self.num_kv_blocks)
         if not isinstance(self.gpu_memory_utilization, (int, float)) or not 0 < self.gpu_memory_utilization <= 1:

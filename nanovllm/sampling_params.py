@@ -24,7 +24,25 @@ from typing import Any, Optional, Union
 MAX_LOGPROBS = 20
 # Temperatures below this are treated as greedy (avoids dividing by ~0).
 GREEDY_TEMPERATURE_EPS = 1e-5
-DEFAULT_MAX_TOKENS = 16
+# Stop strings are searched in every step's new text of every completion, so their number
+# and size are capped: one request must not slow the steps every other request shares.
+MAX_STOP_STRINGS = 32
+MAX_STOP_STRINGS_CHARS = 2048  # all stop strings of a request together
+MAX_STOP_TOKEN_IDS = 1024  # checked per generated token
+
+
+class _DefaultMaxTokens(int):
+    """The default max_tokens: an int that remembers it was not chosen by the user.
+
+    An explicit max_tokens that does not fit in the context is refused (as the server's
+    400 does); the default is clamped to the room left. `replace()` keeps the marker.
+    """
+
+    def __repr__(self) -> str:
+        return int.__repr__(self)
+
+
+DEFAULT_MAX_TOKENS = _DefaultMaxTokens(16)
 
 
 class RequestOutputKind(enum.Enum):
@@ -225,6 +243,11 @@ class SamplingParams:
         return 0 if self.top_k in (0, -1) else self.top_k
 
     @property
+    def max_tokens_is_default(self) -> bool:
+        """True when max_tokens was left at its default (clamped to the context, never refused)."""
+        return type(self.max_tokens) is _DefaultMaxTokens
+
+    @property
     def uses_penalties(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
@@ -288,12 +311,42 @@ def _normalize_stop(stop) -> list[str]:
         stop = [stop]
     if not isinstance(stop, (list, tuple)):
         raise TypeError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise ValueError(f"stop has {len(stop)} strings; at most {MAX_STOP_STRINGS} are allowed")
     for s in stop:
         if not isinstance(s, str):
             raise TypeError(f"stop must contain only strings, got {s!r}")
         if s == "":
             raise ValueError("stop strings must be non-empty")
+        require_valid_unicode("stop", s)
+    total = sum(len(s) for s in stop)
+    if total > MAX_STOP_STRINGS_CHARS:
+        raise ValueError(f"stop strings have {total} characters together; at most {MAX_STOP_STRINGS_CHARS} "
+                         f"are allowed")
     return list(stop)
+
+
+def require_valid_unicode(name: str, text: str) -> None:
+    """Refuse lone UTF-16 surrogates (e.g. JSON's "\\ud800"): no tokenizer can encode them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name} contains an invalid character {text[e.start]!r} at position {e.start} (a lone "
+                         f"UTF-16 surrogate): send valid Unicode text") from None
+
+
+def require_valid_unicode_in(name: str, value: Any) -> None:
+    """require_valid_unicode on every string of a JSON-like value (nested lists and dicts, keys too)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            require_valid_unicode(name, item)
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
 
 
 def _normalize_token_ids(name, ids) -> list[int]:
@@ -301,6 +354,8 @@ def _normalize_token_ids(name, ids) -> list[int]:
         return []
     if not isinstance(ids, (list, tuple)):
         raise TypeError(f"{name} must be a list of token ids, got {type(ids).__name__}")
+    if len(ids) > MAX_STOP_TOKEN_IDS:
+        raise ValueError(f"{name} has {len(ids)} token ids; at most {MAX_STOP_TOKEN_IDS} are allowed")
     for t in ids:
         if not _is_int(t) or t < 0:
             raise ValueError(f"{name} must contain non-negative integer token ids, got {t!r}")

@@ -83,6 +83,7 @@ class EngineArgs:
     device: str = "auto"
     seed: int = 0
     max_model_len: Optional[int] = None
+    allow_long_max_model_len: bool = False
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
     block_size: int = DEFAULT_BLOCK_SIZE
@@ -157,6 +158,9 @@ class EngineArgs:
             g.add_argument("--seed", type=int, default=0, help="engine seed (default 0)")
         g.add_argument("--max-model-len", type=_positive_int, default=None,
                        help="longest prompt + completion in tokens (default: the model's, capped at 32768)")
+        g.add_argument("--allow-long-max-model-len", action="store_true",
+                       help="accept a --max-model-len beyond the model's max_position_embeddings "
+                            "(untrained positions; vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN=1)")
         g.add_argument("--max-num-seqs", type=_positive_int, default=DEFAULT_MAX_NUM_SEQS,
                        help=f"most sequences in one batch (default {DEFAULT_MAX_NUM_SEQS})")
         g.add_argument("--max-num-batched-tokens", type=_positive_int, default=DEFAULT_MAX_NUM_BATCHED_TOKENS,

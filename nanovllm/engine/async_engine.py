@@ -13,17 +13,27 @@
   error is logged, and the loop goes on serving the others. If the engine cannot even abort
   them, it is marked dead: every stream fails and new requests raise `EngineDeadError`.
 - With nothing to do the thread waits on a condition variable (no polling).
+- Several requests queued by one `add_requests` call reach the engine thread together, so
+  they are all admitted in the same step (as far as seats and KV blocks allow).
+- Tokenization and chat templates run on a small thread pool (`preprocess`, `tokenize`), never
+  on the event loop (one huge prompt must not stall /health and every other stream) nor on
+  the engine thread (it would stall every step).
+- Graceful drain: `stop_accepting` refuses new requests, `abort_all` ends the live ones with
+  EngineDeadError (a 503 / an SSE error event on the server).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
+import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import AsyncIterator, Optional, Protocol
+from typing import AsyncIterator, Callable, Optional, Protocol, Sequence, TypeVar
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.input_processor import PromptType
@@ -37,6 +47,11 @@ logger = logging.getLogger("nanovllm")
 # to the running batch would otherwise repeat forever).
 MAX_CONSECUTIVE_STEP_FAILURES = 3
 SHUTDOWN_JOIN_TIMEOUT_S = 30.0
+# Threads for tokenization / chat templates (HF fast tokenizers release the GIL while encoding):
+# at most 2, and one core always left to the event loop and the engine thread.
+MAX_PREPROCESS_THREADS = 2
+
+T = TypeVar("T")
 
 
 class EngineDeadError(RuntimeError):
@@ -132,12 +147,15 @@ class AsyncLLMEngine:
         self._cond = threading.Condition()
         self._commands: list[tuple] = []  # guarded by _cond
         self._stopping = False  # guarded by _cond
+        self._closed: Optional[str] = None  # why new requests are refused (graceful drain)
         self._dead: Optional[BaseException] = None
         self._streams: dict[str, _Stream] = {}  # engine thread only
         self._observers: list[RequestObserver] = []
         self._ids = itertools.count()
         self._consecutive_failures = 0
         self._stats = dict(engine.stats())
+        threads = max(1, min(MAX_PREPROCESS_THREADS, len(os.sched_getaffinity(0)) - 1))
+        self._preprocess = ThreadPoolExecutor(threads, thread_name_prefix="nanovllm-preprocess")
         self._thread = threading.Thread(target=self._run, name="nanovllm-engine", daemon=True)
         self._thread.start()
 
@@ -148,7 +166,8 @@ class AsyncLLMEngine:
     # ------------------------------------------------------------------ public (event loop side)
     @property
     def is_running(self) -> bool:
-        return self._thread.is_alive() and self._dead is None and not self._stopping
+        """Alive and accepting requests (False while draining)."""
+        return self._thread.is_alive() and self._dead is None and not self._stopping and self._closed is None
 
     @property
     def dead_error(self) -> Optional[BaseException]:
@@ -167,26 +186,92 @@ class AsyncLLMEngine:
         """Queue a request; returns its stream once the engine accepted it.
 
         Raises what LLMEngine.add_request raises (ValueError/TypeError for bad input), or
-        EngineDeadError. Outputs are always DELTA, whatever `params.output_kind` says.
+        EngineDeadError. Outputs are always DELTA, whatever `params.output_kind` says. A text
+        prompt is tokenized on the preprocessing threads first.
         """
+        [stream] = await self.add_requests([(prompt, params, request_id)], arrival_time)
+        return stream
+
+    async def add_requests(self, requests: Sequence[tuple[PromptType, Optional[SamplingParams], Optional[str]]],
+                           arrival_time: Optional[float] = None) -> list[RequestStream]:
+        """Queue (prompt, params, request_id or None) requests together; their streams, in order.
+
+        The engine thread takes them in one go, so all of them are admitted in the same step
+        as far as seats and KV blocks allow (one request of 64 prompts is not 64 steps of
+        admission). All or nothing: when one is refused, the accepted ones are aborted and the
+        first error is raised.
+        """
+        self._check_accepting()
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        loop = asyncio.get_running_loop()
+        commands = []
+        for prompt, params, request_id in requests:
+            params = SamplingParams() if params is None else params
+            if not isinstance(params, SamplingParams):
+                raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+            params = params.replace(output_kind=RequestOutputKind.DELTA)
+            request_id = f"async-{next(self._ids)}" if request_id is None else request_id
+            commands.append(("add", request_id, prompt, params, arrival, _Stream(loop, asyncio.Queue(),
+                                                                                  loop.create_future())))
+        commands = await self._pretokenize(commands)
+        self._check_accepting()
+        if not self._submit(*commands):
+            raise EngineDeadError("the engine is shutting down")
+        ids = [c[1] for c in commands]
+        try:
+            results = await asyncio.gather(*(c[5].accepted for c in commands), return_exceptions=True)
+        except asyncio.CancelledError:
+            for rid in ids:
+                self.abort(rid)  # commands run in order: these aborts come after the adds
+            raise
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            for rid, r in zip(ids, results):
+                if not isinstance(r, BaseException):
+                    self.abort(rid)
+            raise errors[0]
+        return [RequestStream(self, c[1], c[5].queue) for c in commands]
+
+    async def _pretokenize(self, commands: list[tuple]) -> list[tuple]:
+        """Text prompts -> {"prompt", "prompt_token_ids"} on the preprocessing threads."""
+        texts = [(i, c[2]) for i, c in enumerate(commands) if _prompt_text(c[2]) is not None]
+        if not texts or self.tokenizer is None:
+            return commands
+        ids = await self.tokenize([_prompt_text(p) for _, p in texts])
+        commands = list(commands)
+        for (i, prompt), prompt_ids in zip(texts, ids):
+            c = commands[i]
+            commands[i] = (c[0], c[1], {"prompt": _prompt_text(prompt), "prompt_token_ids": prompt_ids}, *c[3:])
+        return commands
+
+    def _check_accepting(self) -> None:
         if self._dead is not None or not self._thread.is_alive():
             raise EngineDeadError(f"the engine is not running ({self._dead or 'shut down'})")
-        params = SamplingParams() if params is None else params
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
-        params = params.replace(output_kind=RequestOutputKind.DELTA)
-        request_id = f"async-{next(self._ids)}" if request_id is None else request_id
+        if self._closed is not None:
+            raise EngineDeadError(self._closed)
+
+    # ------------------------------------------------------------------ preprocessing (off the event loop)
+    def check_text(self, text: str, param: str = "prompt") -> None:
+        """Cheap checks of a text before it is tokenized (type, length bound, valid Unicode)."""
+        self.engine.input_processor.check_text(text, param)
+
+    @property
+    def max_prompt_chars(self) -> Optional[int]:
+        """Longest text that could fit in the context (None: no bound known)."""
+        return self.engine.input_processor.max_prompt_chars
+
+    async def preprocess(self, fn: Callable[..., T], *args, **kwargs) -> T:
+        """Run fn (tokenization, a chat template, decoding) on the preprocessing threads."""
         loop = asyncio.get_running_loop()
-        stream = _Stream(loop, asyncio.Queue(), loop.create_future())
-        arrival = time.monotonic() if arrival_time is None else arrival_time
-        if not self._submit(("add", request_id, prompt, params, arrival, stream)):
-            raise EngineDeadError("the engine is shutting down")
-        try:
-            await stream.accepted  # raises the add_request error
-        except asyncio.CancelledError:
-            self.abort(request_id)  # commands run in order: this abort comes after the add
-            raise
-        return RequestStream(self, request_id, stream.queue)
+        return await loop.run_in_executor(self._preprocess, functools.partial(fn, *args, **kwargs))
+
+    async def tokenize(self, texts: Sequence[str], add_special_tokens: bool = True,
+                       param: str = "prompt") -> list[list[int]]:
+        """Token ids of each text (checked first, as `check_text`), tokenized off the event loop."""
+        for text in texts:
+            self.check_text(text, param)
+        tokenize = self.engine.input_processor.tokenize  # reads only the tokenizer: thread-safe
+        return await self.preprocess(lambda: [tokenize(t, add_special_tokens, param) for t in texts])
 
     async def generate(self, prompt: PromptType, params: Optional[SamplingParams] = None,
                        request_id: Optional[str] = None) -> AsyncIterator[RequestOutput]:
@@ -208,21 +293,32 @@ class AsyncLLMEngine:
         snap["engine_alive"] = self.is_running
         return snap
 
+    def stop_accepting(self, reason: str) -> None:
+        """Graceful drain, first half: new requests raise EngineDeadError(reason), /health says
+        not running; requests already accepted carry on."""
+        self._closed = reason
+
+    def abort_all(self, reason: str) -> None:
+        """Graceful drain, second half: every live request fails with EngineDeadError(reason) and
+        its blocks are freed (safe from any thread)."""
+        self._submit(("abort_all", reason))
+
     def shutdown(self, timeout: float = SHUTDOWN_JOIN_TIMEOUT_S) -> None:
         """Stop the engine thread; live streams fail with EngineDeadError."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
+        self._preprocess.shutdown(wait=False, cancel_futures=True)
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
     # ------------------------------------------------------------------ engine thread
-    def _submit(self, command: tuple) -> bool:
-        """Queue a command for the engine thread; False once shutdown started (nobody would run it)."""
+    def _submit(self, *commands: tuple) -> bool:
+        """Queue commands for the engine thread (taken together); False once shutdown started."""
         with self._cond:
             if self._stopping:
                 return False
-            self._commands.append(command)
+            self._commands.extend(commands)
             self._cond.notify()
             return True
 
@@ -246,6 +342,15 @@ class AsyncLLMEngine:
         self._fail_all(EngineDeadError("the engine was shut down"))
 
     def _apply(self, command: tuple) -> None:
+        if command[0] == "abort_all":
+            live = list(self._streams)
+            try:
+                self.engine.abort_request(live)
+            except Exception as e:  # never user input: the engine's state is broken
+                self._die(e)
+                return
+            self._fail(live, EngineDeadError(command[1]))
+            return
         if command[0] == "abort":
             rid = command[1]
             stream = self._streams.pop(rid, None)
@@ -367,6 +472,15 @@ class AsyncLLMEngine:
         logger.error("nanovllm engine is dead: %r", error)
         self._dead = error
         self._fail_all(EngineDeadError(f"the engine died: {error!r}"))
+
+
+def _prompt_text(prompt: PromptType) -> Optional[str]:
+    """The text of a prompt that still needs tokenizing, else None."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, dict) and "prompt_token_ids" not in prompt and isinstance(prompt.get("prompt"), str):
+        return prompt["prompt"]
+    return None
 
 
 # ---------------------------------------------------------------------- event-loop callbacks

@@ -30,7 +30,7 @@ import torch
 
 from nanovllm.config import DEFAULT_CPU_KV_CACHE_TOKENS, EngineConfig
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
-from nanovllm.engine.input_processor import InputProcessor, PromptType
+from nanovllm.engine.input_processor import InputProcessor, PromptType, invalid
 from nanovllm.engine.kv_cache_manager import KVCacheManager
 from nanovllm.engine.request import Request, RequestStatus
 from nanovllm.engine.scheduler import ModelRunnerOutput, Scheduler, SchedulerConfig, SchedulerOutput
@@ -150,8 +150,13 @@ class LLMEngine:
         if self.config.max_model_len is None:
             return min(model_max, DEFAULT_MAX_MODEL_LEN_CAP)
         if self.config.max_model_len > model_max:
-            logger.warning("max_model_len %d exceeds the model's max_position_embeddings %d",
-                           self.config.max_model_len, model_max)
+            if not self.config.allow_long_max_model_len:
+                raise ValueError(
+                    f"max_model_len={self.config.max_model_len} is longer than the model's max_position_embeddings="
+                    f"{model_max}: lower it, or pass allow_long_max_model_len=True (CLI: --allow-long-max-model-len) "
+                    f"to use positions the model was not trained on")
+            logger.warning("max_model_len %d exceeds the model's max_position_embeddings %d "
+                           "(allow_long_max_model_len=True)", self.config.max_model_len, model_max)
         return self.config.max_model_len
 
     def _num_kv_blocks(self) -> int:
@@ -183,14 +188,19 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         processed = self.input_processor.process_prompt(prompt)
         prompt_len = len(processed.prompt_token_ids)
-        for tid in list(params.stop_token_ids) + list((params.logit_bias or {}).keys()):
-            if tid >= self.hf_config.vocab_size:
-                raise ValueError(f"token id {tid} in stop_token_ids/logit_bias is outside the vocabulary "
-                                 f"[0, {self.hf_config.vocab_size})")
+        for field_name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or {})):
+            bad = next((t for t in ids if t >= self.hf_config.vocab_size), None)
+            if bad is not None:
+                raise invalid(f"token id {bad} in {field_name} is outside the vocabulary "
+                              f"[0, {self.hf_config.vocab_size})", field_name)
         if params.structured_outputs is not None:
             if self.tokenizer is None:
-                raise ValueError("structured outputs need a tokenizer; this engine runs with skip_tokenizer_init=True")
-            self.runner.structured.validate(params.structured_outputs)  # compiled (cached) now: bad specs fail here
+                raise invalid("structured outputs need a tokenizer; this engine runs with skip_tokenizer_init=True",
+                              "structured_outputs")
+            try:  # compiled (cached) now: bad specs fail here
+                self.runner.structured.validate(params.structured_outputs)
+            except (ValueError, TypeError) as e:
+                raise invalid(str(e), "structured_outputs", type(e)) from None
         max_tokens = self.input_processor.resolve_max_tokens(params, prompt_len)
         self.input_processor.check_fits(params, prompt_len, max_tokens)
         now = arrival_time if arrival_time is not None else time.monotonic()

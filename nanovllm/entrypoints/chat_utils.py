@@ -4,6 +4,11 @@ Shared by `LLM.chat` and the server. Messages may carry text content parts, assi
 `tool_calls` and `tool` results; image and audio parts are refused (the models served are
 text-only). Tool definitions reach the template as `tools=` (transformers' convention),
 extra template variables (e.g. Qwen3's `enable_thinking`) as `chat_template_kwargs`.
+
+Every string is checked for lone surrogates first, and the rendered text goes through the
+engine's `check_text` (length bound, before the tokenizer spends time on it) when given.
+Template errors (jinja2's own, `raise_exception` in the template) become a ValueError that
+says whose template failed.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
+
+from nanovllm.sampling_params import require_valid_unicode, require_valid_unicode_in
 
 logger = logging.getLogger("nanovllm")
 
@@ -28,7 +35,9 @@ def load_chat_template(value: Optional[str]) -> Optional[str]:
     """A chat template given as a file path or as the Jinja text itself (`--chat-template`)."""
     if value is None:
         return None
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str):
+        raise TypeError(f"chat_template must be a Jinja template string or a file path, got {type(value).__name__}")
+    if not value.strip():
         raise ValueError(f"chat template must be a file path or Jinja text, got {value!r}")
     path = os.path.expanduser(value)
     if os.path.isfile(path):
@@ -117,11 +126,17 @@ def _tool_call_for_template(call: Any, where: str) -> dict:
 
 
 class ChatRenderer:
-    """Renders conversations with one tokenizer; `default_template` overrides the tokenizer's."""
+    """Renders conversations with one tokenizer; `default_template` overrides the tokenizer's.
 
-    def __init__(self, tokenizer, default_template: Optional[str] = None) -> None:
+    `check_text(text, param)`: the engine's check of a text about to be tokenized (it raises
+    when the text cannot fit in the context); run on the rendered conversation.
+    """
+
+    def __init__(self, tokenizer, default_template: Optional[str] = None,
+                 check_text: Optional[Callable[[str, str], None]] = None) -> None:
         self.tokenizer = tokenizer
         self.default_template = default_template
+        self.check_text = check_text
         self._warned_tools_ignored = False
 
     @property
@@ -149,18 +164,34 @@ class ChatRenderer:
         if reserved:
             raise ValueError(f"chat_template_kwargs may not set {reserved}: use the request's own fields")
         conversation = normalize_messages(messages)
+        for i, msg in enumerate(conversation):
+            for key, value in msg.items():
+                require_valid_unicode_in(f"message {i} {key}", value)
+        require_valid_unicode_in("tools", tools)
+        require_valid_unicode_in("chat_template_kwargs", kwargs)
+        if chat_template is not None:
+            require_valid_unicode("chat_template", chat_template)
         if tools and not self._warned_tools_ignored and "tools" not in (template or tok.chat_template or ""):
             self._warned_tools_ignored = True
             logger.warning("the chat template never mentions `tools`, so the model is not shown the tool "
                            "definitions; pass a tool-aware template (--chat-template, e.g. "
                            "examples/tool_chat_template_chatml.jinja)")
-        try:
-            ids = tok.apply_chat_template(
+        try:  # rendered first, tokenized below (what tokenize=True does) after the text is checked
+            text = tok.apply_chat_template(
                 conversation, tools=tools or None, chat_template=template, add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message, tokenize=True, return_dict=False, **kwargs,
+                continue_final_message=continue_final_message, tokenize=False, **kwargs,
             )
         except Exception as e:  # jinja errors (raise_exception in the template, bad role order) are the caller's
-            raise ValueError(f"the chat template refused these messages: {e}") from None
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return list(ids)
+            if chat_template is not None:
+                whose = "the chat_template passed"
+            elif self.default_template is not None:
+                whose = "the default chat template (--chat-template)"
+            else:
+                whose = "the model's chat template"
+            raise ValueError(f"{whose} failed on these messages ({type(e).__name__}: {e}); fix the template or "
+                             f"the messages") from None
+        if self.check_text is not None:
+            self.check_text(text, "messages")
+        else:
+            require_valid_unicode("the rendered conversation", text)
+        return list(tok(text, add_special_tokens=False).input_ids)

@@ -28,7 +28,7 @@ class LLM:
         self.config = EngineArgs.from_kwargs(model=model, **kwargs).create_engine_config()
         self.engine = LLMEngine(self.config)
         self._ids = itertools.count()
-        self._chat = ChatRenderer(self.engine.tokenizer)
+        self._chat = ChatRenderer(self.engine.tokenizer, check_text=self.engine.input_processor.check_text)
 
     @property
     def tokenizer(self):
@@ -96,12 +96,14 @@ class LLM:
             return [self.get_default_sampling_params()] * count
         if isinstance(params, SamplingParams):
             return [params] * count
+        if not isinstance(params, (list, tuple)):
+            raise TypeError(_params_type_message(params))
         params = list(params)
-        if len(params) != count:
-            raise ValueError(f"got {len(params)} SamplingParams for {count} prompts; pass one, or one per prompt")
         for p in params:
             if not isinstance(p, SamplingParams):
-                raise TypeError(f"sampling_params must be SamplingParams, got {type(p).__name__}")
+                raise TypeError(_params_type_message(p))
+        if len(params) != count:
+            raise ValueError(f"got {len(params)} SamplingParams for {count} prompts; pass one, or one per prompt")
         return params
 
     # ------------------------------------------------------------------ stream
@@ -110,6 +112,8 @@ class LLM:
 
         Closing the generator early (break) aborts the request and frees its blocks.
         """
+        if sampling_params is not None and not isinstance(sampling_params, SamplingParams):
+            raise TypeError(_params_type_message(sampling_params, one=True))
         params = (sampling_params or self.get_default_sampling_params()).replace(output_kind=RequestOutputKind.DELTA)
         if params.n != 1:
             raise ValueError("stream() produces one completion; use n=1")
@@ -172,6 +176,21 @@ class LLM:
 def _no_lora(lora_request) -> None:
     if lora_request is not None:
         raise ValueError("LoRA adapters are not supported by nanovllm; pass lora_request=None")
+
+
+def _params_type_message(value, one: bool = False) -> str:
+    want = "a SamplingParams" if one else "a SamplingParams or a list of them (one per prompt)"
+    hint = ""
+    if isinstance(value, dict):
+        hint = "; build one with SamplingParams(**values) or SamplingParams.from_dict(values)"
+    elif isinstance(value, str):
+        hint = "; e.g. SamplingParams(temperature=0.0, max_tokens=64)"
+    return f"sampling_params must be {want}, got {type(value).__name__} {_short_repr(value)}{hint}"
+
+
+def _short_repr(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _as_prompt_list(prompts) -> list:

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
+from nanovllm.loading.config_check import validate_hf_config
+
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_GGUF_VERSIONS = (2, 3)  # v1 (2023) counted with 32-bit ints; nothing ships it any more
@@ -269,7 +271,8 @@ def _hf_config(path: str, header: _Header):
     hidden_size, num_heads = get("embedding_length"), get("attention.head_count")
     spec = SUPPORTED_ARCHITECTURES[arch]
     config_class = getattr(transformers, spec.config_class_name)
-    return config_class(
+    heads_ok = isinstance(num_heads, int) and num_heads > 0 and isinstance(hidden_size, int)
+    values = dict(
         architectures=[spec.hf_architecture],
         dtype=torch.float32,  # what iter_tensors yields
         vocab_size=get("vocab_size", shapes.get("token_embd.weight", (None,))[0]),
@@ -278,7 +281,7 @@ def _hf_config(path: str, header: _Header):
         num_hidden_layers=get("block_count"),
         num_attention_heads=num_heads,
         num_key_value_heads=get("attention.head_count_kv", num_heads),
-        head_dim=get("attention.key_length", hidden_size // num_heads),
+        head_dim=get("attention.key_length", hidden_size // num_heads if heads_ok else None),
         max_position_embeddings=get("context_length"),
         rms_norm_eps=get("attention.layer_norm_rms_epsilon"),
         rope_theta=get("rope.freq_base", 10000.0),  # transformers 5 keeps it in rope_parameters
@@ -289,6 +292,8 @@ def _hf_config(path: str, header: _Header):
         eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
         pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
     )
+    validate_hf_config(values, path)  # transformers divides by num_attention_heads while building some configs
+    return config_class(**values)
 
 
 def _rope_scaling(path: str, get) -> dict | None:

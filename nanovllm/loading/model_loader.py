@@ -8,10 +8,11 @@ from typing import Optional
 
 import torch
 
+from nanovllm.loading.config_check import validate_hf_config
 from nanovllm.loading.resolve import ModelSource
 from nanovllm.loading.safetensors_loader import iter_safetensors
 from nanovllm.loading.weights import load_weights
-from nanovllm.models.registry import resolve_model_class
+from nanovllm.models.registry import resolve_model_class, supported_architectures
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -20,13 +21,32 @@ def load_hf_config(source: ModelSource, trust_remote_code: bool = False):
     if source.kind == "gguf":
         from nanovllm.loading.gguf_loader import read_gguf_checkpoint
 
-        return read_gguf_checkpoint(source.path).hf_config
+        config = read_gguf_checkpoint(source.path).hf_config
+        validate_hf_config(config, source.path)
+        return config
     from transformers import AutoConfig
 
+    path = os.path.join(source.path, "config.json")
+    raw = _read_json(path)
+    if raw is not None and set(raw.get("architectures") or ()) & set(supported_architectures()):
+        validate_hf_config(raw, path)  # before transformers, which divides by some of these fields
     try:
-        return AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, json.JSONDecodeError) as e:
-        raise ValueError(f"{os.path.join(source.path, 'config.json')}: cannot read model config ({e})") from e
+        raise ValueError(f"{path}: cannot read model config ({e})") from e
+    resolve_model_class(config)  # an unsupported architecture is the first thing to say
+    validate_hf_config(config, path)
+    return config
+
+
+def _read_json(path: str) -> Optional[dict]:
+    """The file's JSON object, or None when it is absent or not an object (AutoConfig then says why)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def load_tokenizer(source: ModelSource, tokenizer_path: Optional[str] = None, trust_remote_code: bool = False):

@@ -1,7 +1,7 @@
 """Copy checkpoint tensors into a model's parameters, packed projections included.
 
-Errors name the file and the tensor: a wrong shape, an unexpected tensor or a missing one
-is a ValueError, never a silent partial load.
+Errors name the file and the tensor: a wrong shape, an unexpected tensor, a missing one or
+one holding NaN / Inf values is a ValueError, never a silent partial or corrupt load.
 """
 
 from __future__ import annotations
@@ -17,8 +17,46 @@ from nanovllm.layers.linear import WeightShapeError, default_weight_loader
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+class FiniteCheck:
+    """NaN / Inf scan of checkpoint tensors, cheap enough to run on every load.
+
+    One `aminmax` reduction per tensor on the device it is loaded to (NaN propagates into
+    both results, an Inf shows as one of them), no full-size temporaries, and one host sync
+    for the whole model at the end. benchmarks/nan_scan_cost.py times it on the 8B shape.
+    """
+
+    def __init__(self) -> None:
+        self._names: list[str] = []  # "<file>: tensor '<name>'"
+        self._extrema: list[torch.Tensor] = []  # [2] per tensor, on its device
+
+    def add(self, name: str, tensor: torch.Tensor, source: str = "checkpoint") -> None:
+        if tensor.is_floating_point() and tensor.numel():
+            low, high = torch.aminmax(tensor)
+            self._names.append(f"{source}: tensor {name!r}")
+            self._extrema.append(torch.stack((low, high)).float())
+
+    def bad_tensors(self) -> list[str]:
+        """Names of the tensors that hold a NaN or an Inf (one host sync per device)."""
+        by_device: dict[torch.device, list[int]] = {}
+        for i, e in enumerate(self._extrema):
+            by_device.setdefault(e.device, []).append(i)
+        bad: list[int] = []
+        for indices in by_device.values():
+            finite = torch.isfinite(torch.stack([self._extrema[i] for i in indices])).all(dim=1)  # [T]
+            bad += [indices[j] for j in (~finite).nonzero().flatten().tolist()]
+        return [self._names[i] for i in sorted(bad)]
+
+    def raise_if_bad(self) -> None:
+        bad = self.bad_tensors()
+        if bad:
+            more = f" ({len(bad) - 1} more tensors too)" if len(bad) > 1 else ""
+            raise ValueError(f"{bad[0]} holds NaN or Inf values{more}; the checkpoint is corrupt (download or "
+                             f"convert it again)")
+
+
 def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor, str]]) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
+    finite = FiniteCheck()
     packed = getattr(model, "packed_modules_mapping", {})
     tied = getattr(model, "tie_word_embeddings", False)
     loaded: set[str] = set()
@@ -36,13 +74,16 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor, st
         if param is None:
             raise ValueError(f"{source}: tensor {name!r} does not belong to {type(model).__name__}")
         loader = getattr(param, "weight_loader", default_weight_loader)
+        loaded_tensor = tensor.to(device=param.device, dtype=param.dtype)
+        finite.add(name, loaded_tensor, source)
         try:
             with torch.no_grad():
-                loader(param, tensor.to(param.dtype), shard, name=name)
+                loader(param, loaded_tensor, shard, name=name)
         except WeightShapeError as e:
             raise ValueError(f"{source}: {e}") from None
         loaded.add(f"{target}:{shard}")
     _check_complete(model, params, packed, loaded, tied)
+    finite.raise_if_bad()
 
 
 def _check_complete(model, params, packed, loaded, tied) -> None:

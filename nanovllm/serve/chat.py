@@ -1,8 +1,9 @@
 """POST /v1/chat/completions: messages -> the chat template -> completions, plain or SSE.
 
 The template (the request's `chat_template`, else `--chat-template`, else the model's) is
-rendered with the request's `tools` and `chat_template_kwargs` (chat_utils.ChatRenderer);
-the token ids go to the engine, so the prompt is tokenized once, here. Output constraints
+rendered with the request's `tools` and `chat_template_kwargs` (chat_utils.ChatRenderer) on
+the engine's preprocessing threads, never on the event loop, after a length precheck; the
+token ids go to the engine, so the prompt is tokenized once, there. Output constraints
 (response_format, structured_outputs, guided_*) and tool_choice required / named become a
 grammar (structured.py, tools.py); tool calls in the output are read by tools.ToolPlan.
 Streaming sends the assistant role first (one chunk per choice), then one chunk per step
@@ -19,7 +20,7 @@ from typing import AsyncIterator, Optional, Union
 from nanovllm.engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestFailedError, RequestStream
 from nanovllm.entrypoints.chat_utils import ChatRenderer
 from nanovllm.sampling_params import MAX_LOGPROBS
-from nanovllm.serve.completions import collect_all
+from nanovllm.serve.completions import add_requests, collect_all
 from nanovllm.serve.protocol import (
     MIN_LOGPROB,
     SSE_DONE,
@@ -47,7 +48,7 @@ from nanovllm.serve.protocol import (
     to_sampling_params,
     token_text,
 )
-from nanovllm.serve.structured import log_ignored_fields, structured_outputs_of
+from nanovllm.serve.structured import constraint_field, log_ignored_fields, structured_outputs_of
 from nanovllm.serve.tools import ToolPlan, plan_tools
 
 
@@ -56,7 +57,7 @@ class OpenAIServingChat:
                  tool_parser: Optional[str] = None, enable_auto_tool_choice: bool = False) -> None:
         self.engine = engine
         self.model_name = model_name
-        self.renderer = ChatRenderer(engine.tokenizer, chat_template)
+        self.renderer = ChatRenderer(engine.tokenizer, chat_template, check_text=engine.check_text)
         self.tool_parser = tool_parser
         self.enable_auto_tool_choice = enable_auto_tool_choice
 
@@ -81,6 +82,17 @@ class OpenAIServingChat:
             param = "chat_template_kwargs" if "chat_template_kwargs" in str(e) else "messages"
             raise APIError(str(e), param=param) from None
 
+    async def render_async(self, messages: list[ChatMessage], *args, **kwargs) -> list[int]:
+        """`render(messages, *args, **kwargs)` on the engine's preprocessing threads (never on the
+        event loop), after a length check that refuses a conversation too long to fit unrendered
+        (tools and template variables are checked on the thread, once rendered)."""
+        limit = self.engine.max_prompt_chars
+        chars = sum(m.num_chars() for m in messages)
+        if limit is not None and chars > limit:
+            raise APIError(f"messages have {chars} characters, more than any prompt that fits in max_model_len="
+                           f"{self.engine.max_model_len} tokens can have ({limit}): shorten them", param="messages")
+        return await self.engine.preprocess(self.render, messages, *args, **kwargs)
+
     async def create(self, req: ChatCompletionRequest,
                      request_id: Optional[str] = None) -> Union[ChatCompletionResponse, AsyncIterator[str]]:
         if req.top_logprobs is not None:
@@ -91,15 +103,15 @@ class OpenAIServingChat:
                                param="top_logprobs")
         log_ignored_fields(req)
         plan = plan_tools(req, self.tool_parser, self.enable_auto_tool_choice)
-        structured = structured_outputs_of(req)
+        structured, structured_param = structured_outputs_of(req), constraint_field(req)
         if plan.constraint is not None:
             if structured is not None:
                 raise APIError("tool_choice required / a named function already constrains the output: drop "
                                "response_format / structured_outputs", param="tool_choice")
-            structured = plan.constraint
-        ids = self.render(req.messages, req.add_generation_prompt, tools=plan.template_tools,
-                          chat_template=req.chat_template, chat_template_kwargs=req.chat_template_kwargs,
-                          continue_final_message=req.continue_final_message)
+            structured, structured_param = plan.constraint, "tools"  # the grammar is built from the tools' schemas
+        ids = await self.render_async(req.messages, req.add_generation_prompt, tools=plan.template_tools,
+                                      chat_template=req.chat_template, chat_template_kwargs=req.chat_template_kwargs,
+                                      continue_final_message=req.continue_final_message)
         if req.max_completion_tokens is not None:
             max_tokens, param = req.max_completion_tokens, "max_completion_tokens"
         else:
@@ -110,7 +122,8 @@ class OpenAIServingChat:
                                     self.engine.default_sampling_values)
         response_id = f"chatcmpl-{request_id or uuid.uuid4().hex}"
         engine_id = f"{response_id}-{uuid.uuid4().hex[:8]}"  # unique even when clients reuse X-Request-Id
-        stream = await self.engine.add_request({"prompt_token_ids": ids}, params, request_id=engine_id)
+        [stream] = await add_requests(self.engine, [({"prompt_token_ids": ids}, params, engine_id)],
+                                      {"prompt": "messages", "max_tokens": param, "structured_outputs": structured_param})
         if req.stream:
             return self._stream(req, plan, len(ids), stream, response_id)
         [(_, states)] = await collect_all([stream], req.n)

@@ -37,7 +37,10 @@ def add_serve_parser(sub) -> None:
     g.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
     g.add_argument("--api-key", default=None,
                    help=f"require `Authorization: Bearer KEY` on every route but /health, /metrics and /ping "
-                        f"(default: ${API_KEY_ENV} when set)")
+                        f"(visible to other users in `ps`: prefer --api-key-file or ${API_KEY_ENV})")
+    g.add_argument("--api-key-file", default=None,
+                   help="read the API key from this file (its first line; keeps the key out of `ps` and shell "
+                        "history)")
     g.add_argument("--served-model-name", default=None,
                    help="model name clients must send (default: the MODEL argument, or the bundled model's name)")
     g.add_argument("--max-body-bytes", type=_positive_int, default=None,
@@ -62,6 +65,7 @@ def add_serve_parser(sub) -> None:
     g.add_argument("--allowed-methods", type=_string_list, default=None, help='allowed methods (default ["*"])')
     g.add_argument("--allowed-headers", type=_string_list, default=None, help='allowed headers (default ["*"])')
     g.add_argument("--allowed-credentials", action="store_true", help="allow cookies / credentials")
+    add_server_limit_args(p)
     p.set_defaults(func=cmd_serve, check=check_serve_args, _parser=p)
 
 
@@ -77,18 +81,76 @@ def check_serve_args(args: argparse.Namespace) -> None:
                          "(CORS is off without it)")
     if args.allowed_credentials and "*" in (args.allowed_origins or []):
         raise ValueError("--allowed-credentials cannot be combined with --allowed-origins '*': list the origins")
+    args.api_key_value = resolve_api_key(args)
+    args.server_settings = server_settings(args)
+
+
+def add_server_limit_args(p: argparse.ArgumentParser) -> None:
+    """Connection limits and the drain (nanovllm/serve/server.py, docs/serving.md)."""
+    from nanovllm.serve.settings import (
+        DEFAULT_KEEP_ALIVE_S, DEFAULT_LIMIT_CONCURRENCY, DEFAULT_READ_TIMEOUT_S, DEFAULT_SHUTDOWN_TIMEOUT_S,
+    )
+
+    g = p.add_argument_group("connections and shutdown")
+    g.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT_S,
+                   help=f"on SIGTERM/SIGINT, let running requests finish for this many seconds, then end each "
+                        f"cleanly (streams: an error event and [DONE]; others: 503) (default "
+                        f"{DEFAULT_SHUTDOWN_TIMEOUT_S:g})")
+    g.add_argument("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT_S,
+                   help=f"close a connection whose request head does not arrive within this many seconds, "
+                        f"answer 408 when its body does not (default {DEFAULT_READ_TIMEOUT_S:g}; 0 = no limit)")
+    g.add_argument("--timeout-keep-alive", type=int, default=DEFAULT_KEEP_ALIVE_S,
+                   help=f"close idle keep-alive connections after this many seconds (default {DEFAULT_KEEP_ALIVE_S})")
+    g.add_argument("--limit-concurrency", type=int, default=None,
+                   help=f"most open connections / requests; beyond it new requests get 503 (default "
+                        f"{DEFAULT_LIMIT_CONCURRENCY}, lowered to fit `ulimit -n`)")
+
+
+def server_settings(args: argparse.Namespace):
+    from nanovllm.serve.settings import ServerSettings
+
+    return ServerSettings(shutdown_timeout=args.shutdown_timeout, read_timeout=args.read_timeout or None,
+                          keep_alive_timeout=args.timeout_keep_alive, limit_concurrency=args.limit_concurrency)
+
+
+def resolve_api_key(args: argparse.Namespace) -> Optional[str]:
+    """The key from --api-key, --api-key-file or $NANOVLLM_API_KEY (in that order); None = no auth.
+
+    An empty key is an error wherever it comes from: it would otherwise silently turn
+    authentication off (e.g. `--api-key "$UNSET_VARIABLE"`).
+    """
+    if args.api_key is not None and args.api_key_file is not None:
+        raise ValueError("give --api-key or --api-key-file, not both")
+    if args.api_key is not None:
+        if not args.api_key.strip():
+            raise ValueError("--api-key is empty: give a key, or leave the flag out to serve without one")
+        logger.warning("the API key on the command line is visible to other users in `ps`; prefer --api-key-file "
+                       "or $%s", API_KEY_ENV)
+        return args.api_key.strip()
+    if args.api_key_file is not None:
+        try:
+            with open(args.api_key_file, encoding="utf-8") as f:
+                key = f.readline().strip()
+        except OSError as e:
+            raise ValueError(f"--api-key-file {args.api_key_file}: cannot read it ({e.strerror})") from None
+        if not key:
+            raise ValueError(f"--api-key-file {args.api_key_file}: the first line is empty; put the key there")
+        return key
+    key = os.environ.get(API_KEY_ENV)  # the one place the variable is read (moves to nanovllm/envs.py)
+    if key is not None and not key.strip():
+        raise ValueError(f"${API_KEY_ENV} is set but empty: set it to a key, or unset it to serve without one")
+    return key.strip() if key is not None else None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from nanovllm.engine.async_engine import AsyncLLMEngine
     from nanovllm.serve.app import DEFAULT_MAX_BODY_BYTES, CorsSettings, build_app
+    from nanovllm.serve.server import make_server
 
     if not hasattr(args, "chat_template_text"):  # called without cli.main's checks
         check_serve_args(args)
     config = engine_args(args).create_engine_config()
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    api_key, settings = args.api_key_value, args.server_settings
     if not api_key and not _is_loopback(args.host):
         logger.warning("serving on %s without an API key: anyone who can reach it can use it", args.host)
     cors = None
@@ -98,16 +160,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = AsyncLLMEngine.from_config(config)
     name = args.served_model_name or args.model or engine.model_name
     app = build_app(engine, name, api_key=api_key, max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES,
-                    chat_template=args.chat_template_text, tool_parser=args.tool_call_parser,
-                    enable_auto_tool_choice=args.enable_auto_tool_choice, cors=cors, web_ui=args.web_ui)
+                    read_timeout=settings.read_timeout, chat_template=args.chat_template_text,
+                    tool_parser=args.tool_call_parser, enable_auto_tool_choice=args.enable_auto_tool_choice,
+                    cors=cors, web_ui=args.web_ui)
     print(f"nanovllm serve: {name} on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
     if args.web_ui:
         print(f"nanovllm serve: web chat on http://{args.host}:{args.port}/ and dashboard on "
               f"http://{args.host}:{args.port}/dashboard", file=sys.stderr, flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                    timeout_graceful_shutdown=5)
+        make_server(app, engine, args.host, args.port, settings, args.uvicorn_log_level).run()
     finally:
         engine.shutdown()
     return 0

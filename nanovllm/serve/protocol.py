@@ -13,9 +13,9 @@ import uuid
 from http import HTTPStatus
 from typing import Any, ClassVar, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer
 
-from nanovllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+from nanovllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams, require_valid_unicode_in
 
 # ---------------------------------------------------------------------- errors
 
@@ -53,6 +53,27 @@ def error_body(message: str, status: int, param: Optional[str] = None) -> dict:
 
 class OpenAIRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, value: Any, info: ValidationInfo) -> Any:
+        """Refuse lone surrogates ("\\ud800", legal in JSON) here, with the field's name, rather
+        than as the tokenizer's (or xgrammar's) internal error: in strings, lists of strings and
+        JSON objects (schemas, tool parameters, template variables) alike. Nested request models
+        check their own fields."""
+        if not _is_token_ids(value):
+            require_valid_unicode_in(info.field_name, value)
+        return value
+
+
+def _is_token_ids(value: Any) -> bool:
+    """A list of ints or of int lists (token ids, strictly typed): no text, and possibly long."""
+    if not isinstance(value, list) or not value:
+        return False
+    first = value[0]
+    if isinstance(first, list):
+        first = first[0] if first else 0
+    return isinstance(first, int)
 
 
 class StreamOptions(OpenAIRequest):
@@ -182,6 +203,14 @@ class ChatMessage(OpenAIRequest):
     audio: Optional[dict[str, Any]] = None
     function_call: Optional[dict[str, Any]] = None
     reasoning_content: Optional[str] = None
+
+    def num_chars(self) -> int:
+        """Characters of the text this message puts in the prompt (content, tool-call arguments)."""
+        if isinstance(self.content, str):
+            chars = len(self.content)
+        else:
+            chars = sum(len(part.text or "") for part in self.content or ())
+        return chars + sum(len(c.function.arguments) for c in self.tool_calls or ())
 
     def as_template_dict(self) -> dict:
         """The message for chat_utils.normalize_messages (which validates content parts)."""

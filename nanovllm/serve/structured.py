@@ -34,6 +34,15 @@ def log_ignored_fields(req: SamplingRequest, *extra: str) -> None:
         logger.debug("request fields accepted and ignored (no effect in nanovllm): %s", ", ".join(names))
 
 
+def constraint_field(req: SamplingRequest) -> Optional[str]:
+    """The request field that carries the output constraint (where an engine error about it points)."""
+    if req.response_format is not None and req.response_format.type != "text":
+        return "response_format"
+    if req.structured_outputs is not None:
+        return "structured_outputs"
+    return next((name for name in GUIDED_FIELDS if getattr(req, name) is not None), None)
+
+
 def structured_outputs_of(req: SamplingRequest) -> Optional[StructuredOutputsParams]:
     """The request's output constraint; APIError(400) when it gives several or a bad one."""
     found: list[tuple[str, dict]] = []  # (request field, StructuredOutputsParams kwargs)

@@ -41,7 +41,7 @@ def _assert_error(r, status, param=None, contains=()):
     ("/v1/completions", {"prompt": "hi", "logprobs": 99}, 400, "logprobs", ()),
     ("/v1/completions", {"prompt": "hi", "frobnicate": True}, 400, "frobnicate", ("frobnicate",)),
     ("/v1/completions", {"prompt": []}, 400, "prompt", ()),
-    ("/v1/completions", {"prompt": [10 ** 9]}, 400, None, ("vocabulary",)),
+    ("/v1/completions", {"prompt": [10 ** 9]}, 400, "prompt", ("vocabulary",)),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 2000}, 400, "max_tokens", ("1024", "2000")),
     ("/v1/completions", {"prompt": "hello " * 1100}, 400, "prompt", ("1024",)),
     ("/v1/chat/completions", {"messages": []}, 400, "messages", ()),
