@@ -34,11 +34,7 @@ from nanovllm.serve.protocol import (
     ChatResponseMessage,
     ChatStreamChoice,
     ChatTokenLogprob,
-    DeltaFunctionCall,
     DeltaMessage,
-    DeltaToolCall,
-    FunctionCall,
-    ToolCall,
     TopLogprob,
     UsageInfo,
     check_context_length,
@@ -49,6 +45,7 @@ from nanovllm.serve.protocol import (
     token_text,
 )
 from nanovllm.serve.structured import constraint_field, log_ignored_fields, structured_outputs_of
+from nanovllm.serve.tool_protocol import DeltaFunctionCall, DeltaToolCall, FunctionCall, ToolCall
 from nanovllm.serve.tools import ToolPlan, plan_tools
 
 

@@ -10,109 +10,27 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from http import HTTPStatus
 from typing import Any, ClassVar, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer
+from pydantic import BaseModel, ConfigDict, Field
 
-from nanovllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams, require_valid_unicode_in
-
-# ---------------------------------------------------------------------- errors
-
-ERROR_TYPES = {
-    HTTPStatus.BAD_REQUEST: "invalid_request_error",
-    HTTPStatus.UNAUTHORIZED: "authentication_error",
-    HTTPStatus.NOT_FOUND: "not_found_error",
-    HTTPStatus.METHOD_NOT_ALLOWED: "invalid_request_error",
-    HTTPStatus.REQUEST_ENTITY_TOO_LARGE: "request_too_large",
-    HTTPStatus.INTERNAL_SERVER_ERROR: "server_error",
-    HTTPStatus.SERVICE_UNAVAILABLE: "service_unavailable",
-}
-
-
-class APIError(Exception):
-    """An error answered in the OpenAI shape: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST, param: Optional[str] = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = int(status)
-        self.param = param
-
-    def body(self) -> dict:
-        return error_body(self.message, self.status, self.param)
-
-
-def error_body(message: str, status: int, param: Optional[str] = None) -> dict:
-    err_type = ERROR_TYPES.get(HTTPStatus(status), "invalid_request_error" if status < 500 else "server_error")
-    return {"error": {"message": message, "type": err_type, "param": param, "code": int(status)}}
-
+from nanovllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+from nanovllm.serve.protocol_base import APIError, OpenAIRequest, OpenAIResponse, error_body  # noqa: F401 (re-exported)
+from nanovllm.serve.tool_protocol import (
+    ChatTool,
+    NamedToolChoice,
+    ResponseFormat,
+    StructuredOutputsRequest,
+    ToolCall,
+    ToolCallRequest,
+)
 
 # ---------------------------------------------------------------------- requests
-
-
-class OpenAIRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    @field_validator("*", mode="after")
-    @classmethod
-    def _valid_unicode(cls, value: Any, info: ValidationInfo) -> Any:
-        """Refuse lone surrogates ("\\ud800", legal in JSON) here, with the field's name, rather
-        than as the tokenizer's (or xgrammar's) internal error: in strings, lists of strings and
-        JSON objects (schemas, tool parameters, template variables) alike. Nested request models
-        check their own fields."""
-        if not _is_token_ids(value):
-            require_valid_unicode_in(info.field_name, value)
-        return value
-
-
-def _is_token_ids(value: Any) -> bool:
-    """A list of ints or of int lists (token ids, strictly typed): no text, and possibly long."""
-    if not isinstance(value, list) or not value:
-        return False
-    first = value[0]
-    if isinstance(first, list):
-        first = first[0] if first else 0
-    return isinstance(first, int)
 
 
 class StreamOptions(OpenAIRequest):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM extra; accepted, usage comes once at the end
-
-
-class JsonSchemaFormat(OpenAIRequest):
-    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
-    name: Optional[str] = None
-    description: Optional[str] = None
-    json_schema: Optional[dict[str, Any]] = Field(default=None, alias="schema")
-    strict: Optional[bool] = None
-
-
-class ResponseFormat(OpenAIRequest):
-    """OpenAI's response_format, plus vLLM's structural_tag (`structures` + `triggers`, or `format`)."""
-
-    type: Literal["text", "json_object", "json_schema", "structural_tag"]
-    json_schema: Optional[JsonSchemaFormat] = None
-    structures: Optional[list[dict[str, Any]]] = None
-    triggers: Optional[list[str]] = None
-    format: Optional[dict[str, Any]] = None
-
-
-class StructuredOutputsRequest(OpenAIRequest):
-    """vLLM's `structured_outputs` request object (StructuredOutputsParams' fields)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
-    json_: Union[str, dict[str, Any], None] = Field(default=None, alias="json")
-    regex: Optional[str] = None
-    choice: Optional[list[str]] = None
-    grammar: Optional[str] = None
-    json_object: Optional[bool] = None
-    structural_tag: Union[str, dict[str, Any], None] = None
-    disable_fallback: bool = False
-    disable_any_whitespace: bool = False
-    disable_additional_properties: bool = False
-    whitespace_pattern: Optional[str] = None
 
 
 class SamplingRequest(OpenAIRequest):
@@ -178,19 +96,6 @@ class ContentPart(OpenAIRequest):
     text: Optional[str] = None
 
 
-class FunctionCallRequest(OpenAIRequest):
-    name: str
-    arguments: str
-
-
-class ToolCallRequest(OpenAIRequest):
-    """An earlier assistant turn's tool call, sent back in the conversation."""
-
-    id: Optional[str] = None
-    type: Literal["function"] = "function"
-    function: FunctionCallRequest
-
-
 class ChatMessage(OpenAIRequest):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[ContentPart], None] = None
@@ -226,27 +131,6 @@ class ChatMessage(OpenAIRequest):
         return msg
 
 
-class FunctionDefinition(OpenAIRequest):
-    name: str = Field(min_length=1)
-    description: Optional[str] = None
-    parameters: Optional[dict[str, Any]] = None
-    strict: Optional[bool] = None
-
-
-class ChatTool(OpenAIRequest):
-    type: Literal["function"] = "function"
-    function: FunctionDefinition
-
-
-class NamedFunction(OpenAIRequest):
-    name: str
-
-
-class NamedToolChoice(OpenAIRequest):
-    type: Literal["function"] = "function"
-    function: NamedFunction
-
-
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = None
@@ -280,19 +164,6 @@ class DetokenizeRequest(OpenAIRequest):
 
 
 # ---------------------------------------------------------------------- responses
-
-
-class OpenAIResponse(BaseModel):
-    # fields dropped from the JSON when None (vLLM-style extras that plain OpenAI clients never see)
-    _omit_if_none: ClassVar[frozenset[str]] = frozenset()
-
-    @model_serializer(mode="wrap")
-    def _drop_empty_extras(self, handler):
-        data = handler(self)
-        for key in self._omit_if_none:
-            if data.get(key, 0) is None:
-                del data[key]
-        return data
 
 
 def random_id(prefix: str) -> str:
@@ -369,35 +240,10 @@ class ChatLogprobs(OpenAIResponse):
     content: Optional[list[ChatTokenLogprob]] = None
 
 
-class FunctionCall(OpenAIResponse):
-    name: str
-    arguments: str  # JSON text
-
-
-class ToolCall(OpenAIResponse):
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-
 class ChatResponseMessage(OpenAIResponse):
     role: Literal["assistant"] = "assistant"
     content: Optional[str] = None
     tool_calls: list[ToolCall] = Field(default_factory=list)
-
-
-class DeltaFunctionCall(OpenAIResponse):
-    _omit_if_none: ClassVar[frozenset[str]] = frozenset({"name", "arguments"})
-    name: Optional[str] = None
-    arguments: Optional[str] = None
-
-
-class DeltaToolCall(OpenAIResponse):
-    _omit_if_none: ClassVar[frozenset[str]] = frozenset({"id", "type"})
-    index: int
-    id: Optional[str] = None
-    type: Optional[Literal["function"]] = None
-    function: DeltaFunctionCall
 
 
 class ChatChoice(OpenAIResponse):

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from nanovllm.sampling_params import StructuredOutputsParams
-from nanovllm.serve.protocol import APIError, ChatCompletionRequest, NamedToolChoice
+from nanovllm.serve.protocol import APIError, ChatCompletionRequest
+from nanovllm.serve.tool_protocol import NamedToolChoice
 from nanovllm.serve.tool_parsers import TOOL_PARSERS, NamedStream, RequiredStream, ToolOutputStream
 
 logger = logging.getLogger("nanovllm")
