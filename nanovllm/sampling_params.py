@@ -45,6 +45,12 @@ class _DefaultMaxTokens(int):
 DEFAULT_MAX_TOKENS = _DefaultMaxTokens(16)
 
 
+def default_max_tokens(value):
+    """`value` as a default max_tokens (e.g. a model's generation_config max_new_tokens): clamped
+    to the room left in the context instead of refused. Non-integers are returned as given."""
+    return _DefaultMaxTokens(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 class RequestOutputKind(enum.Enum):
     """What each RequestOutput of a request carries while it runs."""
 

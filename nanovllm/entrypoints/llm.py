@@ -10,7 +10,7 @@ from nanovllm.engine.input_processor import PromptType
 from nanovllm.entrypoints.chat_utils import ChatRenderer, load_chat_template
 from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.outputs import RequestOutput
-from nanovllm.sampling_params import RequestOutputKind, SamplingParams
+from nanovllm.sampling_params import RequestOutputKind, SamplingParams, default_max_tokens
 
 Conversation = list[dict]
 
@@ -40,7 +40,10 @@ class LLM:
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams with the model's generation_config.json defaults (temperature, top_p,
         top_k, min_p, repetition_penalty, max_new_tokens), or nanovllm's without one."""
-        return SamplingParams(**self.engine.default_sampling_values)
+        values = dict(self.engine.default_sampling_values)
+        if "max_tokens" in values:  # the model's default, not the caller's choice: clamped to the context
+            values["max_tokens"] = default_max_tokens(values["max_tokens"])
+        return SamplingParams(**values)
 
     # ------------------------------------------------------------------ generate
     def generate(

@@ -99,3 +99,20 @@ def test_generation_config_gives_default_sampling_params(tiny_model_factory, tmp
     assert len(llm.generate([[1, 2, 3]], params, use_tqdm=False)[0].outputs[0].token_ids) == 5
     plain = LLM(str(model), skip_tokenizer_init=True, device="cpu", max_model_len=64, generation_config="vllm")
     assert plain.get_default_sampling_params().temperature == 1.0
+
+
+def test_generation_config_max_new_tokens_is_a_default(tiny_model_factory, tmp_path):
+    """The model's max_new_tokens is not the caller's choice: clamped to the room left in the
+    context, as the built-in default is, while an explicit max_tokens beyond it is refused."""
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model_factory("llama"), model)
+    (model / "generation_config.json").write_text('{"max_new_tokens": 500, "temperature": 0.0}')
+    llm = LLM(str(model), skip_tokenizer_init=True, device="cpu", max_model_len=64)
+    prompt = [[1, 2, 3] * 20]  # 60 tokens: room for 4
+    for params in (None, llm.get_default_sampling_params(), llm.get_default_sampling_params().replace(seed=1)):
+        out = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+        assert len(out.token_ids) <= 4
+    explicit = llm.get_default_sampling_params()
+    explicit.max_tokens = 500
+    with pytest.raises(ValueError, match="max_tokens=500 does not fit"):
+        llm.generate(prompt, explicit, use_tqdm=False)
