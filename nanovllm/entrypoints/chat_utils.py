@@ -18,6 +18,7 @@ import logging
 import os
 from typing import Any, Callable, Optional
 
+from nanovllm.engine.input_processor import invalid
 from nanovllm.sampling_params import require_valid_unicode, require_valid_unicode_in
 
 logger = logging.getLogger("nanovllm")
@@ -155,22 +156,28 @@ class ChatRenderer:
             raise ValueError("this model has no chat template: pass chat_template=... (or --chat-template FILE), "
                              "or use completions")
         if add_generation_prompt and continue_final_message:
-            raise ValueError("continue_final_message continues the last (assistant) message, so it cannot be "
-                             "combined with add_generation_prompt=True")
+            raise invalid("continue_final_message continues the last (assistant) message, so it cannot be "
+                          "combined with add_generation_prompt=True", "continue_final_message")
         if not isinstance(chat_template_kwargs or {}, dict):
-            raise TypeError("chat_template_kwargs must be an object of template variables")
+            raise invalid("chat_template_kwargs must be an object of template variables", "chat_template_kwargs",
+                          TypeError)
         kwargs = dict(chat_template_kwargs or {})
         reserved = sorted(set(kwargs) & RESERVED_TEMPLATE_KWARGS)
         if reserved:
-            raise ValueError(f"chat_template_kwargs may not set {reserved}: use the request's own fields")
-        conversation = normalize_messages(messages)
-        for i, msg in enumerate(conversation):
-            for key, value in msg.items():
-                require_valid_unicode_in(f"message {i} {key}", value)
-        require_valid_unicode_in("tools", tools)
-        require_valid_unicode_in("chat_template_kwargs", kwargs)
-        if chat_template is not None:
-            require_valid_unicode("chat_template", chat_template)
+            raise invalid(f"chat_template_kwargs may not set {reserved}: use the request's own fields",
+                          "chat_template_kwargs")
+        try:
+            conversation = normalize_messages(messages)
+            for i, msg in enumerate(conversation):
+                for key, value in msg.items():
+                    require_valid_unicode_in(f"message {i} {key}", value)
+        except (ValueError, TypeError) as e:
+            raise invalid(str(e), "messages", type(e)) from None
+        for param, value in (("tools", tools), ("chat_template_kwargs", kwargs), ("chat_template", chat_template)):
+            try:
+                require_valid_unicode_in(param, value)
+            except ValueError as e:
+                raise invalid(str(e), param) from None
         if tools and not self._warned_tools_ignored and "tools" not in (template or tok.chat_template or ""):
             self._warned_tools_ignored = True
             logger.warning("the chat template never mentions `tools`, so the model is not shown the tool "
@@ -188,10 +195,10 @@ class ChatRenderer:
                 whose = "the default chat template (--chat-template)"
             else:
                 whose = "the model's chat template"
-            raise ValueError(f"{whose} failed on these messages ({type(e).__name__}: {e}); fix the template or "
-                             f"the messages") from None
+            raise invalid(f"{whose} failed on these messages ({type(e).__name__}: {e}); fix the template or "
+                          f"the messages", "chat_template" if chat_template is not None else "messages") from None
         if self.check_text is not None:
-            self.check_text(text, "messages")
+            self.check_text(text, "messages")  # e.g. too long to fit, tools included
         else:
             require_valid_unicode("the rendered conversation", text)
         return list(tok(text, add_special_tokens=False).input_ids)

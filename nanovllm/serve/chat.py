@@ -75,9 +75,8 @@ class OpenAIServingChat:
                 [m.as_template_dict() for m in messages], chat_template=chat_template, tools=tools,
                 add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
                 chat_template_kwargs=chat_template_kwargs)
-        except (ValueError, TypeError) as e:
-            param = "chat_template_kwargs" if "chat_template_kwargs" in str(e) else "messages"
-            raise APIError(str(e), param=param) from None
+        except (ValueError, TypeError) as e:  # the renderer names the field as .param
+            raise APIError(str(e), param=getattr(e, "param", None) or "messages") from None
 
     async def render_async(self, messages: list[ChatMessage], *args, **kwargs) -> list[int]:
         """`render(messages, *args, **kwargs)` on the engine's preprocessing threads (never on the

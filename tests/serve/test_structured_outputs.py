@@ -153,8 +153,11 @@ def test_text_response_format_is_accepted(client, server):
 
 
 @pytest.mark.parametrize("body, param, words", [
-    ({"guided_regex": "[a-"}, None, "regex"),
-    ({"guided_json": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}, None, "json"),
+    ({"guided_regex": "[a-"}, "guided_regex", "regex"),  # refused by the engine's compile: the field named
+    ({"guided_json": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}, "guided_json", "json"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+     "response_format", "json"),
+    ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs", "regex"),
     ({"guided_choice": []}, "guided_choice", "choice"),
     ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice", "one output constraint"),
     ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema"),
