@@ -18,6 +18,7 @@ from nanovllm.sampling_params import RequestOutputKind, SamplingParams, Structur
 from nanovllm.serve.protocol_base import APIError, OpenAIRequest, OpenAIResponse, error_body  # noqa: F401 (re-exported)
 from nanovllm.serve.tool_protocol import (
     ChatTool,
+    DeltaToolCall,
     NamedToolChoice,
     ResponseFormat,
     StructuredOutputsRequest,
