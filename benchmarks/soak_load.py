@@ -2,15 +2,18 @@
 
 Kinds: `stream` (streamed completion), `plain` (non-streamed completion, sometimes n=2 or a
 batch of two prompts), `chat` (streamed or not), `abort` (a stream the client drops after a
-few chunks), `structured` (chat with response_format, when the server accepts it), `bad`
-(an invalid request that must come back as a 400 in the OpenAI error shape). Prompts are
-random common words, or random token ids for a server without a tokenizer.
+few chunks), `structured` (when the server accepts response_format: in turn a json_schema
+chat, a guided_choice completion, a streamed guided_regex chat, tool_choice required and a
+named tool; an output that finished with "stop" must match its constraint), `bad` (an
+invalid request that must come back as a 400 in the OpenAI error shape). Prompts are random
+common words, or random token ids for a server without a tokenizer.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -23,6 +26,11 @@ WORDS = ("the of and to in is was for on that with as by at from his it an were 
 STRUCTURED_FORMAT = {"type": "json_schema", "json_schema": {"name": "city", "strict": True, "schema": {
     "type": "object", "properties": {"name": {"type": "string"}, "population": {"type": "integer"}},
     "required": ["name", "population"], "additionalProperties": False}}}
+CHOICES = ["north", "south", "east", "west"]
+REGEX = r"[A-Z][a-z]{2,8}, [0-9]{1,3}"
+TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+STRUCTURED_SHAPES = ("json_schema", "choice", "regex_stream", "tool_required", "tool_named")
 DEFAULT_MIX = "stream=4,plain=3,chat=2,abort=2,structured=1,bad=1"
 KINDS = ("stream", "plain", "chat", "abort", "structured", "bad")
 
@@ -56,6 +64,7 @@ class Load:
         self.session, self.url, self.headers, self.model = session, url, headers, model
         self.token_ids, self.vocab_size, self.max_output = token_ids, vocab_size, max_output
         self.timeout_s, self.rng = timeout_s, rng
+        self._structured_count = 0
 
     def prompt(self):
         n = self.rng.randint(4, 48)
@@ -107,9 +116,27 @@ class Load:
         return await self._json("plain", "/v1/completions", body, start)
 
     async def _structured(self, start: float) -> Outcome:
-        body = dict(self.sampling(), messages=[{"role": "user", "content": "Name a city and its population as JSON."}],
-                    response_format=STRUCTURED_FORMAT, max_tokens=self.max_output)
-        return await self._json("structured", "/v1/chat/completions", body, start)
+        """One of STRUCTURED_SHAPES in turn; a finished ("stop") output must satisfy its constraint."""
+        shape = STRUCTURED_SHAPES[self._structured_count % len(STRUCTURED_SHAPES)]
+        self._structured_count += 1
+        body = dict(self.sampling(), max_tokens=self.max_output)
+        ask = [{"role": "user", "content": "Name a city and its population."}]
+        if shape == "json_schema":
+            body.update(messages=ask, response_format=STRUCTURED_FORMAT)
+            return await self._json("structured", "/v1/chat/completions", body, start,
+                                    check=lambda c: _is_city_json(c["message"]))
+        if shape == "choice":
+            body.update(prompt="Which way is the sea? Answer:", guided_choice=CHOICES)
+            return await self._json("structured", "/v1/completions", body, start, check=lambda c: c["text"] in CHOICES)
+        if shape == "regex_stream":
+            body.update(messages=ask, guided_regex=REGEX, stream=True)
+            return await self._sse("structured", "/v1/chat/completions", body, start,
+                                   check=lambda text: re.fullmatch(REGEX, text) is not None)
+        body.update(messages=[{"role": "user", "content": "What is the weather in Paris?"}], tools=[TOOL],
+                    tool_choice="required" if shape == "tool_required" else
+                    {"type": "function", "function": {"name": "get_weather"}})
+        return await self._json("structured", "/v1/chat/completions", body, start,
+                                check=lambda c: _is_weather_call(c["message"]))
 
     async def _bad(self, start: float) -> Outcome:
         body = dict(self.sampling(), prompt=self.prompt(), temperature=-1)
@@ -117,7 +144,8 @@ class Load:
         return out
 
     # ------------------------------------------------------------------ transport
-    async def _json(self, kind: str, path: str, body: dict, start: float, expect: int = 200) -> Outcome:
+    async def _json(self, kind: str, path: str, body: dict, start: float, expect: int = 200,
+                    check=None) -> Outcome:
         import aiohttp
 
         async with self.session.post(self.url + path, json=body, headers=self.headers,
@@ -127,16 +155,23 @@ class Load:
         if r.status != expect:
             out.error = f"HTTP {r.status} (expected {expect}): {text[:200]}"
         elif expect == 200:
-            out.tokens = json.loads(text).get("usage", {}).get("completion_tokens", 0)
+            data = json.loads(text)
+            out.tokens = data.get("usage", {}).get("completion_tokens", 0)
+            choice = data["choices"][0]
+            if check is not None and choice.get("finish_reason") in ("stop", "tool_calls") and not check(choice):
+                out.error = f"the output breaks its constraint: {json.dumps(choice)[:200]}"
         elif set(json.loads(text).get("error", {})) != {"message", "type", "param", "code"}:
             out.error = f"not the OpenAI error shape: {text[:200]}"
         return out
 
-    async def _sse(self, kind: str, path: str, body: dict, start: float, stop_after: Optional[int] = None) -> Outcome:
+    async def _sse(self, kind: str, path: str, body: dict, start: float, stop_after: Optional[int] = None,
+                   check=None) -> Outcome:
+        """A streamed request; `check(text)` judges the first choice's whole text when it finished with "stop"."""
         import aiohttp
 
         out = Outcome(kind, 0, 0.0)
         chunks, done = 0, False
+        text, finish = [], None
         async with self.session.post(self.url + path, json=body, headers=self.headers,
                                      timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as r:
             out.status = r.status
@@ -160,6 +195,10 @@ class Load:
                     out.tokens = event["usage"].get("completion_tokens", 0)
                 if event.get("choices"):
                     chunks += 1
+                    first = event["choices"][0]
+                    if first.get("index", 0) == 0:
+                        text.append(first.get("text") or (first.get("delta") or {}).get("content") or "")
+                        finish = first.get("finish_reason") or finish
                     if out.ttft_s is None:
                         out.ttft_s = time.monotonic() - start
                 if stop_after is not None and chunks >= stop_after:
@@ -169,4 +208,26 @@ class Load:
         out.e2e_s = time.monotonic() - start
         if not done and not out.error:
             out.error = "stream ended without [DONE]"
+        elif check is not None and finish == "stop" and not out.error and not check("".join(text)):
+            out.error = f"the output breaks its constraint: {''.join(text)[:200]!r}"
         return out
+
+
+# ---------------------------------------------------------------------- constraint checks
+def _is_city_json(message: dict) -> bool:
+    try:
+        value = json.loads(message.get("content") or "")
+    except ValueError:
+        return False
+    return (isinstance(value, dict) and set(value) == {"name", "population"} and isinstance(value["name"], str)
+            and isinstance(value["population"], int))
+
+
+def _is_weather_call(message: dict) -> bool:
+    calls = message.get("tool_calls") or []
+    try:
+        return bool(calls) and all(c["function"]["name"] == "get_weather"
+                                   and isinstance(json.loads(c["function"]["arguments"]).get("city"), str)
+                                   for c in calls)
+    except (ValueError, KeyError, AttributeError):
+        return False

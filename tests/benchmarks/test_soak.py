@@ -1,7 +1,7 @@
 """CI soak: benchmarks/soak.py for 3 minutes on CPU against its own `nanovllm serve` (bundled model).
 
-Mixed streamed / non-streamed / aborted / invalid requests (structured ones when the server
-accepts response_format); passes only with no 5xx, the KV cache and queues back at zero,
+Mixed streamed / non-streamed / aborted / structured (JSON schema, choice, regex, tool calls;
+each checked against its constraint when it finished) / invalid requests; passes only with no 5xx, the KV cache and queues back at zero,
 flat memory and a clean drain on SIGTERM. Marked `soak` (part of the default run, i.e. CI;
 deselect with -m "not soak").
 """
@@ -33,7 +33,8 @@ def test_soak_three_minutes_on_cpu(tmp_path):
     summary = json.loads((tmp_path / "ci.json").read_text())
     assert summary["passed"] and summary["server_errors"] == 0 and summary["failed"] == 0
     by_kind = summary["by_kind"]
-    assert all(by_kind[k] > 0 for k in ("stream", "plain", "chat", "abort", "bad")), by_kind
+    assert summary["structured"], "the server refused response_format"  # structured outputs are served (#18)
+    assert all(by_kind[k] > 0 for k in ("stream", "plain", "chat", "abort", "structured", "bad")), by_kind
     assert summary["final"] == {"running": 0.0, "waiting": 0.0, "kv_usage": 0.0}
     rows = list(csv.DictReader(open(tmp_path / "ci.csv")))
     assert len(rows) >= MINUTES * 60 // 5 and all(float(row["rss_mb"]) > 0 for row in rows)
