@@ -15,9 +15,10 @@
 - With nothing to do the thread waits on a condition variable (no polling).
 - Several requests queued by one `add_requests` call reach the engine thread together, so
   they are all admitted in the same step (as far as seats and KV blocks allow).
-- Tokenization and chat templates run on a small thread pool (`preprocess`, `tokenize`), never
-  on the event loop (one huge prompt must not stall /health and every other stream) nor on
-  the engine thread (it would stall every step).
+- Tokenization, chat templates and grammar compilation (structured outputs; xgrammar
+  releases the GIL) run on a small thread pool (`preprocess`, `tokenize`), never on the event
+  loop (one huge prompt must not stall /health and every other stream) nor on the engine
+  thread (it would stall every step): the engine's add_request then finds the grammar cached.
 - Graceful drain: `stop_accepting` refuses new requests, `abort_all` ends the live ones with
   EngineDeadError (a 503 / an SSE error event on the server).
 """
@@ -214,6 +215,7 @@ class AsyncLLMEngine:
             commands.append(("add", request_id, prompt, params, arrival, _Stream(loop, asyncio.Queue(),
                                                                                   loop.create_future())))
         commands = await self._pretokenize(commands)
+        await self._precompile(commands)
         self._check_accepting()
         if not self._submit(*commands):
             raise EngineDeadError("the engine is shutting down")
@@ -243,6 +245,14 @@ class AsyncLLMEngine:
             c = commands[i]
             commands[i] = (c[0], c[1], {"prompt": _prompt_text(prompt), "prompt_token_ids": prompt_ids}, *c[3:])
         return commands
+
+    async def _precompile(self, commands: list[tuple]) -> None:
+        """Grammars of structured requests compiled (cached) on the preprocessing threads; a bad
+        one raises here, as add_request would."""
+        params = [c[3] for c in commands if c[3].structured_outputs is not None]
+        if params:
+            compile_one = self.engine.compile_structured_outputs  # thread-safe (cache under a lock)
+            await self.preprocess(lambda: [compile_one(p) for p in params])
 
     def _check_accepting(self) -> None:
         if self._dead is not None or not self._thread.is_alive():

@@ -193,14 +193,7 @@ class LLMEngine:
             if bad is not None:
                 raise invalid(f"token id {bad} in {field_name} is outside the vocabulary "
                               f"[0, {self.hf_config.vocab_size})", field_name)
-        if params.structured_outputs is not None:
-            if self.tokenizer is None:
-                raise invalid("structured outputs need a tokenizer; this engine runs with skip_tokenizer_init=True",
-                              "structured_outputs")
-            try:  # compiled (cached) now: bad specs fail here
-                self.runner.structured.validate(params.structured_outputs)
-            except (ValueError, TypeError) as e:
-                raise invalid(str(e), "structured_outputs", type(e)) from None
+        self.compile_structured_outputs(params)  # bad specs fail here; a cache hit when precompiled
         max_tokens = self.input_processor.resolve_max_tokens(params, prompt_len)
         self.input_processor.check_fits(params, prompt_len, max_tokens)
         now = arrival_time if arrival_time is not None else time.monotonic()
@@ -221,6 +214,20 @@ class LLMEngine:
         self.scheduler.add_request(req)
         self.num_prompt_tokens_total += prompt_len
         return request_id
+
+    def compile_structured_outputs(self, params: SamplingParams) -> None:
+        """Compile (and cache) the grammar of `params`, if any; a bad spec raises ValueError/TypeError
+        with .param = "structured_outputs". Thread-safe: AsyncLLMEngine calls it on its
+        preprocessing threads first, so a slow compilation never stalls the engine's steps."""
+        if params.structured_outputs is None:
+            return
+        if self.tokenizer is None:
+            raise invalid("structured outputs need a tokenizer; this engine runs with skip_tokenizer_init=True",
+                          "structured_outputs")
+        try:
+            self.runner.structured.validate(params.structured_outputs)
+        except (ValueError, TypeError) as e:
+            raise invalid(str(e), "structured_outputs", type(e)) from None
 
     def _new_completion(self, req: Request) -> _Completion:
         params = req.sampling_params

@@ -18,6 +18,7 @@ see a structured request never load it.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -59,7 +60,8 @@ class GrammarCompiler:
     """Compiles StructuredOutputsParams for one tokenizer; an LRU cache keyed by the spec.
 
     Bad specs (schemas xgrammar cannot handle, regexes or grammars that do not parse) raise
-    ValueError with xgrammar's reason, so the request is refused before it runs.
+    ValueError with xgrammar's reason, so the request is refused before it runs. Thread-safe:
+    servers compile on their preprocessing threads while the engine thread reads the cache.
     """
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int],
@@ -74,20 +76,23 @@ class GrammarCompiler:
         # xgrammar's own cache keys by the exact text; ours by the normalised spec (and bounded)
         self._compiler = xgr.GrammarCompiler(info, max_threads=COMPILER_THREADS, cache_enabled=False)
         self._cache: OrderedDict[tuple, object] = OrderedDict()
+        self._lock = threading.Lock()  # guards the cache; compilations themselves run unlocked
         self.max_entries = max_entries
         self.num_compilations = 0  # cache misses (tests and logs read it)
 
     def compile(self, spec: StructuredOutputsParams):
         key = spec.cache_key()
-        compiled = self._cache.get(key)
-        if compiled is not None:
-            self._cache.move_to_end(key)
-            return compiled
-        compiled = self._compile_uncached(spec)
-        self.num_compilations += 1
-        self._cache[key] = compiled
-        if len(self._cache) > self.max_entries:
-            self._cache.popitem(last=False)
+        with self._lock:
+            compiled = self._cache.get(key)
+            if compiled is not None:
+                self._cache.move_to_end(key)
+                return compiled
+        compiled = self._compile_uncached(spec)  # xgrammar's compiler is thread-safe and releases the GIL
+        with self._lock:
+            self.num_compilations += 1
+            self._cache[key] = compiled
+            if len(self._cache) > self.max_entries:
+                self._cache.popitem(last=False)
         return compiled
 
     def _compile_uncached(self, spec: StructuredOutputsParams):
@@ -180,13 +185,16 @@ class StructuredOutputManager:
         self.vocab_size = vocab_size
         self.stop_token_ids = list(stop_token_ids)
         self._compiler: Optional[GrammarCompiler] = None
+        self._compiler_lock = threading.Lock()  # the compiler is made once, by whichever thread needs it first
         self._matchers: dict[str, _Matcher] = {}
         self._batch_filler = None  # xgrammar BatchGrammarMatcher, made when a step has many grammar rows
 
     @property
     def compiler(self) -> GrammarCompiler:
         if self._compiler is None:
-            self._compiler = GrammarCompiler(self.tokenizer, self.vocab_size, self.stop_token_ids)
+            with self._compiler_lock:
+                if self._compiler is None:
+                    self._compiler = GrammarCompiler(self.tokenizer, self.vocab_size, self.stop_token_ids)
         return self._compiler
 
     @property
