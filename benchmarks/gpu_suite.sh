@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU issue's checks and benchmarks in one device call; logs and CSVs to $OUT.
-#   bash benchmarks/gpu_suite.sh [tests] [kernels] [gemv] [gemvcfg] [bench] [tput] [ab] [sync] [nopdl] [base] [trace] [tp] [bench8b] [hf] [serve] [soak] [nanscan] [profile]
+#   bash benchmarks/gpu_suite.sh [warm] [tests] [testsrev] [kernels] [gemv] [gemvcfg] [bench] [tput] [ab] [sync] [nopdl] [base] [trace] [tp] [bench8b] [hf] [serve] [soak] [nanscan] [profile]
 set -uo pipefail
 DEST=${OUT:-/tmp/nanovllm-out}; OUT=/tmp/suite-logs; mkdir -p "$OUT" "$DEST"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
@@ -8,10 +8,20 @@ steps=${*:-tests bench tput bench8b profile}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 nv="python3 -m nanovllm.cli.main"
+# Every test file with GPU-marked tests, in file order: `tests` runs them in one process in this
+# order, `testsrev` in the reverse order (no state may leak from one engine or test to the next).
+gpu_test_files="tests/gpu/test_gpu_engine.py $(grep -rlE 'mark\.gpu|kernel_params' tests --include='test_*.py' | grep -v '^tests/gpu/' | sort)"
 for s in $steps; do
   echo "=================== $s (t=${SECONDS}s)"
   case $s in
-    tests)   timeout 240 python3 -m pytest -q -x -m gpu tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+    warm)    # fills Triton's compile and autotune caches in parallel (kernel tests only: engine tests would
+             # share the GPU's memory), so that the single-process runs below time the tests, not the compiler
+             timeout ${WARM_TIMEOUT:-200} python3 -m pytest -q -m gpu -n ${WARM_PROCS:-8} -p no:randomly -p no:cacheprovider \
+                 $(printf '%s\n' $gpu_test_files | grep '^tests/kernels/') 2>&1 | tee "$OUT/gpu_warm.log" | tail -6 ;;
+    tests)   timeout ${TESTS_TIMEOUT:-420} python3 -m pytest -q -m gpu --durations=15 -p no:randomly -p no:cacheprovider $gpu_test_files 2>&1 \
+                 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+    testsrev) timeout ${TESTS_TIMEOUT:-420} python3 -m pytest -q -m gpu --durations=15 -p no:randomly -p no:cacheprovider \
+                 $(printf '%s\n' $gpu_test_files | tac) 2>&1 | tee "$OUT/gpu_tests_reversed.log" | tail -15 ;;
     kernels) timeout 300 python3 -m pytest -q -m gpu ${KERNEL_TESTS:-tests/kernels} -p no:cacheprovider 2>&1 | tee "$OUT/kernel_tests.log" | tail -8 ;;
     gemvcfg) timeout 300 python3 benchmarks/gemv_configs.py ${GEMVCFG_ARGS:-} 2>&1 | tee "$OUT/gemv_configs.log" | grep -v "^INFO" ;;
     gemv)    timeout 200 python3 benchmarks/kernels_bench.py --only gemv 2>&1 | tee "$OUT/gemv_bench.log" | tail -30 ;;
@@ -54,12 +64,16 @@ for s in $steps; do
                  2>&1 | tee "$OUT/soak.log" | tail -40 ;;
     nanscan) timeout 120 python3 benchmarks/nan_scan_cost.py 2>&1 | tee "$OUT/nan_scan.log" ;;
     base)    # same-run baseline: an earlier commit's tree carried in $BASE_DIR (git archive C | tar -x -C .base),
-             # its rows go to this tree's CSVs under commit $BASE_COMMIT
+             # its rows go to this tree's CSVs under commit $BASE_COMMIT; BASE_TPUT=0 skips its throughput run
              csvdir=$PWD/benchmarks/results
              (cd "${BASE_DIR:-.base}" && export NANOVLLM_COMMIT=${BASE_COMMIT:-base} PYTHONPATH=$PWD &&
               for m in ${BASE_MODELS:-qwen3-0.6b qwen3-8b}; do
                 timeout 150 python3 -m nanovllm.cli.main bench latency --model benchmarks/configs/$m --csv "$csvdir/latency.csv" 2>&1 | tail -1
-              done) 2>&1 | tee "$OUT/base.log" ;;
+              done
+              if [ "${BASE_TPUT:-1}" != 0 ]; then
+                timeout 200 python3 -m nanovllm.cli.main bench throughput --model benchmarks/configs/qwen3-0.6b \
+                    --csv "$csvdir/throughput.csv" 2>&1 | tail -1
+              fi) 2>&1 | tee "$OUT/base.log" ;;
     trace)   # batch-1 Chrome trace (kernel gaps, work outside the graph) and a PDL-off 8B breakdown
              timeout 90 python3 benchmarks/profile_decode.py --batch 1 --trace "$OUT/trace_b1.json" 2>&1 | grep -v "^INFO" | tail -19
              NANOVLLM_PDL=0 timeout 120 python3 benchmarks/profile_decode.py --model benchmarks/configs/qwen3-8b --batch 1 2>&1 | grep -v "^INFO" | tail -19 ;;

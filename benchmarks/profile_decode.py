@@ -15,7 +15,6 @@ import torch
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.bench.latency import measure_copy_bandwidth
-from nanovllm.bench.report import param_bytes
 
 
 def main() -> None:
@@ -51,8 +50,9 @@ def main() -> None:
     gpu_total = sum(e.self_device_time_total for e in events) / args.steps / 1e3  # ms per step
     print(f"batch {args.batch}, context {args.context}: wall {wall * 1e3:.3f} ms/step, GPU busy {gpu_total:.3f} ms/step "
           f"-> host overhead {max(0.0, wall * 1e3 - gpu_total):.3f} ms")
-    params = param_bytes(eng.model)
-    kv = args.batch * (args.context + 100) * eng.runner.kv_bytes_per_block(eng.hf_config, 1, eng.dtype)
+    info = eng.executor.info
+    params = info.param_bytes
+    kv = args.batch * (args.context + 100) * info.kv_bytes_per_block // eng.config.block_size
     bandwidth = measure_copy_bandwidth()  # this device's, measured in the same run
     print(f"bandwidth limit: weights {params / 1e9:.2f} GB + KV {kv / 1e9:.3f} GB at {bandwidth / 1e9:,.0f} GB/s -> "
           f"{(params + kv) / bandwidth * 1e3:.3f} ms/step")

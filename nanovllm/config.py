@@ -6,7 +6,7 @@ model (hidden size, number of layers...) lives on the model's HF config.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 DEFAULT_BLOCK_SIZE = 16
@@ -17,6 +17,8 @@ DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 DEFAULT_CPU_KV_CACHE_TOKENS = 65536
 SUPPORTED_DTYPES = ("auto", "float32", "float16", "bfloat16")
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+LOAD_FORMATS = ("auto", "dummy")
+GEMV_MODES = ("auto", "off", "force")
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,16 @@ class EngineConfig:
     # ---- scale-out and weight formats (values other than these defaults are not built yet)
     tensor_parallel_size: int = 1
     quantization: Optional[str] = None
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
+    load_format: str = "auto"  # "auto" = the checkpoint's weights; "dummy" = random weights (benchmarks)
+    # ---- kernel choices (GPU). The matching NANOVLLM_* variables (envs.py) override them for A/B runs.
+    # Decode-sized GEMMs (<= 8 rows): "auto" = the Triton skinny GEMM for the weight shapes and row
+    # counts where start-up timing finds it faster than cuBLAS; "off" = cuBLAS; "force" = Triton
+    # for every shape, untimed (tests, A/B).
+    gemv: str = "auto"
+    fuse_gemv_prologues: bool = True  # the RMSNorm / SiLU-and-mul before a skinny GEMM runs inside it
+    pdl: bool = True  # programmatic dependent launch of the decode kernels (Hopper and newer)
+    use_triton: bool = True  # False: every op through its pure-torch reference (debugging)
+    step_timing: bool = False  # accumulate the wall time of each phase of a step (engine.step_timer)
 
     def __post_init__(self) -> None:
         if self.model is not None and not isinstance(self.model, str):
@@ -94,6 +105,13 @@ class EngineConfig:
             raise ValueError(f"attention_backend={self.attention_backend!r}: use 'auto', 'torch' or 'triton'")
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
             raise TypeError(f"async_scheduling must be True, False or None (auto), got {self.async_scheduling!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format={self.load_format!r}: use one of {LOAD_FORMATS}")
+        if self.gemv not in GEMV_MODES:
+            raise ValueError(f"gemv={self.gemv!r}: use 'auto' (calibrated), 'off' (cuBLAS) or 'force' (Triton)")
+        for name in ("fuse_gemv_prologues", "pdl", "use_triton", "step_timing"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
         for name in ("download_dir", "revision", "tokenizer"):

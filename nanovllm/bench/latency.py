@@ -14,7 +14,6 @@ import os
 import time
 
 from nanovllm.bench.report import RESULTS_DIR, append_rows, bar_plot, base_row
-from nanovllm.bench.report import param_bytes as model_param_bytes  # the name param_bytes is a CSV column here
 
 COPY_BYTES = 1 << 30  # 1 GiB buffer for the bandwidth measurement
 COPY_REPEATS = 20
@@ -84,7 +83,7 @@ def run(args) -> int:
     rate = statistics.median(decode_rates)
     if engine.step_timer is not None:  # NANOVLLM_STEP_TIMING=1
         print("step phases:", engine.step_timer.summary())
-    param_bytes = model_param_bytes(engine.model)
+    param_bytes = engine.executor.info.param_bytes
     bw = measure_copy_bandwidth() if torch.cuda.is_available() else float("nan")
     roofline = bw / param_bytes
     row = {**base_row(), "model": os.path.basename(os.path.normpath(args.model)), "input_len": args.input_len,
@@ -92,7 +91,7 @@ def run(args) -> int:
            "async_scheduling": args.async_scheduling,
            "decode_tok_per_s": round(rate, 1), "ms_per_token": round(1000 / rate, 3),
            "param_bytes": param_bytes, "copy_bw_GBps": round(bw / 1e9, 1), "roofline_tok_per_s": round(roofline, 1),
-           "pct_of_roofline": round(100 * rate / roofline, 1), "pdl": pdl_in_effect()}
+           "pct_of_roofline": round(100 * rate / roofline, 1), "pdl": pdl_in_effect(engine.config.pdl)}
     path = append_rows(args.csv, [row])
     bar_plot(os.path.splitext(path)[0] + f"_{row['model']}.png", ["nanovllm", "weight-read roofline"],
              [rate, roofline], "decode tokens/s",

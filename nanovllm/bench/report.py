@@ -9,14 +9,16 @@ import platform
 import subprocess
 from typing import Optional
 
+from nanovllm import envs
+
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                            "benchmarks", "results")
 
 
 def git_commit() -> str:
     """Short commit of the code being measured; NANOVLLM_COMMIT wins (copies without .git)."""
-    if os.environ.get("NANOVLLM_COMMIT"):
-        return os.environ["NANOVLLM_COMMIT"]
+    if envs.commit():
+        return envs.commit()
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=os.path.dirname(os.path.abspath(__file__)))
@@ -34,12 +36,6 @@ def device_name() -> str:
     except ImportError:
         pass
     return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
-
-
-def param_bytes(model) -> int:
-    """Bytes of a model's parameters, tied weights counted once (what a decode step reads)."""
-    unique = {id(p): p for p in model.parameters()}
-    return sum(p.numel() * p.element_size() for p in unique.values())
 
 
 def base_row() -> dict:

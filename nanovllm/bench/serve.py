@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from nanovllm import envs
+
 # Words for synthetic text prompts: common English words are about one token each.
 WORDS = ("the of and to in is was for on that with as by at from his it an were are which this be had not but "
          "they have one all their there been has more also new would first two time after other when some only "
@@ -165,7 +167,7 @@ async def benchmark(args) -> dict:
     base = args.base_url.rstrip("/")
     if base.endswith("/v1"):
         base = base[:-3]
-    key = args.api_key or os.environ.get("NANOVLLM_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    key = args.api_key or envs.api_key(openai_fallback=True)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     prompts = make_prompts(args)
     delays = arrival_delays(len(prompts), args.request_rate, args.seed)

@@ -89,6 +89,7 @@ def warm_up(llm, max_input_len: int = MAX_LEN) -> None:
 
 
 def run_nanovllm(args, prompts, output_lens) -> float:
+    """Seconds for the workload; sets args.async_scheduling and args.pdl to what the engine resolved."""
     from nanovllm import LLM, SamplingParams
 
     kwargs = {}
@@ -98,7 +99,8 @@ def run_nanovllm(args, prompts, output_lens) -> float:
               enforce_eager=args.enforce_eager,
               async_scheduling=args.async_scheduling, gpu_memory_utilization=args.gpu_memory_utilization, **kwargs)
     args.async_scheduling = llm.engine.async_scheduling  # what auto resolved to, for the CSV
-    args.cuda_graphs = llm.engine.runner.cuda_graphs is not None  # as it really ran (never on CPU)
+    args.cuda_graphs = llm.engine.executor.info.cuda_graphs  # as it really ran (never on CPU)
+    args.pdl = llm.engine.config.pdl
     warm_up(llm, args.max_input_len)
     params = [SamplingParams(temperature=TEMPERATURE, ignore_eos=True, max_tokens=n) for n in output_lens]
     t0 = time.perf_counter()
@@ -148,7 +150,7 @@ def run(args) -> int:
            "seconds": round(elapsed, 2), "output_tok_per_s": round(total / elapsed, 1),
            "cuda_graphs": args.cuda_graphs,
            "async_scheduling": args.async_scheduling if args.backend == "nanovllm" else "",
-           "pdl": pdl_in_effect() if args.backend == "nanovllm" else ""}
+           "pdl": pdl_in_effect(getattr(args, "pdl", True)) if args.backend == "nanovllm" else ""}
     path = append_rows(args.csv, [row])
     plot(path, os.path.splitext(path)[0] + ".png")
     print(f"{args.backend}: {total} output tokens in {elapsed:.2f} s = {total / elapsed:,.0f} tok/s  (CSV: {path})")

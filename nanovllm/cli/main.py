@@ -7,36 +7,7 @@ import logging
 import sys
 from typing import Optional
 
-
-def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) -> None:
-    """The engine flags (EngineArgs, vLLM's spellings); validated before any model loads (see main)."""
-    from nanovllm.engine.arg_utils import EngineArgs
-
-    EngineArgs.add_cli_args(p, model_positional=model_positional)
-    p.set_defaults(_has_engine_args=True)
-
-
-def engine_args(args: argparse.Namespace):
-    """The EngineArgs of parsed flags (already validated by main)."""
-    from nanovllm.engine.arg_utils import EngineArgs
-
-    return EngineArgs.from_cli_args(args)
-
-
-def add_sampling_args(p: argparse.ArgumentParser, default_temperature: float) -> None:
-    p.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate (default 64)")
-    p.add_argument("--temperature", type=float, default=default_temperature,
-                   help=f"sampling temperature, 0 = greedy (default {default_temperature})")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1 = off)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0 = off)")
-    p.add_argument("--seed", type=int, default=None, help="random seed of the request, for reproducible sampling")
-
-
-def sampling_params(args: argparse.Namespace):
-    from nanovllm import SamplingParams
-
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.seed)
+from nanovllm.cli.args import add_engine_args, add_sampling_args, engine_args, sampling_params
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from nanovllm.config import (DEFAULT_BLOCK_SIZE, DEFAULT_GPU_MEMORY_UTILIZATION, DEFAULT_MAX_NUM_BATCHED_TOKENS,
-                             DEFAULT_MAX_NUM_SEQS, DTYPE_ALIASES, SUPPORTED_DTYPES, EngineConfig)
+                             DEFAULT_MAX_NUM_SEQS, DTYPE_ALIASES, LOAD_FORMATS, SUPPORTED_DTYPES, EngineConfig)
 
 logger = logging.getLogger("nanovllm")
 
@@ -99,6 +99,12 @@ class EngineArgs:
     generation_config: str = "auto"
     tensor_parallel_size: int = 1
     quantization: Optional[str] = None
+    # kernel choices (GPU A/B runs; the NANOVLLM_* variables in envs.py override them)
+    gemv: str = "auto"
+    fuse_gemv_prologues: bool = True
+    pdl: bool = True
+    use_triton: bool = True
+    step_timing: bool = False
     # vLLM's other arguments (see IGNORED_ARGS / NEUTRAL_ONLY_ARGS)
     compat: dict = field(default_factory=dict, repr=False)
 
@@ -128,10 +134,8 @@ class EngineArgs:
                                      f"{' or '.join(repr(a) for a in allowed)}")
             elif value != IGNORED_ARGS[name]:
                 logger.warning("%s=%r has no effect in nanovllm and is ignored", name, value)
-        if self.load_format not in LOAD_FORMATS:
-            raise ValueError(f"load_format={self.load_format!r}: use one of {LOAD_FORMATS}")
-        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("compat", "load_format")}
-        return EngineConfig(**values, extra={"load_format": self.load_format})
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "compat"}
+        return EngineConfig(**values)
 
     # ------------------------------------------------------------------ command line
     @staticmethod
@@ -213,9 +217,6 @@ class EngineArgs:
 
     def replace(self, **changes) -> "EngineArgs":
         return dataclasses.replace(self, **changes)
-
-
-LOAD_FORMATS = ("auto", "dummy")
 
 
 # ----------------------------------------------------------------------------- argparse value types

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from nanovllm.engine.kv_cache_manager import cdiv
+from nanovllm.engine.kv_cache_manager import blocks_needed
 from nanovllm.sampling_params import SamplingParams, require_valid_unicode
 
 PromptType = Union[str, list[int], dict]
@@ -45,13 +45,16 @@ class ProcessedPrompt:
 
 class InputProcessor:
     def __init__(self, tokenizer, vocab_size: int, max_model_len: int, max_num_seqs: int,
-                 num_kv_blocks: int, block_size: int) -> None:
+                 num_kv_blocks: int, block_size: int, max_num_batched_tokens: Optional[int] = None,
+                 enable_chunked_prefill: bool = True) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.num_kv_blocks = num_kv_blocks
         self.block_size = block_size
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.enable_chunked_prefill = enable_chunked_prefill
         longest = longest_token_chars(tokenizer) if tokenizer is not None else None
         # longest text that could still fit in the context (None: no cheap bound known)
         self.max_prompt_chars: Optional[int] = longest * max_model_len if longest else None
@@ -134,8 +137,14 @@ class InputProcessor:
         """Refuse a request that could never run, even alone (it would wait forever)."""
         if params.n > self.max_num_seqs:
             raise invalid(f"n={params.n} exceeds max_num_seqs={self.max_num_seqs}; lower n or raise max_num_seqs", "n")
-        need = cdiv(prompt_len + max_tokens, self.block_size)
-        need += (params.n - 1) * (cdiv(max_tokens, self.block_size) + 1)
+        if (not self.enable_chunked_prefill and self.max_num_batched_tokens is not None
+                and prompt_len > self.max_num_batched_tokens):
+            raise invalid(
+                f"prompt has {prompt_len} tokens but max_num_batched_tokens is {self.max_num_batched_tokens} and "
+                f"chunked prefill is off, so it could never be scheduled: raise max_num_batched_tokens to at least "
+                f"{prompt_len}, enable chunked prefill, or shorten the prompt", "prompt")
+        need = blocks_needed(prompt_len + max_tokens, self.block_size)
+        need += (params.n - 1) * (blocks_needed(max_tokens, self.block_size) + 1)
         if need > self.num_kv_blocks:
             raise invalid(
                 f"request needs up to {need} KV cache blocks ({prompt_len} prompt + {max_tokens} new tokens, n={params.n}) "

@@ -23,8 +23,9 @@ from nanovllm.engine.request import Request
 ROOT_BLOCK_HASH = 0x9E3779B97F4A7C15
 
 
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+def blocks_needed(num_tokens: int, block_size: int) -> int:
+    """Blocks that hold num_tokens tokens (the ceiling of the division)."""
+    return -(-num_tokens // block_size)
 
 
 def hash_block(parent_hash: int, token_ids: tuple[int, ...]) -> int:
@@ -63,7 +64,7 @@ class KVCacheManager:
         return self.req_blocks.get(request_id, [])
 
     def blocks_needed(self, num_tokens: int) -> int:
-        return cdiv(num_tokens, self.block_size)
+        return blocks_needed(num_tokens, self.block_size)
 
     # ------------------------------------------------------------------ prefix cache
     def _update_block_hashes(self, req: Request, num_tokens: int) -> None:

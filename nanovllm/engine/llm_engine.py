@@ -1,8 +1,12 @@
-"""LLMEngine: the step loop that ties scheduler, model runner and detokenizer together.
+"""LLMEngine: the step loop that ties scheduler, executor and detokenizer together.
 
     add_request(...)  -> validated Request(s) queued in the scheduler
-    step()            -> schedule, run the model, update, detokenize, RequestOutputs
+    step()            -> schedule, hand the step to the executor (plain data, step_io.py),
+                         update, detokenize, RequestOutputs
     abort_request(id) -> finished with "abort", blocks freed
+
+The engine owns requests, scheduling, the KV block pool and text; the executor's worker(s)
+own the model (worker/). The engine never imports layers, kernels or models.
 
 One user request with n > 1 is one scheduler request until its prompt is cached, then
 n completions (see Scheduler._fork_ready); RequestOutput groups them by index.
@@ -12,8 +16,9 @@ for step N and returns its outputs, so the host's scheduling, input preparation,
 detokenization and output building overlap the GPU's work. The scheduler plans each
 decode's next token before its value is known (`Request.num_pending_tokens`); a request
 that turns out to be finished has computed one token for nothing, which is discarded.
-Steps whose sampling needs the previous token's value (penalties) wait for it first;
-structured outputs get it inside the next launch, after its forward is queued.
+Steps whose sampling needs the previous token's value wait for it first: penalties count
+it, and structured outputs' grammar matchers (engine/structured_output.py) accept it
+before the engine fills the next step's token bitmasks.
 """
 
 from __future__ import annotations
@@ -21,31 +26,28 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Union
 
-import torch
-
-from nanovllm.config import DEFAULT_CPU_KV_CACHE_TOKENS, EngineConfig
+from nanovllm import envs
+from nanovllm.config import EngineConfig
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
 from nanovllm.engine.input_processor import InputProcessor, PromptType, invalid
 from nanovllm.engine.kv_cache_manager import KVCacheManager
 from nanovllm.engine.request import Request, RequestStatus
-from nanovllm.engine.scheduler import ModelRunnerOutput, Scheduler, SchedulerConfig, SchedulerOutput
-from nanovllm.loading import model_loader
+from nanovllm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from nanovllm.engine.step_builder import StepBuilder
+from nanovllm.engine.step_timer import StepTimer
+from nanovllm.engine.structured_output import StructuredOutputManager
+from nanovllm.loading import model_info as model_info_lib
 from nanovllm.loading.resolve import resolve_model
 from nanovllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from nanovllm.sampling_params import RequestOutputKind, SamplingParams
-from nanovllm.worker.model_runner import ModelRunner
+from nanovllm.step_io import StepOutput
+from nanovllm.worker.executor import Executor
 
 logger = logging.getLogger("nanovllm")
-
-# Without an explicit max_model_len, long-context models are capped to keep the
-# rope table and the per-request KV check reasonable; users can raise it.
-DEFAULT_MAX_MODEL_LEN_CAP = 32768
-CPU_KV_CACHE_BYTES = 1 << 30  # 1 GiB of KV cache on CPU unless num_kv_blocks is given
 
 
 @dataclass
@@ -80,59 +82,48 @@ class _RequestState:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
+        overrides = envs.config_overrides()  # benchmark A/B switches, read once here
+        if overrides:
+            logger.info("nanovllm: settings from the environment: %s", overrides)
+            config = dataclasses.replace(config, **overrides)
         self.config = config
-        self.device = _resolve_device(config.device)
         self.source = resolve_model(config.model, config.download_dir, config.revision)
-        self.hf_config = model_loader.load_hf_config(self.source, config.trust_remote_code)
+        self.hf_config = model_info_lib.load_hf_config(self.source, config.trust_remote_code)
         self.tokenizer = None
         if not config.skip_tokenizer_init:
-            self.tokenizer = model_loader.load_tokenizer(self.source, config.tokenizer, config.trust_remote_code)
-        self.eos_token_ids = model_loader.eos_token_ids(self.source, self.hf_config, self.tokenizer)
+            self.tokenizer = model_info_lib.load_tokenizer(self.source, config.tokenizer, config.trust_remote_code)
+        self.eos_token_ids = model_info_lib.eos_token_ids(self.source, self.hf_config, self.tokenizer)
         # the model's generation_config.json defaults (temperature, top_p, ...), as vLLM applies them
-        self.default_sampling_values = model_loader.generation_defaults(self.source, config.generation_config)
-        self.max_model_len = self._resolve_max_model_len()
-        self.dtype = model_loader.resolve_dtype(config.dtype, self.hf_config, self.device)
-        load_format = config.extra.get("load_format", "auto")
-        self.model = model_loader.build_model(
-            self.source, self.hf_config, self.device, self.dtype, self.max_model_len, load_format
-        )
-        self.cpu_fp16_weights = self.device.type == "cpu" and model_loader.maybe_pack_cpu_weights(
-            self.model, config.cpu_weight_format, self.source, self.hf_config)
-        if self.device.type == "cuda":
-            # Small-batch decode GEMMs: Triton GEMV where it beats cuBLAS on this GPU and these
-            # shapes (timed here, before the KV cache takes the free memory and before graphs).
-            from nanovllm.kernels.gemv import GEMV_MAX_M, calibrate_gemv
-
-            calibrate_gemv(self.model, self.device, max_m=min(GEMV_MAX_M, config.max_num_seqs))
-        num_blocks = self._num_kv_blocks()
-        self.runner = ModelRunner(
-            self.model, self.hf_config, self.device, self.dtype, num_blocks, config.block_size,
-            self.eos_token_ids, use_triton_attention=config.attention_backend != "torch",
-            tokenizer=self.tokenizer,
-        )
+        self.default_sampling_values = model_info_lib.generation_defaults(self.source, config.generation_config)
+        self.max_model_len = model_info_lib.resolve_max_model_len(self.hf_config, config.max_model_len,
+                                                                  config.allow_long_max_model_len)
+        # grammars of structured-output requests: compiled at admission, matched here, and each
+        # step's token bitmasks sent to the worker in StepInput (xgrammar loads on the first one)
+        self.structured = (StructuredOutputManager(self.tokenizer, self.hf_config.vocab_size, self.eos_token_ids)
+                           if self.tokenizer is not None else None)
+        self.model_info = model_info_lib.ModelInfo(self.source, self.hf_config, self.max_model_len,
+                                                   tuple(self.eos_token_ids))
+        self.step_timer = StepTimer() if config.step_timing else None
+        # the worker(s): model build, weights, calibration, KV sizing and allocation, graphs
+        self.executor = Executor.create(config, self.model_info, step_timer=self.step_timer)
+        info = self.executor.info
+        num_blocks = self.executor.num_kv_blocks
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, max(config.max_num_batched_tokens, 1), self.max_model_len,
                             config.enable_chunked_prefill),
             self.kv,
         )
+        self.step_builder = StepBuilder(self.scheduler, self.structured)
         self.input_processor = InputProcessor(
             self.tokenizer, self.hf_config.vocab_size, self.max_model_len, config.max_num_seqs,
-            num_blocks, config.block_size,
+            num_blocks, config.block_size, config.max_num_batched_tokens, config.enable_chunked_prefill,
         )
-        if self.device.type == "cuda" and not config.enforce_eager:
-            from nanovllm.worker.cuda_graphs import CUDAGraphRunner
-
-            self.runner.cuda_graphs = CUDAGraphRunner(self.runner, config.max_num_seqs, self.max_model_len)
-            self.runner.cuda_graphs.capture()
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
-                                 else self.device.type == "cuda")
+                                 else info.is_cuda)
         self._in_flight: Optional[_InFlightStep] = None  # async scheduling: launched, not resolved
         self.states: dict[str, _RequestState] = {}
         self._counter = itertools.count()
-        # NANOVLLM_STEP_TIMING=1: accumulate wall time per phase of a step (benchmarks)
-        self.step_timer = StepTimer() if os.environ.get("NANOVLLM_STEP_TIMING") == "1" else None
-        self.runner.step_timer = self.step_timer
         # totals for metrics
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
@@ -140,36 +131,13 @@ class LLMEngine:
         logger.info(
             "nanovllm: %s on %s (%s), KV cache %d blocks x %d tokens = %d tokens, max_model_len %d, "
             "max concurrency %.1f full-length requests",
-            self.source.name, self.device, str(self.dtype).replace("torch.", ""), num_blocks, config.block_size,
+            self.source.name, info.device, info.dtype, num_blocks, config.block_size,
             num_blocks * config.block_size, self.max_model_len, num_blocks * config.block_size / self.max_model_len,
         )
 
-    # ------------------------------------------------------------------ setup helpers
-    def _resolve_max_model_len(self) -> int:
-        model_max = getattr(self.hf_config, "max_position_embeddings", None) or DEFAULT_MAX_MODEL_LEN_CAP
-        if self.config.max_model_len is None:
-            return min(model_max, DEFAULT_MAX_MODEL_LEN_CAP)
-        if self.config.max_model_len > model_max:
-            if not self.config.allow_long_max_model_len:
-                raise ValueError(
-                    f"max_model_len={self.config.max_model_len} is longer than the model's max_position_embeddings="
-                    f"{model_max}: lower it, or pass allow_long_max_model_len=True (CLI: --allow-long-max-model-len) "
-                    f"to use positions the model was not trained on")
-            logger.warning("max_model_len %d exceeds the model's max_position_embeddings %d "
-                           "(allow_long_max_model_len=True)", self.config.max_model_len, model_max)
-        return self.config.max_model_len
-
-    def _num_kv_blocks(self) -> int:
-        cfg = self.config
-        per_block = ModelRunner.kv_bytes_per_block(self.hf_config, cfg.block_size, self.dtype)
-        if cfg.num_kv_blocks is not None:
-            return cfg.num_kv_blocks
-        if self.device.type == "cpu":
-            want_tokens = min(DEFAULT_CPU_KV_CACHE_TOKENS, cfg.max_num_seqs * self.max_model_len)
-            return max(1, min(want_tokens // cfg.block_size, CPU_KV_CACHE_BYTES // per_block))
-        from nanovllm.worker.memory import profile_num_kv_blocks
-
-        return profile_num_kv_blocks(self, per_block)
+    def shutdown(self) -> None:
+        """Release the executor's workers (the engine cannot step afterwards)."""
+        self.executor.shutdown()
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: Optional[str], prompt: PromptType,
@@ -225,7 +193,7 @@ class LLMEngine:
             raise invalid("structured outputs need a tokenizer; this engine runs with skip_tokenizer_init=True",
                           "structured_outputs")
         try:
-            self.runner.structured.validate(params.structured_outputs)
+            self.structured.validate(params.structured_outputs)
         except (ValueError, TypeError) as e:
             raise invalid(str(e), "structured_outputs", type(e)) from None
 
@@ -270,7 +238,7 @@ class LLMEngine:
             sched = self._schedule()
             if sched.is_empty:
                 return self._outputs(set())
-            result = self.runner.execute(sched)
+            result = self.executor.execute(self.step_builder.build(sched))
             if timer:
                 timer.mark("forward_sample_sync")
             return self._process_results(sched, result, advanced=False)
@@ -282,7 +250,7 @@ class LLMEngine:
             previous = None
         sched = self._schedule()
         if not sched.is_empty:
-            launched = self.runner.launch(sched)
+            launched = self.executor.launch(self.step_builder.build(sched))
             self.scheduler.advance(sched)
             self._in_flight = _InFlightStep(sched, launched, _needs_token_values(sched))
         if previous is not None:
@@ -302,12 +270,12 @@ class LLMEngine:
         return sched
 
     def _resolve(self, step: "_InFlightStep") -> list[RequestOutput]:
-        result = self.runner.resolve(step.launched)
+        result = self.executor.resolve(step.launched)
         if self.step_timer:
             self.step_timer.mark("forward_sample_sync")
         return self._process_results(step.sched, result, advanced=True)
 
-    def _process_results(self, sched: SchedulerOutput, result: ModelRunnerOutput,
+    def _process_results(self, sched: SchedulerOutput, result: StepOutput,
                          advanced: bool) -> list[RequestOutput]:
         """Scheduler update, detokenization and stop strings, then the step's RequestOutputs."""
         timer = self.step_timer
@@ -348,7 +316,7 @@ class LLMEngine:
             timer.mark("update_detok_outputs")
         return outputs
 
-    def _append_logprobs(self, comp: _Completion, req: Request, token: int, result: ModelRunnerOutput) -> None:
+    def _append_logprobs(self, comp: _Completion, req: Request, token: int, result: StepOutput) -> None:
         entry = result.logprobs.get(req.request_id)
         if entry is None:
             return
@@ -363,8 +331,8 @@ class LLMEngine:
         return entry
 
     def _release_grammars(self, state: _RequestState) -> None:
-        if state.params.structured_outputs is not None:
-            self.runner.structured.release([c.request.request_id for c in state.completions.values()])
+        if state.params.structured_outputs is not None and self.structured is not None:
+            self.structured.release([c.request.request_id for c in state.completions.values()])
 
     # ------------------------------------------------------------------ outputs
     def _outputs(self, touched: set[str]) -> list[RequestOutput]:
@@ -450,49 +418,14 @@ class LLMEngine:
 @dataclass
 class _InFlightStep:
     sched: SchedulerOutput
-    launched: object  # the runner's LaunchedStep
+    launched: object  # the executor's handle of the launched step
     needs_token_values: bool  # a sampled request's next step reads this step's token value
 
 
 def _needs_token_values(sched: SchedulerOutput) -> bool:
     """Whether a request sampled by this step needs the token's value on the host before its
-    next step is scheduled: penalties count it. (Grammars need it too, but later: the model
-    runner reads it from the previous step's host copy once the next forward is queued.)"""
-    return any(it.needs_sample and it.request.sampling_params.uses_penalties for it in sched.scheduled)
-
-
-class StepTimer:
-    """Wall time per phase of engine steps: where a step's host time goes (benchmarks only).
-
-    The engine and runner call `mark(phase)` at the end of each phase. The forward phase
-    ends with the sampled tokens' copy to the host, so it includes waiting for the GPU.
-    """
-
-    PHASES = ("schedule", "prepare_inputs", "forward_sample_sync", "update_detok_outputs")
-
-    def __init__(self) -> None:
-        self.totals = dict.fromkeys(self.PHASES, 0.0)
-        self.steps = 0
-        self._last = 0.0
-
-    def start(self) -> None:
-        self._last = time.perf_counter()
-
-    def mark(self, phase: str) -> None:
-        now = time.perf_counter()
-        self.totals[phase] += now - self._last
-        self._last = now
-        if phase == self.PHASES[-1]:
-            self.steps += 1
-
-    def summary(self) -> str:
-        n = max(1, self.steps)
-        return ", ".join(f"{k} {1e3 * v / n:.3f} ms" for k, v in self.totals.items()) + f" (per step, {n} steps)"
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but no CUDA device is available; use device='cpu' or 'auto'")
-    return torch.device(device)
+    next step is built: penalties count it, and a grammar's matcher must accept it before the
+    engine fills that request's next token bitmask."""
+    return any(it.needs_sample and (it.request.sampling_params.uses_penalties
+                                    or it.request.sampling_params.structured_outputs is not None)
+               for it in sched.scheduled)

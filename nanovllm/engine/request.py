@@ -69,6 +69,10 @@ class Request:
     # async scheduling: tokens sampled by launched steps whose values have not reached the
     # host yet (0, 1, or 2 while the next step is being launched)
     num_pending_tokens: int = 0
+    # what the worker already holds of this request (engine/step_builder.py): -1 = nothing
+    # (never sent, or dropped at preemption); else how many output tokens and blocks it has
+    num_outputs_sent: int = -1
+    num_blocks_sent: int = 0
 
     @functools.cached_property
     def prompt_array(self) -> np.ndarray:

@@ -16,6 +16,7 @@ from typing import Iterable, Optional
 
 from nanovllm.engine.kv_cache_manager import KVCacheManager
 from nanovllm.engine.request import Request, RequestStatus
+from nanovllm.step_io import StepOutput
 
 SEED_MIX = 0x5851F42D4C957F2D  # odd 64-bit constant to derive children's seeds
 SEED_MASK = (1 << 63) - 1
@@ -51,6 +52,9 @@ class ScheduledRequest:
 
 @dataclass
 class SchedulerOutput:
+    """The scheduler's decision for one step, with live Requests (engine-internal; the worker
+    gets it as plain data through `step_builder.StepBuilder`)."""
+
     scheduled: list[ScheduledRequest]
     num_batched_tokens: int
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), before forward
@@ -62,17 +66,6 @@ class SchedulerOutput:
         return not self.scheduled
 
 
-@dataclass
-class ModelRunnerOutput:
-    """What the runner hands back: one sampled token per scheduled request that sampled."""
-
-    sampled_token_ids: dict[str, int]  # request_id -> token
-    logprobs: dict[str, object] = field(default_factory=dict)  # request_id -> per-token logprob info
-    # request_id -> (first prompt position covered, per-position entries); chunked prefill
-    # delivers them in pieces, a recompute after preemption starts again at 0
-    prompt_logprobs: dict[str, tuple[int, list]] = field(default_factory=dict)
-
-
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
         self.config = config
@@ -80,6 +73,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
+        # ids finished (or aborted) since the last step was handed to the worker, which drops them
+        self.finished_req_ids: list[str] = []
 
     # ------------------------------------------------------------------ bookkeeping
     def add_request(self, req: Request) -> None:
@@ -116,6 +111,7 @@ class Scheduler:
                 self.waiting.remove(req)
             req.status = status
             self.kv.free(req)
+            self.finished_req_ids.append(rid)
             finished.append(req)
         return finished
 
@@ -179,7 +175,10 @@ class Scheduler:
             num_new = req.num_tokens - num_cached
             if req.pending_fork:
                 num_new = req.num_prompt_tokens - 1 - num_cached
-            if not cfg.enable_chunked_prefill and num_new > budget:
+            # Without chunked prefill a prompt waits for a budget that holds it whole (add_request
+            # refuses prompts above max_num_batched_tokens); a recompute after preemption that
+            # can never fit whole is chunked rather than left waiting forever.
+            if not cfg.enable_chunked_prefill and budget < num_new <= cfg.max_num_batched_tokens:
                 break
             num_new = min(num_new, budget)
             req.num_computed_tokens = num_cached
@@ -256,7 +255,7 @@ class Scheduler:
             if item.needs_sample:
                 req.num_pending_tokens += 1
 
-    def update(self, sched: SchedulerOutput, result: ModelRunnerOutput, advanced: bool = False) -> list[Request]:
+    def update(self, sched: SchedulerOutput, result: StepOutput, advanced: bool = False) -> list[Request]:
         """Advance computed counts (unless `advance` did), append sampled tokens, apply token/length stops.
 
         Returns the requests that got a new token this step (finished or not).

@@ -42,8 +42,8 @@ def _silu_and_mul_kernel(
     tl.store(out_ptr + row * stride_o + cols, (act * up).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """[..., 2 * d] -> silu(x[..., :d]) * x[..., d:], shape [..., d], x's dtype."""
+def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None, *, pdl: bool = True) -> torch.Tensor:
+    """[..., 2 * d] -> silu(x[..., :d]) * x[..., d:], shape [..., d], x's dtype (`pdl`: kernels/pdl.py)."""
     if x.shape[-1] % 2:
         raise ValueError(f"silu_and_mul needs an even last dim, got {x.shape[-1]}")
     d = x.shape[-1] // 2
@@ -60,7 +60,7 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
         return out
     target = o2 if o2 is not None else torch.empty(rows, d, dtype=out.dtype, device=out.device)
     block = min(MAX_BLOCK, next_pow2(d))
-    pdl = use_pdl(x2)
+    pdl = use_pdl(x2, pdl)
     _silu_and_mul_kernel[(rows, cdiv(d, block))](
         x2, target, x2.stride(0), target.stride(0), d, BLOCK=block, num_warps=NUM_WARPS,
         USE_PDL=pdl, **pdl_launch_options(pdl),

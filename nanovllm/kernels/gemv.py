@@ -40,48 +40,40 @@ engine's eager warm-up runs before each capture do it too. `skinny_gemm` raises
 `NotTunedError` rather than tune while the stream is capturing. Under TRITON_INTERPRET
 (CPU tests) there is no autotuning: `INTERPRET_CONFIG` is used.
 
-Whether the kernel is used at all is the Linear layer's explicit per-shape policy
-(`nanovllm.layers.linear.set_gemv_shapes`), filled by `calibrate_gemv` below, which times
-this kernel against cuBLAS on the model's own weight shapes.
+Whether the kernel is used at all is each Linear module's own row limit
+(`Linear.gemv_rows`, `nanovllm.layers.linear.set_gemv_rows`), which the worker fills from
+`nanovllm.worker.gemv_calibration.calibrate_gemv`: it times this kernel against cuBLAS on the
+model's own weight shapes with the helpers at the end of this file (`time_us`,
+`rotation_copies`).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import math
-import os
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from nanovllm import envs
 from nanovllm.kernels.launch_math import cdiv, next_pow2
 from nanovllm.kernels.pdl import pdl_launch_options, pdl_wait, use_pdl
 
 logger = logging.getLogger(__name__)
 
 GEMV_MAX_M = 8  # rows handled (decode batch sizes at low concurrency); more rows -> cuBLAS
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton at decoration, as here
+INTERPRET = envs.triton_interpret()  # triton reads it at decoration, as here
 
 # autotune's own benchmark (ms): short, the candidates differ by microseconds
 TUNE_WARMUP_MS = 5
 TUNE_REP_MS = 25
 
-# calibrate_gemv
+# timing (worker/gemv_calibration.py, benchmarks)
 CALIBRATE_REPS = 20  # timed graph replays per (shape, M, implementation); the median is kept
 CALIBRATE_WARMUP_REPLAYS = 3
-# Triton is used up to the largest M below which it is at most this much slower than cuBLAS
-# at every timed M; negative: it must be faster by that share. Shapes that the model runs
-# after a residual add + RMSNorm (qkv, gate_up) are timed as the layer runs them: the fused
-# kernel against the norm kernel + cuBLAS. Why Triton must win clearly: a near tie in these
-# isolated timings is not a tie in the decode step. H200, Qwen3-8B gate_up at M = 1 (timings
-# within 1% either way): whole-step batch-1 decode 230.4-231.3 tok/s in the five processes
-# whose calibration kept cuBLAS, 225.9-226.6 in the two that picked Triton (same run, same
-# machine). The clear wins stay Triton's (qkv, o, down and the LM head by 7-12%).
-CALIBRATE_MARGIN = -0.03
-CALIBRATE_NORM_EPS = 1e-6
+WARM_UP_NORM_EPS = 1e-6
 ROTATE_L2_FACTOR = 2  # rotate over weight copies totalling >= this many L2 sizes
 MAX_ROTATE_COPIES = 32
 MAX_ROTATE_BYTES = 512 * 2**20  # never allocate more than this for copies of one weight
@@ -301,11 +293,11 @@ def _check_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _launch(x, weight, bias, out, config, prologue=PROLOGUE_NONE, norm_weight=None, eps=0.0,
-            residual=None, residual_out=None) -> None:
+            residual=None, residual_out=None, pdl: bool = True) -> None:
     """Launch the kernel on checked operands (m, n, k >= 1); autotuned unless `config`."""
     m, n, k = out.shape[0], weight.shape[0], weight.shape[1]
     block_m, vec = next_pow2(m), _vec(weight.dtype)
-    pdl = use_pdl(x)
+    pdl = use_pdl(x, pdl)
     has_res = residual is not None
     res, res_out = (residual, residual_out) if has_res else (x, x)  # placeholders, never touched
     args = (x, weight, weight if bias is None else bias, out, weight if norm_weight is None else norm_weight,
@@ -343,6 +335,8 @@ def skinny_gemm(
     bias: Optional[torch.Tensor] = None,  # [N]
     out: Optional[torch.Tensor] = None,  # [M, N], unit stride along N
     config: Optional[GemvConfig] = None,  # bypass autotuning (tests, sweeps)
+    *,
+    pdl: bool = True,  # programmatic dependent launch where the device supports it (kernels/pdl.py)
 ) -> torch.Tensor:
     """x @ weight^T (+ bias) with fp32 accumulation, returned in x's dtype ([M, N])."""
     x = _check_rows(x)
@@ -353,7 +347,7 @@ def skinny_gemm(
         return out
     if k == 0:
         return out.copy_(bias.expand(m, out.shape[1])) if bias is not None else out.zero_()
-    _launch(x, weight, bias, out, config)
+    _launch(x, weight, bias, out, config, pdl=pdl)
     return out
 
 
@@ -365,6 +359,8 @@ def rms_norm_skinny_gemm(
     weight: torch.Tensor,  # [N, K]
     bias: Optional[torch.Tensor] = None,  # [N]
     config: Optional[GemvConfig] = None,
+    *,
+    pdl: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x [+ residual]) @ weight^T (+ bias), the new residual) in one kernel.
 
@@ -390,7 +386,7 @@ def rms_norm_skinny_gemm(
     out = _new_out(x, weight.shape[0], None)
     if m and weight.shape[0]:
         _launch(x, weight, bias, out, config, PROLOGUE_RMS_NORM, norm_weight, eps, residual,
-                None if residual is None else residual_out)
+                None if residual is None else residual_out, pdl=pdl)
     elif m and residual is not None:  # no output columns: only the residual add
         residual_out.copy_(x + residual)
     return out, residual_out
@@ -401,6 +397,8 @@ def silu_mul_skinny_gemm(
     weight: torch.Tensor,  # [N, K]
     bias: Optional[torch.Tensor] = None,  # [N]
     config: Optional[GemvConfig] = None,
+    *,
+    pdl: bool = True,
 ) -> torch.Tensor:
     """(silu(gate) * up) @ weight^T (+ bias) in one kernel: the MLP's activation folded into
     the down projection (rounded as `activation.silu_and_mul` before the product)."""
@@ -411,7 +409,7 @@ def silu_mul_skinny_gemm(
     _check_weight(weight, bias, two_k // 2)
     out = _new_out(x, weight.shape[0], None)
     if m and two_k and weight.shape[0]:
-        _launch(x, weight, bias, out, config, PROLOGUE_SILU_MUL)
+        _launch(x, weight, bias, out, config, PROLOGUE_SILU_MUL, pdl=pdl)
     elif m and weight.shape[0]:
         out.copy_(bias.expand_as(out)) if bias is not None else out.zero_()
     return out
@@ -430,7 +428,7 @@ def best_config(m: int, n: int, k: int) -> Optional[str]:
 
 
 def warm_up(weight: torch.Tensor, bias: Optional[torch.Tensor] = None, max_m: int = GEMV_MAX_M,
-            after_norm: bool = False) -> None:
+            after_norm: bool = False, pdl: bool = True) -> None:
     """Tune (and compile) the kernel for this weight's shape at every row bucket up to max_m
     (1, 2, 4, 8), so that no later call benchmarks, e.g. inside a CUDA-graph capture; with
     `after_norm`, also its residual-add + RMSNorm variant."""
@@ -441,12 +439,12 @@ def warm_up(weight: torch.Tensor, bias: Optional[torch.Tensor] = None, max_m: in
     if max_m > 1 and max_m & (max_m - 1):  # not a power of two: its own bucket
         buckets.append(min(max_m, GEMV_MAX_M))
     for m in buckets:
-        skinny_gemm(x[:m], weight, bias)
+        skinny_gemm(x[:m], weight, bias, pdl=pdl)
         if after_norm:
-            rms_norm_skinny_gemm(x[:m], x[:m], norm_weight, CALIBRATE_NORM_EPS, weight, bias)
+            rms_norm_skinny_gemm(x[:m], x[:m], norm_weight, WARM_UP_NORM_EPS, weight, bias, pdl=pdl)
 
 
-# ----------------------------------------------------------------------------- calibration
+# ----------------------------------------------------------------------------- timing
 
 
 def _l2_bytes(device: torch.device) -> int:
@@ -492,124 +490,3 @@ def time_us(fn, reps: int = CALIBRATE_REPS, calls: int = 1) -> float:
     torch.cuda.synchronize()
     times = sorted(s.elapsed_time(e) for s, e in events)
     return times[len(times) // 2] * 1e3 / calls
-
-
-def _time_pair(copies: list, bias: Optional[torch.Tensor], m: int, after_norm: bool = False) -> tuple[float, float]:
-    """(cuBLAS us, Triton us) per call at M = m, cycling through the weight `copies`; with
-    `after_norm`, each path includes the residual add + RMSNorm as the layer runs it (a
-    separate norm kernel before cuBLAS; the norm prologue inside the Triton kernel)."""
-    from nanovllm.layers import ops
-
-    w = copies[0]
-    k = w.shape[1]
-    x = torch.randn(m, k, dtype=w.dtype, device=w.device)  # [m, K]
-    residual = torch.randn(m, k, dtype=w.dtype, device=w.device)  # [m, K]
-    norm_weight = torch.ones(k, dtype=w.dtype, device=w.device)  # [K]
-    out = torch.empty(m, w.shape[0], dtype=w.dtype, device=w.device)  # [m, N]
-
-    def run_cublas():
-        for wc in copies:
-            h = ops.fused_add_rms_norm(x, residual, norm_weight, CALIBRATE_NORM_EPS)[0] if after_norm else x
-            torch.nn.functional.linear(h, wc, bias)
-
-    def run_triton():
-        for wc in copies:
-            if after_norm:
-                rms_norm_skinny_gemm(x, residual, norm_weight, CALIBRATE_NORM_EPS, wc, bias)
-            else:
-                skinny_gemm(x, wc, bias, out=out)
-
-    return time_us(run_cublas, calls=len(copies)), time_us(run_triton, calls=len(copies))
-
-
-def _linear_weights(model: torch.nn.Module) -> dict:
-    """{(N, K, dtype): (weight, bias, after_norm)} of the first Linear of each distinct weight
-    shape (one with a bias if any); after_norm: a layer of that shape runs after a residual
-    add + RMSNorm (the decoder's qkv and gate_up projections, `Linear.forward_after_norm`)."""
-    from nanovllm.layers.linear import GateUpLinear, Linear, QKVLinear
-
-    shapes: dict = {}
-    after_norm: set = set()
-    for module in model.modules():
-        if not isinstance(module, Linear) or module.packed_fp16 is not None:
-            continue
-        w = module.weight
-        if w.dim() != 2 or not w.is_cuda:
-            continue
-        key = (w.shape[0], w.shape[1], w.dtype)
-        if isinstance(module, (QKVLinear, GateUpLinear)):
-            after_norm.add(key)
-        if key not in shapes or (shapes[key][1] is None and module.bias is not None):
-            shapes[key] = (w.detach(), None if module.bias is None else module.bias.detach())
-    return {key: (w, b, key in after_norm) for key, (w, b) in shapes.items()}
-
-
-def _format_shape(key) -> str:
-    n, k, dtype = key
-    return f"{n}x{k} {str(dtype).replace('torch.', '')}"
-
-
-def row_limit(ms, cublas_us, triton_us, margin: float = CALIBRATE_MARGIN) -> int:
-    """Largest row count up to which Triton takes at most (1 + margin) x cuBLAS's time at every
-    timed M (`ms` ascending); 0 = cuBLAS for every M."""
-    limit = 0
-    for m, c, t in zip(ms, cublas_us, triton_us):
-        if t > (1 + margin) * c:
-            break
-        limit = m
-    return limit
-
-
-@torch.inference_mode()
-def calibrate_gemv(model: torch.nn.Module, device, max_m: int = GEMV_MAX_M) -> dict:
-    """Time cuBLAS vs this kernel on every distinct Linear weight shape of `model` at each row
-    bucket (1, 2, 4, 8 up to max_m) and enable the kernel (`linear.set_gemv_shapes`) for each
-    shape up to the largest bucket below which it is faster by CALIBRATE_MARGIN at every
-    bucket (on an H100 it wins at 1 row on every Qwen3 shape but loses at 8 on the wide
-    ones). Returns {(N, K, dtype): (cublas_us, triton_us, row_limit)}, times at M = 1,
-    row_limit 0 = cuBLAS for this shape.
-
-    Call it on CUDA, after loading weights and before CUDA-graph capture (it captures and
-    replays its own small graphs, and tunes the kernel for every row bucket up to max_m).
-    Environment: NANOVLLM_GEMV=0 -> enables nothing, returns {}; NANOVLLM_GEMV=force ->
-    enables every shape up to max_m without timing (times reported as nan). Shapes found are
-    timed independently of what was enabled before; shapes this model lacks keep their status.
-    """
-    from nanovllm.layers import linear
-
-    device = torch.device(device)
-    mode = os.environ.get("NANOVLLM_GEMV", "").strip().lower()
-    if mode == "0" or device.type != "cuda" or INTERPRET or os.environ.get("NANOVLLM_DISABLE_TRITON") == "1":
-        return {}
-    max_m = max(1, min(int(max_m), GEMV_MAX_M))
-    shapes = _linear_weights(model)
-    results: dict = {}
-    if mode == "force":
-        for key, (w, b, _) in shapes.items():
-            warm_up(w, b, max_m)
-            results[key] = (math.nan, math.nan, max_m)
-    else:
-        l2 = _l2_bytes(device)
-        ms = sorted({m for m in (1, 2, 4, 8) if m < max_m} | {max_m})
-        for key, (w, b, after_norm) in shapes.items():
-            warm_up(w, b, max_m, after_norm)
-            copies = [w] + [w.clone() for _ in range(rotation_copies(w.numel() * w.element_size(), l2) - 1)]
-            cublas, triton_ = zip(*(_time_pair(copies, b, m, after_norm) for m in ms))
-            del copies
-            limit = row_limit(ms, cublas, triton_)
-            results[key] = (cublas[0], triton_[0], limit)
-            logger.info("gemv calibrate %-16s cublas/triton us%s: %s -> triton up to M=%d (M=1 config %s)",
-                        _format_shape(key), " (with the RMSNorm before)" if after_norm else "",
-                        "  ".join(f"M={m} {c:.1f}/{t:.1f}" for m, c, t in zip(ms, cublas, triton_)), limit,
-                        best_config(1, key[0], key[1]))
-        torch.cuda.empty_cache()  # hand the copies' memory back before the KV cache is sized
-    kept = {key: m for key, m in linear.gemv_row_limits().items() if key not in results}
-    enabled = {**kept, **{key: v[2] for key, v in results.items() if v[2]}}
-    linear.set_gemv_shapes(enabled, max_m=max_m)
-    if results:
-        logger.info("gemv: Triton for %d of %d Linear shapes%s: %s", sum(1 for v in results.values() if v[2]),
-                    len(results), " [NANOVLLM_GEMV=force]" if mode == "force" else "",
-                    ", ".join(f"{_format_shape(k)} M<={v[2]}"
-                              + ("" if math.isnan(v[0]) else f" ({v[0]:.1f}/{v[1]:.1f} us at M=1)")
-                              for k, v in results.items()))
-    return results

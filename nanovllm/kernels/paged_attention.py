@@ -399,6 +399,8 @@ def paged_attention(
     out: Optional[torch.Tensor] = None,
     max_query_len: Optional[int] = None,
     max_seq_len: Optional[int] = None,
+    *,
+    pdl: bool = True,  # the decode kernel's programmatic dependent launch (kernels/pdl.py)
 ) -> torch.Tensor:
     """Causal attention of the new tokens over their paged K/V; `reference.paged_attention` semantics.
 
@@ -414,7 +416,7 @@ def paged_attention(
     if max_query_len == 1:
         return paged_attention_decode(
             query, k_cache, v_cache, seq_lens, block_tables, scale,
-            sliding_window=sliding_window, out=out, max_seq_len=max_seq_len,
+            sliding_window=sliding_window, out=out, max_seq_len=max_seq_len, pdl=pdl,
         )
     block_m, tile_n, num_warps, num_stages = _unified_config(
         query.shape[0], query.shape[1], k_cache.shape[1], query.device
@@ -605,13 +607,13 @@ def choose_num_splits(
 
 def _launch_decode(
     query, k_cache, v_cache, seq_lens, block_tables, scale, sliding_window, out,
-    num_splits: int, tile_n: int, num_warps: int, num_stages: int,
+    num_splits: int, tile_n: int, num_warps: int, num_stages: int, pdl: bool = True,
 ) -> None:
     num_seqs, num_heads, head_dim = query.shape
     num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
     direct = num_splits == 1
-    pdl = use_pdl(query)
+    pdl = use_pdl(query, pdl)
     if direct:
         part_out = part_lse = counters = out  # unused placeholders
     else:
@@ -668,6 +670,8 @@ def paged_attention_decode(
     out: Optional[torch.Tensor] = None,
     max_seq_len: Optional[int] = None,
     num_splits: Optional[int] = None,
+    *,
+    pdl: bool = True,
 ) -> torch.Tensor:
     """Split-KV (flash-decoding) attention for a decode-only batch; CUDA-graph safe.
 
@@ -696,6 +700,6 @@ def paged_attention_decode(
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     _launch_decode(
         query, k_cache, v_cache, seq_lens, block_tables, scale, sliding_window, out,
-        num_splits, DECODE_TILE_N, DECODE_NUM_WARPS, DECODE_NUM_STAGES,
+        num_splits, DECODE_TILE_N, DECODE_NUM_WARPS, DECODE_NUM_STAGES, pdl,
     )
     return out

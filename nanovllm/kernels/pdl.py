@@ -22,22 +22,24 @@ The contract every kernel launched with PDL keeps (all checked by reading the ke
     scheduled ahead (no spinning grids piling up).
 
 Kernels take a `USE_PDL` constexpr and are launched with `**pdl_launch_options(flag)`.
-It is on for CUDA tensors on compute capability >= 9 when the installed Triton supports it;
-`NANOVLLM_PDL=0` turns it off (A/B timing, debugging). Under TRITON_INTERPRET it is off.
+Each kernel wrapper takes `pdl: bool` (the caller's switch: the layers pass their
+`KernelOptions.pdl`, which the worker sets from `EngineConfig.pdl`); PDL is then used for
+CUDA tensors on compute capability >= 9 when the installed Triton supports it. Under
+TRITON_INTERPRET it is off.
 """
 
 from __future__ import annotations
 
 import functools
-import os
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from nanovllm import envs
+
 PDL_MIN_CAPABILITY = 9  # griddepcontrol needs sm_90
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = envs.triton_interpret()
 
 
 def _triton_has_pdl() -> bool:
@@ -56,29 +58,17 @@ def _device_supports_pdl(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= PDL_MIN_CAPABILITY
 
 
-_override: Optional[bool] = None  # set_pdl(): tests and same-process A/B runs
-
-
-def set_pdl(enabled: Optional[bool]) -> None:
-    """Force PDL on (where the device supports it) or off for later launches; None restores
-    the default. CUDA graphs already captured keep the launches they recorded."""
-    global _override
-    _override = enabled
-
-
-def use_pdl(t: torch.Tensor) -> bool:
-    """Whether kernels working on `t` are launched with PDL."""
-    if not t.is_cuda or _override is False:
-        return False
-    if _override is None and os.environ.get("NANOVLLM_PDL", "1").strip() == "0":
+def use_pdl(t: torch.Tensor, enabled: bool = True) -> bool:
+    """Whether kernels working on `t` are launched with PDL: `enabled` and the device can."""
+    if not enabled or not t.is_cuda:
         return False
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
     return _device_supports_pdl(index)
 
 
-def pdl_in_effect() -> bool:
+def pdl_in_effect(enabled: bool = True) -> bool:
     """Whether decode kernels on the current CUDA device launch with PDL (benchmark CSVs)."""
-    return torch.cuda.is_available() and use_pdl(torch.empty(0, device="cuda"))
+    return torch.cuda.is_available() and use_pdl(torch.empty(0, device="cuda"), enabled)
 
 
 def pdl_launch_options(enabled: bool) -> dict:

@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from nanovllm.kernels.counter_rng import seeded_exponential
+
 # ----------------------------------------------------------------------------- KV store
 
 
@@ -221,9 +223,6 @@ def fused_sample_reference(
 ) -> torch.Tensor:
     """[B] int64: argmax of l on greedy rows, else the exponential race argmax_v p_v / E_v,
     written as argmax_v (l_v / T - log E_v) with E = `seeded_exponential(seed_words, steps, V)`."""
-    # local import: the rest of this module needs no engine code
-    from nanovllm.worker.sampler import seeded_exponential
-
     x = logits.float()  # [B, V]
     sampled = temperature > 0  # [B]
     noise = seeded_exponential(seed_words, steps, x.shape[-1])  # [B, V] Exp(1)

@@ -89,7 +89,7 @@ def _rows_view(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     return t, t.shape[1], t.stride(0), t.stride(1)
 
 
-def _launch(x, residual, weight, out, residual_out, eps: float) -> None:
+def _launch(x, residual, weight, out, residual_out, eps: float, pdl: bool) -> None:
     n = x.shape[-1]
     if weight.dim() != 1 or weight.shape[0] != n or weight.stride(0) != 1:
         raise ValueError(f"weight must be a contiguous [{n}] vector, got {tuple(weight.shape)}")
@@ -112,7 +112,7 @@ def _launch(x, residual, weight, out, residual_out, eps: float) -> None:
     rows = max(1, min(TILE_ELEMENTS // block_n, MAX_ROWS_PER_PROGRAM, next_pow2(num_rows)))
     elements = rows * block_n
     num_warps = 4 if elements <= 4096 else (8 if elements <= 8192 else 16)
-    pdl = use_pdl(x)
+    pdl = use_pdl(x, pdl)
     _rms_norm_kernel[(cdiv(num_rows, rows),)](
         x, residual, weight, out, residual_out, num_rows, inner_rows,
         sxo, sxi, sro, sri, soo, soi, sroo, sroi,
@@ -126,12 +126,14 @@ def rms_norm(
     weight: torch.Tensor,  # [N]
     eps: float,
     out: Optional[torch.Tensor] = None,  # may be x itself (in place)
+    *,
+    pdl: bool = True,  # programmatic dependent launch where the device supports it (kernels/pdl.py)
 ) -> torch.Tensor:
     """x / rms(x) * weight per last-dim row; `reference.rms_norm` numerics."""
     if out is None:
         dtype = x.dtype if weight.dtype == x.dtype else torch.promote_types(x.dtype, weight.dtype)
         out = torch.empty_like(x, dtype=dtype, memory_format=torch.contiguous_format)
-    _launch(x, None, weight, out, None, eps)
+    _launch(x, None, weight, out, None, eps, pdl)
     return out
 
 
@@ -141,6 +143,8 @@ def fused_add_rms_norm(
     weight: torch.Tensor,  # [hidden]
     eps: float,
     inplace: bool = False,
+    *,
+    pdl: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """residual' = x + residual; returns (rms_norm(residual'), residual') in one pass.
 
@@ -157,5 +161,5 @@ def fused_add_rms_norm(
     else:
         out = torch.empty_like(x, dtype=out_dtype, memory_format=torch.contiguous_format)
         residual_out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    _launch(x, residual, weight, out, residual_out, eps)
+    _launch(x, residual, weight, out, residual_out, eps, pdl)
     return out, residual_out

@@ -251,6 +251,8 @@ def rope_and_store_kv(
     q_norm_weight: Optional[torch.Tensor] = None,  # [head_dim]: per-head RMSNorm of q before RoPE
     k_norm_weight: Optional[torch.Tensor] = None,  # [head_dim]: per-head RMSNorm of k before RoPE
     norm_eps: float = 1e-6,
+    *,
+    pdl: bool = True,  # programmatic dependent launch where the device supports it (kernels/pdl.py)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[RMSNorm q / k heads,] rotate q and k in place, store k and v into their cache slots.
 
@@ -282,7 +284,7 @@ def rope_and_store_kv(
     half = rotary_dim // 2
     heads_pad = next_pow2(num_heads)
     dummy = key  # placeholder pointer for what is not given (never read or written)
-    pdl = use_pdl(query)
+    pdl = use_pdl(query, pdl)
     _rope_store_kernel[(num_tokens,)](
         query, key, value, positions, cos_sin_cache,
         k_cache if store else dummy, v_cache if store else dummy, slot_mapping if store else positions,
@@ -314,6 +316,8 @@ def store_kv(
     k_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_dim]
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [num_tokens] int, -1 = skip
+    *,
+    pdl: bool = True,
 ) -> None:
     """Write each token's K and V into its cache slot (no RoPE); `reference.store_kv` twin."""
     _check_heads("key", key)
@@ -326,7 +330,7 @@ def store_kv(
         return
     kv_pad = next_pow2(num_kv_heads)
     d_pad = next_pow2(head_dim)
-    pdl = use_pdl(key)
+    pdl = use_pdl(key, pdl)
     _store_kv_kernel[(num_tokens,)](
         key, value, k_cache, v_cache, slot_mapping, num_kv_heads,
         key.stride(0), key.stride(1),

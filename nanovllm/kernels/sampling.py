@@ -11,7 +11,7 @@ about eight passes over a [B, V] fp32 tensor (~0.9 ms per decode step for 256 ro
 once in its own dtype, its noise is computed in registers from a counter-based hash, and
 only a running (best score, its index) per chunk is written.
 
-Noise. E_v = -log(u_v) with u_v bit-identical to `sampler.seeded_exponential`: the row key
+Noise. E_v = -log(u_v) with u_v bit-identical to `counter_rng.seeded_exponential`: the row key
 is `hash(hash(hash(seed_lo ^ SEED_SALT) ^ seed_hi) ^ step)`, the element's bits are
 `hash(hash(v + TOKEN_SALT) ^ key)`, u = (top 23 bits + 0.5) / 2^23 ('lowbias32' hash on
 uint32, whose arithmetic wraps mod 2^32 -- what the torch version emulates in int64). A
@@ -35,14 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels import counter_rng
 from nanovllm.kernels.launch_math import cdiv, next_pow2
-from nanovllm.worker.sampler import (
-    _HASH_MUL_1,
-    _HASH_MUL_2,
-    _SEED_SALT,
-    _TOKEN_SALT,
-    _UNIFORM_BITS,
-)
 
 BLOCK_V = 2048  # most tokens of one row per stage-1 program: 75 chunks for a 152k vocabulary
 TILE_ELEMENTS = 2048  # elements per program: rows of a small vocabulary share one (tests, tiny models)
@@ -50,17 +44,17 @@ NUM_WARPS = 4
 
 # The hash constants as compile-time uint32 literals (values above 2^31 are typed uint32,
 # the smaller ones int32, which uint32 arithmetic promotes to uint32).
-HASH_MUL_1 = tl.constexpr(_HASH_MUL_1)
-HASH_MUL_2 = tl.constexpr(_HASH_MUL_2)
-SEED_SALT = tl.constexpr(_SEED_SALT)
-TOKEN_SALT = tl.constexpr(_TOKEN_SALT)
-UNIFORM_SHIFT = tl.constexpr(32 - _UNIFORM_BITS)  # keep the top 23 bits
-UNIFORM_SCALE = tl.constexpr(2.0**-_UNIFORM_BITS)
+HASH_MUL_1 = tl.constexpr(counter_rng.HASH_MUL_1)
+HASH_MUL_2 = tl.constexpr(counter_rng.HASH_MUL_2)
+SEED_SALT = tl.constexpr(counter_rng.SEED_SALT)
+TOKEN_SALT = tl.constexpr(counter_rng.TOKEN_SALT)
+UNIFORM_SHIFT = tl.constexpr(32 - counter_rng.UNIFORM_BITS)  # keep the top 23 bits
+UNIFORM_SCALE = tl.constexpr(2.0**-counter_rng.UNIFORM_BITS)
 
 
 @triton.jit
 def _hash32(x):
-    """'lowbias32' on uint32 (wrapping multiplies): `sampler._hash32_`."""
+    """'lowbias32' on uint32 (wrapping multiplies): `counter_rng.hash32_`."""
     x ^= x >> 16
     x *= HASH_MUL_1
     x ^= x >> 15
@@ -261,7 +255,7 @@ def _two_stage_argmax(logits, temperature, seed_words, steps, block_v: int) -> t
 def seeded_uniform_bits(seed_words: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Debug twin of the kernel's noise: [B, V] int64 top-23-bit hashes k, u = (k + 0.5) / 2^23.
 
-    Bit-for-bit what `fused_sample` draws; tests compare it with `sampler.seeded_exponential`.
+    Bit-for-bit what `fused_sample` draws; tests compare it with `counter_rng.seeded_exponential`.
     """
     num_rows = seed_words.shape[0]
     _check_inputs(None, seed_words, steps, num_rows, seed_words.device)

@@ -4,32 +4,30 @@ Packed projections (one GEMM instead of three or two): `qkv_proj` holds q, k, v 
 stacked; `gate_up_proj` holds gate and up rows. Each parameter carries a
 `weight_loader(param, tensor, shard)` that copies a checkpoint tensor into its slice.
 
-GEMM dispatch (`Linear.forward`): cuBLAS (`F.linear`) by default. For an explicit set of
-weight shapes `(N, K, dtype)` (`set_gemv_shapes`, empty by default, normally filled by
-`nanovllm.kernels.gemv.calibrate_gemv`, which times both on the model's shapes), calls with
-at most `max_m` rows (leading dims flattened) on CUDA use the Triton skinny GEMM
-(`kernels/gemv.py`), which streams the weight at closer to HBM bandwidth than cuBLAS's
-small-M tiles. The CPU fp16-packed path is unaffected.
-
-When the skinny GEMM serves a call, the elementwise op in front of it runs inside it
-(`Linear.forward_after_norm`: residual add + RMSNorm before qkv / gate_up;
-`forward_after_silu_mul`: the MLP activation before down): two launches fewer per decoder
-layer at decode batch sizes. `NANOVLLM_GEMV_FUSE=0` keeps them separate (A/B timing).
+GEMM dispatch (`Linear.forward`): cuBLAS (`F.linear`) by default. A Linear whose
+`gemv_rows` is above 0 serves calls with at most that many rows (leading dims flattened)
+on CUDA with the Triton skinny GEMM (`kernels/gemv.py`), which streams the weight at closer
+to HBM bandwidth than cuBLAS's small-M tiles. The worker sets `gemv_rows` per weight shape
+(`set_gemv_rows`, from its calibration); it lives on the module, so two models in one
+process never share a choice. The CPU fp16-packed path is unaffected. The modules that
+fold the op in front of a projection into the same kernel are in norm_linear.py.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanovllm.layers import ops
+from nanovllm.layers.kernel_options import DEFAULT_KERNEL_OPTIONS
 
 logger = logging.getLogger(__name__)
+
+GemvShape = tuple[int, int, torch.dtype]  # (N, K, weight dtype)
+_PLAIN_TENSOR_TYPES = (torch.Tensor, nn.Parameter)
 
 
 class WeightShapeError(ValueError):
@@ -56,83 +54,12 @@ def cpu_fp16_gemm_available() -> bool:
         return False
 
 
-# ----------------------------------------------------------------------------- GEMV policy
+def gemv_kernels():
+    """kernels/gemv.py, imported when a skinny GEMM first runs (it imports triton); callers
+    look its functions up at call time."""
+    from nanovllm.kernels import gemv
 
-_gemv_shapes: frozenset = frozenset()  # {(N, K, weight dtype)} that use the Triton skinny GEMM
-_gemv_max_m = 0  # at most this many rows (x.numel() // K); 0 = never
-_gemv_row_limit: dict = {}  # (N, K, dtype) -> its own row limit (<= _gemv_max_m), where set
-_gemv_allow_cpu = False  # test hook: also dispatch CPU tensors (the kernel then runs in the Triton interpreter)
-_gemv = None  # the nanovllm.kernels.gemv module, imported when a policy is first set
-_PLAIN_TENSOR_TYPES = (torch.Tensor, nn.Parameter)
-
-
-def gemv_shapes() -> frozenset:
-    """The (N, K, dtype) weight shapes now served by the Triton skinny GEMM."""
-    return _gemv_shapes
-
-
-def set_gemv_shapes(shapes, max_m: Optional[int] = None, allow_cpu: bool = False) -> None:
-    """Serve Linear calls with a weight of shape `(N, K)` and dtype in `shapes` and at most
-    `max_m` rows (default and cap `gemv.GEMV_MAX_M`) with the Triton skinny GEMM, on CUDA.
-    `shapes` is an iterable of `(N, K, dtype)`, or a dict mapping each to its own row limit
-    (the kernel may beat cuBLAS at 1 row and lose at 8). An empty `shapes` restores cuBLAS
-    everywhere. `allow_cpu` is a test hook only (CPU tensors through the Triton
-    interpreter). Set it before CUDA-graph capture: graphs keep whichever GEMM they captured."""
-    global _gemv_shapes, _gemv_max_m, _gemv_allow_cpu, _gemv, _gemv_row_limit
-    limits = dict(shapes) if isinstance(shapes, dict) else {}
-    shapes = frozenset((int(n), int(k), dtype) for n, k, dtype in shapes)
-    if shapes and _gemv is None:
-        from nanovllm.kernels import gemv
-
-        _gemv = gemv
-    cap = _gemv.GEMV_MAX_M if _gemv is not None else 0
-    _gemv_max_m = cap if max_m is None else max(0, min(int(max_m), cap))
-    _gemv_row_limit = {(int(n), int(k), dtype): min(int(m), _gemv_max_m) for (n, k, dtype), m in limits.items()}
-    _gemv_shapes, _gemv_allow_cpu = shapes, bool(allow_cpu)
-
-
-def gemv_row_limits() -> dict:
-    """{(N, K, dtype): most rows served by the Triton kernel} of the shapes now enabled."""
-    return {key: _gemv_row_limit.get(key, _gemv_max_m) for key in _gemv_shapes}
-
-
-def _use_gemv(x: torch.Tensor, weight: torch.Tensor, x_features: Optional[int] = None) -> bool:
-    """Whether this call goes to the Triton skinny GEMM (policy non-empty: checked by the caller).
-    `x_features`: x's last dim when it is not K (the [gate | up] input of the SiLU prologue)."""
-    if weight.dim() != 2 or type(weight) not in _PLAIN_TENSOR_TYPES:
-        return False
-    n, k = weight.shape
-    key = (n, k, weight.dtype)
-    if key not in _gemv_shapes or x.dtype != weight.dtype or x.shape[-1] != (x_features or k) or k == 0:
-        return False
-    if not (x.is_cuda and weight.is_cuda) and not _gemv_allow_cpu:
-        return False
-    if torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad):  # the kernel has no backward
-        return False
-    limit = _gemv_row_limit.get(key, _gemv_max_m)
-    return 0 < x.numel() // (x_features or k) <= limit and weight.stride(1) == 1 and x.device == weight.device
-
-
-def _gemv_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    k = weight.shape[1]
-    try:
-        out = _gemv.skinny_gemm(x.reshape(-1, k), weight, bias)  # [M, N]
-    except _gemv.NotTunedError as e:  # first call of a shape inside a graph capture: keep cuBLAS there
-        logger.warning("%s; this graph uses cuBLAS for it", e)
-        return F.linear(x, weight, bias)
-    return out.view(*x.shape[:-1], weight.shape[0])
-
-
-def _fuse_prologues() -> bool:
-    return os.environ.get("NANOVLLM_GEMV_FUSE", "1").strip() != "0"
-
-
-def _fusable_norm(x: torch.Tensor, residual: Optional[torch.Tensor], norm) -> bool:
-    w = norm.weight
-    return (_fuse_prologues() and x.dim() == 2 and x.stride(-1) == 1 and w.dtype == x.dtype and w.dim() == 1
-            and w.stride(0) == 1
-            and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype
-                                      and residual.stride(-1) == 1)))
+    return gemv
 
 
 # ----------------------------------------------------------------------------- layers
@@ -144,7 +71,12 @@ class Linear(nn.Module):
     On CPU the weight can be packed to fp16 for fbgemm (`pack_fp16_for_cpu`): half the bytes
     to stream per GEMM, fp32 activations and accumulation. Used for checkpoints whose own
     precision is 16 bits or less, which fp16 represents (nearly) exactly.
+
+    Subclasses with other weight formats (quantized linears) override `forward` and set
+    `supports_gemv = False` unless they run the skinny GEMM on their own weights.
     """
+
+    supports_gemv = True  # the Triton skinny GEMM may serve this layer (plain 2-D float weight)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
@@ -156,6 +88,8 @@ class Linear(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_features))
             self.bias.weight_loader = default_weight_loader
         self.packed_fp16 = None
+        self.gemv_rows = 0  # calls with at most this many rows use the Triton skinny GEMM; 0 = never
+        self.kernel_options = DEFAULT_KERNEL_OPTIONS
 
     def pack_fp16_for_cpu(self) -> None:
         bias = None if self.bias is None else self.bias.detach().float()
@@ -164,38 +98,56 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed_fp16 is not None:
             return torch.ops.quantized.linear_dynamic_fp16(x, self.packed_fp16)
-        if _gemv_shapes and _use_gemv(x, self.weight):
-            return _gemv_linear(x, self.weight, self.bias)
+        if self.gemv_rows and self.uses_gemv(x):
+            return self._gemv(x)
         return F.linear(x, self.weight, self.bias)
 
-    def forward_after_norm(self, x: torch.Tensor, residual: Optional[torch.Tensor], norm) -> tuple:
-        """`norm` (an RMSNorm: residual add when residual is given) then this projection.
+    def uses_gemv(self, x: torch.Tensor, x_features: Optional[int] = None) -> bool:
+        """Whether this call goes to the Triton skinny GEMM. `x_features`: x's last dim when it
+        is not K (the [gate | up] input of the SiLU prologue)."""
+        weight = self.weight
+        if not self.gemv_rows or self.packed_fp16 is not None or type(weight) not in _PLAIN_TENSOR_TYPES:
+            return False
+        k = weight.shape[1]
+        if x.dtype != weight.dtype or x.shape[-1] != (x_features or k) or k == 0:
+            return False
+        if not (x.is_cuda and weight.is_cuda) and not self.kernel_options.gemv_on_cpu:
+            return False
+        if torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad):  # the kernel has no backward
+            return False
+        return (0 < x.numel() // (x_features or k) <= self.gemv_rows and weight.stride(1) == 1
+                and x.device == weight.device)
 
-        Returns (projection [T, N], new residual [T, K]); with residual None the new residual
-        is x. One kernel when the skinny GEMM serves this call, else the two layers.
-        """
-        if (self.packed_fp16 is None and _gemv_shapes and _use_gemv(x, self.weight)
-                and _fusable_norm(x, residual, norm)):
-            try:
-                return _gemv.rms_norm_skinny_gemm(x, residual, norm.weight, norm.eps, self.weight, self.bias)
-            except _gemv.NotTunedError as e:
-                logger.warning("%s; this graph runs the norm and the projection separately", e)
-        if residual is None:
-            return self(norm(x)), x
-        hidden, residual = norm(x, residual)
-        return self(hidden), residual
+    def _gemv(self, x: torch.Tensor) -> torch.Tensor:
+        gemv = gemv_kernels()
+        k = self.weight.shape[1]
+        try:
+            out = gemv.skinny_gemm(x.reshape(-1, k), self.weight, self.bias, pdl=self.kernel_options.pdl)  # [M, N]
+        except gemv.NotTunedError as e:  # first call of a shape inside a graph capture: keep cuBLAS there
+            logger.warning("%s; this graph uses cuBLAS for it", e)
+            return F.linear(x, self.weight, self.bias)
+        return out.view(*x.shape[:-1], self.weight.shape[0])
 
-    def forward_after_silu_mul(self, x: torch.Tensor) -> torch.Tensor:
-        """silu(x[..., :K]) * x[..., K:] then this projection; one kernel when the skinny GEMM
-        serves this call."""
-        k = self.in_features
-        if (self.packed_fp16 is None and _gemv_shapes and _fuse_prologues() and x.dim() == 2
-                and _use_gemv(x, self.weight, x_features=2 * k)):
-            try:
-                return _gemv.silu_mul_skinny_gemm(x, self.weight, self.bias)
-            except _gemv.NotTunedError as e:
-                logger.warning("%s; this graph runs the activation and the projection separately", e)
-        return self(ops.silu_and_mul(x))
+
+def gemv_shape(layer: Linear) -> GemvShape:
+    n, k = layer.weight.shape
+    return int(n), int(k), layer.weight.dtype
+
+
+def set_gemv_rows(model: nn.Module, rows: Mapping[GemvShape, int]) -> None:
+    """Serve each Linear of `model` whose weight shape `(N, K, dtype)` is in `rows` with the
+    Triton skinny GEMM for calls of at most that many rows (capped at the kernel's
+    GEMV_MAX_M); every other Linear uses cuBLAS. Set it before CUDA-graph capture: graphs keep
+    whichever GEMM they captured."""
+    cap = gemv_kernels().GEMV_MAX_M if any(rows.values()) else 0
+    for module in model.modules():
+        if isinstance(module, Linear) and module.supports_gemv:
+            module.gemv_rows = max(0, min(int(rows.get(gemv_shape(module), 0)), cap))
+
+
+def gemv_rows(model: nn.Module) -> dict[GemvShape, int]:
+    """{(N, K, dtype): row limit} of the Linear shapes of `model` that use the skinny GEMM."""
+    return {gemv_shape(m): m.gemv_rows for m in model.modules() if isinstance(m, Linear) and m.gemv_rows}
 
 
 class PackedLinear(Linear):

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from nanovllm.layers import ops
+from nanovllm.layers.kernel_options import DEFAULT_KERNEL_OPTIONS
 
 
 class RMSNorm(nn.Module):
@@ -15,8 +16,9 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.kernel_options = DEFAULT_KERNEL_OPTIONS
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
         if residual is None:
-            return ops.rms_norm(x, self.weight, self.eps)
-        return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)  # (normed, new residual)
+            return ops.rms_norm(x, self.weight, self.eps, self.kernel_options)
+        return ops.fused_add_rms_norm(x, residual, self.weight, self.eps, self.kernel_options)  # (normed, residual)

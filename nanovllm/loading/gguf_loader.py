@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
+from nanovllm.kernels.launch_math import cdiv
 from nanovllm.loading.config_check import validate_hf_config
-
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_GGUF_VERSIONS = (2, 3)  # v1 (2023) counted with 32-bit ints; nothing ships it any more
@@ -172,7 +172,7 @@ def _parse_header(path: str) -> _Header:
     alignment = metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
         raise _invalid(path, f"general.alignment {alignment!r} is not a power of two")
-    data_start = -(-cursor.pos // alignment) * alignment  # next multiple of the alignment
+    data_start = cdiv(cursor.pos, alignment) * alignment  # next multiple of the alignment
     arch = _architecture(path, metadata)
     tensors = tuple(_tensor_info(path, size, data_start, arch, *raw) for raw in raw_tensors)
     return _Header(metadata, tensors)

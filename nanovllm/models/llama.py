@@ -2,8 +2,8 @@
 
 One forward over a varlen batch: `input_ids [T]`, `positions [T]`, and a ForwardContext
 describing which sequences the tokens belong to. Qwen2 adds q/k/v biases; Qwen3 adds a
-per-head RMSNorm on q and k before RoPE (on Triton, fused into the RoPE + KV-store kernel:
-two launches per layer saved).
+per-head RMSNorm on q and k before RoPE. How each step runs (which kernels, what is fused)
+is the layers' business: this file is the math.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from nanovllm.layers.attention import PagedAttention
+from nanovllm.layers.forward_context import ForwardContext
 from nanovllm.layers.linear import GateUpLinear, Linear, LMHead, QKVLinear, VocabEmbedding
 from nanovllm.layers.norm import RMSNorm
+from nanovllm.layers.norm_linear import RMSNormLinear, SiluMulLinear
 from nanovllm.layers.rotary import build_cos_sin_cache
-from nanovllm.worker.forward_context import ForwardContext
 
 
 def head_dim_of(cfg) -> int:
@@ -49,13 +50,12 @@ class DecoderAttention(nn.Module):
         )
 
     def forward(self, qkv, positions, cos_sin_cache, ctx: ForwardContext):
-        """Attention from the qkv projection's output [T, q + 2 kv] (the layer runs the
-        projection, fused with the input norm where it can) through o_proj."""
+        """Attention from the qkv projection's output [T, q + 2 kv] (the decoder layer runs
+        the projection together with its input norm) through o_proj."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)  # [T, H, D]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        # Qwen3's q/k norms run inside the attention layer: fused with RoPE + KV store on Triton.
         out = self.attn(q, k, v, positions, cos_sin_cache, ctx, self.q_norm, self.k_norm)  # [T, H, D]
         return self.o_proj(out.reshape(-1, self.q_size))
 
@@ -67,12 +67,12 @@ class DecoderMLP(nn.Module):
         if act not in ("silu", "swish"):
             raise ValueError(f"hidden_act={act!r} is not supported (only silu)")
         self.gate_up_proj = GateUpLinear(cfg.hidden_size, cfg.intermediate_size)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.down_proj = SiluMulLinear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, gate_up):
-        """From the gate_up projection's output [T, 2 I] (the layer runs it, fused with the
-        post-attention norm where it can): activation and down projection -> [T, hidden]."""
-        return self.down_proj.forward_after_silu_mul(gate_up)
+        """down(silu(gate) * up) from the gate_up projection's output [T, 2 I] (the decoder
+        layer runs the projection together with its norm) -> [T, hidden]."""
+        return self.down_proj(gate_up)
 
 
 class DecoderLayer(nn.Module):
@@ -82,14 +82,15 @@ class DecoderLayer(nn.Module):
         self.mlp = DecoderMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # norm -> projection pairs (parameters stay under their checkpoint names above)
+        self.qkv_in = RMSNormLinear(self.input_layernorm, self.self_attn.qkv_proj)
+        self.gate_up_in = RMSNormLinear(self.post_attention_layernorm, self.mlp.gate_up_proj)
 
     def forward(self, hidden, residual, positions, cos_sin_cache, ctx):
-        # Each norm runs with the projection after it: one kernel at decode batch sizes.
-        qkv, residual = self.self_attn.qkv_proj.forward_after_norm(hidden, residual, self.input_layernorm)
-        hidden = self.self_attn(qkv, positions, cos_sin_cache, ctx)
-        gate_up, residual = self.mlp.gate_up_proj.forward_after_norm(hidden, residual,
-                                                                     self.post_attention_layernorm)
-        return self.mlp(gate_up), residual
+        qkv, residual = self.qkv_in(hidden, residual)  # qkv_proj(RMSNorm(hidden + residual))
+        hidden = self.self_attn(qkv, positions, cos_sin_cache, ctx)  # attention, o_proj
+        gate_up, residual = self.gate_up_in(hidden, residual)  # gate_up_proj(RMSNorm(hidden + residual))
+        return self.mlp(gate_up), residual  # down_proj(silu(gate) * up)
 
 
 class DecoderModel(nn.Module):

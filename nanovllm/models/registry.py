@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from nanovllm.models.architectures import SUPPORTED_ARCHITECTURES, unsupported_message
 from nanovllm.models.llama import LlamaForCausalLM, MistralForCausalLM
 from nanovllm.models.qwen2 import Qwen2ForCausalLM
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
@@ -14,6 +15,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
 }
+assert set(MODEL_REGISTRY) == set(SUPPORTED_ARCHITECTURES), "list a new architecture in models/architectures.py too"
 
 
 def supported_architectures() -> list[str]:
@@ -25,7 +27,4 @@ def resolve_model_class(hf_config) -> type[nn.Module]:
     for arch in archs:
         if arch in MODEL_REGISTRY:
             return MODEL_REGISTRY[arch]
-    raise ValueError(
-        f"model architecture {archs or '(none given in config.json)'} is not supported; "
-        f"supported architectures: {', '.join(supported_architectures())}"
-    )
+    raise ValueError(unsupported_message(archs))

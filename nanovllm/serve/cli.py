@@ -10,13 +10,13 @@ import argparse
 import ipaddress
 import json
 import logging
-import os
 import sys
 from typing import Optional
 
-from nanovllm.cli.main import add_engine_args, engine_args
+from nanovllm import envs
+from nanovllm.cli.args import add_engine_args, engine_args
 
-API_KEY_ENV = "NANOVLLM_API_KEY"
+API_KEY_ENV = envs.NANOVLLM_API_KEY.name
 MAX_PORT = 65535
 UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 logger = logging.getLogger("nanovllm")
@@ -136,7 +136,7 @@ def resolve_api_key(args: argparse.Namespace) -> Optional[str]:
         if not key:
             raise ValueError(f"--api-key-file {args.api_key_file}: the first line is empty; put the key there")
         return key
-    key = os.environ.get(API_KEY_ENV)  # the one place the variable is read (moves to nanovllm/envs.py)
+    key = envs.NANOVLLM_API_KEY.get()  # raw: an empty value is refused here, not taken as "no key"
     if key is not None and not key.strip():
         raise ValueError(f"${API_KEY_ENV} is set but empty: set it to a key, or unset it to serve without one")
     return key.strip() if key is not None else None

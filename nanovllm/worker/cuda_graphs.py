@@ -13,7 +13,8 @@ import logging
 
 import torch
 
-from nanovllm.worker.forward_context import ForwardContext
+from nanovllm.kernels.launch_math import cdiv
+from nanovllm.layers.forward_context import ForwardContext
 
 logger = logging.getLogger(__name__)
 
@@ -23,11 +24,20 @@ WARMUP_RUNS = 2
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
+    """Batch sizes to capture, ascending: 1, 2, 4, 8 below max_num_seqs, every 16th, and max_num_seqs."""
     sizes = [s for s in SMALL_BATCH_SIZES if s < max_num_seqs]
     sizes += list(range(BATCH_SIZE_STEP, max_num_seqs + 1, BATCH_SIZE_STEP))
     if not sizes or sizes[-1] != max_num_seqs:
         sizes.append(max_num_seqs)
     return sorted(set(sizes))
+
+
+def padded_batch_size(sizes: list[int], num_seqs: int) -> int:
+    """The captured batch size a decode batch of num_seqs rows replays: the smallest that holds it."""
+    for size in sizes:  # ascending
+        if size >= num_seqs:
+            return size
+    raise ValueError(f"no CUDA graph holds {num_seqs} sequences (largest captured: {sizes[-1]})")
 
 
 class CUDAGraphRunner:
@@ -38,7 +48,7 @@ class CUDAGraphRunner:
         self.max_model_len = max_model_len
         self.sizes = capture_sizes(max_num_seqs)
         device = runner.device
-        max_blocks = -(-max_model_len // runner.block_size)
+        max_blocks = cdiv(max_model_len, runner.block_size)
         n = self.max_bs
         # static inputs, filled in place before every replay
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
@@ -61,7 +71,6 @@ class CUDAGraphRunner:
             max_query_len=1,
             max_seq_len=self.max_model_len,  # upper bound: the kernel reads real lengths from seq_lens
             num_seqs=bs,
-            use_triton=self.runner.use_triton_attention,
         )
 
     @torch.inference_mode()
@@ -91,7 +100,7 @@ class CUDAGraphRunner:
     def run(self, inputs) -> torch.Tensor:
         ctx = inputs.ctx
         b = ctx.num_seqs
-        bs = next(s for s in self.sizes if s >= b)
+        bs = padded_batch_size(self.sizes, b)
         self.input_ids[:b].copy_(inputs.input_ids, non_blocking=True)
         self.positions[:b].copy_(ctx.positions, non_blocking=True)
         self.slot_mapping[:b].copy_(ctx.slot_mapping, non_blocking=True)

@@ -1,8 +1,8 @@
-"""Size the KV cache from the GPU memory left after a profiling forward.
+"""Size the KV cache: from the GPU memory left after a profiling forward, or in tokens on CPU.
 
-budget = total * gpu_memory_utilization
-         - memory in use before profiling (weights, CUDA context, other processes)
-         - peak activation memory of the largest batch (forward + logits + sampling)
+GPU budget = total * gpu_memory_utilization
+             - memory in use before profiling (weights, CUDA context, other processes)
+             - peak activation memory of the largest batch (forward + logits + sampling)
 """
 
 from __future__ import annotations
@@ -12,17 +12,55 @@ import logging
 import numpy as np
 import torch
 
-from nanovllm.engine.kv_cache_manager import cdiv
-from nanovllm.worker.forward_context import ForwardContext
+from nanovllm.config import DEFAULT_CPU_KV_CACHE_TOKENS, EngineConfig
+from nanovllm.kernels.launch_math import cdiv
+from nanovllm.layers.forward_context import ForwardContext
 
 logger = logging.getLogger(__name__)
 
+CPU_KV_CACHE_BYTES = 1 << 30  # 1 GiB of KV cache on CPU unless num_kv_blocks is given
+
+
+def kv_bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
+    """K and V bytes of one block over all of the model's attention layers."""
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    return sum(2 * a.num_kv_heads * a.head_dim for a in model.attention_layers()) * block_size * itemsize
+
+
+def cpu_num_kv_blocks(cfg: EngineConfig, max_model_len: int, bytes_per_block: int) -> int:
+    want_tokens = min(DEFAULT_CPU_KV_CACHE_TOKENS, cfg.max_num_seqs * max_model_len)
+    return max(1, min(want_tokens // cfg.block_size, CPU_KV_CACHE_BYTES // bytes_per_block))
+
+
+def profile_batch_lens(max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int) -> list[int]:
+    """Sequence lengths of the profiling prefill: max_num_batched_tokens tokens (at most what
+    max_num_seqs full-length sequences hold) as sequences of at most max_model_len."""
+    num_tokens = min(max_num_batched_tokens, max_num_seqs * max_model_len)
+    seq_len = min(max_model_len, num_tokens)
+    num_seqs = cdiv(num_tokens, seq_len)
+    return [seq_len] * (num_seqs - 1) + [num_tokens - seq_len * (num_seqs - 1)]
+
+
+def kv_cache_blocks(total: int, gpu_memory_utilization: float, used_before: int, activation_peak: int,
+                    bytes_per_block: int) -> int:
+    """Blocks that fit in total * gpu_memory_utilization - used_before - activation_peak bytes.
+
+    Raises ValueError, saying what to change, when not even one block fits.
+    """
+    budget = total * gpu_memory_utilization - used_before - activation_peak
+    blocks = int(budget // bytes_per_block)
+    if blocks <= 0:
+        raise ValueError(
+            f"no GPU memory left for the KV cache (weights and activations use "
+            f"{(used_before + activation_peak) / 2**30:.1f} GiB of {total / 2**30:.1f} GiB): raise "
+            f"gpu_memory_utilization or lower max_num_batched_tokens"
+        )
+    return blocks
+
 
 @torch.inference_mode()
-def profile_num_kv_blocks(engine, bytes_per_block: int) -> int:
-    cfg = engine.config
-    device = engine.device
-    model = engine.model
+def profile_num_kv_blocks(model, cfg: EngineConfig, device: torch.device, dtype: torch.dtype, max_model_len: int,
+                          bytes_per_block: int) -> int:
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
@@ -30,19 +68,16 @@ def profile_num_kv_blocks(engine, bytes_per_block: int) -> int:
     used_before = total - free
     allocated_before = torch.cuda.memory_allocated(device)
 
-    # One prefill batch of max_num_batched_tokens tokens, as sequences of at most max_model_len.
-    num_tokens = min(cfg.max_num_batched_tokens, cfg.max_num_seqs * engine.max_model_len)
-    seq_len = min(engine.max_model_len, num_tokens)
-    num_seqs = cdiv(num_tokens, seq_len)
-    lens = [seq_len] * (num_seqs - 1) + [num_tokens - seq_len * (num_seqs - 1)]
+    lens = profile_batch_lens(cfg.max_num_batched_tokens, cfg.max_num_seqs, max_model_len)
+    num_tokens, seq_len, num_seqs = sum(lens), lens[0], len(lens)
     blocks_per_seq = cdiv(seq_len, cfg.block_size)
     num_blocks = num_seqs * blocks_per_seq
     attn_layers = model.attention_layers()
     saved = [(a.k_cache, a.v_cache) for a in attn_layers]
     for a in attn_layers:  # a temporary cache just big enough for the profiling batch
         shape = (num_blocks, a.num_kv_heads, cfg.block_size, a.head_dim)
-        a.k_cache = torch.empty(shape, dtype=engine.dtype, device=device)
-        a.v_cache = torch.empty(shape, dtype=engine.dtype, device=device)
+        a.k_cache = torch.empty(shape, dtype=dtype, device=device)
+        a.v_cache = torch.empty(shape, dtype=dtype, device=device)
     temp_cache_bytes = num_blocks * bytes_per_block
 
     positions = np.concatenate([np.arange(n) for n in lens])
@@ -55,7 +90,6 @@ def profile_num_kv_blocks(engine, bytes_per_block: int) -> int:
         seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
         block_tables=torch.from_numpy(block_tables).to(device),
         max_query_len=seq_len, max_seq_len=seq_len, num_seqs=num_seqs,
-        use_triton=cfg.attention_backend != "torch",
     )
     input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
     hidden = model(input_ids, ctx.positions, ctx)
@@ -70,13 +104,7 @@ def profile_num_kv_blocks(engine, bytes_per_block: int) -> int:
         a.k_cache, a.v_cache = k, v
     torch.cuda.empty_cache()
 
-    budget = total * cfg.gpu_memory_utilization - used_before - peak
-    blocks = int(budget // bytes_per_block)
+    blocks = kv_cache_blocks(total, cfg.gpu_memory_utilization, used_before, peak, bytes_per_block)
     logger.info("KV cache: total %.1f GiB, in use %.1f GiB, activation peak %.2f GiB -> %d blocks (%.1f GiB)",
                 total / 2**30, used_before / 2**30, peak / 2**30, blocks, blocks * bytes_per_block / 2**30)
-    if blocks <= 0:
-        raise ValueError(
-            f"no GPU memory left for the KV cache (weights and activations use {(used_before + peak) / 2**30:.1f} GiB "
-            f"of {total / 2**30:.1f} GiB): raise gpu_memory_utilization or lower max_num_batched_tokens"
-        )
     return blocks

@@ -19,6 +19,8 @@ import math
 import numpy as np
 import torch
 
+from nanovllm.kernels.launch_math import cdiv
+
 SEGMENT_ALIGN = 256  # bytes; >= Triton's 16-byte pointer alignment, and the caching allocator's granularity
 GROWTH = 2  # a buffer that is too small grows to this many times what the step needs
 _NUMPY_DTYPES = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32}
@@ -49,7 +51,7 @@ class StagingBuffer:
         for name, (shape, dtype) in specs.items():
             nbytes = math.prod(shape) * dtype.itemsize
             segments[name] = (offset, nbytes, dtype, shape)
-            offset += -(-nbytes // SEGMENT_ALIGN) * SEGMENT_ALIGN
+            offset += cdiv(nbytes, SEGMENT_ALIGN) * SEGMENT_ALIGN
         if offset > len(self._host_np):
             self._host = torch.empty(GROWTH * offset, dtype=torch.uint8, pin_memory=self.pin)
             self._host_np = self._host.numpy()

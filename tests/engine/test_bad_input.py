@@ -179,3 +179,23 @@ def test_stream_with_a_wrong_argument(llm):
     with pytest.raises(TypeError, match="sampling_params must be a SamplingParams, got str 'x'"):
         next(llm.stream(GOOD, "x"))
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_prompt_above_the_token_budget_is_refused_without_chunked_prefill(tiny_model_factory):
+    """Without chunked prefill a prompt must fit one step's budget whole; a longer one used to
+    wait in the queue forever (and block everything behind it)."""
+    llm = LLM(tiny_model_factory("llama"), skip_tokenizer_init=True, device="cpu", max_model_len=64,
+              enable_chunked_prefill=False, max_num_batched_tokens=16)
+    with pytest.raises(ValueError, match="max_num_batched_tokens.*16.*at least 17"):
+        llm.generate([GOOD, {"prompt_token_ids": list(range(3, 20))}], SamplingParams(max_tokens=4), use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    # a prompt of exactly the budget runs, and so does everything queued behind it
+    outs = llm.generate([{"prompt_token_ids": list(range(3, 19))}, GOOD],
+                        SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [4, 4]
+    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+    chunked = LLM(tiny_model_factory("llama"), skip_tokenizer_init=True, device="cpu", max_model_len=64,
+                  max_num_batched_tokens=16)  # with chunked prefill the same prompt is fine
+    out = chunked.generate([{"prompt_token_ids": list(range(3, 20))}], SamplingParams(max_tokens=4, ignore_eos=True),
+                           use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4

@@ -68,6 +68,24 @@ def test_prefix_cache_hit_changes_nothing_and_is_counted(model_path):
     assert llm.engine.kv.prefix_hits >= 32
 
 
+def test_repeated_blocks_at_other_positions_match_the_cache_off_run(model_path):
+    """Tokens of a cached block that reappear at another position (after another prefix, or
+    repeated in one prompt) are recomputed: outputs equal those without prefix caching."""
+    g = torch.Generator().manual_seed(3)
+    x, y, tail = (torch.randint(3, 1000, (n,), generator=g).tolist() for n in (16, 16, 5))  # x, y: a block each
+    prompts = [x + tail, y + x + tail, x + x + tail, x + x + x + tail, y + x + x + tail]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)
+    cached = engine(model_path)
+    # one prompt at a time, so each finds the blocks of the ones before it in the cache
+    with_cache = [cached.generate([{"prompt_token_ids": p}], params, use_tqdm=False)[0] for p in prompts]
+    assert [o.num_cached_tokens for o in with_cache] == [0, 0, 16, 32, 32]  # only true prefixes hit
+    plain = engine(model_path, enable_prefix_caching=False)
+    without = plain.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert tokens(with_cache) == tokens(without)
+    for a, b in zip(with_cache, without):  # the scores too, not just the argmax
+        for ea, eb, tok in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, a.outputs[0].token_ids):
+            assert ea[tok].logprob == pytest.approx(eb[tok].logprob, abs=1e-4)
+
 def test_no_block_is_left_after_finish_and_abort(model_path):
     llm = engine(model_path)
     eng = llm.engine

@@ -131,3 +131,32 @@ def test_double_free_is_harmless_and_refcounts_never_negative():
 def test_rejects_bad_sizes():
     with pytest.raises(ValueError):
         KVCacheManager(num_blocks=0, block_size=BS)
+
+
+def test_a_block_is_only_reused_at_the_position_it_was_computed_at():
+    """The hash chains each block to its prefix: equal tokens at another position are no hit.
+
+    A block's K/V depend on its position (RoPE) and on every token before it, so a block
+    of tokens X cached at block 0 must not serve X at block 1, nor after another prefix.
+    """
+    kv = KVCacheManager(num_blocks=16, block_size=BS)
+    x, y = [5, 6, 7, 8], [9, 10, 11, 12]
+    a = make_req("a", x + x + [1])  # X at blocks 0 and 1
+    admit(kv, a)
+    compute_all(kv, a)
+    first, second = kv.blocks_of("a")[:2]
+    assert first != second
+    again = make_req("again", x + x + [2])  # the same two blocks: both hit, in order
+    assert admit(kv, again) == 2 * BS
+    assert kv.blocks_of("again")[:2] == [first, second]
+    shifted = make_req("shifted", y + x + [3])  # X after another prefix: no hit at all
+    assert admit(kv, shifted) == 0
+    assert first not in kv.blocks_of("shifted") and second not in kv.blocks_of("shifted")
+    b = make_req("b", y + x + [4])
+    compute_all(kv, shifted)
+    moved = make_req("moved", x + [4])  # X at block 0 hits a's first block, never shifted's second
+    assert admit(kv, moved) == BS and kv.blocks_of("moved")[0] == first
+    assert admit(kv, b) == 2 * BS and kv.blocks_of("b")[:2] == kv.blocks_of("shifted")[:2]
+    for r in (a, again, shifted, moved, b):
+        kv.free(r)
+    assert kv.num_free_blocks == kv.num_blocks

@@ -4,8 +4,9 @@ import random
 
 from nanovllm.engine.kv_cache_manager import KVCacheManager
 from nanovllm.engine.request import Request, RequestStatus
-from nanovllm.engine.scheduler import ModelRunnerOutput, Scheduler, SchedulerConfig
+from nanovllm.engine.scheduler import Scheduler, SchedulerConfig
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.step_io import StepOutput
 
 BS = 4
 EOS = 0
@@ -24,7 +25,7 @@ def make_req(rid, prompt_len, max_tokens=4, n=1, start=1):
 
 def fake_run(out, token=7):
     """A model that samples `token` for every request that samples."""
-    return ModelRunnerOutput({s.request.request_id: token for s in out.scheduled if s.needs_sample})
+    return StepOutput({s.request.request_id: token for s in out.scheduled if s.needs_sample})
 
 
 def run_to_end(sched, max_steps=1000):
@@ -123,7 +124,7 @@ def test_finish_on_eos_and_stop_token_and_min_tokens():
     tokens = iter([EOS, 9, EOS])  # EOS ignored before min_tokens
     while sched.has_unfinished():
         out = sched.schedule()
-        sched.update(out, ModelRunnerOutput({"a": next(tokens)} if out.scheduled[0].needs_sample else {}))
+        sched.update(out, StepOutput({"a": next(tokens)} if out.scheduled[0].needs_sample else {}))
     assert r.output_token_ids == [EOS, 9, EOS]
     assert r.status == RequestStatus.FINISHED_STOPPED
     r2 = Request("b", [1, 2, 3], params, 10, eos_token_ids=(EOS,), parent_id="b")
@@ -131,7 +132,7 @@ def test_finish_on_eos_and_stop_token_and_min_tokens():
     tokens = iter([3, 5])
     while sched.has_unfinished():
         out = sched.schedule()
-        sched.update(out, ModelRunnerOutput({"b": next(tokens)}))
+        sched.update(out, StepOutput({"b": next(tokens)}))
     assert r2.stop_reason == 5 and r2.status == RequestStatus.FINISHED_STOPPED
 
 
@@ -209,15 +210,15 @@ def test_scheduler_plans_the_pending_token_and_stops_at_max_tokens():
     assert (item.start_position, item.num_new_tokens, item.needs_sample) == (5, 1, True)
     sched.advance(second)
     assert req.num_pending_tokens == 2
-    sched.update(first, ModelRunnerOutput({"a": 11}), advanced=True)
+    sched.update(first, StepOutput({"a": 11}), advanced=True)
     assert req.output_token_ids == [11] and req.num_pending_tokens == 1
     third = sched.schedule()  # token 3 of 3 is pending after this: nothing left to plan
     sched.advance(third)
-    sched.update(second, ModelRunnerOutput({"a": 12}), advanced=True)
+    sched.update(second, StepOutput({"a": 12}), advanced=True)
     assert req.num_pending_tokens == 1
     fourth = sched.schedule()
     assert fourth.is_empty, "a request whose last token is in flight must not be scheduled again"
-    sched.update(third, ModelRunnerOutput({"a": 13}), advanced=True)
+    sched.update(third, StepOutput({"a": 13}), advanced=True)
     assert req.output_token_ids == [11, 12, 13] and req.status == RequestStatus.FINISHED_LENGTH
     assert sched.kv.num_free_blocks == sched.kv.num_blocks
 
@@ -231,8 +232,8 @@ def test_scheduler_finished_request_ignores_its_in_flight_token():
     second = sched.schedule()
     sched.advance(second)
     sched.finish_requests(["a"], RequestStatus.FINISHED_ABORTED)
-    assert sched.update(first, ModelRunnerOutput({"a": 4}), advanced=True) == []
-    assert sched.update(second, ModelRunnerOutput({"a": 5}), advanced=True) == []
+    assert sched.update(first, StepOutput({"a": 4}), advanced=True) == []
+    assert sched.update(second, StepOutput({"a": 5}), advanced=True) == []
     assert req.output_token_ids == [] and sched.kv.num_free_blocks == sched.kv.num_blocks
 
 
@@ -251,7 +252,7 @@ def test_scheduler_preempted_request_waits_for_its_pending_token():
         preempted_pending |= any(r.num_pending_tokens for r in out.preempted)
         sched.advance(out)
         if prev is not None:
-            sched.update(prev, ModelRunnerOutput({s.request.request_id: 7 for s in prev.scheduled
+            sched.update(prev, StepOutput({s.request.request_id: 7 for s in prev.scheduled
                                                   if s.needs_sample}), advanced=True)
         prev = out
         if not sched.has_unfinished():
@@ -259,4 +260,30 @@ def test_scheduler_preempted_request_waits_for_its_pending_token():
     assert not sched.has_unfinished()
     assert preempted_pending, "the pool was meant to force preemption of a request with a token in flight"
     assert a.output_token_ids == [7] * 10 and b.output_token_ids == [7] * 10
+    assert sched.kv.num_free_blocks == sched.kv.num_blocks
+
+
+def test_preempted_request_goes_back_to_the_front_of_the_queue():
+    """A preempted request keeps its place: it is readmitted before requests that arrived after it."""
+    # 5 blocks of 4: a and b (8-token prompts) take 2 blocks each; when both need a third,
+    # only one is free, so b (the newest running) is preempted while c waits for a seat
+    sched = make_sched(num_blocks=5, max_num_seqs=2, budget=64)
+    a, b, c = (make_req(rid, 8, max_tokens=4, start=10 * i + 1) for i, rid in enumerate("abc"))
+    for r in (a, b, c):
+        sched.add_request(r)
+    out = sched.schedule()
+    assert [s.request.request_id for s in out.scheduled] == ["a", "b"]
+    sched.update(out, fake_run(out))
+    out = sched.schedule()
+    assert [r.request_id for r in out.preempted] == ["b"]
+    assert [r.request_id for r in sched.waiting] == ["b", "c"]
+    sched.update(out, fake_run(out))
+    admitted = []  # order in which b and c leave the queue
+    while sched.has_unfinished():
+        waiting_before = [r.request_id for r in sched.waiting]
+        out = sched.schedule()
+        still = {r.request_id for r in sched.waiting}
+        admitted += [rid for rid in waiting_before if rid not in still and rid not in admitted]
+        sched.update(out, fake_run(out))
+    assert admitted == ["b", "c"]
     assert sched.kv.num_free_blocks == sched.kv.num_blocks

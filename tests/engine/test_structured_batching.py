@@ -8,6 +8,7 @@ import re
 import statistics
 import time
 
+import numpy as np
 import pytest
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -62,7 +63,7 @@ def test_offline_constraints_vllm_example(bundled_llm):
     assert re.fullmatch(r"\w+@\w+\.com\n", texts[1]), texts[1]
     jsonschema.validate(json.loads(texts[2]), CAR)
     assert re.fullmatch(r"SELECT (col_1|col_2)  from (table_1|table_2)  where (col_1|col_2) = (1|2) ", texts[3])
-    assert llm.engine.runner.structured.num_live_matchers == 0  # released when the requests finished
+    assert llm.engine.structured.num_live_matchers == 0  # released when the requests finished
 
 
 def test_bad_constraint_is_refused_before_it_runs(bundled_llm):
@@ -99,7 +100,7 @@ def _run_batch(llm, structured: bool) -> tuple[dict[str, list[int]], list[float]
 def test_unstructured_requests_keep_tokens_and_speed(bundled_llm, monkeypatch):
     llm = bundled_llm
     grammar_s: list[float] = []
-    fill = llm.engine.runner._grammar_bitmask
+    fill = llm.engine.step_builder._grammar_bitmask
     apply = sampler_module.apply_token_bitmask_
 
     def timed(fn):
@@ -111,7 +112,7 @@ def test_unstructured_requests_keep_tokens_and_speed(bundled_llm, monkeypatch):
                 grammar_s.append(time.perf_counter() - t0)
         return wrapper
 
-    monkeypatch.setattr(llm.engine.runner, "_grammar_bitmask", timed(fill))
+    monkeypatch.setattr(llm.engine.step_builder, "_grammar_bitmask", timed(fill))
     monkeypatch.setattr(sampler_module, "apply_token_bitmask_", timed(apply))
     _run_batch(llm, structured=True)  # warm-up: compile the grammar, load xgrammar
     ratios = []
@@ -142,8 +143,9 @@ def _low_quantile(values: list[float]) -> float:
 
 
 def test_async_scheduling_gives_the_same_constrained_answers(bundled_llm):
-    """With async scheduling a grammar row's previous token is still in flight at launch; the
-    runner reads it from the last step's host copy. Same greedy answers as the synchronous engine."""
+    """With async scheduling a grammar row's previous token would still be in flight when the
+    next step is built; the engine resolves that step first so the matcher has seen it. Same
+    greedy answers as the synchronous engine."""
     from nanovllm import LLM
 
     llm = LLM(device="cpu", async_scheduling=True, max_model_len=512)
@@ -159,14 +161,13 @@ def test_async_scheduling_gives_the_same_constrained_answers(bundled_llm):
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
     jsonschema.validate(json.loads(got[0].outputs[0].text), CAR)
     assert got[1].outputs[0].text in ("Positive", "Negative")
-    assert llm.engine.runner.structured.num_live_matchers == 0
+    assert llm.engine.structured.num_live_matchers == 0
 
 
 @pytest.mark.gpu
 def test_gpu_mixed_batch_launch_never_waits_and_keeps_tokens():
     """On CUDA (async scheduling, CUDA graphs): grammar rows are masked by the Triton kernel,
-    launch() makes no implicit synchronization (its one wait, for the previous step's event
-    once this step's forward is queued, is explicit), unconstrained neighbours keep their
+    launch() makes no synchronization (the bitmask arrives filled in the StepInput), unconstrained neighbours keep their
     greedy tokens, and constrained JSON validates."""
     import warnings
 
@@ -181,7 +182,7 @@ def test_gpu_mixed_batch_launch_never_waits_and_keeps_tokens():
     extra = [p + " The" for p in PROMPTS]
     # same batch shapes at every step in both runs: every request runs exactly 24 tokens
     ref = llm.generate(PROMPTS + extra, plain, use_tqdm=False)
-    runner = llm.engine.runner
+    runner = llm.engine.executor.worker.runner  # the in-process worker's step runner
     original, syncs = runner.launch, []
 
     def watched_launch(sched):
@@ -204,3 +205,41 @@ def test_gpu_mixed_batch_launch_never_waits_and_keeps_tokens():
     assert all(re.fullmatch(r"[a-z ]+", o.outputs[0].text) for o in outs[len(PROMPTS):])
     for o in cars:
         jsonschema.validate(json.loads(o.outputs[0].text), CAR)
+
+
+def test_step_input_carries_bitmasks_and_abort_releases_matchers(bundled_llm, monkeypatch):
+    """The engine's matchers fill one bitmask row per constrained sampled request and send it in
+    the plain-data StepInput (picklable: a worker may live in another process); an aborted
+    request's matcher is dropped at once."""
+    import pickle
+
+    engine = bundled_llm.engine
+    sent = []
+    build = engine.step_builder.build
+
+    def record(sched):
+        step = build(sched)
+        sent.append(pickle.loads(pickle.dumps(step)))
+        return step
+
+    monkeypatch.setattr(engine.step_builder, "build", record)
+    plain = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    regex = plain.replace(structured_outputs=StructuredOutputsParams(regex=LONG_REGEX))
+    engine.add_request("plain", PROMPTS[0], plain)
+    engine.add_request("regex", PROMPTS[1], regex)
+    for _ in range(3):
+        engine.step()
+    assert engine.structured.num_live_matchers == 1
+    sampled = [s for s in sent if any(s.needs_sample)]
+    assert sampled
+    for step in sampled:
+        rows = [rid for rid, needs in zip(step.req_ids, step.needs_sample) if needs]
+        assert [rows[r] for r in step.grammar_rows] == ["regex"]
+        assert step.grammar_bitmask.shape == (1, (engine.hf_config.vocab_size + 31) // 32)
+        allowed = np.unpackbits(step.grammar_bitmask.view(np.uint8), bitorder="little")
+        assert 0 < allowed.sum() < engine.hf_config.vocab_size  # a real constraint, not all or nothing
+    engine.abort_request("regex")
+    assert engine.structured.num_live_matchers == 0
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks

@@ -3,16 +3,19 @@
 import math
 
 import pytest
+import torch
 
 from nanovllm import LLM, SamplingParams
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_factory):
-    return LLM(tiny_model_factory("qwen3"), skip_tokenizer_init=True, device="cpu", max_model_len=256)
+    return LLM(tiny_model_factory("qwen3"), skip_tokenizer_init=True, device="cpu", dtype="float32",
+               max_model_len=256)
 
 
 PROMPT = {"prompt_token_ids": list(range(10, 50))}  # 40 tokens: 2 full blocks + 8
+LOGPROB_ATOL = 1e-4  # fp32 CPU: the engine's and HF's forwards differ by rounding only
 
 
 def peak_blocks(llm, requests):
@@ -54,6 +57,35 @@ def test_seed_reproducible_in_different_batches(tiny):
     assert different != alone
 
 
+def test_seeded_draws_change_with_the_step(tiny):
+    """A seeded request's noise is keyed by (seed, number of output tokens): new at every step.
+
+    At a temperature this high the logits hardly matter and the noise alone picks each token,
+    so one noise reused for every step would repeat one token; fresh draws over a
+    1003-token vocabulary almost never repeat in 16 steps.
+    """
+    params = SamplingParams(temperature=1e4, seed=5, max_tokens=16, ignore_eos=True)
+    toks = tiny.generate([PROMPT], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert len(set(toks)) > len(toks) // 2, toks
+    assert tiny.generate([PROMPT], params, use_tqdm=False)[0].outputs[0].token_ids == toks
+
+
+def test_seeded_tokens_do_not_depend_on_when_the_request_joins(tiny):
+    """The step of a seeded draw is the request's own output count, not the engine's step."""
+    seeded = SamplingParams(temperature=1.0, seed=77, max_tokens=10, ignore_eos=True)
+    alone = tiny.generate([PROMPT], seeded, use_tqdm=False)[0].outputs[0].token_ids
+    eng = tiny.engine
+    eng.add_request("early", {"prompt_token_ids": list(range(200, 230))},
+                    SamplingParams(temperature=1.0, seed=1, max_tokens=30, ignore_eos=True))
+    for _ in range(4):
+        eng.step()
+    eng.add_request("late", PROMPT, seeded)
+    finals = {}
+    while eng.has_unfinished_requests():
+        finals.update({o.request_id: o.outputs[0].token_ids for o in eng.step() if o.finished})
+    assert finals["late"] == alone
+
+
 def test_top_k_1_equals_greedy(tiny):
     greedy = tiny.generate([PROMPT], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)
     topk1 = tiny.generate([PROMPT], SamplingParams(temperature=0.9, top_k=1, max_tokens=10, ignore_eos=True),
@@ -61,19 +93,39 @@ def test_top_k_1_equals_greedy(tiny):
     assert greedy[0].outputs[0].token_ids == topk1[0].outputs[0].token_ids
 
 
-def test_prompt_logprobs_match_a_full_forward(tiny):
-    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2, logprobs=3)
-    out = tiny.generate([PROMPT], params, use_tqdm=False)[0]
+def hf_log_softmax(path: str, token_ids: list[int]) -> torch.Tensor:
+    """[L, V] float32 log-probabilities of one full HF transformers forward: row p predicts token p + 1."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([token_ids])).logits[0]  # [L, V]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def test_prompt_logprobs_match_a_full_forward(tiny, tiny_model_factory):
+    """Every prompt position against an independent forward (HF transformers, fp32): the
+    logprob of the actual token given the ones before it, its rank, and the top-k."""
+    k = 2
+    ids = torch.randint(3, 1000, (40,), generator=torch.Generator().manual_seed(7)).tolist()
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=k, logprobs=3)
+    out = tiny.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
+    expected = hf_log_softmax(tiny_model_factory("qwen3"), ids)
     plp = out.prompt_logprobs
-    ids = PROMPT["prompt_token_ids"]
     assert len(plp) == len(ids) and plp[0] is None
-    for pos in (1, 17, 39):
-        entry = plp[pos]
-        assert ids[pos] in entry and len(entry) <= 3  # the actual token + top 2
-        assert all(lp.logprob <= 0 for lp in entry.values())
-    # the sampled-token logprob sums into cumulative_logprob
+    for pos in range(1, len(ids)):
+        row, tok, entry = expected[pos - 1], ids[pos], plp[pos]
+        assert entry[tok].logprob == pytest.approx(row[tok].item(), abs=LOGPROB_ATOL), f"position {pos}"
+        # rank: tokens at least as likely (a band of width 2 * atol absorbs rounding at near ties)
+        assert int((row > row[tok] + LOGPROB_ATOL).sum()) + 1 <= entry[tok].rank <= int((row >= row[tok] - LOGPROB_ATOL).sum())
+        top_lp, top_ids = row.topk(k)
+        assert len(entry) <= k + 1
+        for tid, lp in zip(top_ids.tolist(), top_lp.tolist()):
+            assert entry[tid].logprob == pytest.approx(lp, abs=LOGPROB_ATOL)
+    # the sampled token: greedy argmax of the last row, its logprob in cumulative_logprob
     comp = out.outputs[0]
-    assert comp.cumulative_logprob == pytest.approx(sum(e[t].logprob for e, t in zip(comp.logprobs, comp.token_ids)))
+    assert comp.token_ids == [int(expected[-1].argmax())]
+    assert comp.cumulative_logprob == pytest.approx(expected[-1].max().item(), abs=LOGPROB_ATOL)
     assert len(comp.logprobs[0]) >= 3
 
 
@@ -125,6 +177,25 @@ def test_stop_string_across_tokens_is_trimmed(bundled_llm):
     kept = bundled_llm.generate(["The capital of France is"], base.replace(stop=[stop], include_stop_str_in_output=True),
                                 use_tqdm=False)[0].outputs[0]
     assert kept.text == text[: text.index(stop) + len(stop)]
+
+
+def test_stop_string_completed_by_the_last_allowed_token(bundled_llm):
+    """The token that reaches max_tokens also completes a stop string: the stop string wins
+    (finish_reason "stop", text cut before it), as it would one token earlier."""
+    prompt, k = "The capital of France is", 8
+    base = SamplingParams(temperature=0, max_tokens=k, ignore_eos=True)
+    text = bundled_llm.generate([prompt], base, use_tqdm=False)[0].outputs[0].text
+    before = bundled_llm.generate([prompt], base.replace(max_tokens=k - 1), use_tqdm=False)[0].outputs[0].text
+    # the shortest tail of the k-token text that occurs nowhere earlier: completed by token k
+    stop = next(text[-n:] for n in range(2, len(text)) if text.find(text[-n:]) == len(text) - n
+                and text[-n:] not in before)
+    out = bundled_llm.generate([prompt], base.replace(stop=[stop]), use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == k
+    assert (out.finish_reason, out.stop_reason) == ("stop", stop)
+    assert out.text == text[: -len(stop)]
+    kept = bundled_llm.generate([prompt], base.replace(stop=[stop], include_stop_str_in_output=True),
+                                use_tqdm=False)[0].outputs[0]
+    assert (kept.finish_reason, kept.text) == ("stop", text)
 
 
 def test_min_tokens_suppresses_eos(bundled_llm):

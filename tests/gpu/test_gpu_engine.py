@@ -39,7 +39,7 @@ def test_cuda_graphs_do_not_change_tokens(name, tiny_model_factory):
               max_num_seqs=8)
     eager = LLM(path, enforce_eager=True, **kw)
     graphs = LLM(path, enforce_eager=False, **kw)
-    assert graphs.engine.runner.cuda_graphs is not None
+    assert graphs.engine.executor.info.cuda_graphs and not eager.engine.executor.info.cuda_graphs
     assert greedy(graphs, prompts) == greedy(eager, prompts)
 
 
@@ -62,7 +62,10 @@ def test_kv_cache_is_sized_from_free_memory(tiny_model_factory):
     llm = LLM(path, skip_tokenizer_init=True, device="cuda", gpu_memory_utilization=0.3, max_model_len=256,
               max_num_seqs=8, enforce_eager=True)
     free, total = torch.cuda.mem_get_info()
-    per_block = llm.engine.runner.kv_bytes_per_block(llm.engine.hf_config, 16, llm.engine.dtype)
+    cfg = llm.engine.hf_config  # K and V, every layer, fp32 (the tiny model's checkpoint dtype) or bf16
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    per_block = llm.engine.executor.info.kv_bytes_per_block
+    assert per_block == 16 * per_token * {"float32": 4, "bfloat16": 2}[llm.engine.executor.info.dtype]
     kv_bytes = llm.engine.kv.num_blocks * per_block
     assert 0.2 * total < kv_bytes < 0.3 * total  # most of the 30% budget, never more
 
@@ -93,16 +96,16 @@ def test_launching_a_step_never_waits_for_the_gpu(tiny_model_factory, temperatur
               num_kv_blocks=256, max_num_seqs=8)
     params = SamplingParams(temperature=temperature, max_tokens=NUM_TOKENS, ignore_eos=True)
     llm.generate(prompts_for("qwen3"), params, use_tqdm=False)  # warm-up: caches, autotuning
-    runner = llm.engine.runner
+    runner = llm.engine.executor.worker.runner  # the in-process worker's step runner
     original = runner.launch
     syncs = []
 
-    def watched_launch(sched):
+    def watched_launch(step):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                return original(sched)
+                return original(step)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
                 syncs.extend(f"{w.filename}:{w.lineno}: {w.message}" for w in caught
@@ -113,21 +116,16 @@ def test_launching_a_step_never_waits_for_the_gpu(tiny_model_factory, temperatur
     assert syncs == [], "launch() synchronized with the GPU:\n" + "\n".join(syncs)
 
 
-def test_programmatic_dependent_launch_changes_no_token(tiny_model_factory, monkeypatch):
+def test_programmatic_dependent_launch_changes_no_token(tiny_model_factory):
     """The decode graphs with PDL launches (Hopper) give the tokens of plain launches."""
     from nanovllm.kernels import pdl
 
     if not pdl._device_supports_pdl(torch.cuda.current_device()):
         pytest.skip("PDL needs compute capability >= 9")
-    monkeypatch.setenv("NANOVLLM_GEMV", "force")  # the skinny GEMM (weight prefetch before the wait) in the graphs
     path = tiny_model_factory("qwen3")
     prompts = prompts_for("qwen3", seed=7)
+    # gemv="force": the skinny GEMM (weight prefetch before the wait) in the graphs
     kw = dict(skip_tokenizer_init=True, device="cuda", dtype="bfloat16", max_model_len=256, num_kv_blocks=256,
-              max_num_seqs=8)
-    try:
-        pdl.set_pdl(False)
-        plain = greedy(LLM(path, **kw), prompts)
-        pdl.set_pdl(True)
-        assert greedy(LLM(path, **kw), prompts) == plain
-    finally:
-        pdl.set_pdl(None)
+              max_num_seqs=8, gemv="force")
+    plain = greedy(LLM(path, pdl=False, **kw), prompts)
+    assert greedy(LLM(path, pdl=True, **kw), prompts) == plain

@@ -1,4 +1,9 @@
-"""Shared parametrization of the kernel tests: fp32 everywhere, bf16/fp16 on GPU only."""
+"""Shared parametrization of the kernel tests.
+
+fp32 runs everywhere; bf16 only on a GPU (the interpreter computes through numpy, which
+has no bfloat16). fp16 runs in the CPU interpreter too for the kernels whose fp16 path
+passes there (`PRECISIONS_CPU_FP16`); the others keep it GPU-only (`PRECISIONS`).
+"""
 
 import pytest
 import torch
@@ -12,3 +17,14 @@ PRECISIONS = [
     pytest.param(torch.bfloat16, id="bf16", marks=GPU),
     pytest.param(torch.float16, id="fp16", marks=GPU),
 ]
+PRECISIONS_CPU_FP16 = [
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.bfloat16, id="bf16", marks=GPU),
+    pytest.param(torch.float16, id="fp16"),
+]
+
+
+def large_shapes(dtype: torch.dtype) -> bool:
+    """Whether a case uses its GPU-sized shapes: 16-bit dtypes on a GPU. The interpreter runs
+    every dtype at the small fp32 shapes (the larger ones take minutes there)."""
+    return HAS_CUDA and dtype != torch.float32

@@ -1,6 +1,6 @@
 """Triton SiLU-and-mul vs `reference.silu_and_mul`.
 
-CPU: interpreter, fp32. GPU (`@pytest.mark.gpu`): bf16 / fp16 with more rows.
+CPU: interpreter, fp32 and fp16. GPU: bf16 too (`@pytest.mark.gpu`), 16-bit cases with more rows.
 """
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ import torch
 from nanovllm.kernels import reference
 from nanovllm.kernels.activation import silu_and_mul
 
-from kernel_params import DEVICE, PRECISIONS
+from kernel_params import DEVICE, PRECISIONS_CPU_FP16, large_shapes
 
 
 
-@pytest.mark.parametrize("dtype", PRECISIONS)
+@pytest.mark.parametrize("dtype", PRECISIONS_CPU_FP16)
 @pytest.mark.parametrize("shape", [(1, 128), (7, 2 * 1000), (33, 2 * 3072), (2, 5, 2 * 64)])
 def test_silu_and_mul_matches_reference(shape, dtype):
-    if dtype != torch.float32:
+    if large_shapes(dtype):
         shape = (shape[0] * 64, *shape[1:])
     gen = torch.Generator().manual_seed(shape[-1])
     x = (torch.randn(*shape, generator=gen) * 3).to(DEVICE, dtype)

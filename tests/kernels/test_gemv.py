@@ -1,8 +1,9 @@
-"""Triton skinny GEMM vs `reference.skinny_gemm_reference`; the Linear layer's GEMV dispatch policy.
+"""Triton skinny GEMM vs `reference.skinny_gemm_reference`; the Linear layer's GEMV dispatch.
 
 CPU: interpreter, fp32, small awkward shapes (one fixed config, no autotuning). GPU
 (`@pytest.mark.gpu`): bf16 / fp16, the autotuned path, every config, real decode shapes,
-CUDA-graph capture and `calibrate_gemv`.
+CUDA-graph capture and the worker's `calibrate_gemv`. The dispatch choice lives on each
+Linear module (`gemv_rows`, `kernel_options`), so no test can leak it into another.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ import torch.nn.functional as F
 
 from nanovllm.kernels import gemv, reference
 from nanovllm.kernels.gemv import GEMV_MAX_M, skinny_gemm
-from nanovllm.layers import linear
-from nanovllm.layers.linear import GateUpLinear, Linear, LMHead, QKVLinear
+from nanovllm.layers.kernel_options import KernelOptions, configure_kernels
+from nanovllm.layers.linear import GateUpLinear, Linear, LMHead, QKVLinear, gemv_rows, set_gemv_rows
+from nanovllm.layers.norm import RMSNorm
+from nanovllm.layers.norm_linear import RMSNormLinear, SiluMulLinear
+from nanovllm.worker import gemv_calibration
 
 from kernel_params import DEVICE, GPU, HAS_CUDA, PRECISIONS
 
@@ -49,12 +53,16 @@ def check(out: torch.Tensor, ref: torch.Tensor) -> None:
         torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=1e-2)
 
 
-@pytest.fixture
-def policy():
-    """Restore the Linear GEMV policy (module state) after the test."""
-    saved = (linear._gemv_shapes, linear._gemv_max_m, linear._gemv_allow_cpu, linear._gemv_row_limit)
-    yield linear
-    linear._gemv_shapes, linear._gemv_max_m, linear._gemv_allow_cpu, linear._gemv_row_limit = saved
+CPU_HOOK = KernelOptions(gemv_on_cpu=not HAS_CUDA)  # without a GPU the kernel serves CPU tensors (interpreter)
+
+
+def enable(module, rows, options=CPU_HOOK):
+    """The GEMV choice the worker would make: `rows` {(N, K, dtype): row limit} on `module`'s
+    Linears (an iterable of shapes: GEMV_MAX_M rows each), `options` on all of its layers."""
+    if not isinstance(rows, dict):
+        rows = {shape: GEMV_MAX_M for shape in rows}
+    configure_kernels(module, options)
+    set_gemv_rows(module, rows)
 
 
 @pytest.fixture
@@ -171,15 +179,16 @@ def _linear(n, k, dtype=torch.float32, bias=True, device=DEVICE):
 
 
 @torch.inference_mode()
-def test_linear_uses_gemv_only_for_enabled_shapes(policy, spy):
+def test_linear_uses_gemv_only_for_enabled_shapes(spy):
     layer, other = _linear(130, 200), _linear(96, 64, bias=False)
-    assert linear.gemv_shapes() == frozenset()  # default: cuBLAS everywhere
+    model = torch.nn.ModuleList([layer, other])
+    assert gemv_rows(model) == {}  # default: cuBLAS everywhere
     x = rand(2, 3, 200, dtype=torch.float32, seed=1)  # 6 rows after flattening
     expected = F.linear(x, layer.weight, layer.bias)
     check(layer(x), expected)
     assert spy == []
 
-    linear.set_gemv_shapes({(130, 200, torch.float32)}, allow_cpu=not HAS_CUDA)
+    enable(model, {(130, 200, torch.float32)})
     got = layer(x)
     assert spy == [((6, 200), (130, 200))]
     assert got.shape == (2, 3, 130)
@@ -191,29 +200,31 @@ def test_linear_uses_gemv_only_for_enabled_shapes(policy, spy):
     layer(rand(GEMV_MAX_M + 1, 200, dtype=torch.float32, seed=3))  # too many rows
     assert len(spy) == 2
 
-    linear.set_gemv_shapes({(130, 200, torch.float32)}, max_m=4, allow_cpu=not HAS_CUDA)
-    layer(rand(5, 200, dtype=torch.float32, seed=4))  # above this policy's max_m
+    enable(model, {(130, 200, torch.float32): 4})
+    layer(rand(5, 200, dtype=torch.float32, seed=4))  # above this shape's row limit
     assert len(spy) == 2
     layer(rand(4, 200, dtype=torch.float32, seed=5))
     assert len(spy) == 3
 
     # a row limit per shape (calibration found the kernel faster only up to 2 rows)
-    linear.set_gemv_shapes({(130, 200, torch.float32): 2}, allow_cpu=not HAS_CUDA)
-    assert linear.gemv_row_limits() == {(130, 200, torch.float32): 2}
+    enable(model, {(130, 200, torch.float32): 2})
+    assert gemv_rows(model) == {(130, 200, torch.float32): 2}
     layer(rand(3, 200, dtype=torch.float32, seed=4))
     assert len(spy) == 3
     check(layer(x[0, :2]), expected[0, :2])
     assert len(spy) == 4
 
-    linear.set_gemv_shapes({(130, 200, torch.bfloat16)}, allow_cpu=not HAS_CUDA)  # other dtype
+    enable(model, {(130, 200, torch.bfloat16)})  # other dtype
     layer(rand(1, 200, dtype=torch.float32, seed=6))
-    linear.set_gemv_shapes(())
+    enable(model, {})
     layer(rand(1, 200, dtype=torch.float32, seed=6))
     assert len(spy) == 4
+    enable(model, {(130, 200, torch.float32): 100})  # capped at what the kernel handles
+    assert gemv_rows(model) == {(130, 200, torch.float32): GEMV_MAX_M}
 
 
 @torch.inference_mode()
-def test_packed_and_lm_head_layers_dispatch(policy, spy):
+def test_packed_and_lm_head_layers_dispatch(spy):
     qkv = QKVLinear(hidden=64, head_dim=16, num_heads=4, num_kv_heads=2, bias=True).to(DEVICE)  # [128, 64]
     gate_up = GateUpLinear(64, 48).to(DEVICE)  # [96, 64]
     head = LMHead(64, 130).to(DEVICE)
@@ -224,21 +235,21 @@ def test_packed_and_lm_head_layers_dispatch(policy, spy):
     x = rand(7, 64, dtype=torch.float32, seed=9)
     idx = torch.tensor([1, 4, 6], device=DEVICE)
     expected = [qkv(x), gate_up(x), head(x, idx)]
-    linear.set_gemv_shapes({(128, 64, torch.float32), (96, 64, torch.float32), (130, 64, torch.float32)},
-                           allow_cpu=not HAS_CUDA)
+    enable(torch.nn.ModuleList([qkv, gate_up, head]),
+           {(128, 64, torch.float32), (96, 64, torch.float32), (130, 64, torch.float32)})
     for got, want in zip([qkv(x), gate_up(x), head(x, idx)], expected):
         check(got, want)
     assert spy == [((7, 64), (128, 64)), ((7, 64), (96, 64)), ((3, 64), (130, 64))]
 
 
-def test_no_dispatch_for_cpu_tensors_without_the_hook_or_with_autograd(policy, spy):
+def test_no_dispatch_for_cpu_tensors_without_the_hook_or_with_autograd(spy):
     layer = _linear(96, 64, device="cpu")
     x = rand(1, 64, dtype=torch.float32, seed=1, device="cpu")
-    linear.set_gemv_shapes({(96, 64, torch.float32)})  # no allow_cpu: CUDA only
+    enable(layer, {(96, 64, torch.float32)}, KernelOptions())  # no CPU hook: CUDA only
     with torch.inference_mode():
         layer(x)
     assert spy == []
-    linear.set_gemv_shapes({(96, 64, torch.float32)}, allow_cpu=True)
+    enable(layer, {(96, 64, torch.float32)}, KernelOptions(gemv_on_cpu=True))
     y = layer(x)  # grad mode, weight requires grad: the kernel has no backward
     assert spy == [] and y.requires_grad
     with torch.no_grad():
@@ -246,23 +257,36 @@ def test_no_dispatch_for_cpu_tensors_without_the_hook_or_with_autograd(policy, s
     assert len(spy) == 1
 
 
+@torch.inference_mode()
+def test_two_models_keep_their_own_dispatch(spy):
+    """The choice is per module: enabling the kernel on one model leaves another (same shapes) on cuBLAS."""
+    a, b = _linear(96, 64), _linear(96, 64)
+    enable(a, {(96, 64, torch.float32)})
+    x = rand(1, 64, dtype=torch.float32, seed=3)
+    b(x)
+    assert spy == [] and gemv_rows(b) == {} and b.kernel_options == KernelOptions()
+    a(x)
+    assert len(spy) == 1
+
+
 def test_row_limit_stops_at_the_first_loss_and_triton_must_win_clearly():
+    row_limit = gemv_calibration.row_limit
     ms = [1, 2, 4, 8]
     # Qwen3-8B on an H200: gate_up (norm included) a near tie -> cuBLAS; qkv a clear win at M=1
-    assert gemv.row_limit(ms, [53.7, 54.1, 54.7, 59.0], [53.5, 64.0, 94.8, 194.2]) == 0
-    assert gemv.row_limit(ms, [18.0, 18.2, 18.4, 18.4], [16.0, 18.7, 26.2, 51.7]) == 1
-    assert gemv.row_limit(ms, [10.0] * 4, [9.0, 9.5, 11.0, 5.0]) == 2  # a later win past a loss does not count
-    assert gemv.row_limit(ms, [10.0] * 4, [10.0, 9.0, 9.0, 9.0]) == 0  # a tie is not a win
-    assert gemv.row_limit(ms, [10.0] * 4, [10.0] * 4, margin=0.0) == 8  # margin 0: ties go to Triton
-    assert gemv.row_limit(ms, [10.0] * 4, [10.4] * 4, margin=0.05) == 8
-    assert gemv.row_limit(ms, [10.0] * 4, [12.0] * 4) == 0
+    assert row_limit(ms, [53.7, 54.1, 54.7, 59.0], [53.5, 64.0, 94.8, 194.2]) == 0
+    assert row_limit(ms, [18.0, 18.2, 18.4, 18.4], [16.0, 18.7, 26.2, 51.7]) == 1
+    assert row_limit(ms, [10.0] * 4, [9.0, 9.5, 11.0, 5.0]) == 2  # a later win past a loss does not count
+    assert row_limit(ms, [10.0] * 4, [10.0, 9.0, 9.0, 9.0]) == 0  # a tie is not a win
+    assert row_limit(ms, [10.0] * 4, [10.0] * 4, margin=0.0) == 8  # margin 0: ties go to Triton
+    assert row_limit(ms, [10.0] * 4, [10.4] * 4, margin=0.05) == 8
+    assert row_limit(ms, [10.0] * 4, [12.0] * 4) == 0
 
 
-def test_calibrate_is_a_no_op_off_cuda(policy, monkeypatch):
-    monkeypatch.delenv("NANOVLLM_GEMV", raising=False)
+def test_calibrate_is_a_no_op_off_cuda():
     model = torch.nn.Sequential(_linear(96, 64, device="cpu"))
-    assert gemv.calibrate_gemv(model, "cpu") == {}
-    assert linear.gemv_shapes() == frozenset()
+    assert gemv_calibration.calibrate_gemv(model, "cpu") == {}
+    assert gemv_calibration.calibrate_gemv(model, "cpu", mode="force") == {}
+    assert gemv_rows(model) == {}
 
 
 def test_prune_keeps_register_budget_and_never_empties():
@@ -300,11 +324,11 @@ def test_autotuned_decode_shapes_on_gpu(m, n, k, dtype):
 
 @gpu_only
 @torch.inference_mode()
-def test_cuda_graph_capture_and_untuned_fallback(policy, spy):
+def test_cuda_graph_capture_and_untuned_fallback(spy):
     layer = _linear(136, 72, dtype=torch.bfloat16, bias=False)
     x = rand(2, 72, dtype=torch.bfloat16, seed=1)
     expected = F.linear(x, layer.weight)
-    linear.set_gemv_shapes({(136, 72, torch.bfloat16)})
+    enable(layer, {(136, 72, torch.bfloat16)}, KernelOptions())
     # Never run at M=2 for this shape: inside the capture it falls back to cuBLAS (no tuning).
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -324,52 +348,63 @@ def test_cuda_graph_capture_and_untuned_fallback(policy, spy):
     assert len(spy) == 1  # the second capture launched the kernel
 
 
+class _TinyModel(torch.nn.Module):
+    """The projections of a decoder layer and an LM head; qkv and gate_up behind an RMSNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.projections = torch.nn.ModuleDict(dict(
+            qkv=QKVLinear(hidden=256, head_dim=64, num_heads=4, num_kv_heads=2, bias=True),  # [512, 256]
+            o=Linear(256, 256), gate_up=GateUpLinear(256, 384), down=Linear(384, 256), head=LMHead(256, 1000),
+        ))
+        self.norms = torch.nn.ModuleList([RMSNorm(256), RMSNorm(256)])
+        self.qkv_in = RMSNormLinear(self.norms[0], self.projections["qkv"])
+        self.gate_up_in = RMSNormLinear(self.norms[1], self.projections["gate_up"])
+
+
 def _tiny_model():
     torch.manual_seed(0)
-    model = torch.nn.ModuleDict(dict(
-        qkv=QKVLinear(hidden=256, head_dim=64, num_heads=4, num_kv_heads=2, bias=True),  # [512, 256]
-        o=Linear(256, 256), gate_up=GateUpLinear(256, 384), down=Linear(384, 256), head=LMHead(256, 1000),
-    )).to("cuda", torch.bfloat16)
+    model = _TinyModel().to("cuda", torch.bfloat16)
     with torch.no_grad():
-        for p in model.parameters():
+        for p in model.projections.parameters():
             p.normal_(0, 0.05)
     return model
 
 
 def _outputs(model, xs):
-    return [{name: layer(x) for name, layer in model.items() if layer.in_features == x.shape[-1]} for x in xs]
+    return [{name: layer(x) for name, layer in model.projections.items() if layer.in_features == x.shape[-1]}
+            for x in xs]
 
 
 @gpu_only
 @torch.inference_mode()
-def test_calibrate_gemv_on_a_tiny_model(policy, spy, monkeypatch):
+def test_calibrate_gemv_on_a_tiny_model(spy):
     model = _tiny_model()
     xs = [rand(m, k, dtype=torch.bfloat16, seed=m + k) for m in (1, 4, 8) for k in (256, 384)]
     before = _outputs(model, xs)
     shapes = {(512, 256), (256, 256), (768, 256), (256, 384), (1000, 256)}
     # qkv and gate_up run after the decoder's RMSNorm: calibrated with the norm on both paths
-    weights = gemv._linear_weights(model)
+    weights = gemv_calibration.linear_weights(model)
     assert {(n, k) for (n, k, _), (_, _, after_norm) in weights.items() if after_norm} == {(512, 256), (768, 256)}
 
-    monkeypatch.setenv("NANOVLLM_GEMV", "0")
-    assert gemv.calibrate_gemv(model, "cuda") == {}
-    assert linear.gemv_shapes() == frozenset()
+    assert gemv_calibration.calibrate_gemv(model, "cuda", mode="off") == {}
+    assert gemv_rows(model) == {}
 
-    monkeypatch.delenv("NANOVLLM_GEMV")
-    result = gemv.calibrate_gemv(model, "cuda")
+    result = gemv_calibration.calibrate_gemv(model, "cuda")
     assert {(n, k) for n, k, _ in result} == shapes and all(d == torch.bfloat16 for *_, d in result)
     for cublas_us, triton_us, row_limit in result.values():
         assert 0 < cublas_us < 1e4 and 0 < triton_us < 1e4 and row_limit in (0, 1, 2, 4, 8)
-    assert linear.gemv_row_limits() == {key: v[2] for key, v in result.items() if v[2]}
+    set_gemv_rows(model, gemv_calibration.row_limits(result))
+    assert gemv_rows(model) == {key: v[2] for key, v in result.items() if v[2]}
     for got, want in zip(_outputs(model, xs), before):
         for name in want:
             check(got[name], want[name])
 
-    monkeypatch.setenv("NANOVLLM_GEMV", "force")
-    result = gemv.calibrate_gemv(model, "cuda", max_m=4)
+    result = gemv_calibration.calibrate_gemv(model, "cuda", max_m=4, mode="force")
     spy.clear()  # drop calibrate's own (warm-up) calls
     assert all(v[2] == 4 and math.isnan(v[0]) for v in result.values()) and len(result) == len(shapes)
-    assert linear.gemv_shapes() == set(result) and linear._gemv_max_m == 4
+    set_gemv_rows(model, gemv_calibration.row_limits(result))
+    assert set(gemv_rows(model)) == set(result) and set(gemv_rows(model).values()) == {4}
     for got, want in zip(_outputs(model, xs), before):
         for name in want:
             check(got[name], want[name])
@@ -377,7 +412,7 @@ def test_calibrate_gemv_on_a_tiny_model(policy, spy, monkeypatch):
 
 
 @gpu_only
-def test_engine_tokens_unchanged_with_gemv_forced(policy, monkeypatch, tiny_model_factory):
+def test_engine_tokens_unchanged_with_gemv_forced(tiny_model_factory):
     """fp32 tiny model: greedy tokens with the Triton GEMV (eager and inside CUDA graphs) equal cuBLAS's."""
     from nanovllm import LLM, SamplingParams
 
@@ -391,32 +426,35 @@ def test_engine_tokens_unchanged_with_gemv_forced(policy, monkeypatch, tiny_mode
     def greedy(llm):
         return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
-    monkeypatch.setenv("NANOVLLM_GEMV", "0")  # the engine calibrates at start-up: baseline = cuBLAS only
-    linear.set_gemv_shapes(())
-    eager = LLM(path, enforce_eager=True, **kw)
-    assert linear.gemv_shapes() == frozenset()
+    eager = LLM(path, enforce_eager=True, gemv="off", **kw)  # the worker calibrates at start-up: cuBLAS only
+    model = eager.engine.executor.worker.model
+    assert gemv_rows(model) == {}
     baseline = greedy(eager)
-    monkeypatch.setenv("NANOVLLM_GEMV", "force")
-    assert gemv.calibrate_gemv(eager.engine.model, "cuda")
+    result = gemv_calibration.calibrate_gemv(model, "cuda", mode="force")
+    assert result
+    set_gemv_rows(model, gemv_calibration.row_limits(result))
     assert greedy(eager) == baseline
-    graphs = LLM(path, enforce_eager=False, **kw)  # captured with the kernel enabled
+    graphs = LLM(path, enforce_eager=False, gemv="force", **kw)  # captured with the kernel enabled
+    assert gemv_rows(graphs.engine.executor.worker.model)
     assert greedy(graphs) == baseline
 
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("fuse", ["1", "0"])
-def test_linear_runs_norm_and_activation_inside_the_gemv(policy, monkeypatch, fuse):
-    """forward_after_norm / forward_after_silu_mul: one fused kernel when the skinny GEMM
-    serves the call (unless NANOVLLM_GEMV_FUSE=0), the separate ops otherwise; same results."""
-    from nanovllm.layers.norm import RMSNorm
-
-    monkeypatch.setenv("NANOVLLM_GEMV_FUSE", fuse)
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "separate"])
+def test_norm_and_activation_run_inside_the_gemv(monkeypatch, fuse):
+    """RMSNormLinear / SiluMulLinear: one fused kernel when the skinny GEMM serves the call
+    (unless `fuse_gemv_prologues` is off), the separate ops otherwise; same results."""
     k, n, inter = 64, 96, 48
-    qkv, down = _linear(n, k, bias=False), _linear(k, inter, bias=False)
+    qkv = _linear(n, k, bias=False)
+    down = SiluMulLinear(inter, k, bias=False).to(DEVICE)
+    with torch.no_grad():
+        down.weight.copy_(rand(k, inter, dtype=torch.float32, seed=k, scale=inter**-0.5))
     norm = RMSNorm(k).to(DEVICE)
     with torch.no_grad():
         norm.weight.copy_(rand(k, dtype=torch.float32, seed=3, scale=0.2) + 1)
+    norm_qkv = RMSNormLinear(norm, qkv)
+    model = torch.nn.ModuleList([norm, qkv, down, norm_qkv])
     x, residual = rand(2, k, dtype=torch.float32, seed=4), rand(2, k, dtype=torch.float32, seed=5)
     gate_up = rand(2, 2 * inter, dtype=torch.float32, seed=6)
 
@@ -432,21 +470,22 @@ def test_linear_runs_norm_and_activation_inside_the_gemv(policy, monkeypatch, fu
             return _f(*a, **kw)
         monkeypatch.setattr(gemv, name, wrapped)
 
-    linear.set_gemv_shapes({(n, k, torch.float32), (k, inter, torch.float32)}, allow_cpu=not HAS_CUDA)
-    out, new_res = qkv.forward_after_norm(x, residual, norm)
+    enable(model, {(n, k, torch.float32), (k, inter, torch.float32)},
+           KernelOptions(gemv_on_cpu=not HAS_CUDA, fuse_gemv_prologues=fuse))
+    out, new_res = norm_qkv(x, residual)
     check(out, expected)
     check(new_res, expected_res)
-    out, new_res = qkv.forward_after_norm(x, None, norm)  # first layer: no residual yet
+    out, new_res = norm_qkv(x, None)  # first layer: no residual yet
     check(out, expected_first)
     assert new_res is x
-    check(down.forward_after_silu_mul(gate_up), expected_down)
-    if fuse == "1":
+    check(down(gate_up), expected_down)
+    if fuse:
         assert calls == ["rms_norm_skinny_gemm", "rms_norm_skinny_gemm", "silu_mul_skinny_gemm"]
     else:
         assert calls == ["skinny_gemm"] * 3
 
     calls.clear()
-    linear.set_gemv_shapes(set())  # cuBLAS: the separate ops, same results
-    check(qkv.forward_after_norm(x, residual, norm)[0], expected)
-    check(down.forward_after_silu_mul(gate_up), expected_down)
+    enable(model, {})  # cuBLAS: the separate ops, same results
+    check(norm_qkv(x, residual)[0], expected)
+    check(down(gate_up), expected_down)
     assert calls == []

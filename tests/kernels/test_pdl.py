@@ -19,43 +19,33 @@ HIDDEN, INTER, LAYERS = 1024, 2048, 6
 GEMV_CONFIG = GemvConfig(2, 1024, 4, 1)  # fixed: no autotuning inside the captured chain
 
 
-@pytest.fixture(autouse=True)
-def restore_default():
-    yield
-    pdl.set_pdl(None)
-
-
-def test_pdl_is_off_for_cpu_tensors_and_when_disabled(monkeypatch):
+def test_pdl_is_off_for_cpu_tensors_and_when_disabled():
     assert not pdl.use_pdl(torch.zeros(1))
     assert pdl.pdl_launch_options(False) == {}
     assert pdl.pdl_launch_options(True) == {"launch_pdl": True}
     if HAS_CUDA:
         x = torch.zeros(1, device="cuda")
-        pdl.set_pdl(False)
-        assert not pdl.use_pdl(x)
-        pdl.set_pdl(None)
-        monkeypatch.setenv("NANOVLLM_PDL", "0")
-        assert not pdl.use_pdl(x)
+        assert not pdl.use_pdl(x, enabled=False)
+        assert pdl.use_pdl(x) == pdl._device_supports_pdl(torch.cuda.current_device())
 
 
-def _chain(x, residual, weights):
+def _chain(x, residual, weights, enabled: bool):
     """LAYERS x (add+norm -> gate_up GEMV -> SiLU-mul -> down GEMV): each kernel consumes
     the previous one's output, the pattern of a batch-1 decode step."""
     for norm_w, w_up, w_down in weights:
-        h, residual = fused_add_rms_norm(x, residual, norm_w, 1e-6)
-        up = skinny_gemm(h, w_up, config=GEMV_CONFIG)  # [1, 2 * INTER]
-        x = skinny_gemm(silu_and_mul(up), w_down, config=GEMV_CONFIG)  # [1, HIDDEN]
+        h, residual = fused_add_rms_norm(x, residual, norm_w, 1e-6, pdl=enabled)
+        up = skinny_gemm(h, w_up, config=GEMV_CONFIG, pdl=enabled)  # [1, 2 * INTER]
+        x = skinny_gemm(silu_and_mul(up, pdl=enabled), w_down, config=GEMV_CONFIG, pdl=enabled)  # [1, HIDDEN]
     return x, residual
 
 
 def _graphed_chain(weights, x0, r0, enabled: bool):
-    pdl.set_pdl(enabled)
     x, r = x0.clone(), r0.clone()
-    _chain(x, r, weights)  # compile outside the capture
+    _chain(x, r, weights, enabled)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out, res = _chain(x, r, weights)
+        out, res = _chain(x, r, weights, enabled)
     results = []
     for step in range(3):  # new inputs each replay, as a decode step gets
         x.copy_(x0 * (step + 1))

@@ -38,5 +38,5 @@ def test_engine_packs_only_16bit_checkpoints(tiny_model_factory, bundled_llm):
     from nanovllm import LLM
 
     fp32 = LLM(tiny_model_factory("llama"), skip_tokenizer_init=True, device="cpu", max_model_len=64)
-    assert not fp32.engine.cpu_fp16_weights  # fp32 checkpoint: exact fp32 GEMMs (HF parity)
-    assert bundled_llm.engine.cpu_fp16_weights == cpu_fp16_gemm_available()  # Q4_1 GGUF
+    assert not fp32.engine.executor.info.cpu_fp16_weights  # fp32 checkpoint: exact fp32 GEMMs (HF parity)
+    assert bundled_llm.engine.executor.info.cpu_fp16_weights == cpu_fp16_gemm_available()  # Q4_1 GGUF

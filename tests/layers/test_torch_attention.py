@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nanovllm.kernels import reference
-from nanovllm.layers import torch_attention
+from nanovllm.layers.attention import torch_backend as torch_attention
 
 
 def make_batch(q_lens, seq_lens, num_heads, num_kv_heads, head_dim, block_size, seed):

@@ -1,8 +1,9 @@
 """Qwen3's q/k RMSNorm: fused into the Triton RoPE + KV-store kernel, same result as unfused.
 
 The fused path is taken where the RoPE runs in Triton (CUDA); here it is forced on CPU
-(`ops._use_triton` -> True, kernel under TRITON_INTERPRET, fp32) and compared with the
-CPU torch path, which keeps the separate norms. Attention itself stays on the torch path.
+(`ops.use_triton` -> True, kernel under TRITON_INTERPRET, fp32) and compared with the
+CPU torch path, which keeps the separate norms. Attention itself stays on the torch path
+(the layer's `KernelOptions.triton_attention` is off).
 """
 
 from types import SimpleNamespace
@@ -12,9 +13,10 @@ import torch
 
 from nanovllm.kernels import rope_kv_store
 from nanovllm.layers import ops
+from nanovllm.layers.forward_context import ForwardContext
+from nanovllm.layers.kernel_options import KernelOptions
 from nanovllm.layers.rotary import build_cos_sin_cache
 from nanovllm.models.llama import DecoderAttention
-from nanovllm.worker.forward_context import ForwardContext
 
 BLOCK_SIZE = 4
 
@@ -43,13 +45,13 @@ def make_ctx(q_lens, seq_lens, max_blocks=4):
         positions=torch.tensor(positions), slot_mapping=torch.tensor(slots), query_start_loc=torch.tensor(qsl),
         seq_lens=torch.tensor(seq_lens), block_tables=block_tables, max_query_len=max(q_lens),
         max_seq_len=max(seq_lens), num_seqs=len(q_lens), query_start_loc_cpu=qsl, seq_lens_cpu=list(seq_lens),
-        use_triton=False,  # attention on the torch path; only RoPE/norm/store are under test
     )
 
 
 @pytest.mark.parametrize("head_dim,partial", [(32, 1.0), (64, 0.5)])
 def test_fused_qk_norm_matches_unfused_cpu_path(head_dim, partial, monkeypatch):
     layer, cos_sin = make_layer(head_dim, partial)
+    layer.attn.kernel_options = KernelOptions(triton_attention=False)  # only RoPE/norm/store are under test
     ctx = make_ctx(q_lens=[5, 1], seq_lens=[5, 7])
     hidden = torch.randn(6, 48, generator=torch.Generator().manual_seed(1))
     num_blocks = 2 * 4
@@ -70,7 +72,7 @@ def test_fused_qk_norm_matches_unfused_cpu_path(head_dim, partial, monkeypatch):
     def no_separate_norm(*args, **kwargs):
         raise AssertionError("q/k norm ran as its own op on the fused path")
 
-    monkeypatch.setattr(ops, "_use_triton", lambda x: True)
+    monkeypatch.setattr(ops, "use_triton", lambda x, options=None: True)
     monkeypatch.setattr(ops, "rms_norm", no_separate_norm)
     monkeypatch.setattr(rope_kv_store, "rope_and_store_kv", spy)
     layer.attn.k_cache, layer.attn.v_cache = caches[0].clone(), caches[1].clone()

@@ -13,7 +13,7 @@ import pytest
 from nanovllm.config import EngineConfig
 from nanovllm.engine.async_engine import AsyncLLMEngine
 from nanovllm.sampling_params import SamplingParams, StructuredOutputsParams
-from nanovllm.worker import structured_output
+from nanovllm.engine import structured_output
 
 pytest.importorskip("xgrammar")
 

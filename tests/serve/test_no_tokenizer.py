@@ -26,7 +26,7 @@ def bare(tiny_model_factory):
 
     engine = AsyncLLMEngine.from_config(EngineConfig(
         model=tiny_model_factory("qwen3"), device="cpu", skip_tokenizer_init=True, max_model_len=MAX_MODEL_LEN,
-        extra={"load_format": "dummy"}))
+        load_format="dummy"))
     app = build_app(engine, "tiny", max_body_bytes=4096, web_ui=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -101,7 +101,7 @@ def cors_url(tiny_model_factory):
 
     engine = AsyncLLMEngine.from_config(EngineConfig(
         model=tiny_model_factory("qwen3"), device="cpu", skip_tokenizer_init=True, max_model_len=64,
-        extra={"load_format": "dummy"}))
+        load_format="dummy"))
     app = build_app(engine, "tiny", api_key="k", cors=CorsSettings(["https://app.example"], ["POST"], ["*"]))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from nanovllm.kernels.counter_rng import seeded_exponential
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.worker import sampler as sampler_mod
 from nanovllm.worker.sampler import (
@@ -14,7 +15,6 @@ from nanovllm.worker.sampler import (
     SamplingBatch,
     apply_logits_processors,
     compute_prompt_logprobs,
-    seeded_exponential,
 )
 
 CPU = torch.device("cpu")

@@ -1,4 +1,5 @@
-"""Grammar module: compile + cache, matchers fed with tokens, bitmask fill, bitmask apply.
+"""Grammar modules: compile + cache, matchers fed with tokens, bitmask fill (the engine's
+engine/structured_output.py), bitmask apply (the worker's worker/grammar_mask.py).
 
 Decoding is simulated without a model: random logits per step, masked by the grammar, then
 argmax. Whatever the logits say, the output must follow the constraint.
@@ -17,13 +18,12 @@ xgr = pytest.importorskip("xgrammar")
 jsonschema = pytest.importorskip("jsonschema")
 
 from nanovllm.sampling_params import StructuredOutputsParams  # noqa: E402
-from nanovllm.worker.structured_output import (  # noqa: E402
+from nanovllm.engine.structured_output import (  # noqa: E402
     BATCH_FILL_MIN_ROWS,
     StructuredOutputManager,
-    apply_token_bitmask_,
-    apply_token_bitmask_reference,
     bitmask_width,
 )
+from nanovllm.worker.grammar_mask import apply_token_bitmask_, apply_token_bitmask_reference  # noqa: E402
 
 MAX_STEPS = 96
 

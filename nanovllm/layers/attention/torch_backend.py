@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from nanovllm.kernels import reference
+from nanovllm.kernels.launch_math import cdiv
 
 
 def rope_and_store_kv(query, key, value, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
@@ -77,7 +78,7 @@ def _gather(cache: torch.Tensor, block_tables: torch.Tensor, num_blocks: int) ->
 
 def _decode_mask(seq_lens: list[int], block_size: int, sliding_window: Optional[int]) -> torch.Tensor:
     """[B, 1, 1, S] True where a key position must not be attended (S = block-padded max)."""
-    nb = -(-max(seq_lens) // block_size)
+    nb = cdiv(max(seq_lens), block_size)
     lens = torch.tensor(seq_lens).view(-1, 1, 1, 1)
     pos = torch.arange(nb * block_size).view(1, 1, 1, -1)
     masked = pos >= lens
@@ -102,7 +103,7 @@ def _decode(q, k_cache, v_cache, blocks, masked, scale):
 def _prefill(q, k_cache, v_cache, seq_len, block_table, scale, sliding_window):
     q_len, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
-    nb = -(-seq_len // block_size)
+    nb = cdiv(seq_len, block_size)
     table = block_table.view(1, -1).long()
     k = _gather(k_cache, table, nb)[0, :, :seq_len]  # [Hkv, S, D]
     v = _gather(v_cache, table, nb)[0, :, :seq_len]

@@ -1,18 +1,20 @@
-"""Structured output: grammars compiled with xgrammar, one matcher per request, token bitmasks.
+"""Structured output, the engine's half: grammars compiled with xgrammar, one matcher per
+request, and each step's token bitmasks (host arrays; no torch).
 
     GrammarCompiler          StructuredOutputsParams -> xgrammar CompiledGrammar, LRU-cached
                              per normalised spec (same schema text = one compilation)
-    StructuredOutputManager  owned by the worker: compiles on demand, keeps one GrammarMatcher
-                             per request, advances it with the request's accepted tokens and
-                             fills the step's bitmask rows ([B, ceil(V / 32)] int32, bit j of
-                             word w = token 32 w + j allowed)
-    apply_token_bitmask_     masks the disallowed logits with -inf, in place, on the rows
-                             that have a grammar (one masked fill; xgrammar's Triton kernel
-                             on CUDA, `apply_token_bitmask_reference` elsewhere)
+    StructuredOutputManager  owned by the engine: compiles when a request is added (a bad
+                             spec is a ValueError then), keeps one GrammarMatcher per request,
+                             advances it with the request's accepted tokens and fills the
+                             step's bitmask rows ([R, ceil(V / 32)] int32, bit j of word w =
+                             token 32 w + j allowed), which travel to the worker in StepInput
 
-All grammar state lives in a StructuredOutputManager object: two engines in one process
-never share matchers or caches. xgrammar is imported on first use, so engines that never
-see a structured request never load it.
+The worker's half (worker/grammar_mask.py) masks the logits with those rows. The engine
+owns the matchers because it owns the tokenizer, validation and request lifetimes: one
+compilation per grammar, refused before admission, released when the request finishes or
+is aborted. All grammar state lives in a StructuredOutputManager object: two engines in one
+process never share matchers or caches. xgrammar is imported on first use, so engines that
+never see a structured request never load it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
 
 from nanovllm.sampling_params import StructuredOutputsParams
 
@@ -173,11 +174,12 @@ class _Matcher:
 
 
 class StructuredOutputManager:
-    """The worker's grammar state: a compiler (created on first use) and a matcher per request.
+    """The engine's grammar state: a compiler (created on first use) and a matcher per request.
 
-    `fill_bitmask` is called at launch for the rows that sample this step; the matcher must
-    see every earlier output token first, so the engine resolves the step in flight before
-    scheduling a structured request again (as it does for penalties).
+    `fill_bitmask` is called when a step is built, for the rows that sample in it; the
+    matcher must see every earlier output token first, so under async scheduling the engine
+    resolves the step in flight before scheduling a structured request again (as it does
+    for penalties).
     """
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int]) -> None:
@@ -258,42 +260,3 @@ class StructuredOutputManager:
                 state.broken = True
                 return
         state.num_accepted = len(tokens)
-
-
-# ----------------------------------------------------------------------------- apply
-
-
-def apply_token_bitmask_reference(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
-    """Pure torch: logits[rows[k], t] = -inf where bit t of bitmask[k] is 0.
-
-    logits: [B, V] float; bitmask: [R, W] int32 with W >= ceil(V / 32); rows: [R] int64 (all
-    three on one device).
-    """
-    vocab_size = logits.shape[-1]
-    shifts = torch.arange(BITS_PER_WORD, dtype=torch.int32, device=logits.device)  # [32]
-    bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [R, W, 32]: bit j of word w = token 32 w + j
-    disallowed = (bits == 0).flatten(1)[:, :vocab_size]  # [R, V]
-    logits.index_copy_(0, rows, logits.index_select(0, rows).masked_fill_(disallowed, float("-inf")))
-
-
-def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor,
-                         use_kernel: Optional[bool] = None) -> None:
-    """Mask `logits` [B, V] in place: row rows[k] with bitmask[k] ([R, W] int32, device).
-
-    On CUDA this is xgrammar's Triton kernel on the grammar rows (gathered when they are not
-    the whole batch; no host sync); elsewhere the torch reference. `use_kernel` forces the
-    choice (tests run xgrammar's CPU kernel).
-    """
-    if use_kernel is None:
-        use_kernel = logits.is_cuda
-    if not use_kernel:
-        apply_token_bitmask_reference(logits, bitmask, rows)
-        return
-    xgr = _import_xgrammar()
-    backend = "triton" if logits.is_cuda else "cpu"
-    if rows.shape[0] == logits.shape[0]:  # every row has a grammar, in order (rows come sorted)
-        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[-1], backend=backend)
-        return
-    sub = logits.index_select(0, rows)  # [R, V]
-    xgr.apply_token_bitmask_inplace(sub, bitmask, vocab_size=logits.shape[-1], backend=backend)
-    logits.index_copy_(0, rows, sub)

@@ -1,7 +1,8 @@
 """ForwardContext: everything attention needs to know about one batch, passed explicitly.
 
-Built by the ModelRunner from a SchedulerOutput; handed to `model.forward(input_ids,
-positions, ctx)` and from there to every attention layer. Never a global.
+Built by the worker's ModelRunner from a step's inputs; handed to `model.forward(input_ids,
+positions, ctx)` and from there to every attention layer. Never a global. It lives with the
+layers (not the worker) because layers and models read it and may only import down.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ class ForwardContext:
     # Host copies, for the torch reference path and for kernel launch decisions.
     query_start_loc_cpu: Optional[list[int]] = None
     seq_lens_cpu: Optional[list[int]] = None
-    use_triton: bool = True  # attention backend switch (False = torch reference)
     # Per-step values the CPU path derives once and every layer reuses (masks, gather
     # indices, RoPE cos/sin). Lives and dies with this step's context.
     scratch: dict = field(default_factory=dict)

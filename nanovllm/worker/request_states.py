@@ -1,0 +1,77 @@
+"""The worker's copy of each live request: what a step's inputs and sampling need.
+
+Kept up to date from each `StepInput` (step_io.py): new requests arrive whole, known ones
+get their appended blocks and the tokens generated since they were last sent, finished and
+preempted ones are dropped. The token history feeds the next step's input ids (prefill
+chunks, recomputation after preemption) and the sampler (penalties read every token so far).
+The engine sends only token values it knows on the host: under async scheduling the newest
+token of a decoding request may not be here yet, and the runner then reads it from the
+previous step's sampled tensor on the device.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from nanovllm.sampling_params import SamplingParams
+from nanovllm.step_io import NewRequest, StepInput
+
+
+class RequestState:
+    """One request as the worker sees it (token ids on the host, block table, settings)."""
+
+    __slots__ = ("req_id", "prompt_token_ids", "sampling_params", "block_ids", "output_token_ids", "_prompt_array")
+
+    def __init__(self, new: NewRequest) -> None:
+        self.req_id = new.req_id
+        self.prompt_token_ids: list[int] = new.prompt_token_ids
+        self.sampling_params: SamplingParams = new.sampling_params
+        self.block_ids: list[int] = new.block_ids  # the NewRequest's own lists: the state takes them over
+        self.output_token_ids: list[int] = new.output_token_ids
+        self._prompt_array: Optional[np.ndarray] = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Prompt + generated tokens whose values the worker has."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def prompt_array(self) -> np.ndarray:
+        """The prompt as an int64 array, made on first use (penalties read it every step)."""
+        if self._prompt_array is None:
+            self._prompt_array = np.asarray(self.prompt_token_ids, dtype=np.int64)
+        return self._prompt_array
+
+    def token_id_at(self, position: int) -> int:
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[position] if position < n else self.output_token_ids[position - n]
+
+    def token_ids_slice(self, start: int, end: int) -> list[int]:
+        n = len(self.prompt_token_ids)
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        if start >= n:
+            return self.output_token_ids[start - n : end - n]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - n]
+
+
+class RequestStates(dict):
+    """req id -> RequestState, updated from each step's input before the step runs."""
+
+    def apply(self, step: StepInput) -> None:
+        for rid in step.finished_req_ids:
+            self.pop(rid, None)
+        for rid in step.preempted_req_ids:
+            self.pop(rid, None)
+        for new in step.new_requests:
+            self[new.req_id] = RequestState(new)
+        for rid, tokens in step.new_token_ids.items():
+            self[rid].output_token_ids.extend(tokens)
+        for rid, blocks in step.new_block_ids.items():
+            self[rid].block_ids.extend(blocks)

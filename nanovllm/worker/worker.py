@@ -1,0 +1,117 @@
+"""Worker: owns one model replica's whole life, and runs the engine's steps on it.
+
+    Worker(config, model_info)          device, dtype, build the model, load weights, kernel
+                                        options, CPU weight packing, GEMV calibration
+    determine_num_kv_blocks()           from the memory left after a profiling forward (GPU),
+                                        in tokens (CPU), or config.num_kv_blocks
+    initialize_cache(num_blocks)        allocate the KV cache, capture the decode CUDA graphs
+    launch(step) / resolve(handle)      one step: StepInput -> StepOutput (step_io.py)
+
+The stages are separate calls so that an executor with several workers (tensor parallelism:
+one per GPU, each in its own process) can agree on one block count (the minimum over the
+workers) before any of them allocates. Everything the worker decides (kernel options, the
+GEMV row limits) lives on its own model's modules: two workers in one process never see
+each other's choices.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from nanovllm.config import EngineConfig
+from nanovllm.loading import model_loader
+from nanovllm.loading.model_info import ModelInfo
+from nanovllm.layers.kernel_options import KernelOptions, configure_kernels
+from nanovllm.layers.linear import set_gemv_rows
+from nanovllm.step_io import StepInput, StepOutput, WorkerInfo
+from nanovllm.worker import memory
+from nanovllm.worker.model_runner import LaunchedStep, ModelRunner
+
+logger = logging.getLogger("nanovllm")
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, model_info: ModelInfo, step_timer=None) -> None:
+        self.config = config
+        self.model_info = model_info
+        self.step_timer = step_timer  # the engine's StepTimer in-process (step_timing=True), else None
+        self.device = model_loader.resolve_device(config.device)
+        self.dtype = model_loader.resolve_dtype(config.dtype, model_info.hf_config, self.device)
+        self.model = model_loader.build_model(model_info.source, model_info.hf_config, self.device, self.dtype,
+                                              model_info.max_model_len, config.load_format)
+        self.kernel_options = KernelOptions(
+            triton=config.use_triton, triton_attention=config.attention_backend != "torch", pdl=config.pdl,
+            fuse_gemv_prologues=config.fuse_gemv_prologues,
+        )
+        configure_kernels(self.model, self.kernel_options)
+        self.cpu_fp16_weights = self.device.type == "cpu" and model_loader.maybe_pack_cpu_weights(
+            self.model, config.cpu_weight_format, model_info.source, model_info.hf_config)
+        if self.device.type == "cuda":
+            self.calibrate_gemv()
+        self.kv_bytes_per_block = memory.kv_bytes_per_block(self.model, config.block_size, self.dtype)
+        self.runner: Optional[ModelRunner] = None
+
+    def calibrate_gemv(self) -> dict:
+        """Small-batch decode GEMMs: the Triton skinny GEMM where it beats cuBLAS on this GPU and
+        these shapes (timed before the KV cache takes the free memory and before graphs)."""
+        from nanovllm.kernels.gemv import GEMV_MAX_M
+        from nanovllm.worker.gemv_calibration import calibrate_gemv, row_limits
+
+        result = calibrate_gemv(self.model, self.device, max_m=min(GEMV_MAX_M, self.config.max_num_seqs),
+                                mode=self.config.gemv, options=self.kernel_options)
+        set_gemv_rows(self.model, row_limits(result))
+        return result
+
+    # ------------------------------------------------------------------ KV cache
+    def determine_num_kv_blocks(self) -> int:
+        cfg = self.config
+        if cfg.num_kv_blocks is not None:
+            return cfg.num_kv_blocks
+        if self.device.type == "cpu":
+            return memory.cpu_num_kv_blocks(cfg, self.model_info.max_model_len, self.kv_bytes_per_block)
+        return memory.profile_num_kv_blocks(self.model, cfg, self.device, self.dtype, self.model_info.max_model_len,
+                                            self.kv_bytes_per_block)
+
+    def initialize_cache(self, num_blocks: int) -> WorkerInfo:
+        """Allocate `num_blocks` KV blocks and capture the decode graphs; the worker is then ready."""
+        cfg = self.config
+        self.runner = ModelRunner(self.model, self.device, self.dtype, num_blocks, cfg.block_size,
+                                  list(self.model_info.eos_token_ids), step_timer=self.step_timer)
+        if self.device.type == "cuda" and not cfg.enforce_eager:
+            from nanovllm.worker.cuda_graphs import CUDAGraphRunner
+
+            self.runner.cuda_graphs = CUDAGraphRunner(self.runner, cfg.max_num_seqs, self.model_info.max_model_len)
+            self.runner.cuda_graphs.capture()
+        return self.info()
+
+    def info(self) -> WorkerInfo:
+        unique = {id(p): p for p in self.model.parameters()}
+        return WorkerInfo(
+            num_kv_blocks=self.runner.num_kv_blocks if self.runner is not None else 0,
+            device=str(self.device),
+            dtype=str(self.dtype).replace("torch.", ""),
+            kv_bytes_per_block=self.kv_bytes_per_block,
+            param_bytes=sum(p.numel() * p.element_size() for p in unique.values()),
+            cuda_graphs=self.runner is not None and self.runner.cuda_graphs is not None,
+            cpu_fp16_weights=self.cpu_fp16_weights,
+        )
+
+    # ------------------------------------------------------------------ steps
+    def launch(self, step: StepInput) -> LaunchedStep:
+        return self.runner.launch(step)
+
+    def resolve(self, handle: LaunchedStep) -> StepOutput:
+        return self.runner.resolve(handle)
+
+    def execute(self, step: StepInput) -> StepOutput:
+        return self.runner.resolve(self.runner.launch(step))
+
+    def shutdown(self) -> None:
+        """Drop the model and the cache (their device memory goes back to the allocator)."""
+        self.runner = None
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
