@@ -40,7 +40,7 @@ PERSON = {
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from nanovllm.loading.model_loader import load_tokenizer
+    from nanovllm.loading.model_info import load_tokenizer
     from nanovllm.loading.resolve import resolve_model
 
     return load_tokenizer(resolve_model(None))
