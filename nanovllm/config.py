@@ -19,6 +19,7 @@ SUPPORTED_DTYPES = ("auto", "float32", "float16", "bfloat16")
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 LOAD_FORMATS = ("auto", "dummy")
 GEMV_MODES = ("auto", "off", "force")
+CASCADE_MODES = ("auto", "off", "force")  # layers/attention/cascade.py (mirrored: config imports nothing)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,16 @@ class EngineConfig:
     gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    # Chunked prefill's fairness policy: while any request is decoding, a step computes at most
+    # this many prompt tokens (a long prompt is spread over steps, so the decodes keep their
+    # pace), and CUDA graphs also cover steps of up to max_num_seqs decodes + this many prompt
+    # tokens. None = only max_num_batched_tokens limits a step (best offline throughput).
+    max_prefill_tokens_while_decoding: Optional[int] = None
+    # Shared prefixes (prefix-cache hits, n > 1) read once per step for all requests sharing them,
+    # merged with each request's own part by log-sum-exp (docs/memory.md): "auto" = when the rule
+    # of layers/attention/cascade.py says it pays, "force" = whenever any whole block is shared
+    # (tests, A/B), "off". Results are the same either way.
+    cascade_attention: str = "auto"
     enforce_eager: bool = False  # True disables CUDA graphs
     # Schedule and launch step N+1 before step N's tokens reach the host, so host work
     # overlaps GPU work. None = on for CUDA devices (CPU steps run synchronously anyway).
@@ -107,6 +118,14 @@ class EngineConfig:
             raise TypeError(f"async_scheduling must be True, False or None (auto), got {self.async_scheduling!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format={self.load_format!r}: use one of {LOAD_FORMATS}")
+        if self.cascade_attention not in CASCADE_MODES:
+            raise ValueError(f"cascade_attention={self.cascade_attention!r}: use 'auto' (when it pays), "
+                             f"'force' (whenever blocks are shared) or 'off'")
+        if self.max_prefill_tokens_while_decoding is not None:
+            _positive_int("max_prefill_tokens_while_decoding", self.max_prefill_tokens_while_decoding)
+            if not self.enable_chunked_prefill:
+                raise ValueError("max_prefill_tokens_while_decoding chunks prompts: it needs enable_chunked_prefill=True "
+                                 "(or leave it None)")
         if self.gemv not in GEMV_MODES:
             raise ValueError(f"gemv={self.gemv!r}: use 'auto' (calibrated), 'off' (cuBLAS) or 'force' (Triton)")
         for name in ("fuse_gemv_prologues", "pdl", "use_triton", "step_timing"):

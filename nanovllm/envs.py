@@ -25,7 +25,7 @@ class EnvVar:
         return os.environ.get(self.name, self.default)
 
 
-def _gemv_mode(text: str) -> str:
+def _gemv_mode(text: str) -> str:  # also the cascade mode: the same three words
     text = text.strip().lower()
     return {"0": "off", "off": "off", "force": "force", "1": "auto", "auto": "auto"}.get(text, text)
 
@@ -53,6 +53,10 @@ NANOVLLM_GEMV_FUSE = EnvVar(
 NANOVLLM_PDL = EnvVar(
     "NANOVLLM_PDL", None, "0 = launch the decode kernels without programmatic dependent launch", "pdl",
     _on_unless_zero)
+NANOVLLM_CASCADE = EnvVar(
+    "NANOVLLM_CASCADE", None,
+    "cascade attention over shared prefixes: 0 = off, force = whenever blocks are shared, unset/1/auto = when it "
+    "pays", "cascade_attention", _gemv_mode)
 NANOVLLM_DISABLE_TRITON = EnvVar(
     "NANOVLLM_DISABLE_TRITON", None, "1 = every op through its pure-torch reference (debugging, A/B)",
     "use_triton", _off_if_one)
@@ -71,8 +75,9 @@ TRITON_INTERPRET = EnvVar(
     "TRITON_INTERPRET", None, "Triton's own switch, read here only to know that kernels run in Triton's CPU "
     "interpreter (no autotuning, no PDL)")
 
-ALL = (NANOVLLM_GEMV, NANOVLLM_GEMV_FUSE, NANOVLLM_PDL, NANOVLLM_DISABLE_TRITON, NANOVLLM_STEP_TIMING,
-       NANOVLLM_API_KEY, OPENAI_API_KEY, NANOVLLM_COMMIT, HF_HUB_OFFLINE, TRITON_INTERPRET)
+ALL = (NANOVLLM_GEMV, NANOVLLM_GEMV_FUSE, NANOVLLM_PDL, NANOVLLM_CASCADE, NANOVLLM_DISABLE_TRITON, NANOVLLM_STEP_TIMING,
+       NANOVLLM_API_KEY, OPENAI_API_KEY, NANOVLLM_COMMIT, HF_HUB_OFFLINE,
+       TRITON_INTERPRET)
 
 
 def config_overrides() -> dict[str, object]:

@@ -94,6 +94,12 @@ class WorkerInfo:
     param_bytes: int  # parameters, tied weights counted once (what a decode step reads)
     cuda_graphs: bool  # decode batches replay captured CUDA graphs
     cpu_fp16_weights: bool  # CPU GEMMs read fp16-packed weights
+    # every attention layer's keys end this far back (the widest window): the KV cache frees
+    # blocks before it; None when any layer attends to the whole context
+    kv_sliding_window: Optional[int] = None
+    # what one token's decode step reads: as param_bytes, but a sparse MoE layer counts only
+    # top_k of its E experts (0 = not reported: use param_bytes)
+    active_param_bytes: int = 0
 
     @property
     def is_cuda(self) -> bool:

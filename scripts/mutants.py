@@ -161,6 +161,38 @@ MUTANTS = [
         "                    index = i + c.index\n",
         ("tests/serve/test_streaming.py::test_several_prompts_streamed_with_echo",),
     ),
+    # ---- shared prefixes (issue #24)
+    Mutant(
+        "cascade_shares_the_current_tokens_block", "a cascade group shares the block that holds a member's "
+        "current token (its own, just-written K/V would be read from another request's block)",
+        "nanovllm/layers/attention/cascade.py",
+        "    full = (seq_lens[decode_seqs] - 1) // block_size",
+        "    full = seq_lens[decode_seqs] // block_size",
+        ("tests/layers/test_cascade.py::test_current_token_block_is_never_shared",),
+    ),
+    Mutant(
+        "cascade_merge_drops_the_suffix", "the CPU cascade path keeps only the shared prefix's attention",
+        "nanovllm/layers/attention/torch_backend.py",
+        "        out[rows], _ = reference.merge_attention_states(out[rows], lse[rows], o, l)\n",
+        "        out[rows] = o.to(out.dtype)\n",
+        ("tests/layers/test_cascade.py::test_cpu_cascade_decode_equals_paged_attention",),
+    ),
+    Mutant(
+        "pending_token_hashed", "async scheduling: a block is cached under a hash of its known tokens while its "
+        "last token is still in flight (that block and the request's later ones never hit)",
+        "nanovllm/engine/kv_cache_manager.py",
+        "min(min(req.num_computed_tokens, req.num_known_tokens) // self.block_size, len(blocks))",
+        "min(req.num_computed_tokens // self.block_size, len(blocks))",
+        ("tests/engine/test_prefix_cache_property.py::test_a_block_is_hashed_only_once_its_tokens_are_known",),
+    ),
+    Mutant(
+        "prefill_cap_ignored_at_admission", "a newly admitted long prompt takes the whole budget while others "
+        "decode (max_prefill_tokens_while_decoding only holds for running chunks)",
+        "nanovllm/engine/scheduler.py",
+        "            num_new = min(num_new, budget if prefill_left is None else min(budget, prefill_left))\n",
+        "            num_new = min(num_new, budget)\n",
+        ("tests/engine/test_chunked_prefill_policy.py::test_a_long_prompt_is_spread_over_steps_while_others_decode",),
+    ),
 ]
 
 

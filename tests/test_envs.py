@@ -30,6 +30,8 @@ def test_every_variable_named_in_the_package_is_declared():
     ("NANOVLLM_GEMV_FUSE", "0", "fuse_gemv_prologues", False),
     ("NANOVLLM_PDL", "0", "pdl", False),
     ("NANOVLLM_PDL", "1", "pdl", True),
+    ("NANOVLLM_CASCADE", "0", "cascade_attention", "off"),
+    ("NANOVLLM_CASCADE", "force", "cascade_attention", "force"),
     ("NANOVLLM_DISABLE_TRITON", "1", "use_triton", False),
     ("NANOVLLM_STEP_TIMING", "1", "step_timing", True),
 ])

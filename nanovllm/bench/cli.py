@@ -1,4 +1,4 @@
-"""`nanovllm bench throughput|latency|serve`: each subcommand lives in its own module."""
+"""`nanovllm bench throughput|latency|serve|prefix`: each subcommand lives in its own module."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ SUBCOMMANDS = {
     "throughput": ("nanovllm.bench.throughput", "offline throughput on nano-vLLM's bench.py workload"),
     "latency": ("nanovllm.bench.latency", "batch-1 decode speed next to the weight-read roofline"),
     "serve": ("nanovllm.bench.serve", "async load generator against an OpenAI-compatible server"),
+    "prefix": ("nanovllm.bench.prefix", "shared-prefix throughput, cached TTFT, decode gaps with chunked prefill"),
 }
 
 

@@ -83,7 +83,7 @@ def run(args) -> int:
     rate = statistics.median(decode_rates)
     if engine.step_timer is not None:  # NANOVLLM_STEP_TIMING=1
         print("step phases:", engine.step_timer.summary())
-    param_bytes = engine.executor.info.param_bytes
+    param_bytes = engine.executor.info.active_param_bytes or engine.executor.info.param_bytes  # MoE: top_k experts
     bw = measure_copy_bandwidth() if torch.cuda.is_available() else float("nan")
     roofline = bw / param_bytes
     row = {**base_row(), "model": os.path.basename(os.path.normpath(args.model)), "input_len": args.input_len,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from nanovllm.config import (DEFAULT_BLOCK_SIZE, DEFAULT_GPU_MEMORY_UTILIZATION, DEFAULT_MAX_NUM_BATCHED_TOKENS,
-                             DEFAULT_MAX_NUM_SEQS, DTYPE_ALIASES, LOAD_FORMATS, SUPPORTED_DTYPES, EngineConfig)
+                             CASCADE_MODES, DEFAULT_MAX_NUM_SEQS, DTYPE_ALIASES, LOAD_FORMATS, SUPPORTED_DTYPES, EngineConfig)
 
 logger = logging.getLogger("nanovllm")
 
@@ -91,6 +91,8 @@ class EngineArgs:
     gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    max_prefill_tokens_while_decoding: Optional[int] = None
+    cascade_attention: str = "auto"
     enforce_eager: bool = False
     async_scheduling: Optional[bool] = None
     attention_backend: str = "auto"
@@ -180,6 +182,11 @@ class EngineArgs:
                        help="reuse the KV cache of shared prompt prefixes (default on)")
         g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
                        help="split long prompts over several steps (default on)")
+        g.add_argument("--max-prefill-tokens-while-decoding", type=_positive_int, default=None,
+                       help="most prompt tokens per step while requests decode, so long prompts do not stall "
+                            "them (default: no cap; needs chunked prefill)")
+        g.add_argument("--cascade-attention", choices=CASCADE_MODES, default="auto",
+                       help="decode reads a prefix shared by several requests once (default auto: when it pays)")
         g.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
         g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                        help="overlap host work with the GPU step (default: on for CUDA)")

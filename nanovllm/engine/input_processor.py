@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from nanovllm.engine.kv_cache_manager import blocks_needed
+from nanovllm.engine.kv_cache_manager import blocks_needed, window_blocks_needed
 from nanovllm.sampling_params import SamplingParams, require_valid_unicode
 
 PromptType = Union[str, list[int], dict]
@@ -46,7 +46,7 @@ class ProcessedPrompt:
 class InputProcessor:
     def __init__(self, tokenizer, vocab_size: int, max_model_len: int, max_num_seqs: int,
                  num_kv_blocks: int, block_size: int, max_num_batched_tokens: Optional[int] = None,
-                 enable_chunked_prefill: bool = True) -> None:
+                 enable_chunked_prefill: bool = True, sliding_window: Optional[int] = None) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
@@ -55,6 +55,7 @@ class InputProcessor:
         self.block_size = block_size
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
+        self.sliding_window = sliding_window  # the KV cache frees blocks before it (kv_cache_manager.py)
         longest = longest_token_chars(tokenizer) if tokenizer is not None else None
         # longest text that could still fit in the context (None: no cheap bound known)
         self.max_prompt_chars: Optional[int] = longest * max_model_len if longest else None
@@ -145,6 +146,14 @@ class InputProcessor:
                 f"{prompt_len}, enable chunked prefill, or shorten the prompt", "prompt")
         need = blocks_needed(prompt_len + max_tokens, self.block_size)
         need += (params.n - 1) * (blocks_needed(max_tokens, self.block_size) + 1)
+        if self.sliding_window is not None and self.max_num_batched_tokens is not None:
+            # blocks before the window are freed: a step's chunk (a prompt, whole without chunked
+            # prefill) plus the window before it is what a completion holds at once
+            chunk = self.max_num_batched_tokens
+            if not self.enable_chunked_prefill:
+                chunk = max(chunk, prompt_len)
+            chunk = min(chunk, prompt_len + max_tokens)
+            need = min(need, params.n * window_blocks_needed(self.sliding_window, chunk, self.block_size))
         if need > self.num_kv_blocks:
             raise invalid(
                 f"request needs up to {need} KV cache blocks ({prompt_len} prompt + {max_tokens} new tokens, n={params.n}) "

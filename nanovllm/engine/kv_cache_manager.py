@@ -10,6 +10,17 @@
   reusable until the allocator evicts them (least recently freed first).
 - n > 1 completions fork: children share the parent's full blocks and get a private
   copy of the partially filled last block (copy-on-write done at fork time).
+- Sliding window (`sliding_window`, set when every attention layer of the model has one):
+  a request's blocks that lie wholly before the window of its next token can never be read
+  again, so `free_out_of_window` returns them to the pool during generation, and a long
+  generation holds about window / block_size + 2 blocks instead of a growing table. Freed
+  blocks always form a prefix of the request's table (`num_window_freed`); their entries stay
+  in the table (positions keep their meaning) but are dead: the attention kernels mask every
+  key before the window, so whatever those blocks hold later is never weighed. They are
+  registered in the prefix cache before they go (they are valid prefix blocks) and never
+  after: a dead entry may name a block that now holds another request's tokens.
+  A model with some global (full-attention) layers (Gemma) keeps every block: those layers
+  read the whole context.
 """
 
 from __future__ import annotations
@@ -33,13 +44,25 @@ def hash_block(parent_hash: int, token_ids: tuple[int, ...]) -> int:
     return hash((parent_hash, token_ids))
 
 
+def window_blocks_needed(sliding_window: int, max_new_tokens: int, block_size: int) -> int:
+    """Most blocks a request holds at once when everything before its window is freed: the
+    window before its first new token plus the new tokens (a step's chunk), and one block
+    that the span may straddle."""
+    return blocks_needed(sliding_window - 1 + max_new_tokens, block_size) + 1
+
+
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 sliding_window: Optional[int] = None) -> None:
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(f"num_blocks ({num_blocks}) and block_size ({block_size}) must be positive")
+        if sliding_window is not None and sliding_window <= 0:
+            raise ValueError(f"sliding_window ({sliding_window}) must be positive or None")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.sliding_window = sliding_window
+        self.num_window_freed: dict[str, int] = {}  # request id -> leading table entries freed (dead)
         self.ref_cnt = [0] * num_blocks
         self.block_hash: list[Optional[int]] = [None] * num_blocks
         self.cached: dict[int, int] = {}  # block hash -> block id
@@ -59,6 +82,11 @@ class KVCacheManager:
     def usage(self) -> float:
         """Fraction of blocks referenced by live requests (cached-but-free blocks count as free)."""
         return 1.0 - self.num_free_blocks / self.num_blocks
+
+    @property
+    def hit_rate(self) -> float:
+        """Prompt tokens found in the prefix cache / prompt tokens looked up (0 before any lookup)."""
+        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
 
     def blocks_of(self, request_id: str) -> list[int]:
         return self.req_blocks.get(request_id, [])
@@ -155,11 +183,17 @@ class KVCacheManager:
         blocks = self.req_blocks.get(req.request_id)
         if not blocks:
             return
-        num_full = min(req.num_computed_tokens // self.block_size, len(blocks))
+        # Async scheduling counts a launched step's tokens as computed before their values are
+        # known: a block is hashed only once every token in it is known.
+        num_full = min(min(req.num_computed_tokens, req.num_known_tokens) // self.block_size, len(blocks))
+        self._register_blocks(req, blocks, num_full)
+
+    def _register_blocks(self, req: Request, blocks: list[int], num_full: int) -> None:
         if num_full <= req.num_registered_blocks:
             return  # no block filled up since the last call (most decode steps)
         self._update_block_hashes(req, num_full * self.block_size)
-        for i in range(req.num_registered_blocks, num_full):
+        dead = self.num_window_freed.get(req.request_id, 0)
+        for i in range(max(req.num_registered_blocks, dead), num_full):  # a dead entry may be another's block now
             b = blocks[i]
             if self.block_hash[b] is not None:
                 continue
@@ -170,18 +204,46 @@ class KVCacheManager:
             self.cached[h] = b
         req.num_registered_blocks = num_full
 
+    def free_out_of_window(self, req: Request) -> int:
+        """Free req's blocks that lie wholly before the sliding window of its next token
+        (position `num_computed_tokens`); returns how many. Full ones whose tokens are known
+        are registered in the prefix cache first. Safe with a step in flight: anything that
+        reuses a block runs in a later step, after that one on the device."""
+        blocks = self.req_blocks.get(req.request_id)
+        if self.sliding_window is None or not blocks:
+            return 0
+        first_needed = req.num_computed_tokens - self.sliding_window + 1  # oldest key the next token reads
+        dead = min(max(0, first_needed) // self.block_size, len(blocks))
+        freed = self.num_window_freed.get(req.request_id, 0)
+        if dead <= freed:
+            return 0
+        if self.enable_prefix_caching:
+            self._register_blocks(req, blocks, min(dead, req.num_known_tokens // self.block_size))
+        for b in blocks[freed:dead]:
+            self._release(b)
+        self.num_window_freed[req.request_id] = dead
+        return dead - freed
+
+    def live_blocks_of(self, request_id: str) -> list[int]:
+        """The blocks req still holds (its table without the entries freed out of the window)."""
+        return self.req_blocks.get(request_id, [])[self.num_window_freed.get(request_id, 0):]
+
+    def _release(self, block: int) -> None:
+        self.ref_cnt[block] -= 1
+        if self.ref_cnt[block] == 0:
+            self.free_queue[block] = None
+        elif self.ref_cnt[block] < 0:  # internal invariant, never user input
+            raise RuntimeError(f"block {block} freed more times than it was taken")
+
     def free(self, req: Request) -> None:
         """Drop req's references. Last blocks are queued first so they are evicted first."""
         blocks = self.req_blocks.pop(req.request_id, None)
+        dead = self.num_window_freed.pop(req.request_id, 0)
         req.num_registered_blocks = 0
         if not blocks:
             return
-        for b in reversed(blocks):
-            self.ref_cnt[b] -= 1
-            if self.ref_cnt[b] == 0:
-                self.free_queue[b] = None
-            elif self.ref_cnt[b] < 0:  # internal invariant, never user input
-                raise RuntimeError(f"block {b} freed more times than it was taken")
+        for b in reversed(blocks[dead:]):
+            self._release(b)
 
     # ------------------------------------------------------------------ n > 1
     def fork(self, parent: Request, child: Request) -> Optional[tuple[int, int]]:
@@ -192,8 +254,11 @@ class KVCacheManager:
         """
         parent_blocks = self.req_blocks.get(parent.request_id, [])
         num_full = parent.num_computed_tokens // self.block_size
-        child_blocks = []
-        for b in parent_blocks[:num_full]:
+        dead = min(self.num_window_freed.get(parent.request_id, 0), num_full)
+        child_blocks = list(parent_blocks[:dead])  # dead entries: positions only, no reference
+        if dead:
+            self.num_window_freed[child.request_id] = dead
+        for b in parent_blocks[dead:num_full]:
             self._take(b)
             child_blocks.append(b)
         copy = None

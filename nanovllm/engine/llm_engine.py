@@ -108,16 +108,18 @@ class LLMEngine:
         self.executor = Executor.create(config, self.model_info, step_timer=self.step_timer)
         info = self.executor.info
         num_blocks = self.executor.num_kv_blocks
-        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                                 sliding_window=info.kv_sliding_window)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, max(config.max_num_batched_tokens, 1), self.max_model_len,
-                            config.enable_chunked_prefill),
+                            config.enable_chunked_prefill, config.max_prefill_tokens_while_decoding),
             self.kv,
         )
         self.step_builder = StepBuilder(self.scheduler, self.structured)
         self.input_processor = InputProcessor(
             self.tokenizer, self.hf_config.vocab_size, self.max_model_len, config.max_num_seqs,
             num_blocks, config.block_size, config.max_num_batched_tokens, config.enable_chunked_prefill,
+            sliding_window=info.kv_sliding_window,
         )
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else info.is_cuda)
@@ -409,6 +411,7 @@ class LLMEngine:
             "num_blocks": self.kv.num_blocks,
             "prefix_cache_queries": self.kv.prefix_queries,
             "prefix_cache_hits": self.kv.prefix_hits,
+            "prefix_cache_hit_rate": self.kv.hit_rate,
             "prompt_tokens_total": self.num_prompt_tokens_total,
             "generation_tokens_total": self.num_generation_tokens_total,
             "preemptions_total": self.num_preemptions_total,

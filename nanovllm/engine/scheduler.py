@@ -6,6 +6,11 @@ order while seats (`max_num_seqs`) and KV blocks last. When a running request ca
 a block, the newest running request is preempted (its blocks freed, its tokens recomputed
 later), so the oldest always make progress and nothing deadlocks: the engine refuses, at
 `add_request`, any request that could not fit in the whole pool by itself.
+
+With `max_prefill_tokens_while_decoding` set, a step in which some request is decoding
+computes at most that many prompt tokens (prefill chunks, recomputation): a long prompt is
+spread over several short steps instead of stalling every decode for one long step
+(docs/memory.md, "Chunked prefill").
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     max_model_len: int
     enable_chunked_prefill: bool = True
+    max_prefill_tokens_while_decoding: Optional[int] = None  # None: no cap beyond the budget
 
 
 @dataclass
@@ -122,13 +128,18 @@ class Scheduler:
         out = SchedulerOutput(scheduled=[], num_batched_tokens=0)
         self._fork_ready(out)
 
+        prefill_left = self._prefill_allowance()  # None = only the budget limits prompt tokens
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             num_new = min(self._tokens_to_compute(req), budget)
+            if num_new > 1 and prefill_left is not None:  # a prefill chunk or a recomputation
+                num_new = min(num_new, prefill_left)
+                prefill_left -= num_new
             if num_new <= 0:
                 i += 1
                 continue
+            self.kv.free_out_of_window(req)  # sliding-window models: blocks no token will read again
             while not self.kv.allocate_slots(req, num_new):
                 victim = self.running[-1]
                 self._preempt(victim, out)
@@ -141,9 +152,19 @@ class Scheduler:
             i += 1
 
         if not out.preempted:
-            budget = self._admit_waiting(budget, out)
+            budget = self._admit_waiting(budget, out, prefill_left)
         out.num_batched_tokens = cfg.max_num_batched_tokens - budget
         return out
+
+    def _prefill_allowance(self) -> Optional[int]:
+        """Prompt tokens this step may compute: the cap while some request is decoding, else None."""
+        cap = self.config.max_prefill_tokens_while_decoding
+        if cap is None:
+            return None
+        for req in self.running:
+            if req.num_output_tokens + req.num_pending_tokens > 0 and self._tokens_to_compute(req) <= 1:
+                return cap
+        return None
 
     def _tokens_to_compute(self, req: Request) -> int:
         if req.num_pending_tokens and self._surely_finished(req):
@@ -158,9 +179,9 @@ class Scheduler:
         return (req.num_output_tokens + req.num_pending_tokens >= req.max_tokens
                 or req.num_tokens >= self.config.max_model_len)
 
-    def _admit_waiting(self, budget: int, out: SchedulerOutput) -> int:
+    def _admit_waiting(self, budget: int, out: SchedulerOutput, prefill_left: Optional[int] = None) -> int:
         cfg = self.config
-        while self.waiting and budget > 0:
+        while self.waiting and budget > 0 and (prefill_left is None or prefill_left > 0):
             req = self.waiting[0]
             if req.num_pending_tokens:
                 break  # preempted with a token in flight: readmit once its value is known
@@ -180,11 +201,12 @@ class Scheduler:
             # can never fit whole is chunked rather than left waiting forever.
             if not cfg.enable_chunked_prefill and budget < num_new <= cfg.max_num_batched_tokens:
                 break
-            num_new = min(num_new, budget)
+            num_new = min(num_new, budget if prefill_left is None else min(budget, prefill_left))
             req.num_computed_tokens = num_cached
             if not self.kv.allocate_slots(req, num_new, cached_blocks):
                 req.num_computed_tokens = 0
                 break
+            self.kv.free_out_of_window(req)  # cached prefix blocks before the window of its first new token
             self.waiting.popleft()
             if req.num_preemptions == 0:
                 self.kv.record_prefix_lookup(req.num_tokens, num_cached)
@@ -194,6 +216,8 @@ class Scheduler:
             if num_new > 0:
                 out.scheduled.append(ScheduledRequest(req, num_new, self.kv.blocks_of(req.request_id)))
                 budget -= num_new
+                if prefill_left is not None:
+                    prefill_left -= num_new
         return budget
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:

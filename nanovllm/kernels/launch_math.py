@@ -15,3 +15,15 @@ def next_pow2(n: int) -> int:
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for ints."""
     return -(-a // b)
+
+
+# Cascade attention (kernels/cascade_attention.py): query rows per shared-prefix program. The
+# host-side planner (layers/attention/cascade.py) packs queries into tiles of this many rows
+# (queries x the query heads of one KV head), so the constant lives here, free of Triton.
+CASCADE_BLOCK_M = 64
+CASCADE_TILE_COLUMNS = 3  # a tile: (queries, shared keys, block-table row of the shared blocks)
+
+
+def cascade_queries_per_tile(group: int) -> int:
+    """Query tokens per cascade tile: CASCADE_BLOCK_M rows / the KV group's heads (padded to a power of two)."""
+    return max(1, CASCADE_BLOCK_M // next_pow2(group))

@@ -26,7 +26,13 @@ from the tensor, so a CUDA graph captured with an upper bound (`max_seq_len`,
 `num_splits`) stays right when the lengths change between replays.
 
 Softmax runs in base 2 (`exp2`, scores pre-multiplied by log2(e)) with fp32 statistics and
-an fp32 accumulator; log-sum-exp values that leave a kernel are natural logs.
+an fp32 accumulator; log-sum-exp values that leave a kernel are natural logs. Both kernels
+can also write each query row's log-sum-exp (`lse_out`), so that their result over part of
+the keys merges with another part's (cascade attention, kernels/cascade_attention.py).
+
+Soft-capping (Gemma 2: `cap * tanh(scale * q.k / cap)` before the softmax) and the sliding
+window are per-layer settings: `USE_SOFTCAP` / `USE_WINDOW` are constexprs, so a layer
+without them compiles to exactly the kernel it had before they existed.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from nanovllm.kernels.launch_math import cdiv, next_pow2
 from nanovllm.kernels.pdl import pdl_launch_options, pdl_wait, use_pdl
 
 LOG2E = 1.4426950408889634  # log2(e): scores * scale * LOG2E feed exp2
+TANH_SATURATION = tl.constexpr(40.0)  # exp(40) ~ 2e17: 1 - 2 / (e^x + 1) is 1.0 in fp32 well before
 
 # Unified (prefill / mixed) kernel. BLOCK_M query rows = BLOCK_Q tokens x group heads.
 # H100 sweep (benchmarks/kernels_bench.py --sweep, Qwen3-0.6B shapes): 64/64/4 warps/3 stages
@@ -85,6 +92,23 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _score_scales(scale: float, softcap: Optional[float]) -> tuple[float, float]:
+    """(qk_scale, cap_log2) for the kernels: scores are `q.k * qk_scale` in base-2 units, or
+    with soft-capping `cap_log2 * tanh(q.k * qk_scale)` (qk_scale = scale / cap)."""
+    if softcap is None:
+        return scale * LOG2E, 0.0
+    if softcap <= 0:
+        raise ValueError(f"softcap must be positive, got {softcap}")
+    return scale / softcap, softcap * LOG2E
+
+
+@triton.jit
+def _soft_cap(s, cap_log2):
+    """cap * tanh(s) in base-2 units (s = scaled score / cap); tanh as 1 - 2 / (e^2s + 1),
+    without a libdevice call; 2s is clamped where tanh is 1 in fp32 already (no inf)."""
+    return cap_log2 * (1.0 - 2.0 / (tl.exp(tl.minimum(2.0 * s, TANH_SATURATION)) + 1.0))
+
+
 def _check_common(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     if query.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise ValueError(
@@ -104,6 +128,20 @@ def _check_common(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         raise ValueError(f"block_size must be a power of two, got {block_size}")
     if query.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("the last (head_dim) dimension of query and caches must be contiguous")
+
+
+def _check_lse_out(query: torch.Tensor, lse_out: Optional[torch.Tensor]) -> None:
+    if lse_out is not None and (lse_out.shape != query.shape[:2] or lse_out.dtype != torch.float32
+                                or not lse_out.is_contiguous()):
+        raise ValueError(f"lse_out must be a contiguous fp32 [num_tokens, num_heads] = {tuple(query.shape[:2])} "
+                         f"tensor, got {lse_out.dtype} {tuple(lse_out.shape)}")
+
+
+@triton.jit
+def _natural_lse(m_i, l_i):
+    """Natural-log sum-exp of rows from their base-2 running max and sum (-inf: no keys)."""
+    has_keys = l_i > 0.0
+    return tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
 
 
 # ----------------------------------------------------------------------------- merge
@@ -223,10 +261,11 @@ def _attend_tile(
     k_hi, window,
     bt_row, k_base, v_base,
     stride_k_blk, stride_k_slot, stride_v_blk, stride_v_slot,
-    qk_scale,
+    qk_scale, cap_log2,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
     MASKED: tl.constexpr,  # False: every key of the tile is visible to every row
     USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
 ):
     """One online-softmax step of BLOCK_M query rows over TILE_N paged keys (base-2 units)."""
     offs_d = tl.arange(0, HEAD_DIM)
@@ -243,6 +282,8 @@ def _attend_tile(
     else:
         k = tl.load(k_base + k_off)
     s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, TILE_N]
+    if USE_SOFTCAP:
+        s = _soft_cap(s, cap_log2)
     if MASKED:
         allowed = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :]
         if USE_WINDOW:
@@ -264,6 +305,7 @@ def _attend_tile(
 @triton.jit(do_not_specialize=["num_seqs", "num_tiles", "window", "stride_bt_seq"])  # vary per step: no recompiles
 def _unified_attention_kernel(
     out_ptr,  # [num_tokens, num_heads, head_dim]
+    lse_ptr,  # [num_tokens, num_heads] fp32 natural-log sum-exp of each row (WRITE_LSE)
     q_ptr,  # [num_tokens, num_heads, head_dim]
     k_cache_ptr,  # [num_blocks, num_kv_heads, block_size, head_dim]
     v_cache_ptr,  # [num_blocks, num_kv_heads, block_size, head_dim]
@@ -273,8 +315,9 @@ def _unified_attention_kernel(
     num_seqs,
     num_tiles,  # query tiles in the grid (upper bound, see _find_seq)
     num_kv_heads,
-    qk_scale,  # softmax scale * log2(e)
+    qk_scale,  # softmax scale * log2(e); with USE_SOFTCAP scale / cap
     window,  # sliding window (keys), only read when USE_WINDOW
+    cap_log2,  # soft-cap * log2(e), only read when USE_SOFTCAP
     stride_q_tok, stride_q_head,
     stride_o_tok, stride_o_head,
     stride_k_blk, stride_k_head, stride_k_slot,
@@ -288,6 +331,8 @@ def _unified_attention_kernel(
     TILE_N: tl.constexpr,  # keys per iteration
     USE_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    WRITE_LSE: tl.constexpr = False,
 ):
     # Flat grid, KV head fastest and tiles in reverse: the last tiles of a sequence see the
     # most keys, so the longest programs start first and the short ones fill the tail.
@@ -332,8 +377,8 @@ def _unified_attention_kernel(
         for start in range(k_lo, k_hi, TILE_N):
             acc, m_i, l_i = _attend_tile(
                 q, acc, m_i, l_i, start + offs_n, q_pos, k_hi, window, bt_row, k_base, v_base,
-                stride_k_blk, stride_k_slot, stride_v_blk, stride_v_slot, qk_scale,
-                BLOCK_SIZE, HEAD_DIM, True, USE_WINDOW, DOT_PRECISION,
+                stride_k_blk, stride_k_slot, stride_v_blk, stride_v_slot, qk_scale, cap_log2,
+                BLOCK_SIZE, HEAD_DIM, True, USE_WINDOW, DOT_PRECISION, USE_SOFTCAP,
             )
     else:
         # Whole tiles before the first query are visible to every row: no masks there.
@@ -341,24 +386,28 @@ def _unified_attention_kernel(
         for start in range(0, k_full, TILE_N):
             acc, m_i, l_i = _attend_tile(
                 q, acc, m_i, l_i, start + offs_n, q_pos, k_hi, window, bt_row, k_base, v_base,
-                stride_k_blk, stride_k_slot, stride_v_blk, stride_v_slot, qk_scale,
-                BLOCK_SIZE, HEAD_DIM, False, USE_WINDOW, DOT_PRECISION,
+                stride_k_blk, stride_k_slot, stride_v_blk, stride_v_slot, qk_scale, cap_log2,
+                BLOCK_SIZE, HEAD_DIM, False, USE_WINDOW, DOT_PRECISION, USE_SOFTCAP,
             )
         for start in range(k_full, k_hi, TILE_N):  # the causal diagonal
             acc, m_i, l_i = _attend_tile(
                 q, acc, m_i, l_i, start + offs_n, q_pos, k_hi, window, bt_row, k_base, v_base,
-                stride_k_blk, stride_k_slot, stride_v_blk, stride_v_slot, qk_scale,
-                BLOCK_SIZE, HEAD_DIM, True, USE_WINDOW, DOT_PRECISION,
+                stride_k_blk, stride_k_slot, stride_v_blk, stride_v_slot, qk_scale, cap_log2,
+                BLOCK_SIZE, HEAD_DIM, True, USE_WINDOW, DOT_PRECISION, USE_SOFTCAP,
             )
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     o_rows = (q_start + tok).to(tl.int64) * stride_o_tok + head * stride_o_head
     tl.store(out_ptr + o_rows[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    if WRITE_LSE:
+        lse_rows = (q_start + tok).to(tl.int64) * (num_kv_heads * GROUP) + head
+        tl.store(lse_ptr + lse_rows, _natural_lse(m_i, l_i), mask=row_ok)
 
 
 def _launch_unified(
     query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window, out,
-    block_m: int, tile_n: int, num_warps: int, num_stages: int,
+    block_m: int, tile_n: int, num_warps: int, num_stages: int, softcap: Optional[float] = None,
+    lse_out: Optional[torch.Tensor] = None,
 ) -> None:
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
@@ -367,9 +416,10 @@ def _launch_unified(
     block_m = max(block_m, next_pow2(group))
     block_q = block_m // group
     num_tiles = num_tokens // block_q + num_seqs  # upper bound, no host sync (see _find_seq)
+    qk_scale, cap_log2 = _score_scales(scale, softcap)
     _unified_attention_kernel[(num_tiles * num_kv_heads,)](
-        out, query, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
-        num_seqs, num_tiles, num_kv_heads, scale * LOG2E, sliding_window or 0,
+        out, out if lse_out is None else lse_out, query, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
+        num_seqs, num_tiles, num_kv_heads, qk_scale, sliding_window or 0, cap_log2,
         query.stride(0), query.stride(1),
         out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -378,7 +428,7 @@ def _launch_unified(
         GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
         BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n,
         USE_WINDOW=sliding_window is not None, DOT_PRECISION=_dot_precision(query.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        USE_SOFTCAP=softcap is not None, WRITE_LSE=lse_out is not None, num_warps=num_warps, num_stages=num_stages,
     )
 
 
@@ -401,6 +451,8 @@ def paged_attention(
     max_seq_len: Optional[int] = None,
     *,
     pdl: bool = True,  # the decode kernel's programmatic dependent launch (kernels/pdl.py)
+    softcap: Optional[float] = None,  # Gemma 2: scores -> softcap * tanh(scores / softcap)
+    lse_out: Optional[torch.Tensor] = None,  # [num_tokens, num_heads] fp32: also write each row's log-sum-exp
 ) -> torch.Tensor:
     """Causal attention of the new tokens over their paged K/V; `reference.paged_attention` semantics.
 
@@ -409,6 +461,7 @@ def paged_attention(
     handles any mix of prefill chunks, cached prefixes and decode tokens. Never syncs.
     """
     _check_common(query, k_cache, v_cache)
+    _check_lse_out(query, lse_out)
     if out is None:
         out = torch.empty_like(query)
     if query.shape[0] == 0:
@@ -416,14 +469,15 @@ def paged_attention(
     if max_query_len == 1:
         return paged_attention_decode(
             query, k_cache, v_cache, seq_lens, block_tables, scale,
-            sliding_window=sliding_window, out=out, max_seq_len=max_seq_len, pdl=pdl,
+            sliding_window=sliding_window, out=out, max_seq_len=max_seq_len, pdl=pdl, softcap=softcap,
+            lse_out=lse_out,
         )
     block_m, tile_n, num_warps, num_stages = _unified_config(
         query.shape[0], query.shape[1], k_cache.shape[1], query.device
     )
     _launch_unified(
         query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window, out,
-        block_m, tile_n, num_warps, num_stages,
+        block_m, tile_n, num_warps, num_stages, softcap, lse_out,
     )
     return out
 
@@ -434,6 +488,7 @@ def paged_attention(
 @triton.jit(do_not_specialize=["num_splits", "window", "stride_bt_seq"])  # block-table width varies per step
 def _decode_split_kernel(
     out_ptr,  # [num_seqs, num_heads, head_dim]
+    lse_ptr,  # [num_seqs, num_heads] fp32 natural-log sum-exp of each row (WRITE_LSE)
     part_out_ptr,  # [num_seqs, num_heads, num_splits, head_dim] fp32 (not DIRECT)
     part_lse_ptr,  # [num_seqs, num_heads, num_splits] fp32 (not DIRECT)
     counter_ptr,  # [num_seqs, num_kv_heads] int32, all 0 on entry and on exit (not DIRECT)
@@ -445,8 +500,9 @@ def _decode_split_kernel(
     num_heads,
     num_kv_heads,
     num_splits,
-    qk_scale,  # softmax scale * log2(e)
+    qk_scale,  # softmax scale * log2(e); with USE_SOFTCAP scale / cap
     window,
+    cap_log2,  # soft-cap * log2(e), only read when USE_SOFTCAP
     stride_q_tok, stride_q_head,
     stride_o_tok, stride_o_head,
     stride_k_blk, stride_k_head, stride_k_slot,
@@ -463,6 +519,8 @@ def _decode_split_kernel(
     MERGE_SPLITS: tl.constexpr,  # splits the merge loads per iteration (power of two)
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels/pdl.py)
+    USE_SOFTCAP: tl.constexpr,
+    WRITE_LSE: tl.constexpr = False,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -512,6 +570,8 @@ def _decode_split_kernel(
         next_pos = k_pos + TILE_N  # the next tile's block ids, loaded while this tile computes
         blk = tl.load(bt_row + next_pos // BLOCK_SIZE, mask=next_pos < s_hi, other=0).to(tl.int64)
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, TILE_N]
+        if USE_SOFTCAP:
+            s = _soft_cap(s, cap_log2)
         s = tl.where(k_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every iteration has >= 1 valid key
         p = tl.exp2(s - m_new[:, None])
@@ -525,6 +585,8 @@ def _decode_split_kernel(
     if DIRECT:
         o_rows = seq.to(tl.int64) * stride_o_tok + head * stride_o_head
         tl.store(out_ptr + o_rows[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        if WRITE_LSE:
+            tl.store(lse_ptr + seq.to(tl.int64) * num_heads + head, _natural_lse(m_i, l_i), mask=row_ok)
     else:
         # natural-log LSE of the split = (max + log2(sum)) * ln(2), -inf when the split is empty
         lse_2 = m_i + tl.log2(tl.where(has_keys, l_i, 1.0))
@@ -541,13 +603,14 @@ def _decode_split_kernel(
         if arrived == num_splits - 1:
             tl.store(counter, 0)  # zero again for the next launch (graph replays reuse the buffer)
             _merge_splits(out_ptr, part_out_ptr, part_lse_ptr, seq, kv_head, num_heads, num_splits,
-                          stride_o_tok, stride_o_head, GROUP, GROUP_P2, HEAD_DIM, MERGE_SPLITS)
+                          stride_o_tok, stride_o_head, GROUP, GROUP_P2, HEAD_DIM, MERGE_SPLITS,
+                          lse_ptr, WRITE_LSE)
 
 
 @triton.jit
 def _merge_splits(out_ptr, part_out_ptr, part_lse_ptr, seq, kv_head, num_heads, num_splits, stride_o_tok,
                   stride_o_head, GROUP: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  MERGE_SPLITS: tl.constexpr):
+                  MERGE_SPLITS: tl.constexpr, lse_ptr, WRITE_LSE: tl.constexpr):
     """out[seq, heads of the KV group] = log-sum-exp merge of their num_splits partials.
 
     MERGE_SPLITS splits are loaded per iteration as one [GROUP, MERGE_SPLITS, D] tile (one
@@ -580,6 +643,9 @@ def _merge_splits(out_ptr, part_out_ptr, part_lse_ptr, seq, kv_head, num_heads, 
     out = acc / tl.where(l > 0.0, l, 1.0)[:, None]
     o_rows = seq.to(tl.int64) * stride_o_tok + head * stride_o_head
     tl.store(out_ptr + o_rows[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
+    if WRITE_LSE:  # the splits' lse are natural logs: the merged one is m + ln(l)
+        lse = tl.where(l > 0.0, m + tl.log(tl.where(l > 0.0, l, 1.0)), float("-inf"))
+        tl.store(lse_ptr + seq.to(tl.int64) * num_heads + head, lse, mask=g_ok)
 
 
 def choose_num_splits(
@@ -608,6 +674,8 @@ def choose_num_splits(
 def _launch_decode(
     query, k_cache, v_cache, seq_lens, block_tables, scale, sliding_window, out,
     num_splits: int, tile_n: int, num_warps: int, num_stages: int, pdl: bool = True,
+    softcap: Optional[float] = None,
+    lse_out: Optional[torch.Tensor] = None,
 ) -> None:
     num_seqs, num_heads, head_dim = query.shape
     num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
@@ -620,9 +688,10 @@ def _launch_decode(
         part_out = query.new_empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32)
         part_lse = query.new_empty((num_seqs, num_heads, num_splits), dtype=torch.float32)
         counters = split_counters(query.device, num_seqs * num_kv_heads)
+    qk_scale, cap_log2 = _score_scales(scale, softcap)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-        out, part_out, part_lse, counters, query, k_cache, v_cache, seq_lens, block_tables,
-        num_heads, num_kv_heads, num_splits, scale * LOG2E, sliding_window or 0,
+        out, out if lse_out is None else lse_out, part_out, part_lse, counters, query, k_cache, v_cache, seq_lens, block_tables,
+        num_heads, num_kv_heads, num_splits, qk_scale, sliding_window or 0, cap_log2,
         query.stride(0), query.stride(1),
         out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -633,7 +702,9 @@ def _launch_decode(
         USE_WINDOW=sliding_window is not None, DIRECT=direct,
         MERGE_SPLITS=merge_splits_per_load(num_splits, group, head_dim),
         DOT_PRECISION=_dot_precision(query.dtype),
-        num_warps=num_warps, num_stages=num_stages, USE_PDL=pdl, **pdl_launch_options(pdl),
+        num_warps=num_warps, num_stages=num_stages, USE_PDL=pdl, USE_SOFTCAP=softcap is not None,
+        WRITE_LSE=lse_out is not None,
+        **pdl_launch_options(pdl),
     )
 
 
@@ -672,6 +743,8 @@ def paged_attention_decode(
     num_splits: Optional[int] = None,
     *,
     pdl: bool = True,
+    softcap: Optional[float] = None,  # Gemma 2: scores -> softcap * tanh(scores / softcap)
+    lse_out: Optional[torch.Tensor] = None,  # [num_seqs, num_heads] fp32: also write each row's log-sum-exp
 ) -> torch.Tensor:
     """Split-KV (flash-decoding) attention for a decode-only batch; CUDA-graph safe.
 
@@ -682,6 +755,7 @@ def paged_attention_decode(
     A sequence with seq_len 0 (batch padding) gets a zero output.
     """
     _check_common(query, k_cache, v_cache)
+    _check_lse_out(query, lse_out)
     num_seqs = query.shape[0]
     num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
     if seq_lens.shape[0] != num_seqs:
@@ -700,6 +774,6 @@ def paged_attention_decode(
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     _launch_decode(
         query, k_cache, v_cache, seq_lens, block_tables, scale, sliding_window, out,
-        num_splits, DECODE_TILE_N, DECODE_NUM_WARPS, DECODE_NUM_STAGES, pdl,
+        num_splits, DECODE_TILE_N, DECODE_NUM_WARPS, DECODE_NUM_STAGES, pdl, softcap, lse_out,
     )
     return out

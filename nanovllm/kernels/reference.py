@@ -72,12 +72,15 @@ def paged_attention(
     scale: float,
     sliding_window: Optional[int] = None,
     out: Optional[torch.Tensor] = None,
+    softcap: Optional[float] = None,
 ) -> torch.Tensor:
     """Causal attention of the new tokens over their sequence's paged K/V (already stored).
 
     Query token at absolute position p attends to keys at positions max(0, p - W + 1) .. p
     (W = sliding_window, or all of them when None). GQA: query head h reads KV head
-    h // (num_heads // num_kv_heads). Computed in fp32, returned in the query's dtype.
+    h // (num_heads // num_kv_heads). With `softcap` (Gemma 2) the scaled scores become
+    `softcap * tanh(scores / softcap)` before the mask and softmax. Computed in fp32,
+    returned in the query's dtype.
     """
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = k_cache.shape[1]
@@ -101,11 +104,18 @@ def paged_attention(
         allowed = k_pos[None, :] <= q_pos[:, None]  # [q_len, S]
         if sliding_window is not None:
             allowed &= k_pos[None, :] > q_pos[:, None] - sliding_window
-        scores = torch.matmul(q, k.transpose(1, 2)) * scale  # [H, q_len, S]
+        scores = soft_cap(torch.matmul(q, k.transpose(1, 2)) * scale, softcap)  # [H, q_len, S]
         scores = scores.masked_fill(~allowed, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[start:end] = torch.matmul(probs, v).transpose(0, 1).to(out.dtype)  # [q_len, H, D]
     return out
+
+
+def soft_cap(scores: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
+    """`softcap * tanh(scores / softcap)` (Gemma 2's attention and final-logit capping); None: unchanged."""
+    if softcap is None:
+        return scores
+    return torch.tanh(scores / softcap) * softcap
 
 
 def merge_attention_states(
@@ -119,6 +129,59 @@ def merge_attention_states(
     wa = torch.exp(lse_a - lse).unsqueeze(-1)
     wb = torch.exp(lse_b - lse).unsqueeze(-1)
     return (out_a.float() * wa + out_b.float() * wb).to(out_a.dtype), lse
+
+
+def paged_attention_lse(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_dim]
+    v_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,  # [num_seqs + 1]
+    seq_lens: torch.Tensor,  # [num_seqs]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq]
+    scale: float,
+    sliding_window: Optional[int] = None,
+) -> torch.Tensor:
+    """[num_tokens, num_heads] fp32: natural-log sum-exp of each new token's scaled scores over
+    the keys `paged_attention` lets it see (what the kernels write to `lse_out`)."""
+    num_heads = query.shape[1]
+    group = num_heads // k_cache.shape[1]
+    lse = torch.full(query.shape[:2], float("-inf"), dtype=torch.float32, device=query.device)
+    qsl = query_start_loc.tolist()
+    for i, seq_len in enumerate(seq_lens.tolist()):
+        start, end = qsl[i], qsl[i + 1]
+        if end == start:
+            continue
+        k = gather_kv(k_cache, block_tables[i], seq_len).float().repeat_interleave(group, dim=1)  # [S, H, D]
+        scores = torch.einsum("qhd,shd->hqs", query[start:end].float(), k) * scale  # [H, q_len, S]
+        q_pos = torch.arange(seq_len - (end - start), seq_len, device=query.device)
+        k_pos = torch.arange(seq_len, device=query.device)
+        allowed = k_pos[None, :] <= q_pos[:, None]  # [q_len, S]
+        if sliding_window is not None:
+            allowed &= q_pos[:, None] - k_pos[None, :] < sliding_window
+        lse[start:end] = torch.logsumexp(scores.masked_fill(~allowed, float("-inf")), dim=-1).transpose(0, 1)
+    return lse
+
+
+def shared_prefix_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_dim]
+    v_cache: torch.Tensor,
+    rows: torch.Tensor,  # [R] query rows (token indices) that all see the shared keys
+    block_table: torch.Tensor,  # [max_blocks] the table whose first blocks hold the shared keys
+    shared_len: int,  # keys 0 .. shared_len - 1 of that table
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of the rows over one shared run of keys, no mask (cascade attention's prefix part).
+
+    The shared K/V are gathered once for all rows. Returns (out [R, H, D] fp32, lse [R, H] fp32).
+    """
+    group = query.shape[1] // k_cache.shape[1]
+    k = gather_kv(k_cache, block_table, shared_len).float().repeat_interleave(group, dim=1)  # [S, H, D]
+    v = gather_kv(v_cache, block_table, shared_len).float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("rhd,shd->rhs", query[rows.long()].float(), k) * scale  # [R, H, S]
+    lse = torch.logsumexp(scores, dim=-1)  # [R, H]
+    out = torch.einsum("rhs,shd->rhd", torch.softmax(scores, dim=-1), v)  # [R, H, D]
+    return out, lse
 
 
 # ----------------------------------------------------------------------------- RoPE
@@ -210,6 +273,26 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """[..., 2 * d] -> silu(x[..., :d]) * x[..., d:]."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """[..., 2 * d] -> gelu_tanh(x[..., :d]) * x[..., d:] (Gemma's GeGLU, `gelu_pytorch_tanh`)."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
+def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's RMSNorm: x / rms(x) * (1 + weight), all in fp32, rounded once to x's dtype (HF
+    Gemma order; the checkpoint stores weight - 1, so a zero weight is the identity scale)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return (xf * (1.0 + weight.float())).to(x.dtype)
+
+
+def gemma_fused_add_rms_norm(x, residual, weight, eps) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual' = x + residual (rounded to x's dtype); returns (gemma_rms_norm(residual'), residual')."""
+    new_residual = (x.float() + residual.float()).to(x.dtype)
+    return gemma_rms_norm(new_residual, weight, eps), new_residual
 
 
 # ----------------------------------------------------------------------------- sampling

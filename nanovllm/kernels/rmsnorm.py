@@ -11,6 +11,9 @@ in fp32, the normalised row is cast to the input dtype and only then multiplied 
 weight; the fused variant first rounds `x + residual` to x's dtype (that rounded value is
 both the new residual and the norm's input). Output dtype = promote(x, weight), as in the
 reference (the same as x for the usual same-dtype weight).
+
+Gemma's variant (`unit_offset=True`, `reference.gemma_rms_norm`) scales by `1 + weight` in
+fp32 and rounds once at the end; a constexpr switch of the same kernel.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ def _rms_norm_kernel(
     ROWS: tl.constexpr,  # rows per program
     HAS_RESIDUAL: tl.constexpr,
     USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels/pdl.py)
+    UNIT_OFFSET: tl.constexpr = False,  # Gemma: scale by (1 + w) in fp32, one rounding
 ):
     pdl_wait(USE_PDL)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]
@@ -66,8 +70,12 @@ def _rms_norm_kernel(
         x = summed.to(tl.float32)
 
     mean_sq = tl.sum(x * x, 1) / N  # [ROWS]
-    normed = (x * tl.rsqrt(mean_sq + eps)[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
+    normed = x * tl.rsqrt(mean_sq + eps)[:, None]
     w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    if UNIT_OFFSET:
+        w = w + 1.0
+    else:
+        normed = normed.to(x_ptr.dtype.element_ty).to(tl.float32)
     o_off = (outer * stride_o_outer + inner * stride_o_inner)[:, None] + cols[None, :]
     tl.store(out_ptr + o_off, (normed * w[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -89,7 +97,7 @@ def _rows_view(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     return t, t.shape[1], t.stride(0), t.stride(1)
 
 
-def _launch(x, residual, weight, out, residual_out, eps: float, pdl: bool) -> None:
+def _launch(x, residual, weight, out, residual_out, eps: float, pdl: bool, unit_offset: bool = False) -> None:
     n = x.shape[-1]
     if weight.dim() != 1 or weight.shape[0] != n or weight.stride(0) != 1:
         raise ValueError(f"weight must be a contiguous [{n}] vector, got {tuple(weight.shape)}")
@@ -117,7 +125,7 @@ def _launch(x, residual, weight, out, residual_out, eps: float, pdl: bool) -> No
         x, residual, weight, out, residual_out, num_rows, inner_rows,
         sxo, sxi, sro, sri, soo, soi, sroo, sroi,
         eps, N=n, BLOCK_N=block_n, ROWS=rows, HAS_RESIDUAL=has_res, num_warps=num_warps,
-        USE_PDL=pdl, **pdl_launch_options(pdl),
+        USE_PDL=pdl, UNIT_OFFSET=unit_offset, **pdl_launch_options(pdl),
     )
 
 
@@ -128,12 +136,13 @@ def rms_norm(
     out: Optional[torch.Tensor] = None,  # may be x itself (in place)
     *,
     pdl: bool = True,  # programmatic dependent launch where the device supports it (kernels/pdl.py)
+    unit_offset: bool = False,  # Gemma: x / rms(x) * (1 + weight), `reference.gemma_rms_norm`
 ) -> torch.Tensor:
     """x / rms(x) * weight per last-dim row; `reference.rms_norm` numerics."""
     if out is None:
-        dtype = x.dtype if weight.dtype == x.dtype else torch.promote_types(x.dtype, weight.dtype)
+        dtype = x.dtype if weight.dtype == x.dtype or unit_offset else torch.promote_types(x.dtype, weight.dtype)
         out = torch.empty_like(x, dtype=dtype, memory_format=torch.contiguous_format)
-    _launch(x, None, weight, out, None, eps, pdl)
+    _launch(x, None, weight, out, None, eps, pdl, unit_offset)
     return out
 
 
@@ -145,6 +154,7 @@ def fused_add_rms_norm(
     inplace: bool = False,
     *,
     pdl: bool = True,
+    unit_offset: bool = False,  # Gemma: `reference.gemma_fused_add_rms_norm`
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """residual' = x + residual; returns (rms_norm(residual'), residual') in one pass.
 
@@ -153,7 +163,7 @@ def fused_add_rms_norm(
     """
     if residual.dtype != x.dtype and inplace:
         raise ValueError("inplace fused_add_rms_norm needs x and residual of the same dtype")
-    out_dtype = x.dtype if weight.dtype == x.dtype else torch.promote_types(x.dtype, weight.dtype)
+    out_dtype = x.dtype if weight.dtype == x.dtype or unit_offset else torch.promote_types(x.dtype, weight.dtype)
     if inplace:
         if out_dtype != x.dtype:
             raise ValueError(f"inplace fused_add_rms_norm: weight dtype {weight.dtype} widens x dtype {x.dtype}")
@@ -161,5 +171,5 @@ def fused_add_rms_norm(
     else:
         out = torch.empty_like(x, dtype=out_dtype, memory_format=torch.contiguous_format)
         residual_out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    _launch(x, residual, weight, out, residual_out, eps, pdl)
+    _launch(x, residual, weight, out, residual_out, eps, pdl, unit_offset)
     return out, residual_out

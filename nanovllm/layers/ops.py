@@ -53,3 +53,27 @@ def silu_and_mul(x, options: KernelOptions = DEFAULT_KERNEL_OPTIONS):
 
         return activation.silu_and_mul(x, pdl=options.pdl)
     return reference.silu_and_mul(x)
+
+
+def gelu_tanh_and_mul(x, options: KernelOptions = DEFAULT_KERNEL_OPTIONS):
+    if use_triton(x, options):
+        from nanovllm.kernels import activation
+
+        return activation.gelu_tanh_and_mul(x, pdl=options.pdl)
+    return reference.gelu_tanh_and_mul(x)
+
+
+def gemma_rms_norm(x, weight, eps, options: KernelOptions = DEFAULT_KERNEL_OPTIONS):
+    if use_triton(x, options):
+        from nanovllm.kernels import rmsnorm
+
+        return rmsnorm.rms_norm(x, weight, eps, pdl=options.pdl, unit_offset=True)
+    return reference.gemma_rms_norm(x, weight, eps)
+
+
+def gemma_fused_add_rms_norm(x, residual, weight, eps, options: KernelOptions = DEFAULT_KERNEL_OPTIONS):
+    if use_triton(x, options):
+        from nanovllm.kernels import rmsnorm
+
+        return rmsnorm.fused_add_rms_norm(x, residual, weight, eps, pdl=options.pdl, unit_offset=True)
+    return reference.gemma_fused_add_rms_norm(x, residual, weight, eps)

@@ -10,10 +10,13 @@ from __future__ import annotations
 import math
 
 # Fields every supported architecture needs, as positive integers.
-REQUIRED_POSITIVE_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                          "intermediate_size")
-# Fields that may be absent (or None), but must be positive integers when given.
-OPTIONAL_POSITIVE_INTS = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+REQUIRED_POSITIVE_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+# Fields that may be absent (or None), but must be positive integers when given (a missing
+# intermediate_size takes the config class's default; GPT-2's n_inner None means 4 * hidden).
+OPTIONAL_POSITIVE_INTS = ("intermediate_size", "num_key_value_heads", "head_dim", "max_position_embeddings")
+# GPT-2's config.json spells these fields its own way (its config class maps them).
+FIELD_ALIASES = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
+                 "intermediate_size": "n_inner", "max_position_embeddings": "n_positions"}
 
 
 def validate_hf_config(hf_config, where: str) -> None:
@@ -23,10 +26,17 @@ def validate_hf_config(hf_config, where: str) -> None:
     transformers itself divides by num_attention_heads while building some configs).
     """
     if isinstance(hf_config, dict):
-        get = hf_config.get
+        def get(name: str, default=None):
+            value = hf_config.get(name)
+            if value is None and name in FIELD_ALIASES:
+                value = hf_config.get(FIELD_ALIASES[name])
+            return default if value is None else value
     else:
         def get(name: str, default=None):
-            return getattr(hf_config, name, default)
+            value = getattr(hf_config, name, None)
+            if value is None and name in FIELD_ALIASES:
+                value = getattr(hf_config, FIELD_ALIASES[name], None)
+            return default if value is None else value
 
     def fail(name: str, value, rule: str) -> None:
         raise ValueError(f"{where}: {name}={value!r} {rule}; fix the model config")

@@ -4,9 +4,11 @@ float32 tensors and a transformers tokenizer.
 Why: the bundled default model ships as a Q4_1 GGUF, and users bring GGUFs of their own; the
 engine's models speak Hugging Face names and layouts. So this module translates:
 
-- metadata  -> a `LlamaConfig` / `Qwen2Config` / `Qwen3Config`;
+- metadata  -> a transformers config of the architecture (`gguf_models.py`: llama and
+  Mixtral, qwen2, qwen3, qwen3moe, gemma2, gemma3);
 - tensors   -> float32 in HF shape `[out_features, in_features]`, dequantized through
-  `gguf.quants.dequantize`, with llama.cpp's Q/K row permutation undone for llama;
+  `gguf.quants.dequantize`, with what llama.cpp's converter changed undone (llama's Q/K row
+  permutation, Gemma's 1 + w norms, stacked experts split per expert);
 - tokenizer -> transformers' own GGUF conversion, with the file's chat template.
 
 The header is walked here rather than with `gguf.GGUFReader`: the reader builds a numpy view for
@@ -31,6 +33,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from nanovllm.kernels.launch_math import cdiv
 from nanovllm.loading.config_check import validate_hf_config
+from nanovllm.loading.gguf_models import EXPERT, SUPPORTED_ARCHITECTURES, GGUFArchitecture, architecture_of
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_GGUF_VERSIONS = (2, 3)  # v1 (2023) counted with 32-bit ints; nothing ships it any more
@@ -46,35 +49,11 @@ _SCALAR_FORMATS = {
 }
 
 
-@dataclass(frozen=True)
-class _Architecture:
-    config_class_name: str  # a transformers config class
-    hf_architecture: str  # what goes into config.architectures
-    permute_qk: bool  # llama.cpp's converter interleaves the rotary halves of Q/K rows (llama only)
-
-
-SUPPORTED_ARCHITECTURES = {
-    "llama": _Architecture("LlamaConfig", "LlamaForCausalLM", permute_qk=True),
-    "qwen2": _Architecture("Qwen2Config", "Qwen2ForCausalLM", permute_qk=False),
-    "qwen3": _Architecture("Qwen3Config", "Qwen3ForCausalLM", permute_qk=False),
-}
-
-# GGUF tensor stems -> HF module names; the ".weight" / ".bias" suffix carries over.
+# GGUF tensor stems -> HF module names; the ".weight" / ".bias" suffix carries over. Per-layer
+# names and what each architecture needs undone: gguf_models.py.
 _GLOBAL_TENSOR_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_LAYER_TENSOR_NAMES = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",  # qwen3
-    "attn_k_norm": "self_attn.k_norm",  # qwen3
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_EXPERT_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(\d+)\.weight")  # older Mixtral files: one tensor per expert
 _GLOBAL_TENSOR = re.compile(r"(\w+)\.(weight|bias)")
 
 
@@ -174,7 +153,8 @@ def _parse_header(path: str) -> _Header:
         raise _invalid(path, f"general.alignment {alignment!r} is not a power of two")
     data_start = cdiv(cursor.pos, alignment) * alignment  # next multiple of the alignment
     arch = _architecture(path, metadata)
-    tensors = tuple(_tensor_info(path, size, data_start, arch, *raw) for raw in raw_tensors)
+    spec = architecture_of(arch, metadata)
+    tensors = tuple(_tensor_info(path, size, data_start, arch, spec, *raw) for raw in raw_tensors)
     return _Header(metadata, tensors)
 
 
@@ -187,7 +167,7 @@ def _architecture(path: str, metadata: dict) -> str:
     return arch
 
 
-def _tensor_info(path: str, file_size: int, data_start: int, arch: str,
+def _tensor_info(path: str, file_size: int, data_start: int, arch: str, spec: GGUFArchitecture,
                  name: str, shape: tuple[int, ...], type_id: int, offset: int) -> _TensorInfo:
     try:
         qtype = GGMLQuantizationType(type_id)
@@ -201,17 +181,22 @@ def _tensor_info(path: str, file_size: int, data_start: int, arch: str,
     start = data_start + offset
     if start + nbytes > file_size:
         raise _invalid(path, f"truncated: tensor {name!r} needs bytes up to {start + nbytes}, file has {file_size}")
-    return _TensorInfo(name, _hf_name(path, arch, name), shape, qtype, start, nbytes)
+    return _TensorInfo(name, _hf_name(path, arch, spec, name), shape, qtype, start, nbytes)
 
 
-def _hf_name(path: str, arch: str, gguf_name: str) -> str:
+def _hf_name(path: str, arch: str, spec: GGUFArchitecture, gguf_name: str) -> str:
+    """The HF name of a tensor; stacked experts get an EXPERT placeholder (split on reading)."""
     if name := _LAYER_TENSOR.fullmatch(gguf_name):
         layer, stem, suffix = name.groups()
-        if stem in _LAYER_TENSOR_NAMES:
-            return f"model.layers.{layer}.{_LAYER_TENSOR_NAMES[stem]}.{suffix}"
+        if module := spec.layer_tensor_name(stem):
+            return f"model.layers.{layer}.{module}.{suffix}"
+    elif name := _EXPERT_TENSOR.fullmatch(gguf_name):
+        layer, stem, expert = name.groups()
+        if module := spec.expert_tensor_name(stem, int(expert)):
+            return f"model.layers.{layer}.{module}.weight"
     elif (name := _GLOBAL_TENSOR.fullmatch(gguf_name)) and name.group(1) in _GLOBAL_TENSOR_NAMES:
         return f"{_GLOBAL_TENSOR_NAMES[name.group(1)]}.{name.group(2)}"
-    # e.g. rope_freqs.weight (llama-3 rope scaling) or MoE experts: refusing beats a silently wrong model
+    # e.g. rope_freqs.weight (llama-3 rope scaling): refusing beats a silently wrong model
     raise ValueError(f"{path}: tensor {gguf_name!r} of a {arch!r} GGUF is not supported by nanovllm")
 
 
@@ -269,10 +254,10 @@ def _hf_config(path: str, header: _Header):
     tensor_names = {t.gguf_name for t in header.tensors}
     shapes = {t.gguf_name: t.shape for t in header.tensors}
     hidden_size, num_heads = get("embedding_length"), get("attention.head_count")
-    spec = SUPPORTED_ARCHITECTURES[arch]
+    spec = architecture_of(arch, meta)
     config_class = getattr(transformers, spec.config_class_name)
     heads_ok = isinstance(num_heads, int) and num_heads > 0 and isinstance(hidden_size, int)
-    values = dict(
+    kwargs = dict(
         architectures=[spec.hf_architecture],
         dtype=torch.float32,  # what iter_tensors yields
         vocab_size=get("vocab_size", shapes.get("token_embd.weight", (None,))[0]),
@@ -292,8 +277,10 @@ def _hf_config(path: str, header: _Header):
         eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
         pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
     )
-    validate_hf_config(values, path)  # transformers divides by num_attention_heads while building some configs
-    return config_class(**values)
+    if spec.config_extras is not None:
+        kwargs |= spec.config_extras(get, kwargs, tensor_names)
+    validate_hf_config(kwargs, path)  # transformers divides by num_attention_heads while building some configs
+    return config_class(**kwargs)
 
 
 def _rope_scaling(path: str, get) -> dict | None:
@@ -326,12 +313,12 @@ class GGUFCheckpoint:
     hf_config: Any  # transformers.PretrainedConfig
     chat_template: str | None
     path: str
-    _architecture: str = field(default="llama", repr=False)  # the GGUF's general.architecture
+    _spec: GGUFArchitecture = field(default=SUPPORTED_ARCHITECTURES["llama"], repr=False)
     _tensors: tuple[_TensorInfo, ...] = field(default=(), repr=False)
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (HF name, float32 tensor in HF shape) one at a time, in file order."""
-        arch = SUPPORTED_ARCHITECTURES[self._architecture]
+        arch = self._spec
         # A plain ndarray over the map: np.memmap's subclass hooks cost ~1 s per model in gguf's row loop.
         data = np.memmap(self.path, dtype=np.uint8, mode="r").view(np.ndarray)
         heads = {"attn_q": self.hf_config.num_attention_heads, "attn_k": self.hf_config.num_key_value_heads}
@@ -341,9 +328,16 @@ class GGUFCheckpoint:
             stem = t.gguf_name.split(".")[-2]
             if arch.permute_qk and stem in heads:
                 weights = _reverse_qk_permutation(weights, heads[stem])
+            if arch.norm_offset and stem.endswith("norm"):
+                weights = weights - np.float32(arch.norm_offset)
             if not weights.flags.writeable:  # F32 is a view of the read-only map
                 weights = np.array(weights)
-            yield t.hf_name, torch.from_numpy(weights)
+            tensor = torch.from_numpy(weights)
+            if EXPERT in t.hf_name:  # [E, rows, cols] stacked experts -> one tensor per expert
+                for expert, part in enumerate(tensor):
+                    yield t.hf_name.replace(EXPERT, str(expert)), part
+            else:
+                yield t.hf_name, tensor
 
 
 def read_gguf_checkpoint(path: str | os.PathLike) -> GGUFCheckpoint:
@@ -354,7 +348,7 @@ def read_gguf_checkpoint(path: str | os.PathLike) -> GGUFCheckpoint:
         hf_config=_hf_config(key[0], header),  # a fresh config each call: callers may edit it
         chat_template=header.metadata.get(CHAT_TEMPLATE_KEY),
         path=key[0],
-        _architecture=header.metadata["general.architecture"],
+        _spec=architecture_of(header.metadata["general.architecture"], header.metadata),
         _tensors=header.tensors,
     )
 

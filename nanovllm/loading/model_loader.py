@@ -49,7 +49,10 @@ def build_model(source: ModelSource, hf_config, device: torch.device, dtype: tor
             model = model_cls(hf_config, max_positions)
     finally:
         torch.set_default_dtype(previous)
-    model.model.cos_sin_cache = model.model.cos_sin_cache.float()
+    for module in model.modules():  # RoPE tables stay fp32 whatever the model's dtype
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if name.startswith("cos_sin_cache"):
+                setattr(module, name, buf.float())
     if load_format == "dummy":
         init_random_weights(model)
     elif source.kind == "gguf":

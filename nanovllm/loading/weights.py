@@ -1,5 +1,10 @@
 """Copy checkpoint tensors into a model's parameters, packed projections included.
 
+A model may translate its checkpoint's tensors first (`remap_checkpoint_tensor(name, tensor)`
+yielding `(name, tensor)` or `(parameter name, tensor, shard)`): GPT-2's transposed Conv1D
+weights, Phi-3's fused qkv split into q/k/v, MoE experts into slices of stacked weights. A
+parameter that takes several shards names them in `expected_shards` (the stacked experts).
+
 Errors name the file and the tensor: a wrong shape, an unexpected tensor, a missing one or
 one holding NaN / Inf values is a ValueError, never a silent partial or corrupt load.
 """
@@ -59,31 +64,47 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor, st
     finite = FiniteCheck()
     packed = getattr(model, "packed_modules_mapping", {})
     tied = getattr(model, "tie_word_embeddings", False)
+    remap = getattr(model, "remap_checkpoint_tensor", None)
+    ignored = IGNORED_SUFFIXES + tuple(getattr(model, "ignored_checkpoint_suffixes", ()))
     loaded: set[str] = set()
-    for name, tensor, source in tensors:
-        if name.endswith(IGNORED_SUFFIXES):
+    for checkpoint_name, checkpoint_tensor, source in tensors:
+        if checkpoint_name.endswith(ignored):
             continue
-        if tied and name == "lm_head.weight":
-            continue  # tied: the embedding is the head
-        target, shard = name, None
+        try:
+            entries = remap(checkpoint_name, checkpoint_tensor) if remap else [(checkpoint_name, checkpoint_tensor)]
+            for entry in entries:
+                _load_one(model, params, packed, tied, loaded, finite, source, *entry)
+        except WeightShapeError as e:
+            raise ValueError(f"{source}: {e}") from None
+        except _Foreign as e:
+            raise ValueError(f"{source}: tensor {e.args[0]!r} does not belong to {type(model).__name__}") from None
+    _check_complete(model, params, packed, loaded, tied)
+    finite.raise_if_bad()
+
+
+class _Foreign(KeyError):
+    """A checkpoint tensor with no parameter to go to."""
+
+
+def _load_one(model, params, packed, tied, loaded, finite, source, name, tensor, shard=_Foreign) -> None:
+    if tied and name == "lm_head.weight":
+        return  # tied: the embedding is the head
+    target = name
+    if shard is _Foreign:  # not placed by the model's remap: the packed-projection names apply
+        shard = None
         for fragment, (packed_fragment, packed_shard) in packed.items():
             if f".{fragment}." in name:
                 target, shard = name.replace(f".{fragment}.", f".{packed_fragment}."), packed_shard
                 break
-        param = params.get(target)
-        if param is None:
-            raise ValueError(f"{source}: tensor {name!r} does not belong to {type(model).__name__}")
-        loader = getattr(param, "weight_loader", default_weight_loader)
-        loaded_tensor = tensor.to(device=param.device, dtype=param.dtype)
-        finite.add(name, loaded_tensor, source)
-        try:
-            with torch.no_grad():
-                loader(param, loaded_tensor, shard, name=name)
-        except WeightShapeError as e:
-            raise ValueError(f"{source}: {e}") from None
-        loaded.add(f"{target}:{shard}")
-    _check_complete(model, params, packed, loaded, tied)
-    finite.raise_if_bad()
+    param = params.get(target)
+    if param is None:
+        raise _Foreign(name)
+    loader = getattr(param, "weight_loader", default_weight_loader)
+    loaded_tensor = tensor.to(device=param.device, dtype=param.dtype)
+    finite.add(name, loaded_tensor, source)
+    with torch.no_grad():
+        loader(param, loaded_tensor, shard, name=name)
+    loaded.add(f"{target}:{shard}")
 
 
 def _check_complete(model, params, packed, loaded, tied) -> None:
@@ -91,11 +112,14 @@ def _check_complete(model, params, packed, loaded, tied) -> None:
     for fragment, (packed_fragment, shard) in packed.items():
         shards_of.setdefault(packed_fragment, []).append(shard)
     missing = []
-    for name in params:
+    for name, param in params.items():
         if tied and name == "lm_head.weight":
+            continue
+        if f"{name}:None" in loaded:  # loaded whole (a checkpoint that stores it packed)
             continue
         packed_fragment = next((p for p in shards_of if f".{p}." in name), None)
         shards = shards_of[packed_fragment] if packed_fragment else [None]
+        shards = getattr(param, "expected_shards", shards)
         missing += [f"{name}:{s}" if s is not None else name for s in shards if f"{name}:{s}" not in loaded]
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""

@@ -4,7 +4,10 @@ The engine's config loading (loading/model_info.py) checks a config.json against
 before it builds anything; models/registry.py maps each one to its class.
 """
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED_ARCHITECTURES = (
+    "Gemma2ForCausalLM", "Gemma3ForCausalLM", "GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM",
+    "MixtralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
+)
 
 
 def unsupported_message(archs) -> str:

@@ -33,8 +33,18 @@ def sliding_window_of(cfg) -> Optional[int]:
     return int(window)
 
 
+def layer_sliding_window(cfg, layer_idx: int) -> Optional[int]:
+    """The window of layer `layer_idx`: the config's `layer_types` say which layers slide (Gemma's
+    local layers; Qwen2/3's layers from max_window_layers on), else every layer (Mistral)."""
+    window = sliding_window_of(cfg)
+    layer_types = getattr(cfg, "layer_types", None)
+    if window is None or (layer_types is not None and layer_types[layer_idx] != "sliding_attention"):
+        return None
+    return window
+
+
 class DecoderAttention(nn.Module):
-    def __init__(self, cfg, qkv_bias: bool, qk_norm: bool) -> None:
+    def __init__(self, cfg, qkv_bias: bool, qk_norm: bool, layer_idx: int = 0) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
@@ -46,7 +56,7 @@ class DecoderAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.attn = PagedAttention(
-            self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, sliding_window_of(cfg)
+            self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, layer_sliding_window(cfg, layer_idx)
         )
 
     def forward(self, qkv, positions, cos_sin_cache, ctx: ForwardContext):
@@ -76,9 +86,9 @@ class DecoderMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg, qkv_bias: bool, qk_norm: bool) -> None:
+    def __init__(self, cfg, qkv_bias: bool, qk_norm: bool, layer_idx: int = 0) -> None:
         super().__init__()
-        self.self_attn = DecoderAttention(cfg, qkv_bias, qk_norm)
+        self.self_attn = DecoderAttention(cfg, qkv_bias, qk_norm, layer_idx)
         self.mlp = DecoderMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -97,7 +107,7 @@ class DecoderModel(nn.Module):
     def __init__(self, cfg, qkv_bias: bool, qk_norm: bool, max_positions: int) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, qkv_bias, qk_norm) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, qkv_bias, qk_norm, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.register_buffer(
             "cos_sin_cache", build_cos_sin_cache(cfg, head_dim_of(cfg), max_positions), persistent=False

@@ -43,6 +43,8 @@ class _EngineCollector:
             ("num_requests_waiting", "Requests waiting to be scheduled.", s.get("num_waiting", 0)),
             ("kv_cache_usage_perc", "Fraction of KV-cache blocks held by live requests (0 to 1).",
              s.get("kv_cache_usage", 0.0)),
+            ("prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / prompt tokens looked up, since start "
+             "(0 to 1).", s.get("prefix_cache_hit_rate", 0.0)),
         ]
         for name, doc, value in gauges:
             g = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])

@@ -24,7 +24,7 @@ CPU_KV_CACHE_BYTES = 1 << 30  # 1 GiB of KV cache on CPU unless num_kv_blocks is
 def kv_bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
     """K and V bytes of one block over all of the model's attention layers."""
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    return sum(2 * a.num_kv_heads * a.head_dim for a in model.attention_layers()) * block_size * itemsize
+    return sum(2 * a.num_kv_heads * a.cache_head_dim for a in model.attention_layers()) * block_size * itemsize
 
 
 def cpu_num_kv_blocks(cfg: EngineConfig, max_model_len: int, bytes_per_block: int) -> int:
@@ -75,7 +75,7 @@ def profile_num_kv_blocks(model, cfg: EngineConfig, device: torch.device, dtype:
     attn_layers = model.attention_layers()
     saved = [(a.k_cache, a.v_cache) for a in attn_layers]
     for a in attn_layers:  # a temporary cache just big enough for the profiling batch
-        shape = (num_blocks, a.num_kv_heads, cfg.block_size, a.head_dim)
+        shape = (num_blocks, a.num_kv_heads, cfg.block_size, a.cache_head_dim)
         a.k_cache = torch.empty(shape, dtype=dtype, device=device)
         a.v_cache = torch.empty(shape, dtype=dtype, device=device)
     temp_cache_bytes = num_blocks * bytes_per_block

@@ -22,7 +22,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from nanovllm.layers.forward_context import ForwardContext
+from nanovllm.kernels.launch_math import cascade_queries_per_tile
+from nanovllm.layers.attention.cascade import CascadeRule, plan_cascade
+from nanovllm.layers.forward_context import CascadeInputs, ForwardContext
 from nanovllm.outputs import Logprob
 from nanovllm.step_io import StepInput, StepOutput
 from nanovllm.worker.request_states import RequestState, RequestStates
@@ -76,6 +78,12 @@ class ModelRunner:
         self.kv_caches = self._allocate_kv_cache(num_kv_blocks)
         self.cuda_graphs = None  # a CUDAGraphRunner, set by the worker on CUDA unless enforce_eager
         self._staging_sets = [StagingBuffer(pin=device.type == "cuda") for _ in range(NUM_STAGING_SETS)]
+        # Cascade attention (layers/attention/cascade.py): the worker sets the rule; None = never plan.
+        self.cascade_rule: Optional[CascadeRule] = None
+        layers = model.attention_layers()
+        self.cascade_queries_per_tile = cascade_queries_per_tile(max(a.num_heads // a.num_kv_heads for a in layers))
+        self._cascade_staging_sets = [StagingBuffer(pin=device.type == "cuda") for _ in range(NUM_STAGING_SETS)]
+        self.num_cascade_steps = 0  # steps that had a plan (benchmarks, tests)
         self._num_launched = 0
         # the last step's sampled tokens on the device, and each sampling request's row there
         self._last_sampled: Optional[torch.Tensor] = None
@@ -86,7 +94,7 @@ class ModelRunner:
     def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         caches = []
         for attn in self.model.attention_layers():
-            shape = (num_blocks, attn.num_kv_heads, self.block_size, attn.head_dim)
+            shape = (num_blocks, attn.num_kv_heads, self.block_size, attn.cache_head_dim)
             k = torch.zeros(shape, dtype=self.dtype, device=self.device)
             v = torch.zeros(shape, dtype=self.dtype, device=self.device)
             attn.k_cache, attn.v_cache = k, v
@@ -177,6 +185,9 @@ class ModelRunner:
         host["pending_src"][:num_pending] = pending_src
         max_query_len = int(np.diff(query_start_loc).max())
         dev = staging.to_device(self.device)  # the step's one host-to-device copy
+        cascade = None
+        if self.cascade_rule is not None:
+            cascade = self._cascade_inputs(block_tables, seq_lens, query_start_loc, num_tokens, max_query_len)
         ctx = ForwardContext(
             positions=dev["positions"],
             slot_mapping=dev["slot_mapping"],
@@ -188,6 +199,7 @@ class ModelRunner:
             num_seqs=num_seqs,
             query_start_loc_cpu=query_start_loc.tolist() if self.device.type == "cpu" else None,
             seq_lens_cpu=seq_lens.tolist() if self.device.type == "cpu" else None,
+            cascade=cascade,
         )
         input_ids_dev = dev["input_ids"]
         if num_pending:
@@ -202,6 +214,39 @@ class ModelRunner:
             sample_requests=sample_requests,
             num_output_tokens=num_outputs,
             prompt_logprob_spans=prompt_spans,
+        )
+
+    def _cascade_inputs(self, block_tables: np.ndarray, seq_lens: np.ndarray, query_start_loc: np.ndarray,
+                        num_tokens: int, max_query_len: int) -> Optional[CascadeInputs]:
+        """The step's shared prefixes (or None), planned on the host arrays and copied to the
+        device in one more transfer (only on steps that have a plan)."""
+        capacity = None  # an eager step takes any number of tiles; a graph replay its capacity
+        if self.cuda_graphs is not None:
+            capacity = self.cuda_graphs.plan_capacity(len(seq_lens), num_tokens, max_query_len)
+            if capacity == 0:
+                return None
+        plan = plan_cascade(block_tables, seq_lens, query_start_loc, self.block_size, self.cascade_queries_per_tile,
+                            self.cascade_rule, max_tiles=capacity, pad_tiles=capacity is not None)
+        if plan is None:
+            return None
+        self.num_cascade_steps += 1
+        arrays = {"suffix_block_tables": plan.suffix_block_tables, "suffix_seq_lens": plan.suffix_seq_lens,
+                  "tiles": plan.tiles, "query_rows": plan.query_rows}
+        if self.device.type == "cpu":  # the planner's arrays are new each step: no staging needed
+            dev = {name: torch.from_numpy(a) for name, a in arrays.items()}
+        else:
+            staging = self._cascade_staging_sets[self._num_launched % NUM_STAGING_SETS]
+            host = staging.layout({name: (a.shape, torch.int32) for name, a in arrays.items()})
+            for name, a in arrays.items():
+                host[name][...] = a
+            dev = staging.to_device(self.device)
+        cpu = self.device.type == "cpu"
+        return CascadeInputs(
+            suffix_block_tables=dev["suffix_block_tables"], suffix_seq_lens=dev["suffix_seq_lens"],
+            tiles=dev["tiles"], query_rows=dev["query_rows"], queries_per_tile=plan.queries_per_tile,
+            max_suffix_len=plan.max_suffix_len, max_shared_len=plan.max_shared_len,
+            prefixes=plan.prefixes if cpu else None,
+            suffix_seq_lens_cpu=plan.suffix_seq_lens.tolist() if cpu else None,
         )
 
     def _pending_row(self, req: RequestState) -> int:

@@ -24,13 +24,23 @@ import torch
 from nanovllm.config import EngineConfig
 from nanovllm.loading import model_loader
 from nanovllm.loading.model_info import ModelInfo
+from nanovllm.layers import ops
+from nanovllm.layers.attention.cascade import CascadeRule, cascade_rule
 from nanovllm.layers.kernel_options import KernelOptions, configure_kernels
 from nanovllm.layers.linear import set_gemv_rows
+from nanovllm.layers.moe import active_param_bytes
 from nanovllm.step_io import StepInput, StepOutput, WorkerInfo
 from nanovllm.worker import memory
 from nanovllm.worker.model_runner import LaunchedStep, ModelRunner
 
 logger = logging.getLogger("nanovllm")
+
+
+def kv_sliding_window(model) -> Optional[int]:
+    """The widest sliding window when every attention layer has one (Mistral), else None (any
+    global layer, as in Gemma, reads the whole context: no KV block may be freed early)."""
+    windows = [a.sliding_window for a in model.attention_layers()]
+    return None if not windows or None in windows else max(windows)
 
 
 class Worker:
@@ -80,12 +90,31 @@ class Worker:
         cfg = self.config
         self.runner = ModelRunner(self.model, self.device, self.dtype, num_blocks, cfg.block_size,
                                   list(self.model_info.eos_token_ids), step_timer=self.step_timer)
+        self.runner.cascade_rule = self._cascade_rule()
         if self.device.type == "cuda" and not cfg.enforce_eager:
-            from nanovllm.worker.cuda_graphs import CUDAGraphRunner
+            from nanovllm.worker.cuda_graphs import CascadeGraphSpec, CUDAGraphRunner
 
-            self.runner.cuda_graphs = CUDAGraphRunner(self.runner, cfg.max_num_seqs, self.model_info.max_model_len)
+            spec = None
+            if self.runner.cascade_rule is not None:
+                spec = CascadeGraphSpec(self.runner.cascade_queries_per_tile, self.runner.cascade_rule.max_groups,
+                                        self.model.attention_layers()[0].num_kv_heads)
+            self.runner.cuda_graphs = CUDAGraphRunner(self.runner, cfg.max_num_seqs, self.model_info.max_model_len,
+                                                      prefill_tokens=cfg.max_prefill_tokens_while_decoding or 0,
+                                                      cascade=spec)
             self.runner.cuda_graphs.capture()
         return self.info()
+
+    def _cascade_rule(self) -> Optional[CascadeRule]:
+        """When steps get a cascade plan: the config's mode, where a backend serves plans (Triton
+        attention on CUDA; the torch path on CPU, decode groups only) and some layer can use them."""
+        if all(a.sliding_window is not None for a in self.model.attention_layers()):
+            return None
+        if self.device.type == "cuda":
+            options = self.kernel_options
+            if not (options.triton and options.triton_attention and ops.triton_available()):
+                return None
+            return cascade_rule(self.config.cascade_attention, chunk_contexts=True)
+        return cascade_rule(self.config.cascade_attention, chunk_contexts=False)
 
     def info(self) -> WorkerInfo:
         unique = {id(p): p for p in self.model.parameters()}
@@ -97,6 +126,8 @@ class Worker:
             param_bytes=sum(p.numel() * p.element_size() for p in unique.values()),
             cuda_graphs=self.runner is not None and self.runner.cuda_graphs is not None,
             cpu_fp16_weights=self.cpu_fp16_weights,
+            kv_sliding_window=kv_sliding_window(self.model),
+            active_param_bytes=active_param_bytes(unique.values(), self.model),
         )
 
     # ------------------------------------------------------------------ steps

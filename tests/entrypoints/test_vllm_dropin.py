@@ -123,3 +123,15 @@ def test_bench_throughput_progress_and_cuda_graphs_column(tiny_model_factory, tm
     assert "Processed prompts" in out.stderr  # tqdm's progress bar
     rows = list(csv.DictReader(open(csv_path)))
     assert rows[-1]["cuda_graphs"] == "False"  # CPU: no graphs, whatever --enforce-eager says
+
+
+def test_engine_args_cover_every_engine_config_field():
+    """LLM(...) goes through EngineArgs, which refuses unknown names: a new EngineConfig field
+    must be an EngineArgs field too, or LLM(new_field=...) would be a TypeError."""
+    from dataclasses import fields
+
+    from nanovllm.config import EngineConfig
+    from nanovllm.engine.arg_utils import EngineArgs
+
+    missing = {f.name for f in fields(EngineConfig)} - {f.name for f in fields(EngineArgs)}
+    assert not missing, f"add these to EngineArgs (nanovllm/engine/arg_utils.py): {sorted(missing)}"

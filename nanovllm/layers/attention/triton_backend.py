@@ -29,13 +29,34 @@ def rope_and_store_kv(query, key, value, positions, cos_sin_cache, k_cache, v_ca
     )
 
 
+def store_kv(key, value, k_cache, v_cache, slot_mapping, options: KernelOptions) -> None:
+    """K/V into the cache without RoPE (models with learned positions)."""
+    from nanovllm.kernels import rope_kv_store
+
+    rope_kv_store.store_kv(key, value, k_cache, v_cache, slot_mapping, pdl=options.pdl)
+
+
 def paged_attention(query, k_cache, v_cache, ctx: ForwardContext, scale: float, sliding_window: Optional[int],
-                    options: KernelOptions) -> torch.Tensor:
+                    options: KernelOptions, softcap: Optional[float] = None) -> torch.Tensor:
     """Attention of the batch's new tokens over the paged cache described by ctx: [T, H, D]."""
     from nanovllm.kernels import paged_attention as pa
 
     return pa.paged_attention(
         query, k_cache, v_cache, ctx.query_start_loc, ctx.seq_lens, ctx.block_tables, scale,
         sliding_window=sliding_window, max_query_len=ctx.max_query_len, max_seq_len=ctx.max_seq_len,
-        pdl=options.pdl,
+        pdl=options.pdl, softcap=softcap,
+    )
+
+
+def cascade_attention(query, k_cache, v_cache, ctx: ForwardContext, scale: float,
+                      options: KernelOptions) -> torch.Tensor:
+    """Attention of the batch with ctx.cascade's shared prefixes read once per tile: [T, H, D]."""
+    from nanovllm.kernels import cascade_attention as ca
+
+    plan = ctx.cascade
+    return ca.cascade_attention(
+        query, k_cache, v_cache, ctx.query_start_loc, ctx.block_tables, plan.suffix_block_tables,
+        plan.suffix_seq_lens, plan.tiles, plan.query_rows, plan.queries_per_tile, scale,
+        max_query_len=ctx.max_query_len, max_suffix_len=plan.max_suffix_len, max_shared_len=plan.max_shared_len,
+        num_splits=plan.num_splits, pdl=options.pdl,
     )
