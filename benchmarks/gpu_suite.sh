@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU issue's checks and benchmarks in one device call; logs and CSVs to $OUT.
-#   bash benchmarks/gpu_suite.sh [warm] [tests] [testsrev] [kernels] [gemv] [gemvcfg] [bench] [tput] [ab] [sync] [nopdl] [base] [trace] [tp] [tp1mp] [tp2] [bench8b] [fp8] [hf] [serve] [serveperf] [profile] [moe] [prefix] [quant] [quanttput]
+#   bash benchmarks/gpu_suite.sh [warm] [tests] [testsrev] [kernels] [gemv] [gemvcfg] [bench] [tput] [ab] [sync] [nopdl] [base] [trace] [tp] [tp1mp] [tp2] [bench8b] [fp8] [hf] [serve] [serveperf] [soak] [nanscan] [profile] [moe] [prefix] [quant] [quanttput]
 set -uo pipefail
 DEST=${OUT:-/tmp/nanovllm-out}; OUT=/tmp/suite-logs; mkdir -p "$OUT" "$DEST"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
@@ -136,6 +136,14 @@ for s in $steps; do
              if [ -d "${BASE_DIR:-.base}" ]; then
                NANOVLLM_COMMIT=${BASE_COMMIT:-base} serve_and_bench "${BASE_DIR:-.base}" "serveperf base server" base
              fi ;;
+    soak)    # benchmarks/soak.py for $SOAK_MINUTES (default 5) on the GPU; needs the carried wheels as for serve
+             # (plus aiohttp and matplotlib when the image lacks them); CSV, PNG, JSON and server log to $DEST/soak
+             python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
+             timeout $(( ${SOAK_MINUTES:-5} * 60 + 240 )) python3 benchmarks/soak.py --minutes ${SOAK_MINUTES:-5} \
+                 --concurrency ${SOAK_CONCURRENCY:-64} --max-output 256 --out-dir "$DEST/soak" --tag "soak_$(date +%F)_gpu" \
+                 -- ${SOAK_SERVE_ARGS:-benchmarks/configs/qwen3-0.6b --load-format dummy --skip-tokenizer-init --max-model-len 2048} \
+                 2>&1 | tee "$OUT/soak.log" | tail -40 ;;
+    nanscan) timeout 120 python3 benchmarks/nan_scan_cost.py 2>&1 | tee "$OUT/nan_scan.log" ;;
     base)    # same-run baseline: an earlier commit's tree carried in $BASE_DIR (git archive C | tar -x -C .base),
              # its rows go to this tree's CSVs under commit $BASE_COMMIT; BASE_TPUT=0 skips its throughput run
              csvdir=$PWD/benchmarks/results

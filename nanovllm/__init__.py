@@ -3,8 +3,9 @@
 import logging as _logging
 import sys as _sys
 
+from nanovllm.engine.arg_utils import EngineArgs
 from nanovllm.outputs import CompletionOutput, Logprob, RequestOutput
-from nanovllm.sampling_params import RequestOutputKind, SamplingParams
+from nanovllm.sampling_params import GuidedDecodingParams, RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 __version__ = "0.1.0"
 
@@ -21,7 +22,8 @@ def _setup_logging() -> None:
 
 
 _setup_logging()
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "RequestOutputKind"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "RequestOutputKind", "EngineArgs",
+           "StructuredOutputsParams", "GuidedDecodingParams"]
 
 
 def __getattr__(name):

@@ -39,6 +39,9 @@ class EngineConfig:
     dtype: str = "auto"
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     max_model_len: Optional[int] = None  # None = model's max_position_embeddings (capped)
+    # A max_model_len beyond the model's max_position_embeddings is refused unless this is set
+    # (positions the model was never trained on; vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN=1).
+    allow_long_max_model_len: bool = False
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
     block_size: int = DEFAULT_BLOCK_SIZE
@@ -62,12 +65,20 @@ class EngineConfig:
     async_scheduling: Optional[bool] = None
     attention_backend: str = "auto"  # "auto" | "torch" | "triton"
     skip_tokenizer_init: bool = False
-    # CPU GEMM weights: "fp16" (fbgemm, half the bytes), "fp32", or "auto" = fp16 when the
-    # checkpoint itself is 16-bit or quantized (GGUF, bf16/fp16 safetensors), else fp32.
+    # CPU GEMM weights of unquantized layers: "fp16" (fbgemm, half the bytes), "fp32", or "auto" = fp16
+    # when the checkpoint itself is 16-bit (bf16/fp16 safetensors, GGUF), else fp32. An explicit "fp16" /
+    # "fp32" without `quantization` also dequantizes a GGUF's blocks (otherwise kept 4/8-bit).
     cpu_weight_format: str = "auto"
     seed: int = 0
     tokenizer: Optional[str] = None  # override tokenizer location
     trust_remote_code: bool = False
+    # ---- where a hub model comes from (repo ids not in the local cache are downloaded)
+    download_dir: Optional[str] = None  # Hugging Face cache directory (default: HF_HUB_CACHE)
+    revision: Optional[str] = None  # branch, tag or commit of a hub repo
+    # "auto": the model's generation_config.json gives the default sampling parameters;
+    # "vllm": nanovllm's own defaults
+    generation_config: str = "auto"
+    # ---- weight formats
     load_format: str = "auto"  # "auto" = the checkpoint's weights; "dummy" = random weights (benchmarks)
     # Weight-only quantization at load: "int8" (per output channel), "int4" (groups of 128 along K,
     # scales and zero points), "fp8" (e4m3, per output channel), or None = as the checkpoint is
@@ -121,6 +132,8 @@ class EngineConfig:
             raise ValueError(f"block_size={self.block_size} must be a power of two (e.g. 16)")
         if self.max_model_len is not None:
             _positive_int("max_model_len", self.max_model_len)
+        if not isinstance(self.allow_long_max_model_len, bool):
+            raise TypeError(f"allow_long_max_model_len must be True or False, got {self.allow_long_max_model_len!r}")
         if self.num_kv_blocks is not None:
             _positive_int("num_kv_blocks", self.num_kv_blocks)
         if not isinstance(self.gpu_memory_utilization, (int, float)) or not 0 < self.gpu_memory_utilization <= 1:
@@ -174,6 +187,12 @@ class EngineConfig:
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
+        for name in ("download_dir", "revision", "tokenizer"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name} must be a string, got {type(value).__name__}")
+        if not isinstance(self.generation_config, str) or not self.generation_config:
+            raise TypeError(f"generation_config must be 'auto', 'vllm' or a directory, got {self.generation_config!r}")
         _positive_int("tensor_parallel_size", self.tensor_parallel_size)
         backend = self.distributed_executor_backend
         if backend is not None and backend not in EXECUTOR_BACKENDS:

@@ -68,6 +68,9 @@ NANOVLLM_API_KEY = EnvVar(
 OPENAI_API_KEY = EnvVar("OPENAI_API_KEY", None, "fallback API key of `nanovllm bench serve` (OpenAI clients' name)")
 NANOVLLM_COMMIT = EnvVar(
     "NANOVLLM_COMMIT", None, "commit recorded in benchmark CSVs (trees copied without .git)")
+HF_HUB_OFFLINE = EnvVar(
+    "HF_HUB_OFFLINE", None, "huggingface_hub's own switch, read here too: 1 = never download a hub model (a "
+    "repo id must already be in the cache)")
 TRITON_INTERPRET = EnvVar(
     "TRITON_INTERPRET", None, "Triton's own switch, read here only to know that kernels run in Triton's CPU "
     "interpreter (no autotuning, no PDL)")
@@ -81,8 +84,8 @@ MASTER_ADDR = EnvVar("MASTER_ADDR", None, "torchrun: host of rank 0's rendezvous
 MASTER_PORT = EnvVar("MASTER_PORT", None, "torchrun: port of the rendezvous store")
 
 ALL = (NANOVLLM_GEMV, NANOVLLM_GEMV_FUSE, NANOVLLM_PDL, NANOVLLM_CASCADE, NANOVLLM_DISABLE_TRITON,
-       NANOVLLM_STEP_TIMING, NANOVLLM_API_KEY, OPENAI_API_KEY, NANOVLLM_COMMIT, TRITON_INTERPRET, RANK, LOCAL_RANK,
-       WORLD_SIZE, MASTER_ADDR, MASTER_PORT)
+       NANOVLLM_STEP_TIMING, NANOVLLM_API_KEY, OPENAI_API_KEY, NANOVLLM_COMMIT, HF_HUB_OFFLINE, TRITON_INTERPRET,
+       RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)
 
 
 def config_overrides() -> dict[str, object]:
@@ -100,8 +103,15 @@ def triton_interpret() -> bool:
     return TRITON_INTERPRET.get() == "1"
 
 
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE set to a true value (1, true, yes, on)."""
+    return (HF_HUB_OFFLINE.get() or "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def api_key(*, openai_fallback: bool = False) -> Optional[str]:
-    """NANOVLLM_API_KEY, else (for clients) OPENAI_API_KEY; None when neither is set or empty."""
+    """For clients (`nanovllm bench serve`): NANOVLLM_API_KEY, else OPENAI_API_KEY; None when
+    neither is set or empty. The server reads NANOVLLM_API_KEY itself (serve/cli.py
+    resolve_api_key) and refuses an empty one."""
     return NANOVLLM_API_KEY.get() or (OPENAI_API_KEY.get() if openai_fallback else None) or None
 
 

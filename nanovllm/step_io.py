@@ -16,16 +16,21 @@ incremental, so its size is O(scheduled requests), not O(tokens of their histori
 The scheduled requests of the step are parallel lists in batch order. A decode token whose
 value is not on the host yet (async scheduling: sampled by the step still in flight) is
 simply not among the sent tokens; the worker takes it from that step's sampled tensor on
-the device. This module imports nothing of nanovllm but sampling_params and outputs.
+the device. Structured outputs come as token bitmasks filled by the engine's grammar
+matchers, one row per constrained sampled request (the engine resolves the step in flight
+before such a request samples again, so its matcher has seen every token). This module imports nothing of nanovllm but sampling_params and outputs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from nanovllm.outputs import Logprob
 from nanovllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import numpy as np
 
 LogprobEntry = dict[int, Logprob]  # the sampled or prompt token and its top-k alternatives
 
@@ -58,6 +63,9 @@ class StepInput:
     new_block_ids: dict[str, list[int]] = field(default_factory=dict)  # req id -> blocks appended since last sent
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) KV blocks, before the forward
     num_batched_tokens: int = 0
+    # ---- structured outputs: the engine's grammar matchers' token masks for this step's sampling
+    grammar_bitmask: Optional["np.ndarray"] = None  # [R, ceil(V / 32)] int32, bit j of word w = token 32 w + j allowed
+    grammar_rows: list[int] = field(default_factory=list)  # [R] each bitmask row's index among the sampled rows
 
     @property
     def num_scheduled(self) -> int:

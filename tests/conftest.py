@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 
-import torch
+# Tests never reach the Hugging Face hub: a repo id that is not cached fails at once.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
 
 # Without a GPU, Triton kernels run in the interpreter (fp32); this must be set before any
 # test module imports a kernel, whichever directory pytest collects first.

@@ -27,4 +27,4 @@ def add_bench_parser(sub) -> None:
         p = bench_sub.add_parser(name, help=help_text, description=module.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_args(p)
-        p.set_defaults(func=module.run)
+        p.set_defaults(func=module.run, _parser=p, check=getattr(module, "check", None))

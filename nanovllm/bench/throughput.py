@@ -53,9 +53,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "(--num-prompts, --input-len, ... below), replayed without HTTP")
     p.add_argument("--backend", choices=["nanovllm", "hf"], default="nanovllm")
     p.add_argument("--num-seqs", type=int, default=256)
-    p.add_argument("--max-input-len", type=int, default=MAX_LEN)
-    p.add_argument("--max-output-len", type=int, default=MAX_LEN)
+    p.add_argument("--max-input-len", type=int, default=MAX_LEN,
+                   help=f"longest prompt; lengths are drawn from [{MIN_LEN}, this] (at least {MIN_LEN})")
+    p.add_argument("--max-output-len", type=int, default=MAX_LEN,
+                   help=f"longest output; lengths are drawn from [{MIN_LEN}, this] (at least {MIN_LEN})")
     p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--load-format", default="dummy", help="dummy = random weights (default), auto = load the checkpoint")
     p.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_const", const=False,
                    help="wait for each step's tokens before scheduling the next (the baseline for A/B runs)")
@@ -85,23 +88,36 @@ def add_args(p: argparse.ArgumentParser) -> None:
     add_quantization_args(p)
 
 
+def check(args) -> None:
+    """Flag values the workload cannot use, refused before any model loads (ValueError)."""
+    for flag, value in (("--max-input-len", args.max_input_len), ("--max-output-len", args.max_output_len)):
+        if value < MIN_LEN:
+            raise ValueError(f"{flag} {value} is below the workload's minimum of {MIN_LEN} tokens (lengths are "
+                             f"drawn from [{MIN_LEN}, {flag}]): use {MIN_LEN} or more")
+    if args.num_seqs <= 0:
+        raise ValueError(f"--num-seqs must be positive, got {args.num_seqs}")
+    if args.max_input_len + args.max_output_len > args.max_model_len:
+        raise ValueError(f"--max-input-len {args.max_input_len} + --max-output-len {args.max_output_len} exceed "
+                         f"--max-model-len {args.max_model_len}: raise --max-model-len or lower the lengths")
+
+
 WARMUP_SEQS = 32
 WARMUP_OUTPUT_TOKENS = 16
 
 
-def warm_up(llm) -> None:
+def warm_up(llm, max_input_len: int = MAX_LEN) -> None:
     """Compile every Triton kernel variant the timed run will meet, outside the timing.
 
     Triton JIT-compiles a kernel per specialization (dtypes, constexprs, which integer
     arguments are 1 or multiples of 16), on first use; on a machine with a cold Triton
     cache the workload's first prefills and sampling steps paid ~0.5 s of compiles. The
-    warm-up runs its own small, different workload (32 random prompts of 1..1024 tokens,
-    16 tokens each, the benchmark's temperature) through the same paths.
+    warm-up runs its own small, different workload (32 random prompts of 1..max_input_len
+    tokens, 16 tokens each, the benchmark's temperature) through the same paths.
     """
     from nanovllm import SamplingParams
 
     rng = random.Random(1)
-    prompts = [{"prompt_token_ids": [rng.randint(0, TOKEN_ID_MAX) for _ in range(rng.randint(1, MAX_LEN))]}
+    prompts = [{"prompt_token_ids": [rng.randint(0, TOKEN_ID_MAX) for _ in range(rng.randint(1, max_input_len))]}
                for _ in range(WARMUP_SEQS)]
     params = SamplingParams(temperature=TEMPERATURE, ignore_eos=True, max_tokens=WARMUP_OUTPUT_TOKENS)
     llm.generate(prompts, params, use_tqdm=False)
@@ -122,15 +138,16 @@ def run_nanovllm(args, prompts, output_lens) -> float:
               async_scheduling=args.async_scheduling, gpu_memory_utilization=args.gpu_memory_utilization,
               **parallel_kwargs(args), **kwargs)
     args.async_scheduling = llm.engine.async_scheduling  # what auto resolved to, for the CSV
+    args.cuda_graphs = llm.engine.executor.info.cuda_graphs  # as it really ran (never on CPU)
     args.pdl = llm.engine.config.pdl
     args.tp, args.executor = llm.engine.config.tensor_parallel_size, llm.engine.config.executor_backend
-    warm_up(llm)
+    warm_up(llm, args.max_input_len)
     recorder = step_timeline(llm) if args.timeline else None
     if recorder is not None:
         recorder.reset()  # the warm-up's steps are not the workload's
     params = [SamplingParams(temperature=TEMPERATURE, ignore_eos=True, max_tokens=n) for n in output_lens]
     t0 = time.perf_counter()
-    llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=args.progress)
     elapsed = time.perf_counter() - t0
     if llm.engine.step_timer is not None:
         print("step phases:", llm.engine.step_timer.summary())
@@ -191,6 +208,7 @@ def run_hf(args, prompts, output_lens) -> float:
         out = model.generate_batch(inputs=prompts, generation_config=gen)
         elapsed = time.perf_counter() - t0
     output_lens[:] = [sum(len(r.generated_tokens) for r in out.values())]  # what was actually generated
+    args.cuda_graphs = False  # generate_batch runs eagerly
     return elapsed
 
 
@@ -208,7 +226,7 @@ def run(args) -> int:
     row = {**base_row(), "backend": backend_label(args), "model": os.path.basename(os.path.normpath(args.model)),
            "num_seqs": args.num_seqs, "input_tokens": sum(map(len, prompts)), "output_tokens": total,
            "seconds": round(elapsed, 2), "output_tok_per_s": round(total / elapsed, 1),
-           "cuda_graphs": not args.enforce_eager,
+           "cuda_graphs": args.cuda_graphs,
            "async_scheduling": args.async_scheduling if args.backend == "nanovllm" else "",
            "pdl": pdl_in_effect(getattr(args, "pdl", True)) if args.backend == "nanovllm" else "",
            "quantization": getattr(args, "quantization", None) or "",

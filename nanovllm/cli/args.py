@@ -8,35 +8,24 @@ from nanovllm.config import QUANTIZATIONS
 
 
 def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) -> None:
-    if model_positional:
-        p.add_argument("model", nargs="?", default=None,
-                       help="model: HF directory, repo id in the local HF cache, or .gguf file "
-                            "(default: the bundled SmolLM2-135M-Instruct)")
-    else:
-        p.add_argument("--model", "-m", default=None,
-                       help="model: HF directory, repo id in the local HF cache, or .gguf file "
-                            "(default: the bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (auto: fp32 on CPU, bf16 on GPU)")
-    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion in tokens")
-    p.add_argument("--max-num-seqs", type=int, default=None, help="most sequences in one batch (default 256)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=None,
-                   help="fraction of GPU memory for weights + activations + KV cache (default 0.9)")
-    p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
-    p.add_argument("--max-prefill-tokens-while-decoding", type=int, default=None,
-                   help="scheduling policy: most prompt tokens computed per step, so new prompts cannot stretch "
-                        "running requests' decode steps (default: no cap but the step budget; see docs/serving.md)")
-    p.add_argument("--kv-cache-dtype", default=None,
-                   help="auto (the model's dtype, default) or fp8 (e4m3 with per-layer, per-KV-head scales: "
-                        "twice the tokens in the same memory)")
-    p.add_argument("--kv-cache-scales", default=None, type=_float_or_path,
-                   help="fp8 KV cache scales: a number (every layer and head) or a JSON file "
-                        "{\"k\": [[per KV head] per layer], \"v\": ...} (default: calibrated at start-up)")
-    add_quantization_args(p)
-    add_parallel_args(p)
+    """The engine flags (EngineArgs, vLLM's spellings); validated before any model loads (cli/main.py)."""
+    from nanovllm.engine.arg_utils import EngineArgs
+
+    EngineArgs.add_cli_args(p, model_positional=model_positional)
+    p.set_defaults(_has_engine_args=True)
+
+
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    """-tp and the executor for commands without the full engine flags (bench throughput / latency)."""
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=None,
+                   help="split the model over this many GPUs (or CPU processes with --device cpu); "
+                        "default 1. See docs/parallelism.md")
+    p.add_argument("--distributed-executor-backend", choices=("uni", "mp"), default=None,
+                   help="uni = one process, mp = one process per rank (default: mp when -tp > 1)")
 
 
 def add_quantization_args(p: argparse.ArgumentParser) -> None:
+    """--quantization for commands without the full engine flags (bench latency / throughput / ...)."""
     p.add_argument("--quantization", "-q", default=None, type=str.lower, choices=QUANTIZATIONS,
                    help="quantize the weights at load: int8 (per channel), int4 (groups of 128), fp8 (e4m3); "
                         "default: as the checkpoint is (GPTQ / AWQ / GGUF stay quantized)")
@@ -52,14 +41,6 @@ def quantization_kwargs(args: argparse.Namespace) -> dict:
     return kwargs
 
 
-def add_parallel_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=None,
-                   help="split the model over this many GPUs (or CPU processes with --device cpu); "
-                        "default 1. See docs/parallelism.md")
-    p.add_argument("--distributed-executor-backend", choices=("uni", "mp"), default=None,
-                   help="uni = one process, mp = one process per rank (default: mp when -tp > 1)")
-
-
 def parallel_kwargs(args: argparse.Namespace) -> dict:
     kwargs = {}
     for name in ("tensor_parallel_size", "distributed_executor_backend"):
@@ -69,22 +50,16 @@ def parallel_kwargs(args: argparse.Namespace) -> dict:
     return kwargs
 
 
-def _float_or_path(value: str):
-    """--kv-cache-scales: a number is a scale, anything else a JSON file path."""
-    try:
-        return float(value)
-    except ValueError:
-        return value
+def engine_args(args: argparse.Namespace):
+    """The EngineArgs of parsed flags."""
+    from nanovllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs.from_cli_args(args)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    kwargs = {"device": args.device, "dtype": args.dtype, "enforce_eager": args.enforce_eager, **parallel_kwargs(args)}
-    for name in ("max_model_len", "max_num_seqs", "gpu_memory_utilization", "max_prefill_tokens_while_decoding",
-                 "kv_cache_dtype", "kv_cache_scales"):
-        value = getattr(args, name, None)
-        if value is not None:
-            kwargs[name] = value
-    return {**kwargs, **quantization_kwargs(args)}
+    """Keyword arguments for LLM(...) from parsed engine flags."""
+    return engine_args(args).as_kwargs()
 
 
 def add_sampling_args(p: argparse.ArgumentParser, default_temperature: float) -> None:

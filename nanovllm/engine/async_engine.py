@@ -19,17 +19,28 @@
   per step, however many streams). With `coalesce_outputs`, a stream whose consumer fell behind
   hands it the waiting outputs merged into one (engine/output_merge.py): same content, fewer
   chunks to frame and send when the event loop is the bottleneck.
+- Several requests queued by one `add_requests` call reach the engine thread together, so
+  they are all admitted in the same step (as far as seats and KV blocks allow).
+- Tokenization, chat templates and grammar compilation (structured outputs; xgrammar
+  releases the GIL) run on a small thread pool (`preprocess`, `tokenize`), never on the event
+  loop (one huge prompt must not stall /health and every other stream) nor on the engine
+  thread (it would stall every step): the engine's add_request then finds the grammar cached.
+- Graceful drain: `stop_accepting` refuses new requests, `abort_all` ends the live ones with
+  EngineDeadError (a 503 / an SSE error event on the server).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
+import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import AsyncIterator, Optional, Protocol
+from typing import AsyncIterator, Callable, Optional, Protocol, Sequence, TypeVar
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.input_processor import PromptType
@@ -44,6 +55,11 @@ logger = logging.getLogger("nanovllm")
 # to the running batch would otherwise repeat forever).
 MAX_CONSECUTIVE_STEP_FAILURES = 3
 SHUTDOWN_JOIN_TIMEOUT_S = 30.0
+# Threads for tokenization / chat templates (HF fast tokenizers release the GIL while encoding):
+# at most 2, and one core always left to the event loop and the engine thread.
+MAX_PREPROCESS_THREADS = 2
+
+T = TypeVar("T")
 
 
 class EngineDeadError(RuntimeError):
@@ -156,9 +172,11 @@ class AsyncLLMEngine:
         self.max_model_len = engine.max_model_len
         self.model_name = engine.source.name
         self.vocab_size = engine.hf_config.vocab_size
+        self.default_sampling_values = dict(engine.default_sampling_values)
         self._cond = threading.Condition()
         self._commands: list[tuple] = []  # guarded by _cond
         self._stopping = False  # guarded by _cond
+        self._closed: Optional[str] = None  # why new requests are refused (graceful drain)
         self._dead: Optional[BaseException] = None
         self._streams: dict[str, _Stream] = {}  # engine thread only
         self._observers: list[RequestObserver] = []
@@ -168,6 +186,8 @@ class AsyncLLMEngine:
         self._stats = dict(engine.stats())
         self._dead_callbacks: list = []
         engine.executor.add_failure_callback(self._on_executor_failure)
+        threads = max(1, min(MAX_PREPROCESS_THREADS, len(os.sched_getaffinity(0)) - 1))
+        self._preprocess = ThreadPoolExecutor(threads, thread_name_prefix="nanovllm-preprocess")
         self._thread = threading.Thread(target=self._run, name="nanovllm-engine", daemon=True)
         self._thread.start()
 
@@ -178,7 +198,8 @@ class AsyncLLMEngine:
     # ------------------------------------------------------------------ public (event loop side)
     @property
     def is_running(self) -> bool:
-        return self._thread.is_alive() and self._dead is None and not self._stopping
+        """Alive and accepting requests (False while draining)."""
+        return self._thread.is_alive() and self._dead is None and not self._stopping and self._closed is None
 
     @property
     def dead_error(self) -> Optional[BaseException]:
@@ -207,26 +228,101 @@ class AsyncLLMEngine:
         """Queue a request; returns its stream once the engine accepted it.
 
         Raises what LLMEngine.add_request raises (ValueError/TypeError for bad input), or
-        EngineDeadError. Outputs are always DELTA, whatever `params.output_kind` says.
+        EngineDeadError. Outputs are always DELTA, whatever `params.output_kind` says. A text
+        prompt is tokenized on the preprocessing threads first.
         """
+        [stream] = await self.add_requests([(prompt, params, request_id)], arrival_time)
+        return stream
+
+    async def add_requests(self, requests: Sequence[tuple[PromptType, Optional[SamplingParams], Optional[str]]],
+                           arrival_time: Optional[float] = None) -> list[RequestStream]:
+        """Queue (prompt, params, request_id or None) requests together; their streams, in order.
+
+        The engine thread takes them in one go, so all of them are admitted in the same step
+        as far as seats and KV blocks allow (one request of 64 prompts is not 64 steps of
+        admission). All or nothing: when one is refused, the accepted ones are aborted and the
+        first error is raised.
+        """
+        self._check_accepting()
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        loop = asyncio.get_running_loop()
+        commands = []
+        for prompt, params, request_id in requests:
+            params = SamplingParams() if params is None else params
+            if not isinstance(params, SamplingParams):
+                raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+            params = params.replace(output_kind=RequestOutputKind.DELTA)
+            request_id = f"async-{next(self._ids)}" if request_id is None else request_id
+            commands.append(("add", request_id, prompt, params, arrival, _Stream(loop, asyncio.Queue(),
+                                                                                  loop.create_future())))
+        commands = await self._pretokenize(commands)
+        await self._precompile(commands)
+        self._check_accepting()
+        if not self._submit(*commands):
+            raise EngineDeadError("the engine is shutting down")
+        ids = [c[1] for c in commands]
+        try:
+            results = await asyncio.gather(*(c[5].accepted for c in commands), return_exceptions=True)
+        except asyncio.CancelledError:
+            for rid in ids:
+                self.abort(rid)  # commands run in order: these aborts come after the adds
+            raise
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            for rid, r in zip(ids, results):
+                if not isinstance(r, BaseException):
+                    self.abort(rid)
+            raise errors[0]
+        return [RequestStream(self, c[1], c[5].queue, self.coalesce_outputs) for c in commands]
+
+    async def _pretokenize(self, commands: list[tuple]) -> list[tuple]:
+        """Text prompts -> {"prompt", "prompt_token_ids"} on the preprocessing threads."""
+        texts = [(i, c[2]) for i, c in enumerate(commands) if _prompt_text(c[2]) is not None]
+        if not texts or self.tokenizer is None:
+            return commands
+        ids = await self.tokenize([_prompt_text(p) for _, p in texts])
+        commands = list(commands)
+        for (i, prompt), prompt_ids in zip(texts, ids):
+            c = commands[i]
+            commands[i] = (c[0], c[1], {"prompt": _prompt_text(prompt), "prompt_token_ids": prompt_ids}, *c[3:])
+        return commands
+
+    async def _precompile(self, commands: list[tuple]) -> None:
+        """Grammars of structured requests compiled (cached) on the preprocessing threads; a bad
+        one raises here, as add_request would."""
+        params = [c[3] for c in commands if c[3].structured_outputs is not None]
+        if params:
+            compile_one = self.engine.compile_structured_outputs  # thread-safe (cache under a lock)
+            await self.preprocess(lambda: [compile_one(p) for p in params])
+
+    def _check_accepting(self) -> None:
         if self._dead is not None or not self._thread.is_alive():
             raise EngineDeadError(f"the engine is not running ({self._dead or 'shut down'})")
-        params = SamplingParams() if params is None else params
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
-        params = params.replace(output_kind=RequestOutputKind.DELTA)
-        request_id = f"async-{next(self._ids)}" if request_id is None else request_id
+        if self._closed is not None:
+            raise EngineDeadError(self._closed)
+
+    # ------------------------------------------------------------------ preprocessing (off the event loop)
+    def check_text(self, text: str, param: str = "prompt") -> None:
+        """Cheap checks of a text before it is tokenized (type, length bound, valid Unicode)."""
+        self.engine.input_processor.check_text(text, param)
+
+    @property
+    def max_prompt_chars(self) -> Optional[int]:
+        """Longest text that could fit in the context (None: no bound known)."""
+        return self.engine.input_processor.max_prompt_chars
+
+    async def preprocess(self, fn: Callable[..., T], *args, **kwargs) -> T:
+        """Run fn (tokenization, a chat template, decoding) on the preprocessing threads."""
         loop = asyncio.get_running_loop()
-        stream = _Stream(loop, asyncio.Queue(), loop.create_future())
-        arrival = time.monotonic() if arrival_time is None else arrival_time
-        if not self._submit(("add", request_id, prompt, params, arrival, stream)):
-            raise EngineDeadError("the engine is shutting down")
-        try:
-            await stream.accepted  # raises the add_request error
-        except asyncio.CancelledError:
-            self.abort(request_id)  # commands run in order: this abort comes after the add
-            raise
-        return RequestStream(self, request_id, stream.queue, self.coalesce_outputs)
+        return await loop.run_in_executor(self._preprocess, functools.partial(fn, *args, **kwargs))
+
+    async def tokenize(self, texts: Sequence[str], add_special_tokens: bool = True,
+                       param: str = "prompt") -> list[list[int]]:
+        """Token ids of each text (checked first, as `check_text`), tokenized off the event loop."""
+        for text in texts:
+            self.check_text(text, param)
+        tokenize = self.engine.input_processor.tokenize  # reads only the tokenizer: thread-safe
+        return await self.preprocess(lambda: [tokenize(t, add_special_tokens, param) for t in texts])
 
     async def generate(self, prompt: PromptType, params: Optional[SamplingParams] = None,
                        request_id: Optional[str] = None) -> AsyncIterator[RequestOutput]:
@@ -248,21 +344,32 @@ class AsyncLLMEngine:
         snap["engine_alive"] = self.is_running
         return snap
 
+    def stop_accepting(self, reason: str) -> None:
+        """Graceful drain, first half: new requests raise EngineDeadError(reason), /health says
+        not running; requests already accepted carry on."""
+        self._closed = reason
+
+    def abort_all(self, reason: str) -> None:
+        """Graceful drain, second half: every live request fails with EngineDeadError(reason) and
+        its blocks are freed (safe from any thread)."""
+        self._submit(("abort_all", reason))
+
     def shutdown(self, timeout: float = SHUTDOWN_JOIN_TIMEOUT_S) -> None:
         """Stop the engine thread; live streams fail with EngineDeadError."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
+        self._preprocess.shutdown(wait=False, cancel_futures=True)
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
     # ------------------------------------------------------------------ engine thread
-    def _submit(self, command: tuple) -> bool:
-        """Queue a command for the engine thread; False once shutdown started (nobody would run it)."""
+    def _submit(self, *commands: tuple) -> bool:
+        """Queue commands for the engine thread (taken together); False once shutdown started."""
         with self._cond:
             if self._stopping:
                 return False
-            self._commands.append(command)
+            self._commands.extend(commands)
             self._cond.notify()
             return True
 
@@ -295,6 +402,15 @@ class AsyncLLMEngine:
         if command[0] == "die":
             if self._dead is None:
                 self._die(command[1])
+            return
+        if command[0] == "abort_all":
+            live = list(self._streams)
+            try:
+                self.engine.abort_request(live)
+            except Exception as e:  # never user input: the engine's state is broken
+                self._die(e)
+                return
+            self._fail(live, EngineDeadError(command[1]))
             return
         if command[0] == "abort":
             rid = command[1]
@@ -432,6 +548,15 @@ class AsyncLLMEngine:
                 callback(error)
             except Exception:  # the others still run
                 logger.exception("engine-dead callback failed")
+
+
+def _prompt_text(prompt: PromptType) -> Optional[str]:
+    """The text of a prompt that still needs tokenizing, else None."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, dict) and "prompt_token_ids" not in prompt and isinstance(prompt.get("prompt"), str):
+        return prompt["prompt"]
+    return None
 
 
 # ---------------------------------------------------------------------- event-loop callbacks

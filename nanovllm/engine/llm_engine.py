@@ -16,7 +16,9 @@ for step N and returns its outputs, so the host's scheduling, input preparation,
 detokenization and output building overlap the GPU's work. The scheduler plans each
 decode's next token before its value is known (`Request.num_pending_tokens`); a request
 that turns out to be finished has computed one token for nothing, which is discarded.
-Steps whose sampling needs the previous token's value (penalties) wait for it first.
+Steps whose sampling needs the previous token's value wait for it first: penalties count
+it, and structured outputs' grammar matchers (engine/structured_output.py) accept it
+before the engine fills the next step's token bitmasks.
 """
 
 from __future__ import annotations
@@ -31,12 +33,13 @@ from typing import Iterable, Optional, Union
 from nanovllm import envs
 from nanovllm.config import EngineConfig
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
-from nanovllm.engine.input_processor import InputProcessor, PromptType
+from nanovllm.engine.input_processor import InputProcessor, PromptType, invalid
 from nanovllm.engine.kv_cache_manager import KVCacheManager
 from nanovllm.engine.request import Request, RequestStatus
 from nanovllm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from nanovllm.engine.step_builder import StepBuilder
 from nanovllm.engine.step_timer import StepTimer
+from nanovllm.engine.structured_output import StructuredOutputManager
 from nanovllm.loading import model_info as model_info_lib
 from nanovllm.loading.resolve import resolve_model
 from nanovllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
@@ -84,13 +87,20 @@ class LLMEngine:
             logger.info("nanovllm: settings from the environment: %s", overrides)
             config = dataclasses.replace(config, **overrides)
         self.config = config
-        self.source = resolve_model(config.model)
+        self.source = resolve_model(config.model, config.download_dir, config.revision)
         self.hf_config = model_info_lib.load_hf_config(self.source, config.trust_remote_code)
         self.tokenizer = None
         if not config.skip_tokenizer_init:
             self.tokenizer = model_info_lib.load_tokenizer(self.source, config.tokenizer, config.trust_remote_code)
         self.eos_token_ids = model_info_lib.eos_token_ids(self.source, self.hf_config, self.tokenizer)
-        self.max_model_len = model_info_lib.resolve_max_model_len(self.hf_config, config.max_model_len)
+        # the model's generation_config.json defaults (temperature, top_p, ...), as vLLM applies them
+        self.default_sampling_values = model_info_lib.generation_defaults(self.source, config.generation_config)
+        self.max_model_len = model_info_lib.resolve_max_model_len(self.hf_config, config.max_model_len,
+                                                                  config.allow_long_max_model_len)
+        # grammars of structured-output requests: compiled at admission, matched here, and each
+        # step's token bitmasks sent to the worker in StepInput (xgrammar loads on the first one)
+        self.structured = (StructuredOutputManager(self.tokenizer, self.hf_config.vocab_size, self.eos_token_ids)
+                           if self.tokenizer is not None else None)
         self.model_info = model_info_lib.ModelInfo(self.source, self.hf_config, self.max_model_len,
                                                    tuple(self.eos_token_ids))
         self.step_timer = StepTimer() if config.step_timing else None
@@ -105,7 +115,7 @@ class LLMEngine:
                             config.enable_chunked_prefill, config.max_prefill_tokens_while_decoding),
             self.kv,
         )
-        self.step_builder = StepBuilder(self.scheduler)
+        self.step_builder = StepBuilder(self.scheduler, self.structured)
         self.input_processor = InputProcessor(
             self.tokenizer, self.hf_config.vocab_size, self.max_model_len, config.max_num_seqs,
             num_blocks, config.block_size, config.max_num_batched_tokens, config.enable_chunked_prefill,
@@ -140,6 +150,7 @@ class LLMEngine:
             params = SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        params = params.clone()  # the engine's own verified copy: later changes by the caller do not reach it
         if request_id is None:
             request_id = str(next(self._counter))
         if not isinstance(request_id, str):
@@ -148,10 +159,12 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         processed = self.input_processor.process_prompt(prompt)
         prompt_len = len(processed.prompt_token_ids)
-        for tid in list(params.stop_token_ids) + list((params.logit_bias or {}).keys()):
-            if tid >= self.hf_config.vocab_size:
-                raise ValueError(f"token id {tid} in stop_token_ids/logit_bias is outside the vocabulary "
-                                 f"[0, {self.hf_config.vocab_size})")
+        for field_name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or {})):
+            bad = next((t for t in ids if t >= self.hf_config.vocab_size), None)
+            if bad is not None:
+                raise invalid(f"token id {bad} in {field_name} is outside the vocabulary "
+                              f"[0, {self.hf_config.vocab_size})", field_name)
+        self.compile_structured_outputs(params)  # bad specs fail here; a cache hit when precompiled
         max_tokens = self.input_processor.resolve_max_tokens(params, prompt_len)
         self.input_processor.check_fits(params, prompt_len, max_tokens)
         now = arrival_time if arrival_time is not None else time.monotonic()
@@ -173,6 +186,20 @@ class LLMEngine:
         self.num_prompt_tokens_total += prompt_len
         return request_id
 
+    def compile_structured_outputs(self, params: SamplingParams) -> None:
+        """Compile (and cache) the grammar of `params`, if any; a bad spec raises ValueError/TypeError
+        with .param = "structured_outputs". Thread-safe: AsyncLLMEngine calls it on its
+        preprocessing threads first, so a slow compilation never stalls the engine's steps."""
+        if params.structured_outputs is None:
+            return
+        if self.tokenizer is None:
+            raise invalid("structured outputs need a tokenizer; this engine runs with skip_tokenizer_init=True",
+                          "structured_outputs")
+        try:
+            self.structured.validate(params.structured_outputs)
+        except (ValueError, TypeError) as e:
+            raise invalid(str(e), "structured_outputs", type(e)) from None
+
     def _new_completion(self, req: Request) -> _Completion:
         params = req.sampling_params
         return _Completion(
@@ -191,6 +218,7 @@ class LLMEngine:
                 continue
             ids = [c.request.request_id for c in state.completions.values() if not c.request.is_finished]
             self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
+            self._release_grammars(state)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.states)
@@ -312,6 +340,10 @@ class LLMEngine:
             lp.decoded_token = self.tokenizer.decode([tid], skip_special_tokens=False)
         return entry
 
+    def _release_grammars(self, state: _RequestState) -> None:
+        if state.params.structured_outputs is not None and self.structured is not None:
+            self.structured.release([c.request.request_id for c in state.completions.values()])
+
     # ------------------------------------------------------------------ outputs
     def _outputs(self, touched: set[str]) -> list[RequestOutput]:
         """RequestOutputs of the requests that changed this step (finishing only happens there)."""
@@ -326,6 +358,7 @@ class LLMEngine:
             if finished:
                 state.metrics.finished_time = now
                 del self.states[rid]
+                self._release_grammars(state)
             outputs.append(self._make_output(state, finished, kind))
         return outputs
 
@@ -405,4 +438,9 @@ class _InFlightStep:
 
 
 def _needs_token_values(sched: SchedulerOutput) -> bool:
-    return any(it.needs_sample and it.request.sampling_params.uses_penalties for it in sched.scheduled)
+    """Whether a request sampled by this step needs the token's value on the host before its
+    next step is built: penalties count it, and a grammar's matcher must accept it before the
+    engine fills that request's next token bitmask."""
+    return any(it.needs_sample and (it.request.sampling_params.uses_penalties
+                                    or it.request.sampling_params.structured_outputs is not None)
+               for it in sched.scheduled)

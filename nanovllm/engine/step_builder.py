@@ -8,18 +8,24 @@ was sent (`num_outputs_sent`, -1 = the worker does not hold it; `num_blocks_sent
 Tokens of a launched step that have not reached the host yet (async scheduling) are not
 sent: the worker reads them from that step's sampled tensor on the device.
 
-Host work is O(scheduled requests): one pass, list slices of the new items only.
+Host work is O(scheduled requests): one pass, list slices of the new items only. Requests
+with a grammar also get their next token's bitmask row, filled by the engine's matchers
+(engine/structured_output.py); the worker only applies it.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 from nanovllm.engine.scheduler import Scheduler, SchedulerOutput
+from nanovllm.engine.structured_output import StructuredOutputManager
 from nanovllm.step_io import NewRequest, StepInput
 
 
 class StepBuilder:
-    def __init__(self, scheduler: Scheduler) -> None:
+    def __init__(self, scheduler: Scheduler, structured: Optional[StructuredOutputManager] = None) -> None:
         self.scheduler = scheduler
+        self.structured = structured  # the engine's grammar matchers (None without a tokenizer)
 
     def build(self, sched: SchedulerOutput) -> StepInput:
         preempted = []
@@ -47,6 +53,7 @@ class StepBuilder:
                 new_blocks[req.request_id] = blocks[req.num_blocks_sent :]
                 req.num_blocks_sent = len(blocks)
         finished, self.scheduler.finished_req_ids = self.scheduler.finished_req_ids, []
+        bitmask, grammar_rows = self._grammar_bitmask(items)
         return StepInput(
             req_ids=[item.request.request_id for item in items],
             num_new_tokens=[item.num_new_tokens for item in items],
@@ -59,4 +66,26 @@ class StepBuilder:
             new_block_ids=new_blocks,
             blocks_to_copy=list(sched.blocks_to_copy),
             num_batched_tokens=sched.num_batched_tokens,
+            grammar_bitmask=bitmask,
+            grammar_rows=grammar_rows,
         )
+
+    def _grammar_bitmask(self, items) -> tuple:
+        """(int32 [R, W] token bitmask, each row's index among the sampled rows), or (None, []).
+
+        Each constrained request's matcher first accepts its tokens generated so far: the
+        engine resolved every step that sampled them (`_needs_token_values`), so they are all
+        known on the host here.
+        """
+        if self.structured is None:
+            return None, []
+        sampled = [item.request for item in items if item.needs_sample]
+        specs = [req.sampling_params.structured_outputs for req in sampled]
+        if all(spec is None for spec in specs):
+            return None, []
+        for req, spec in zip(sampled, specs):
+            if spec is not None and req.num_pending_tokens:  # engine invariant, never user input
+                raise RuntimeError(f"request {req.request_id} samples under a grammar with a token in flight")
+        filled = self.structured.fill_bitmask([req.request_id for req in sampled], specs,
+                                              [req.output_token_ids for req in sampled])
+        return filled if filled is not None else (None, [])

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import itertools
-from typing import Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
-from nanovllm.config import EngineConfig
+from nanovllm.engine.arg_utils import EngineArgs
 from nanovllm.engine.input_processor import PromptType
+from nanovllm.entrypoints.chat_utils import ChatRenderer, load_chat_template
 from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.outputs import RequestOutput
-from nanovllm.sampling_params import RequestOutputKind, SamplingParams
+from nanovllm.sampling_params import RequestOutputKind, SamplingParams, default_max_tokens
 
 Conversation = list[dict]
 
@@ -17,18 +18,17 @@ Conversation = list[dict]
 class LLM:
     """Offline inference: `LLM(model).generate(prompts, params)`.
 
-    `model`: HF directory, repo id in the local HF cache, a .gguf file, or None for the
-    bundled SmolLM2-135M-Instruct. Other keyword arguments are EngineConfig fields.
+    `model`: HF directory, hub repo id (downloaded into the HF cache when missing), a .gguf
+    file, or None for the bundled SmolLM2-135M-Instruct. Other keyword arguments are
+    EngineArgs fields (vLLM's names; see nanovllm/engine/arg_utils.py): the ones with no
+    meaning here are accepted with a one-line warning.
     """
 
     def __init__(self, model: Optional[str] = None, **kwargs) -> None:
-        known = set(EngineConfig.__dataclass_fields__) - {"model"}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise TypeError(f"LLM() got unknown argument(s) {unknown}; known: {sorted(known)}")
-        self.config = EngineConfig(model=model, **kwargs)
+        self.config = EngineArgs.from_kwargs(model=model, **kwargs).create_engine_config()
         self.engine = LLMEngine(self.config)
         self._ids = itertools.count()
+        self._chat = ChatRenderer(self.engine.tokenizer, check_text=self.engine.input_processor.check_text)
 
     @property
     def tokenizer(self):
@@ -37,18 +37,28 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's generation_config.json defaults (temperature, top_p,
+        top_k, min_p, repetition_penalty, max_new_tokens), or nanovllm's without one."""
+        values = dict(self.engine.default_sampling_values)
+        if "max_tokens" in values:  # the model's default, not the caller's choice: clamped to the context
+            values["max_tokens"] = default_max_tokens(values["max_tokens"])
+        return SamplingParams(**values)
+
     # ------------------------------------------------------------------ generate
     def generate(
         self,
         prompts: Union[PromptType, Sequence[PromptType]],
         sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
         use_tqdm: bool = True,
+        lora_request: None = None,
     ) -> list[RequestOutput]:
         """Run prompts to completion; outputs come back in the order of the prompts.
 
         All prompts are validated before any is queued, so a bad one raises without
         leaving the others half-run.
         """
+        _no_lora(lora_request)
         prompt_list = _as_prompt_list(prompts)
         params_list = self._params_list(sampling_params, len(prompt_list))
         params_list = [p.replace(output_kind=RequestOutputKind.FINAL_ONLY) for p in params_list]
@@ -84,18 +94,19 @@ class LLM:
                 bar.close()
         return [results[i] for i in ids]
 
-    @staticmethod
-    def _params_list(params, count: int) -> list[SamplingParams]:
+    def _params_list(self, params, count: int) -> list[SamplingParams]:
         if params is None:
-            return [SamplingParams()] * count
+            return [self.get_default_sampling_params()] * count
         if isinstance(params, SamplingParams):
             return [params] * count
+        if not isinstance(params, (list, tuple)):
+            raise TypeError(_params_type_message(params))
         params = list(params)
-        if len(params) != count:
-            raise ValueError(f"got {len(params)} SamplingParams for {count} prompts; pass one, or one per prompt")
         for p in params:
             if not isinstance(p, SamplingParams):
-                raise TypeError(f"sampling_params must be SamplingParams, got {type(p).__name__}")
+                raise TypeError(_params_type_message(p))
+        if len(params) != count:
+            raise ValueError(f"got {len(params)} SamplingParams for {count} prompts; pass one, or one per prompt")
         return params
 
     # ------------------------------------------------------------------ stream
@@ -104,7 +115,9 @@ class LLM:
 
         Closing the generator early (break) aborts the request and frees its blocks.
         """
-        params = (sampling_params or SamplingParams()).replace(output_kind=RequestOutputKind.DELTA)
+        if sampling_params is not None and not isinstance(sampling_params, SamplingParams):
+            raise TypeError(_params_type_message(sampling_params, one=True))
+        params = (sampling_params or self.get_default_sampling_params()).replace(output_kind=RequestOutputKind.DELTA)
         if params.n != 1:
             raise ValueError("stream() produces one completion; use n=1")
         rid = self.engine.add_request(f"stream-{next(self._ids)}", prompt, params)
@@ -127,29 +140,60 @@ class LLM:
         messages: Union[Conversation, Sequence[Conversation]],
         sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
         use_tqdm: bool = True,
-        add_generation_prompt: bool = True,
+        lora_request: None = None,
         chat_template: Optional[str] = None,
+        chat_template_content_format: str = "auto",
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: Optional[list[dict]] = None,
+        chat_template_kwargs: Optional[dict[str, Any]] = None,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation or a list of them, then generate."""
+        """Apply the chat template to one conversation or a list of them, then generate.
+
+        `chat_template`: Jinja text or a file (default: the model's); `tools`: OpenAI-style tool
+        definitions passed to the template; `chat_template_kwargs`: extra template variables
+        (e.g. {"enable_thinking": False} for Qwen3). Content may be a string or text parts.
+        """
+        _no_lora(lora_request)
+        if chat_template_content_format not in ("auto", "string", "openai"):
+            raise ValueError(f"chat_template_content_format={chat_template_content_format!r}: use 'auto', "
+                             f"'string' or 'openai'")
         conversations = _as_conversations(messages)
-        prompts = [self.apply_chat_template(c, add_generation_prompt, chat_template) for c in conversations]
+        prompts = [self.apply_chat_template(c, add_generation_prompt, chat_template, tools=tools,
+                                            continue_final_message=continue_final_message,
+                                            chat_template_kwargs=chat_template_kwargs) for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def apply_chat_template(self, conversation: Conversation, add_generation_prompt: bool = True,
-                            chat_template: Optional[str] = None) -> dict:
-        tok = self.engine.tokenizer
-        if tok is None:
-            raise ValueError("chat needs a tokenizer; this engine was started with skip_tokenizer_init=True")
-        if chat_template is None and not getattr(tok, "chat_template", None):
-            raise ValueError("this model has no chat template; pass chat_template=... or use generate()")
-        ids = tok.apply_chat_template(
-            conversation, add_generation_prompt=add_generation_prompt, tokenize=True, chat_template=chat_template,
-            return_dict=False,
-        )
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        text = tok.decode(ids)
-        return {"prompt": text, "prompt_token_ids": list(ids)}
+                            chat_template: Optional[str] = None, *, tools: Optional[list[dict]] = None,
+                            continue_final_message: bool = False,
+                            chat_template_kwargs: Optional[dict[str, Any]] = None) -> dict:
+        """The conversation as an engine prompt {"prompt": text, "prompt_token_ids": ids}."""
+        ids = self._chat.render(conversation, chat_template=load_chat_template(chat_template), tools=tools,
+                                add_generation_prompt=add_generation_prompt,
+                                continue_final_message=continue_final_message,
+                                chat_template_kwargs=chat_template_kwargs)
+        return {"prompt": self.engine.tokenizer.decode(ids), "prompt_token_ids": ids}
+
+
+def _no_lora(lora_request) -> None:
+    if lora_request is not None:
+        raise ValueError("LoRA adapters are not supported by nanovllm; pass lora_request=None")
+
+
+def _params_type_message(value, one: bool = False) -> str:
+    want = "a SamplingParams" if one else "a SamplingParams or a list of them (one per prompt)"
+    hint = ""
+    if isinstance(value, dict):
+        hint = "; build one with SamplingParams(**values) or SamplingParams.from_dict(values)"
+    elif isinstance(value, str):
+        hint = "; e.g. SamplingParams(temperature=0.0, max_tokens=64)"
+    return f"sampling_params must be {want}, got {type(value).__name__} {_short_repr(value)}{hint}"
+
+
+def _short_repr(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _as_prompt_list(prompts) -> list:
@@ -171,9 +215,4 @@ def _as_conversations(messages) -> list[Conversation]:
     for conv in conversations:
         if not isinstance(conv, (list, tuple)) or not conv:
             raise TypeError("each conversation must be a non-empty list of messages")
-        for m in conv:
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise TypeError(f"each message needs 'role' and 'content', got {m!r}")
-            if not isinstance(m["content"], str):
-                raise TypeError(f"message content must be a string, got {type(m['content']).__name__}")
     return [list(c) for c in conversations]

@@ -32,6 +32,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from nanovllm.kernels.launch_math import cdiv
+from nanovllm.loading.config_check import validate_hf_config
 from nanovllm.loading.gguf_models import EXPERT, SUPPORTED_ARCHITECTURES, GGUFArchitecture, architecture_of
 
 GGUF_MAGIC = b"GGUF"
@@ -255,6 +256,7 @@ def _hf_config(path: str, header: _Header):
     hidden_size, num_heads = get("embedding_length"), get("attention.head_count")
     spec = architecture_of(arch, meta)
     config_class = getattr(transformers, spec.config_class_name)
+    heads_ok = isinstance(num_heads, int) and num_heads > 0 and isinstance(hidden_size, int)
     kwargs = dict(
         architectures=[spec.hf_architecture],
         dtype=torch.float32,  # what iter_tensors yields
@@ -264,7 +266,7 @@ def _hf_config(path: str, header: _Header):
         num_hidden_layers=get("block_count"),
         num_attention_heads=num_heads,
         num_key_value_heads=get("attention.head_count_kv", num_heads),
-        head_dim=get("attention.key_length", hidden_size // num_heads),
+        head_dim=get("attention.key_length", hidden_size // num_heads if heads_ok else None),
         max_position_embeddings=get("context_length"),
         rms_norm_eps=get("attention.layer_norm_rms_epsilon"),
         rope_theta=get("rope.freq_base", 10000.0),  # transformers 5 keeps it in rope_parameters
@@ -277,6 +279,7 @@ def _hf_config(path: str, header: _Header):
     )
     if spec.config_extras is not None:
         kwargs |= spec.config_extras(get, kwargs, tensor_names)
+    validate_hf_config(kwargs, path)  # transformers divides by num_attention_heads while building some configs
     return config_class(**kwargs)
 
 

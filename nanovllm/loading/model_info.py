@@ -13,7 +13,9 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+from nanovllm.loading.config_check import validate_hf_config
 from nanovllm.loading.resolve import ModelSource
+from nanovllm.models.architectures import SUPPORTED_ARCHITECTURES, check_supported
 
 logger = logging.getLogger("nanovllm")
 
@@ -35,16 +37,37 @@ class ModelInfo:
 
 
 def load_hf_config(source: ModelSource, trust_remote_code: bool = False):
+    """The model's config, its key fields checked (config_check.py): a config.json with
+    `num_attention_heads: 0` is a ValueError naming the file and field, not a crash later."""
     if source.kind == "gguf":
         from nanovllm.loading.gguf_loader import read_gguf_checkpoint
 
-        return read_gguf_checkpoint(source.path).hf_config
+        config = read_gguf_checkpoint(source.path).hf_config
+        validate_hf_config(config, source.path)
+        return config
     from transformers import AutoConfig
 
+    path = os.path.join(source.path, "config.json")
+    raw = _read_json(path)
+    if raw is not None and set(raw.get("architectures") or ()) & set(SUPPORTED_ARCHITECTURES):
+        validate_hf_config(raw, path)  # before transformers, which divides by some of these fields
     try:
-        return AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, json.JSONDecodeError) as e:
-        raise ValueError(f"{os.path.join(source.path, 'config.json')}: cannot read model config ({e})") from e
+        raise ValueError(f"{path}: cannot read model config ({e})") from e
+    check_supported(config)  # an unsupported architecture is the first thing to say
+    validate_hf_config(config, path)
+    return config
+
+
+def _read_json(path: str) -> Optional[dict]:
+    """The file's JSON object, or None when it is absent or not an object (AutoConfig then says why)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def load_tokenizer(source: ModelSource, tokenizer_path: Optional[str] = None, trust_remote_code: bool = False):
@@ -84,11 +107,48 @@ def eos_token_ids(source: ModelSource, hf_config, tokenizer) -> list[int]:
     return ids
 
 
-def resolve_max_model_len(hf_config, requested: Optional[int]) -> int:
-    """The user's max_model_len, or the model's max_position_embeddings capped."""
+def resolve_max_model_len(hf_config, requested: Optional[int], allow_long: bool = False) -> int:
+    """The user's max_model_len, or the model's max_position_embeddings capped.
+
+    A longer request than the model was trained for is refused unless `allow_long`
+    (positions past max_position_embeddings give garbage on most models)."""
     model_max = getattr(hf_config, "max_position_embeddings", None) or DEFAULT_MAX_MODEL_LEN_CAP
     if requested is None:
         return min(model_max, DEFAULT_MAX_MODEL_LEN_CAP)
     if requested > model_max:
-        logger.warning("max_model_len %d exceeds the model's max_position_embeddings %d", requested, model_max)
+        if not allow_long:
+            raise ValueError(
+                f"max_model_len={requested} is longer than the model's max_position_embeddings={model_max}: "
+                f"lower it, or pass allow_long_max_model_len=True (CLI: --allow-long-max-model-len) to use "
+                f"positions the model was not trained on")
+        logger.warning("max_model_len %d exceeds the model's max_position_embeddings %d "
+                       "(allow_long_max_model_len=True)", requested, model_max)
     return requested
+
+
+# generation_config.json key -> SamplingParams field (what vLLM takes from it)
+GENERATION_DEFAULT_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                           "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def generation_defaults(source: ModelSource, generation_config: str = "auto") -> dict:
+    """Default sampling values from the model's generation_config.json ({} without one, or with "vllm").
+
+    `generation_config` is "auto" (the model's directory), "vllm" (none) or a directory.
+    """
+    if generation_config == "vllm":
+        return {}
+    folder = source.path if generation_config == "auto" else generation_config
+    if generation_config == "auto" and source.kind != "hf_dir":
+        return {}
+    path = os.path.join(folder, "generation_config.json")
+    if not os.path.isfile(path):
+        if generation_config != "auto":
+            raise ValueError(f"generation_config={generation_config!r}: {path} does not exist")
+        return {}
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read the generation config ({e})") from e
+    return {field: values[key] for key, field in GENERATION_DEFAULT_KEYS.items() if values.get(key) is not None}

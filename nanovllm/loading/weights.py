@@ -10,8 +10,8 @@ yielding `(name, tensor)` or `(parameter name, tensor, shard)`): GPT-2's transpo
 weights, Phi-3's fused qkv split into q/k/v, MoE experts into slices of stacked weights. A
 parameter that takes several shards names them in `expected_shards` (the stacked experts).
 
-Errors name the file and the tensor: a wrong shape, an unexpected tensor or a missing one
-is a ValueError, never a silent partial load.
+Errors name the file and the tensor: a wrong shape, an unexpected tensor, a missing one or
+one holding NaN / Inf values is a ValueError, never a silent partial or corrupt load.
 """
 
 from __future__ import annotations
@@ -29,12 +29,54 @@ from nanovllm.layers.quantized_linear import as_codes, is_codes
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def _load(param: nn.Parameter, value, shard, name: str) -> None:
+class FiniteCheck:
+    """NaN / Inf scan of checkpoint tensors, cheap enough to run on every load.
+
+    One `aminmax` reduction per tensor on the device it is loaded to (NaN propagates into
+    both results, an Inf shows as one of them), no full-size temporaries, and one host sync
+    for the whole model at the end. benchmarks/nan_scan_cost.py times it on the 8B shape.
+    """
+
+    def __init__(self) -> None:
+        self._names: list[str] = []  # "<file>: tensor '<name>'"
+        self._extrema: list[torch.Tensor] = []  # [2] per tensor, on its device
+
+    def add(self, name: str, tensor: torch.Tensor, source: str = "checkpoint") -> None:
+        if tensor.is_floating_point() and tensor.numel():
+            low, high = torch.aminmax(tensor)
+            self._names.append(f"{source}: tensor {name!r}")
+            self._extrema.append(torch.stack((low, high)).float())
+
+    def bad_tensors(self) -> list[str]:
+        """Names of the tensors that hold a NaN or an Inf (one host sync per device)."""
+        by_device: dict[torch.device, list[int]] = {}
+        for i, e in enumerate(self._extrema):
+            by_device.setdefault(e.device, []).append(i)
+        bad: list[int] = []
+        for indices in by_device.values():
+            finite = torch.isfinite(torch.stack([self._extrema[i] for i in indices])).all(dim=1)  # [T]
+            bad += [indices[j] for j in (~finite).nonzero().flatten().tolist()]
+        return [self._names[i] for i in sorted(bad)]
+
+    def raise_if_bad(self) -> None:
+        bad = self.bad_tensors()
+        if bad:
+            more = f" ({len(bad) - 1} more tensors too)" if len(bad) > 1 else ""
+            raise ValueError(f"{bad[0]} holds NaN or Inf values{more}; the checkpoint is corrupt (download or "
+                             f"convert it again)")
+
+
+def _load(param: nn.Parameter, value, shard, name: str, finite: "FiniteCheck", source: str) -> None:
     """Hand a checkpoint value to the parameter's loader: quantized codes (GGUF blocks, GPTQ /
-    AWQ layers) as they are to a quantized layer's loader, dequantized for a plain parameter;
-    tensors (torch or lazy) as this rank's part (read_shard) in the parameter's dtype."""
+    AWQ layers) as they are to a quantized layer's loader (their scales NaN-checked),
+    dequantized for a plain parameter; tensors (torch or lazy) as this rank's part
+    (read_shard) on the parameter's device, in its dtype."""
     loader = getattr(param, "weight_loader", default_weight_loader)
     if is_codes(value):
+        codes = as_codes(value)
+        finite.add(f"{name} (scales)", codes.scales, source)
+        if codes.biases is not None:
+            finite.add(f"{name} (offsets)", codes.biases, source)
         if getattr(param, "accepts_codes", False):
             with torch.no_grad():
                 loader(param, value, shard, name=name)
@@ -45,7 +87,9 @@ def _load(param: nn.Parameter, value, shard, name: str) -> None:
         if part is None:  # this rank holds none of it (a row-parallel bias on ranks > 0)
             param.data.zero_()
         else:
-            loader(param, part.to(param.dtype), shard, name=name)
+            part = part.to(device=param.device, dtype=param.dtype)
+            finite.add(name, part, source)
+            loader(param, part, shard, name=name)
 
 
 def _dequantized(value, name: str) -> torch.Tensor:
@@ -60,6 +104,7 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, Any, str]]) -> N
     `shape`, `narrow(dim, start, length)` and `load()` (safetensors_loader.SafetensorsTensor),
     or quantized codes (`is_codes`: GGUF blocks, an assembled GPTQ / AWQ layer)."""
     params = dict(model.named_parameters(remove_duplicate=False))
+    finite = FiniteCheck()
     packed = getattr(model, "packed_modules_mapping", {})
     tied = getattr(model, "tie_word_embeddings", False)
     remap = getattr(model, "remap_checkpoint_tensor", None)
@@ -76,19 +121,20 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, Any, str]]) -> N
             else:
                 entries = [(checkpoint_name, checkpoint_tensor)]
             for entry in entries:
-                _load_one(model, params, packed, tied, loaded, *entry)
+                _load_one(model, params, packed, tied, loaded, finite, source, *entry)
         except WeightShapeError as e:
             raise ValueError(f"{source}: {e}") from None
         except _Foreign as e:
             raise ValueError(f"{source}: tensor {e.args[0]!r} does not belong to {type(model).__name__}") from None
     _check_complete(model, params, packed, loaded, tied)
+    finite.raise_if_bad()
 
 
 class _Foreign(KeyError):
     """A checkpoint tensor with no parameter to go to."""
 
 
-def _load_one(model, params, packed, tied, loaded, name, tensor, shard=_Foreign) -> None:
+def _load_one(model, params, packed, tied, loaded, finite, source, name, tensor, shard=_Foreign) -> None:
     if tied and name == "lm_head.weight":
         return  # tied: the embedding is the head
     target = name
@@ -101,11 +147,11 @@ def _load_one(model, params, packed, tied, loaded, name, tensor, shard=_Foreign)
     param = params.get(target)
     if param is None:
         raise _Foreign(name)
-    _load(param, tensor, shard, name)
+    _load(param, tensor, shard, name, finite, source)
     loaded.add(f"{target}:{shard}")
     for other, p in params.items():  # a quantized layer tied to this tensor (the head) takes its own copy
         if getattr(p, "tied_to", None) == target and other != target:
-            _load(p, tensor, None, other)
+            _load(p, tensor, None, other, finite, source)
 
 
 def read_shard(tensor: Any, spec: Optional[ParamShard], shard, name: str) -> Optional[torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from nanovllm.models.architectures import SUPPORTED_ARCHITECTURES, unsupported_message
 from nanovllm.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from nanovllm.models.gpt2 import GPT2LMHeadModel
 from nanovllm.models.llama import LlamaForCausalLM, MistralForCausalLM
@@ -25,6 +26,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
 }
+assert set(MODEL_REGISTRY) == set(SUPPORTED_ARCHITECTURES), "list a new architecture in models/architectures.py too"
 
 
 def supported_architectures() -> list[str]:
@@ -36,7 +38,4 @@ def resolve_model_class(hf_config) -> type[nn.Module]:
     for arch in archs:
         if arch in MODEL_REGISTRY:
             return MODEL_REGISTRY[arch]
-    raise ValueError(
-        f"model architecture {archs or '(none given in config.json)'} is not supported; "
-        f"supported architectures: {', '.join(supported_architectures())}"
-    )
+    raise ValueError(unsupported_message(archs))

@@ -1,14 +1,16 @@
-"""The OpenAI-compatible HTTP app: `build_app(engine, served_model_name, api_key=None)`.
+"""The OpenAI-compatible HTTP app: `build_app(engine, served_model_name, api_key=None, ...)`.
 
     GET  /v1/models                 POST /v1/completions        POST /v1/chat/completions
-    POST /tokenize                  POST /detokenize
-    GET  /health   GET /metrics     (never behind the API key)
+    POST /tokenize                  POST /detokenize            GET  /version
+    GET  /health   GET /metrics     GET|POST /ping              (never behind the API key)
     GET  /  GET /dashboard  GET /ui/*   the web chat and dashboard (web.py; pages open, data behind the key)
 
 A thin layer: protocol.py validates the JSON, completions.py / chat.py turn it into engine
 requests, AsyncLLMEngine runs them. Every error is answered in OpenAI's shape
 {"error": {"message", "type", "param", "code"}}. A client that disconnects, streaming or
 not, has its requests aborted (their KV blocks are freed on the engine's next iteration).
+Every response carries `X-Request-Id`: the client's (it also names the completion, e.g.
+`chatcmpl-<id>`), else a fresh one. CORS is off unless `cors` (--allowed-origins) is given.
 """
 
 from __future__ import annotations
@@ -17,12 +19,16 @@ import asyncio
 import hmac
 import json
 import logging
+import re
+import uuid
 from contextlib import suppress
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Optional
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -48,29 +54,57 @@ from nanovllm.serve.web import add_web_ui, is_web_path
 logger = logging.getLogger("nanovllm")
 
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
-PUBLIC_PATHS = frozenset({"/health", "/metrics"})  # open even when an API key is set
+PUBLIC_PATHS = frozenset({"/health", "/metrics", "/ping"})  # open even when an API key is set
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "client went away"; never actually delivered
+REQUEST_ID_HEADER = "X-Request-Id"
+# a client's X-Request-Id is used when it is this tame (it ends up in ids and logs)
+REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+
+
+@dataclass(frozen=True)
+class CorsSettings:
+    """CORS for browsers (vLLM's --allowed-origins / --allowed-methods / --allowed-headers)."""
+
+    allowed_origins: list[str]
+    allowed_methods: list[str] = field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = field(default_factory=lambda: ["*"])
+    allow_credentials: bool = False
 
 
 def build_app(engine: AsyncLLMEngine, served_model_name: Optional[str] = None, api_key: Optional[str] = None,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, web_ui: bool = True) -> FastAPI:
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, web_ui: bool = True,
+              read_timeout: Optional[float] = None, *, chat_template: Optional[str] = None,
+              tool_parser: Optional[str] = None, enable_auto_tool_choice: bool = False,
+              cors: Optional[CorsSettings] = None) -> FastAPI:
     """FastAPI app serving `engine` under `served_model_name` (default: the engine's model name).
 
-    With `api_key`, every route but /health, /metrics and the web pages needs
-    `Authorization: Bearer <key>`. Bodies larger than `max_body_bytes` get 413. `web_ui`
-    adds the chat page (/) and the dashboard (/dashboard).
+    With `api_key`, every route but /health, /metrics, /ping and the web pages needs
+    `Authorization: Bearer <key>`. Bodies larger than `max_body_bytes` get 413; bodies not
+    complete within `read_timeout` seconds of the request head get 408. `web_ui` adds the chat
+    page (/) and the dashboard (/dashboard). `chat_template` (Jinja text) replaces the model's;
+    `tool_parser` reads tool calls from replies when tool_choice is auto (only with
+    `enable_auto_tool_choice`, as in vLLM).
     """
+    from nanovllm import __version__
+
+    if api_key is not None and not api_key.strip():
+        raise ValueError("api_key is empty: give a key, or None to serve without authentication")
     name = served_model_name or engine.model_name
     completion = OpenAIServingCompletion(engine, name)
-    chat = OpenAIServingChat(engine, name)
+    chat = OpenAIServingChat(engine, name, chat_template, tool_parser, enable_auto_tool_choice)
     metrics = ServerMetrics(engine, name)
     engine.add_observer(metrics)
 
-    app = FastAPI(title="nanovllm", description="OpenAI-compatible server of nanovllm")
+    app = FastAPI(title="nanovllm", description="OpenAI-compatible server of nanovllm", version=__version__)
     app.state.engine = engine
     app.state.metrics = metrics
-    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes,
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes, read_timeout=read_timeout,
                        is_public=_with_web_paths if web_ui else PUBLIC_PATHS.__contains__)
+    app.add_middleware(_RequestId)
+    if cors is not None:  # outermost: preflights and error answers get the CORS headers too
+        app.add_middleware(CORSMiddleware, allow_origins=cors.allowed_origins, allow_methods=cors.allowed_methods,
+                           allow_headers=cors.allowed_headers, allow_credentials=cors.allow_credentials,
+                           expose_headers=[REQUEST_ID_HEADER])
     _add_error_handlers(app)
     if web_ui:
         add_web_ui(app)
@@ -94,6 +128,14 @@ def build_app(engine: AsyncLLMEngine, served_model_name: Optional[str] = None, a
     async def get_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping() -> Response:  # vLLM's (SageMaker's) liveness route: /health's answer
+        return await health()
+
+    @app.get("/version")
+    async def version() -> Response:
+        return JSONResponse({"version": __version__})
+
     @app.get("/v1/models")
     async def list_models() -> Response:
         return _json(ModelList(data=[card()]))
@@ -106,12 +148,12 @@ def build_app(engine: AsyncLLMEngine, served_model_name: Optional[str] = None, a
     @app.post("/v1/completions")
     async def create_completion(body: CompletionRequest, raw: Request) -> Response:
         check_model(body.model)
-        return await _respond(raw, completion.create(body))
+        return await _respond(raw, completion.create(body, _client_request_id(raw)))
 
     @app.post("/v1/chat/completions")
     async def create_chat_completion(body: ChatCompletionRequest, raw: Request) -> Response:
         check_model(body.model)
-        return await _respond(raw, chat.create(body))
+        return await _respond(raw, chat.create(body, _client_request_id(raw)))
 
     def require_tokenizer():
         if engine.tokenizer is None:
@@ -121,13 +163,17 @@ def build_app(engine: AsyncLLMEngine, served_model_name: Optional[str] = None, a
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> Response:
         check_model(body.model)
-        tok = require_tokenizer()
+        require_tokenizer()
         if (body.prompt is None) == (body.messages is None):
             raise APIError("give exactly one of `prompt` (text) or `messages` (chat)", param="prompt")
         if body.messages is not None:
-            ids = chat.render(body.messages, body.add_generation_prompt)
+            tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+            ids = await chat.render_async(body.messages, body.add_generation_prompt, tools=tools,
+                                          chat_template=body.chat_template,
+                                          chat_template_kwargs=body.chat_template_kwargs,
+                                          continue_final_message=body.continue_final_message)
         else:
-            ids = list(tok(body.prompt, add_special_tokens=body.add_special_tokens).input_ids)
+            [ids] = await engine.tokenize([body.prompt], add_special_tokens=body.add_special_tokens)
         return _json(TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids))
 
     @app.post("/detokenize")
@@ -137,13 +183,41 @@ def build_app(engine: AsyncLLMEngine, served_model_name: Optional[str] = None, a
         bad = [t for t in body.tokens if not 0 <= t < engine.vocab_size]
         if bad:
             raise APIError(f"token id {bad[0]} is outside the vocabulary [0, {engine.vocab_size})", param="tokens")
-        return _json(DetokenizeResponse(prompt=tok.decode(body.tokens)))
+        return _json(DetokenizeResponse(prompt=await engine.preprocess(tok.decode, body.tokens)))
 
     return app
 
 
 def _with_web_paths(path: str) -> bool:
     return path in PUBLIC_PATHS or is_web_path(path)
+
+
+# ---------------------------------------------------------------------- request ids
+def _client_request_id(raw: Request) -> str:
+    return raw.scope.get("state", {}).get("request_id") or uuid.uuid4().hex
+
+
+class _RequestId:
+    """ASGI middleware: honour a tame X-Request-Id (else make one) and echo it on the response."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers") or []).get(REQUEST_ID_HEADER.lower().encode(), b"").decode("latin-1")
+        request_id = given if REQUEST_ID_PATTERN.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                headers.append((b"x-request-id", request_id.encode()))
+                message = dict(message, headers=headers)
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 # ---------------------------------------------------------------------- responses
@@ -222,8 +296,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ValueError)
     @app.exception_handler(TypeError)
-    async def bad_input(_, e: Exception):  # from LLMEngine.add_request
-        return _error(str(e), HTTPStatus.BAD_REQUEST)
+    async def bad_input(_, e: Exception):  # from the engine's checks, which name the field as .param
+        return _error(str(e), HTTPStatus.BAD_REQUEST, getattr(e, "param", None))
 
     @app.exception_handler(RequestFailedError)
     async def request_failed(_, e: RequestFailedError):
@@ -252,7 +326,11 @@ def _validation_message(errors) -> tuple[str, Optional[str]]:
         by_field.setdefault(loc[0], []).append(dict(err, loc=loc))
     parts = []
     for field, errs in by_field.items():
-        first = errs[0]
+        # our own checks (e.g. a lone surrogate) say more than "no branch of the union matched"
+        first = next((e for e in errs if e.get("type") == "value_error"), errs[0])
+        if first.get("type") == "value_error":
+            parts.append(str(first.get("msg", "invalid value")).removeprefix("Value error, "))
+            continue
         if first.get("type") == "extra_forbidden":
             parts.append(f"unknown field `{'.'.join(first['loc'])}` (not part of this API, or not supported)")
         elif first.get("type") == "missing":
@@ -268,13 +346,16 @@ def _validation_message(errors) -> tuple[str, Optional[str]]:
 
 
 class _Guard:
-    """ASGI middleware: 413 for bodies over the limit, 401 without the API key (before any parsing)."""
+    """ASGI middleware: 401 without the API key (before any parsing), 413 for bodies over the
+    limit, 408 for bodies that do not arrive in time."""
 
-    def __init__(self, app, api_key: Optional[str], max_body_bytes: int, is_public=PUBLIC_PATHS.__contains__) -> None:
+    def __init__(self, app, api_key: Optional[str], max_body_bytes: int, read_timeout: Optional[float] = None,
+                 is_public=PUBLIC_PATHS.__contains__) -> None:
         self.app = app
         self.is_public = is_public  # path -> True when it needs no key
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
+        self.read_timeout = read_timeout
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -291,13 +372,22 @@ class _Guard:
             return await _send_error(send, f"request body of {int(length)} bytes is larger than the limit of "
                                            f"{self.max_body_bytes} bytes", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
         received = 0
-        limit = self.max_body_bytes
+        limit, timeout = self.max_body_bytes, self.read_timeout
+        body_done = False
 
-        async def limited_receive():  # bodies without Content-Length (chunked)
-            nonlocal received
-            message = await receive()
+        async def limited_receive():  # counts bodies without Content-Length (chunked) too
+            nonlocal received, body_done
+            if body_done or timeout is None:
+                message = await receive()  # e.g. waiting for the client's disconnect: no limit
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), timeout)
+                except asyncio.TimeoutError:
+                    raise HTTPException(HTTPStatus.REQUEST_TIMEOUT,
+                                        f"the request body did not arrive within {timeout:g} s") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > limit:
                     raise HTTPException(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                                         f"request body is larger than the limit of {limit} bytes")

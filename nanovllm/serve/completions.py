@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional, Union
 
 from nanovllm.engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestFailedError, RequestStream
 from nanovllm.outputs import CompletionOutput, RequestOutput
+from nanovllm.sampling_params import DEFAULT_MAX_TOKENS
 from nanovllm.serve.protocol import (
     SSE_DONE,
     APIError,
@@ -25,16 +27,26 @@ from nanovllm.serve.protocol import (
     CompletionStreamResponse,
     UsageInfo,
     check_context_length,
-    random_id,
     safe_logprob,
     sse,
     sse_error,
     to_sampling_params,
     token_text,
 )
+from nanovllm.serve.structured import constraint_field, log_ignored_fields, structured_outputs_of
 
 
 # ---------------------------------------------------------------------- shared with chat.py
+async def add_requests(engine: AsyncLLMEngine, requests: list, param_names: Optional[dict] = None) -> list[RequestStream]:
+    """engine.add_requests, with the engine's ValueError/TypeError as a 400 naming the field
+    (`param_names` maps the engine's names onto this endpoint's, e.g. prompt -> messages)."""
+    try:
+        return await engine.add_requests(requests)
+    except (ValueError, TypeError) as e:
+        param = getattr(e, "param", None)
+        raise APIError(str(e), param=(param_names or {}).get(param, param)) from None
+
+
 @dataclass
 class ChoiceState:
     """One completion, accumulated from DELTA outputs."""
@@ -121,8 +133,12 @@ class OpenAIServingCompletion:
         self.engine = engine
         self.model_name = model_name
 
-    def prompts(self, req: CompletionRequest) -> list[dict]:
-        """The request's prompts as engine inputs {"prompt"?, "prompt_token_ids"}."""
+    async def prompts(self, req: CompletionRequest) -> list[dict]:
+        """The request's prompts as engine inputs {"prompt"?, "prompt_token_ids"}.
+
+        Texts are checked by length first (one too long to fit is refused without tokenizing),
+        then tokenized together on the engine's preprocessing threads, off the event loop.
+        """
         p = req.prompt
         if isinstance(p, str):
             items = [p]
@@ -142,31 +158,40 @@ class OpenAIServingCompletion:
                                    "as token ids", param="prompt")
                 if not item:
                     raise APIError("prompt is empty: give at least one character", param="prompt")
-                out.append({"prompt": item, "prompt_token_ids": list(tok(item).input_ids)})
+                out.append({"prompt": item})
             else:
                 if not item:
                     raise APIError("prompt is empty: give at least one token id", param="prompt")
                 out.append({"prompt_token_ids": item})
+        texts = [p for p in out if "prompt_token_ids" not in p]
+        if texts:
+            ids = await self.engine.tokenize([p["prompt"] for p in texts])
+            for p, prompt_ids in zip(texts, ids):
+                p["prompt_token_ids"] = prompt_ids
         return out
 
-    async def create(self, req: CompletionRequest) -> Union[CompletionResponse, AsyncIterator[str]]:
+    async def create(self, req: CompletionRequest,
+                     request_id: Optional[str] = None) -> Union[CompletionResponse, AsyncIterator[str]]:
         if req.echo and req.logprobs is not None:
             raise APIError("echo with logprobs is not supported (it needs prompt logprobs)", param="echo")
-        prompts = self.prompts(req)
-        explicit = "max_tokens" in req.model_fields_set and req.max_tokens is not None
+        log_ignored_fields(req)
+        structured = structured_outputs_of(req)
+        if structured is not None and self.engine.tokenizer is None:
+            raise APIError("structured outputs need a tokenizer; this server runs with --skip-tokenizer-init",
+                           param=constraint_field(req))
+        prompts = await self.prompts(req)
+        explicit = "max_tokens" in req.model_fields_set
         for p in prompts:
             check_context_length(len(p["prompt_token_ids"]), req.max_tokens if explicit else None,
                                  self.engine.max_model_len, "max_tokens", "prompt")
-        params = to_sampling_params(req, req.max_tokens, req.logprobs)
-        request_id = random_id("cmpl")
-        streams: list[RequestStream] = []
-        try:
-            for i, p in enumerate(prompts):
-                streams.append(await self.engine.add_request(p, params, request_id=f"{request_id}-{i}"))
-        except BaseException:
-            for s in streams:
-                s.abort()
-            raise
+        # OpenAI's default of 16 is clamped to the room left, as the engine's own default is
+        params = to_sampling_params(req, req.max_tokens if explicit else DEFAULT_MAX_TOKENS, req.logprobs, structured,
+                                    self.engine.default_sampling_values)
+        request_id = f"cmpl-{request_id or uuid.uuid4().hex}"
+        engine_prefix = f"{request_id}-{uuid.uuid4().hex[:8]}"  # unique even when clients reuse X-Request-Id
+        # all prompts at once: the engine admits them in the same step
+        streams = await add_requests(self.engine, [(p, params, f"{engine_prefix}-{i}") for i, p in enumerate(prompts)],
+                                     {"structured_outputs": constraint_field(req)})
         if req.stream:
             return self._stream(req, prompts, streams, request_id)
         return self._response(req, prompts, await collect_all(streams, req.n), request_id)

@@ -10,53 +10,28 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from http import HTTPStatus
 from typing import Any, ClassVar, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field
 
-from nanovllm.sampling_params import RequestOutputKind, SamplingParams
-
-# ---------------------------------------------------------------------- errors
-
-ERROR_TYPES = {
-    HTTPStatus.BAD_REQUEST: "invalid_request_error",
-    HTTPStatus.UNAUTHORIZED: "authentication_error",
-    HTTPStatus.NOT_FOUND: "not_found_error",
-    HTTPStatus.METHOD_NOT_ALLOWED: "invalid_request_error",
-    HTTPStatus.REQUEST_ENTITY_TOO_LARGE: "request_too_large",
-    HTTPStatus.INTERNAL_SERVER_ERROR: "server_error",
-    HTTPStatus.SERVICE_UNAVAILABLE: "service_unavailable",
-}
-
-
-class APIError(Exception):
-    """An error answered in the OpenAI shape: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST, param: Optional[str] = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = int(status)
-        self.param = param
-
-    def body(self) -> dict:
-        return error_body(self.message, self.status, self.param)
-
-
-def error_body(message: str, status: int, param: Optional[str] = None) -> dict:
-    err_type = ERROR_TYPES.get(HTTPStatus(status), "invalid_request_error" if status < 500 else "server_error")
-    return {"error": {"message": message, "type": err_type, "param": param, "code": int(status)}}
-
+from nanovllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+from nanovllm.serve.protocol_base import APIError, OpenAIRequest, OpenAIResponse, error_body  # noqa: F401 (re-exported)
+from nanovllm.serve.tool_protocol import (
+    ChatTool,
+    DeltaToolCall,
+    NamedToolChoice,
+    ResponseFormat,
+    StructuredOutputsRequest,
+    ToolCall,
+    ToolCallRequest,
+)
 
 # ---------------------------------------------------------------------- requests
 
 
-class OpenAIRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
 class StreamOptions(OpenAIRequest):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM extra; accepted, usage comes once at the end
 
 
 class SamplingRequest(OpenAIRequest):
@@ -72,7 +47,6 @@ class SamplingRequest(OpenAIRequest):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: Optional[dict[str, float]] = None
-    user: Optional[str] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     # vLLM extras
@@ -84,6 +58,22 @@ class SamplingRequest(OpenAIRequest):
     stop_token_ids: Optional[list[int]] = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # structured output (see serve/structured.py): OpenAI's and vLLM's spellings
+    response_format: Optional[ResponseFormat] = None
+    structured_outputs: Optional[StructuredOutputsRequest] = None
+    guided_json: Union[str, dict[str, Any], None] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
+    guided_whitespace_pattern: Optional[str] = None
+    guided_decoding_backend: Optional[str] = None
+    # OpenAI fields that change nothing here: accepted, logged at debug level, ignored
+    user: Optional[str] = None
+    store: Optional[bool] = None
+    metadata: Optional[dict[str, str]] = None
+    service_tier: Optional[str] = None
+
+    IGNORED_FIELDS: ClassVar[tuple[str, ...]] = ("user", "store", "metadata", "service_tier")
 
     @property
     def include_usage(self) -> bool:
@@ -98,23 +88,47 @@ class CompletionRequest(SamplingRequest):
     return_token_ids: bool = False  # vLLM extra: each choice carries its generated token ids
 
 
-class TextContentPart(OpenAIRequest):
-    type: Literal["text"]
-    text: str
+class ContentPart(OpenAIRequest):
+    """A content part: `text` is supported; image or audio parts are refused by the chat
+    renderer with a text-only message (so they are let through here, unvalidated)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: str
+    text: Optional[str] = None
 
 
 class ChatMessage(OpenAIRequest):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[TextContentPart], None] = None
+    content: Union[str, list[ContentPart], None] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCallRequest]] = None  # assistant
+    tool_call_id: Optional[str] = None  # tool
+    # what SDKs echo back from an earlier response: accepted, not rendered
+    refusal: Optional[str] = None
+    annotations: Optional[list[dict[str, Any]]] = None
+    audio: Optional[dict[str, Any]] = None
+    function_call: Optional[dict[str, Any]] = None
+    reasoning_content: Optional[str] = None
+
+    def num_chars(self) -> int:
+        """Characters of the text this message puts in the prompt (content, tool-call arguments)."""
+        if isinstance(self.content, str):
+            chars = len(self.content)
+        else:
+            chars = sum(len(part.text or "") for part in self.content or ())
+        return chars + sum(len(c.function.arguments) for c in self.tool_calls or ())
 
     def as_template_dict(self) -> dict:
-        content = self.content
-        if isinstance(content, list):
-            content = "\n".join(part.text for part in content)
-        msg = {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        """The message for chat_utils.normalize_messages (which validates content parts)."""
+        msg: dict[str, Any] = {"role": self.role, "content": self.content}
+        if isinstance(self.content, list):
+            msg["content"] = [part.model_dump(exclude_none=True) for part in self.content]
         if self.name is not None:
             msg["name"] = self.name
+        if self.tool_calls:
+            msg["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            msg["tool_call_id"] = self.tool_call_id
         return msg
 
 
@@ -123,7 +137,14 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: Optional[int] = None
     logprobs: bool = False
     top_logprobs: Optional[int] = None
-    add_generation_prompt: bool = True  # vLLM extra
+    tools: Optional[list[ChatTool]] = Field(default=None, min_length=1)
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: Optional[bool] = None
+    # vLLM extras
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: Optional[str] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None
 
 
 class TokenizeRequest(OpenAIRequest):
@@ -132,6 +153,10 @@ class TokenizeRequest(OpenAIRequest):
     messages: Optional[list[ChatMessage]] = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    tools: Optional[list[ChatTool]] = None
+    chat_template: Optional[str] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None
 
 
 class DetokenizeRequest(OpenAIRequest):
@@ -140,19 +165,6 @@ class DetokenizeRequest(OpenAIRequest):
 
 
 # ---------------------------------------------------------------------- responses
-
-
-class OpenAIResponse(BaseModel):
-    # fields dropped from the JSON when None (vLLM-style extras that plain OpenAI clients never see)
-    _omit_if_none: ClassVar[frozenset[str]] = frozenset()
-
-    @model_serializer(mode="wrap")
-    def _drop_empty_extras(self, handler):
-        data = handler(self)
-        for key in self._omit_if_none:
-            if data.get(key, 0) is None:
-                del data[key]
-        return data
 
 
 def random_id(prefix: str) -> str:
@@ -232,6 +244,7 @@ class ChatLogprobs(OpenAIResponse):
 class ChatResponseMessage(OpenAIResponse):
     role: Literal["assistant"] = "assistant"
     content: Optional[str] = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(OpenAIResponse):
@@ -252,9 +265,10 @@ class ChatCompletionResponse(OpenAIResponse):
 
 
 class DeltaMessage(OpenAIResponse):
-    _omit_if_none: ClassVar[frozenset[str]] = frozenset({"role", "content"})
+    _omit_if_none: ClassVar[frozenset[str]] = frozenset({"role", "content", "tool_calls"})
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    tool_calls: Optional[list[DeltaToolCall]] = None
 
 
 class ChatStreamChoice(OpenAIResponse):
@@ -288,17 +302,28 @@ class DetokenizeResponse(OpenAIResponse):
 # ---------------------------------------------------------------------- request -> SamplingParams
 
 
-def to_sampling_params(req: SamplingRequest, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
-    """Map the request's fields onto SamplingParams (DELTA outputs). Bad values raise APIError(400)."""
+def to_sampling_params(req: SamplingRequest, max_tokens: Optional[int], logprobs: Optional[int],
+                       structured: Optional[StructuredOutputsParams] = None,
+                       defaults: Optional[dict] = None) -> SamplingParams:
+    """Map the request's fields onto SamplingParams (DELTA outputs). Bad values raise APIError(400).
+
+    `defaults`: the model's generation_config.json values, used where the request gives none.
+    """
+    defaults = defaults or {}
+
+    def pick(name: str, fallback):
+        value = getattr(req, name)
+        return value if value is not None else defaults.get(name, fallback)
+
     values: dict[str, Any] = dict(
         n=req.n,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=0 if req.top_k is None else req.top_k,
-        min_p=0.0 if req.min_p is None else req.min_p,
+        temperature=pick("temperature", 1.0),
+        top_p=pick("top_p", 1.0),
+        top_k=pick("top_k", 0),
+        min_p=pick("min_p", 0.0),
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,
-        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        repetition_penalty=pick("repetition_penalty", 1.0),
         seed=req.seed,
         max_tokens=max_tokens,
         min_tokens=req.min_tokens,
@@ -310,6 +335,7 @@ def to_sampling_params(req: SamplingRequest, max_tokens: Optional[int], logprobs
         logit_bias=req.logit_bias,
         skip_special_tokens=req.skip_special_tokens,
         output_kind=RequestOutputKind.DELTA,
+        structured_outputs=structured,
     )
     try:
         return SamplingParams(**values)

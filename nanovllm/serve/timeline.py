@@ -162,11 +162,15 @@ class TimelineEngine:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    async def add_request(self, *args, **kwargs):
-        stream = await self._engine.add_request(*args, **kwargs)
+    async def add_requests(self, requests, arrival_time=None):
+        streams = await self._engine.add_requests(requests, arrival_time)
         rec = _current.get()
         if rec is not None:
-            rec.request_ids.append(stream.request_id)
+            rec.request_ids.extend(stream.request_id for stream in streams)
+        return streams
+
+    async def add_request(self, prompt, params=None, request_id=None, arrival_time=None):
+        [stream] = await self.add_requests([(prompt, params, request_id)], arrival_time)
         return stream
 
 

@@ -37,6 +37,7 @@ from nanovllm.step_io import StepInput, StepOutput
 from nanovllm.worker.request_states import RequestState, RequestStates
 from nanovllm.worker.sampler import (Sampler, SamplerOutput, SamplingBatch, compute_prompt_logprobs,
                                      to_device_async)
+from nanovllm.worker.grammar_mask import grammar_rows_to_device
 from nanovllm.worker.staging import StagingBuffer
 from nanovllm.worker.timeline import StepTimeline
 
@@ -328,7 +329,7 @@ class ModelRunner:
             # [S, V], sampler upcasts; None on tensor-parallel ranks > 0 (gathered to rank 0)
             logits = self.model.compute_logits(hidden, inputs.logits_indices)
             if logits is not None:
-                out = self._sample(logits, reqs, inputs)
+                out = self._sample(logits, reqs, inputs, step)
                 sampled = out.sampled_token_ids  # [S]
                 host_tokens = sampled.to("cpu", non_blocking=True)  # the step's one device->host copy
             else:
@@ -345,7 +346,8 @@ class ModelRunner:
             done.record()
         return LaunchedStep(reqs, out, host_tokens, done, result, marks)
 
-    def _sample(self, logits: torch.Tensor, reqs: list[RequestState], inputs: ForwardInputs) -> SamplerOutput:
+    def _sample(self, logits: torch.Tensor, reqs: list[RequestState], inputs: ForwardInputs,
+                step: StepInput) -> SamplerOutput:
         params = [r.sampling_params for r in reqs]
         prompts = [()] * len(reqs)  # penalties read the prompts (as arrays: a memcpy each step)
         if any(p.uses_penalties for p in params):
@@ -359,6 +361,9 @@ class ModelRunner:
             device=logits.device,
             num_output_tokens=inputs.num_output_tokens,
         )
+        if step.grammar_bitmask is not None:  # structured outputs: the engine's per-row token masks
+            batch.grammar_bitmask, batch.grammar_rows = grammar_rows_to_device(
+                step.grammar_bitmask, step.grammar_rows, logits.device)
         return self.sampler(logits, batch)
 
     def resolve(self, step: LaunchedStep) -> StepOutput:

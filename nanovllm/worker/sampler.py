@@ -5,6 +5,8 @@ Every step runs the same sequence of tensor ops over the whole batch (vLLM's ord
   0. logprobs (only if some request asked) from the RAW model distribution:
      `log_softmax(logits)` of the logits exactly as the model produced them, before
      bias, penalties, temperature or truncation.
+  0b. grammar mask:      rows with a structured-output grammar: l[t] = -inf for tokens it
+                         does not allow (in place on `logits`, so every path below sees it)
   1. logit_bias:         l[t] += bias[t]
   2. min_tokens:         while len(output) < min_tokens, l[t] = -inf for t in EOS ids ∪ stop_token_ids
   3. penalties:          repetition over prompt ∪ output: l > 0 ? l / r : l * r;
@@ -47,6 +49,7 @@ from typing import Optional
 import torch
 
 from nanovllm.kernels.counter_rng import seeded_exponential
+from nanovllm.worker.grammar_mask import apply_token_bitmask_
 from nanovllm.worker.sampling_batch import NEG_INF, PenaltyTensors, SamplingBatch, to_device_async  # noqa: F401
 
 # Prompt logprobs of a long prompt are computed in row chunks to bound the [P, V] float32 temporaries.
@@ -99,10 +102,14 @@ class Sampler:
         return logits.argmax(dim=-1)
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-        """`logits`: [B, V], any float dtype; it is never modified."""
+        """`logits`: [B, V], any float dtype; only grammar masks change it (in place, their rows)."""
         raw_logprobs = None
         if batch.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # [B, V]
+        if batch.grammar_rows is not None:
+            # structured outputs: disallowed tokens -> -inf on the grammar rows, before any
+            # sampling path (one kernel on CUDA); other rows are not touched
+            apply_token_bitmask_(logits, batch.grammar_bitmask, batch.grammar_rows)
 
         if batch.all_greedy and not batch.needs_logits_processing:
             sampled = self._argmax(logits)  # fast path: no copy, no float32 conversion

@@ -83,6 +83,9 @@ class SamplingBatch:
     # ---- fused fast path (temperature + exponential race only)
     fast_path_ok: bool = False  # no processors, top-k, top-p, min-p or logprobs in the batch
     sample_temperature: torch.Tensor | None = None  # [B] float32, 0 on greedy rows; only when fast_path_ok
+    # ---- structured outputs (set by the model runner from the StepInput; None when no row has a grammar)
+    grammar_bitmask: Optional[torch.Tensor] = None  # [R, ceil(V / 32)] int32, bit set = token allowed
+    grammar_rows: Optional[torch.Tensor] = None  # [R] int64, the batch row of each bitmask row
 
     @property
     def needs_logits_processing(self) -> bool:

@@ -109,6 +109,78 @@ def test_corrupt_safetensors_names_the_file(tiny_model_factory, tmp_path):
         LLM(str(tmp_path / "m"), skip_tokenizer_init=True, device="cpu")
 
 
+# ----------------------------------------------------------------------------- limits and strictness (#19)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(stop=["x"] * 33), "at most 32"),
+    (dict(stop=["a" * 1500, "b" * 549]), "2049 characters"),
+    (dict(stop=["ok", "\ud800"]), "surrogate"),
+    (dict(stop_token_ids=list(range(1025))), "at most 1024"),
+])
+def test_stop_limits(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        SamplingParams(**kwargs)
+    SamplingParams(stop=["x"] * 32)  # the limits themselves are fine
+    SamplingParams(stop=["a" * 2048])
+
+
+def test_explicit_max_tokens_beyond_context_is_refused_default_is_clamped(llm):
+    prompt = {"prompt_token_ids": [5] * 60}  # max_model_len 64: room for 4
+    with pytest.raises(ValueError, match="max_tokens=10 does not fit.*at most 4") as info:
+        llm.generate([prompt], SamplingParams(max_tokens=10), use_tqdm=False)
+    assert info.value.param == "max_tokens"
+    with pytest.raises(ValueError, match="max_tokens=16 does not fit"):  # an explicit 16 is no default
+        llm.generate([prompt], SamplingParams(max_tokens=16), use_tqdm=False)
+    # the default (16) and None are clamped to the room left, also through replace()
+    for params in (SamplingParams(ignore_eos=True), SamplingParams(ignore_eos=True).replace(seed=1),
+                   SamplingParams(max_tokens=None, ignore_eos=True)):
+        out = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+        assert len(out.token_ids) == 4 and out.finish_reason == "length"
+    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+
+
+def test_max_model_len_beyond_the_model_needs_an_opt_in(tiny_model_factory):
+    path = tiny_model_factory("llama")  # max_position_embeddings 512
+    with pytest.raises(ValueError, match="max_model_len=1000000 is longer than the model's max_position_embeddings=512"):
+        LLM(path, skip_tokenizer_init=True, device="cpu", max_model_len=10**6)
+    with pytest.raises(TypeError, match="allow_long_max_model_len"):
+        LLM(path, skip_tokenizer_init=True, device="cpu", allow_long_max_model_len="yes")
+    llm = LLM(path, skip_tokenizer_init=True, device="cpu", max_model_len=1024, allow_long_max_model_len=True,
+              num_kv_blocks=8)
+    assert llm.engine.max_model_len == 1024
+
+
+@pytest.mark.parametrize("prompt, params, param", [
+    ({"prompt_token_ids": [1, 5000]}, SamplingParams(), "prompt"),
+    ({"prompt_token_ids": list(range(64))}, SamplingParams(), "prompt"),
+    (GOOD, SamplingParams(stop_token_ids=[10**6]), "stop_token_ids"),
+    (GOOD, SamplingParams(logit_bias={10**6: 1.0}), "logit_bias"),
+    (GOOD, SamplingParams(n=300), "n"),
+])
+def test_engine_errors_name_the_field(llm, prompt, params, param):
+    with pytest.raises((ValueError, TypeError)) as info:
+        llm.generate([prompt], params, use_tqdm=False)
+    assert info.value.param == param
+
+
+@pytest.mark.parametrize("bad, words", [
+    ("temperature=0", "got str 'temperature=0'; e.g. SamplingParams"),
+    ({"temperature": 0}, "got dict.*SamplingParams.from_dict"),
+    (42, "got int 42"),
+    ([SamplingParams(), "x"], "got str 'x'"),
+])
+def test_sampling_params_of_the_wrong_type(llm, bad, words):
+    with pytest.raises(TypeError, match=f"sampling_params must be .*{words}"):
+        llm.generate([GOOD], bad, use_tqdm=False)
+
+
+def test_stream_with_a_wrong_argument(llm):
+    with pytest.raises(TypeError, match="sampling_params must be a SamplingParams, got str 'x'"):
+        next(llm.stream(GOOD, "x"))
+    assert not llm.engine.has_unfinished_requests()
+
+
 def test_prompt_above_the_token_budget_is_refused_without_chunked_prefill(tiny_model_factory):
     """Without chunked prefill a prompt must fit one step's budget whole; a longer one used to
     wait in the queue forever (and block everything behind it)."""

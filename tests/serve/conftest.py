@@ -14,7 +14,9 @@ import httpx
 import pytest
 
 API_KEY = "sk-nanovllm-test"
-MAX_MODEL_LEN = 512
+MAX_MODEL_LEN = 1024  # room for tool definitions in the prompt
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOOL_TEMPLATE = os.path.join(REPO, "examples", "tool_chat_template_chatml.jinja")
 MAX_NUM_SEQS = 64
 STARTUP_TIMEOUT_S = 300
 
@@ -68,8 +70,10 @@ def server(tmp_path_factory):
     port = free_port()
     log_path = str(tmp_path_factory.mktemp("serve") / "server.log")
     env = dict(os.environ, NANOVLLM_API_KEY=API_KEY)  # the key comes from the environment variable
+    # tool calling as vLLM's tool examples start their server: a tool-aware template, Hermes parser
     cmd = [sys.executable, "-m", "nanovllm.cli.main", "serve", "--port", str(port),
-           "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(MAX_NUM_SEQS)]
+           "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(MAX_NUM_SEQS),
+           "--chat-template", TOOL_TEMPLATE, "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
