@@ -74,9 +74,9 @@ def _load(param: nn.Parameter, value, shard, name: str, finite: "FiniteCheck", s
     loader = getattr(param, "weight_loader", default_weight_loader)
     if is_codes(value):
         codes = as_codes(value)
-        finite.add(f"{name} (scales)", codes.scales, source)
+        finite.add(name, codes.scales, source)
         if codes.biases is not None:
-            finite.add(f"{name} (offsets)", codes.biases, source)
+            finite.add(name, codes.biases, source)
         if getattr(param, "accepts_codes", False):
             with torch.no_grad():
                 loader(param, value, shard, name=name)
