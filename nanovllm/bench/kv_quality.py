@@ -126,11 +126,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bfloat16", help="the measured engines' dtype (the reference is fp32)")
     p.add_argument("--num-prompts", type=int, default=NUM_PROMPTS)
     p.add_argument("--top-k", type=int, default=TOP_K)
+    p.add_argument("--max-prompt-len", type=int, default=MAX_PROMPT,
+                   help=f"longest random prompt (default {MAX_PROMPT}; within the model's max_position_embeddings)")
     p.add_argument("--csv", default=os.path.join(RESULTS_DIR, "kv_quality.csv"))
 
 
 def run(args) -> int:
-    results = measure(args.model, args.device, args.dtype, args.num_prompts, args.top_k)
+    results = measure(args.model, args.device, args.dtype, args.num_prompts, args.top_k, args.max_prompt_len)
     name = os.path.basename(os.path.normpath(args.model))
     rows = [{**base_row(), "model": name, **vars(q)} for q in results]
     append_rows(args.csv, rows)

@@ -362,6 +362,10 @@ class AsyncLLMEngine:
         self._preprocess.shutdown(wait=False, cancel_futures=True)
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+            if self._thread.is_alive():  # a step still runs: its workers must stay up until it ends
+                logger.warning("the engine thread did not stop within %.0f s; its workers stay up", timeout)
+            else:
+                self.engine.shutdown()  # release the executor's worker processes (tensor parallelism)
 
     # ------------------------------------------------------------------ engine thread
     def _submit(self, *commands: tuple) -> bool:

@@ -11,7 +11,8 @@ from nanovllm.bench import kv_quality
 def test_kv_quality_measures_both_caches_against_fp32(tiny_model_factory, tmp_path):
     path = str(tmp_path / "q.csv")
     assert kv_quality.main(["--model", tiny_model_factory("qwen3"), "--device", "cpu", "--num-prompts", "3",
-                            "--top-k", "4", "--csv", path]) == 0
+                            "--top-k", "4", "--max-prompt-len", "256",
+                            "--csv", path]) == 0
     with open(path) as f:
         rows = {r["kv_cache_dtype"]: r for r in csv.DictReader(f)}
     assert set(rows) == {"bfloat16", "fp8"}

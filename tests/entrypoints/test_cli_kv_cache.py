@@ -16,7 +16,7 @@ def test_kv_cache_flags_reach_the_engine(command):
     assert kw["kv_cache_dtype"] == "fp8" and kw["kv_cache_scales"] == 0.05
     args = build_parser().parse_args(command + ["--kv-cache-dtype", "fp8", "--kv-cache-scales", "s.json"])
     assert engine_kwargs(args)["kv_cache_scales"] == "s.json"
-    assert "kv_cache_dtype" not in engine_kwargs(build_parser().parse_args(command))  # default: the config's
+    assert engine_kwargs(build_parser().parse_args(command))["kv_cache_dtype"] == "auto"  # default: the model's dtype
 
 
 def test_serve_accepts_kv_cache_flags():
@@ -31,7 +31,9 @@ def test_serve_accepts_kv_cache_flags():
     (["--kv-cache-dtype", "fp8", "--kv-cache-scales", "-1"], "positive"),
 ])
 def test_bad_kv_cache_flags_exit_with_a_message(flags, message, capsys):
-    assert main(["generate", "hi", "--device", "cpu"] + flags) == 2
+    with pytest.raises(SystemExit) as exit_info:  # the command's usage and the message, before any model loads
+        main(["generate", "hi", "--device", "cpu"] + flags)
+    assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from nanovllm.cli.args import engine_kwargs, parallel_kwargs
 from nanovllm.cli.main import build_parser
+from nanovllm.engine.arg_utils import EngineArgs
 from tiny_models import build_tiny_model
 
 COMMANDS = {
@@ -33,11 +34,14 @@ COMMANDS = {
 ])
 def test_every_engine_command_takes_the_parallel_flags(command, flags, expected):
     args = build_parser().parse_args(COMMANDS[command] + flags)
-    assert parallel_kwargs(args) == expected
+    # the engine commands' flags carry vLLM's default size 1 (EngineArgs); the benches' leave it unset
+    unset = {} if command.startswith("bench") else {"tensor_parallel_size": 1}
+    assert parallel_kwargs(args) == (expected or unset)
     if not command.startswith("bench"):
         kwargs = engine_kwargs(args)
         assert {k: kwargs[k] for k in expected} == expected
-        assert not {"tensor_parallel_size", "distributed_executor_backend"} - set(expected) & set(kwargs)
+        for name in {"tensor_parallel_size", "distributed_executor_backend"} - set(expected):  # unset: defaults
+            assert kwargs[name] == getattr(EngineArgs(), name)
 
 
 def test_the_serve_workload_replay_passes_them_to_its_engine():
@@ -62,7 +66,7 @@ def test_throughput_csv_records_the_parallel_layout(tmp_path, monkeypatch):
 
     model = build_tiny_model("llama", str(tmp_path / "llama"), vocab_size=throughput.TOKEN_ID_MAX + 1)
     # the warm-up compiles GPU kernels before the timing: nothing to compile on CPU, and slow there
-    monkeypatch.setattr(throughput, "warm_up", lambda llm: None)
+    monkeypatch.setattr(throughput, "warm_up", lambda llm, *args: None)
     path = tmp_path / "throughput.csv"
     args = build_parser().parse_args(["bench", "throughput", "--model", model, "--num-seqs", "2",
                                       "--max-input-len", "110", "--max-output-len", "104", "--max-model-len", "256",

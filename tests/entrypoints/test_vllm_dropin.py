@@ -47,7 +47,7 @@ def test_vllm_only_arguments(tiny_model_factory, caplog):
             trust_remote_code=True, download_dir=None, enable_lora=False)
     warned = [r.getMessage() for r in caplog.records if "no effect" in r.getMessage()]
     assert len(warned) == 2 and any("swap_space=8" in w for w in warned)  # one line per changed argument
-    for bad, words in ((dict(tensor_parallel_size=2), "tensor_parallel_size=2"),
+    for bad, words in ((dict(distributed_executor_backend="ray"), "distributed_executor_backend='ray'"),
                        (dict(quantization="awq"), "quantization='awq'"),
                        (dict(pipeline_parallel_size=2), "pipeline_parallel_size"),
                        (dict(enable_lora=True), "enable_lora")):

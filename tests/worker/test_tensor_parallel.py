@@ -99,7 +99,7 @@ def test_replicated_kv_heads_and_a_killed_worker(tiny_model_factory):
         assert greedy(llm, prompts) == expected
         executor = llm.engine.executor
         pid = executor.procs.pids[1]
-        params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+        params = SamplingParams(temperature=0, max_tokens=80, ignore_eos=True)
         for i, p in enumerate(prompts):
             llm.engine.add_request(f"long-{i}", p, params)
         llm.engine.step()
