@@ -91,8 +91,8 @@ MUTANTS = [
     Mutant(
         "decode_tokens_not_charged", "running requests' tokens are not charged to the step's token budget",
         "nanovllm/engine/scheduler.py",
-        "            budget -= num_new\n            i += 1\n",
-        "            i += 1\n",
+        "            budget -= num_new\n            if not is_decode:\n",
+        "            if not is_decode:\n",
         ("tests/engine/test_scheduler.py::test_decode_requests_are_scheduled_before_new_prefills",),
     ),
     Mutant(
@@ -106,8 +106,8 @@ MUTANTS = [
         "freed_blocks_evicted_head_first", "a freed request's first blocks are evicted before its last ones, "
         "so the prefix cache loses the shared prefixes first",
         "nanovllm/engine/kv_cache_manager.py",
-        "        for b in reversed(blocks):\n            self.ref_cnt[b] -= 1\n",
-        "        for b in blocks:\n            self.ref_cnt[b] -= 1\n",
+        "        for b in reversed(blocks[dead:]):\n",
+        "        for b in blocks[dead:]:\n",
         ("tests/engine/test_kv_cache_manager.py::test_eviction_order_is_least_recently_freed_tail_first",),
     ),
     Mutant(
