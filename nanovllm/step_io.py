@@ -35,6 +35,34 @@ if TYPE_CHECKING:
 LogprobEntry = dict[int, Logprob]  # the sampled or prompt token and its top-k alternatives
 
 
+class PromptThenOutputTokens:
+    """A request's token ids by position: its prompt, then its generated tokens. Both sides of
+    the contract keep these two lists (the engine's Request, the worker's RequestState) and
+    read them by position without concatenating."""
+
+    __slots__ = ()
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Prompt + generated tokens whose values this side holds (async scheduling: a token still
+        being sampled on the device is not among them)."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def token_id_at(self, position: int) -> int:
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[position] if position < n else self.output_token_ids[position - n]
+
+    def token_ids_slice(self, start: int, end: int) -> list[int]:
+        n = len(self.prompt_token_ids)
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        if start >= n:
+            return self.output_token_ids[start - n : end - n]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - n]
+
+
 @dataclass
 class NewRequest:
     """Everything a worker needs to hold a request it has not seen."""

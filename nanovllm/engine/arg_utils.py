@@ -167,18 +167,18 @@ class EngineArgs:
                        help="auto, float32, float16 or bfloat16 (auto: fp32 on CPU, bf16 on GPU)")
         if "--seed" not in parser._option_string_actions:  # a command's own --seed (a request seed) wins
             g.add_argument("--seed", type=int, default=0, help="engine seed (default 0)")
-        g.add_argument("--max-model-len", type=_positive_int, default=None,
+        g.add_argument("--max-model-len", type=positive_int, default=None,
                        help="longest prompt + completion in tokens (default: the model's, capped at 32768)")
         g.add_argument("--allow-long-max-model-len", action="store_true",
                        help="accept a --max-model-len beyond the model's max_position_embeddings "
                             "(untrained positions; vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN=1)")
-        g.add_argument("--max-num-seqs", type=_positive_int, default=DEFAULT_MAX_NUM_SEQS,
+        g.add_argument("--max-num-seqs", type=positive_int, default=DEFAULT_MAX_NUM_SEQS,
                        help=f"most sequences in one batch (default {DEFAULT_MAX_NUM_SEQS})")
-        g.add_argument("--max-num-batched-tokens", type=_positive_int, default=DEFAULT_MAX_NUM_BATCHED_TOKENS,
+        g.add_argument("--max-num-batched-tokens", type=positive_int, default=DEFAULT_MAX_NUM_BATCHED_TOKENS,
                        help=f"token budget of one step (default {DEFAULT_MAX_NUM_BATCHED_TOKENS})")
-        g.add_argument("--block-size", type=_positive_int, default=DEFAULT_BLOCK_SIZE,
+        g.add_argument("--block-size", type=positive_int, default=DEFAULT_BLOCK_SIZE,
                        help=f"tokens per KV-cache block, a power of two (default {DEFAULT_BLOCK_SIZE})")
-        g.add_argument("--num-kv-blocks", "--num-gpu-blocks-override", dest="num_kv_blocks", type=_positive_int,
+        g.add_argument("--num-kv-blocks", "--num-gpu-blocks-override", dest="num_kv_blocks", type=positive_int,
                        default=None, help="KV-cache blocks (default: sized from memory)")
         g.add_argument("--gpu-memory-utilization", type=_fraction, default=DEFAULT_GPU_MEMORY_UTILIZATION,
                        help=f"fraction of GPU memory for weights + activations + KV cache "
@@ -187,7 +187,7 @@ class EngineArgs:
                        help="reuse the KV cache of shared prompt prefixes (default on)")
         g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
                        help="split long prompts over several steps (default on)")
-        g.add_argument("--max-prefill-tokens-while-decoding", type=_positive_int, default=None,
+        g.add_argument("--max-prefill-tokens-while-decoding", type=positive_int, default=None,
                        help="most prompt tokens per step while requests decode, so long prompts do not stall "
                             "them (default: no cap; needs chunked prefill)")
         g.add_argument("--cascade-attention", choices=CASCADE_MODES, default="auto",
@@ -205,7 +205,7 @@ class EngineArgs:
         g.add_argument("--generation-config", default="auto",
                        help="'auto': default sampling parameters from the model's generation_config.json; "
                             "'vllm': nanovllm's defaults")
-        g.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, default=1,
+        g.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1,
                        help="split the model over this many GPUs (or CPU processes with --device cpu); "
                             "default 1. See docs/parallelism.md")
         g.add_argument("--distributed-executor-backend", choices=EXECUTOR_BACKENDS, default=None,
@@ -245,7 +245,7 @@ class EngineArgs:
 
 
 # ----------------------------------------------------------------------------- argparse value types
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:

@@ -16,6 +16,7 @@ from typing import Optional
 import numpy as np
 
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.step_io import PromptThenOutputTokens
 
 
 class RequestStatus(enum.Enum):
@@ -44,7 +45,7 @@ _FINISH_REASON = {
 
 
 @dataclass
-class Request:
+class Request(PromptThenOutputTokens):
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
@@ -93,25 +94,8 @@ class Request:
         return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
 
     @property
-    def num_known_tokens(self) -> int:
-        """Prompt + generated tokens whose values are on the host."""
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
-
-    @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
-
-    def token_id_at(self, position: int) -> int:
-        n = len(self.prompt_token_ids)
-        return self.prompt_token_ids[position] if position < n else self.output_token_ids[position - n]
-
-    def token_ids_slice(self, start: int, end: int) -> list[int]:
-        n = len(self.prompt_token_ids)
-        if end <= n:
-            return self.prompt_token_ids[start:end]
-        if start >= n:
-            return self.output_token_ids[start - n : end - n]
-        return self.prompt_token_ids[start:] + self.output_token_ids[: end - n]
 
     @property
     def is_finished(self) -> bool:

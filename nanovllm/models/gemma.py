@@ -31,7 +31,7 @@ from nanovllm.layers.kernel_options import DEFAULT_KERNEL_OPTIONS
 from nanovllm.layers.linear import GateUpLinear, LMHead, QKVLinear, RowParallelLinear, VocabEmbedding
 from nanovllm.layers.norm import GemmaRMSNorm
 from nanovllm.layers.rotary import SLIDING_ATTENTION, build_cos_sin_cache, rope_settings
-from nanovllm.models.llama import LlamaForCausalLM, head_dim_of, layer_sliding_window
+from nanovllm.models.llama import LlamaForCausalLM, attend_qkv, head_dim_of, layer_sliding_window
 
 GELU_TANH_ACTS = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new")
 
@@ -54,13 +54,7 @@ class GemmaAttention(nn.Module):
                                    layer_sliding_window(cfg, layer_idx), getattr(cfg, "attn_logit_softcapping", None))
 
     def forward(self, hidden, positions, cos_sin_cache, ctx: ForwardContext):
-        qkv = self.qkv_proj(hidden)  # [T, q + 2 kv]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)  # [T, H, D]
-        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        out = self.attn(q, k, v, positions, cos_sin_cache, ctx, self.q_norm, self.k_norm)  # [T, H, D]
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return attend_qkv(self, self.qkv_proj(hidden), positions, cos_sin_cache, ctx)  # qkv: [T, q + 2 kv]
 
 
 class GemmaMLP(nn.Module):

@@ -12,7 +12,7 @@ worker builds the model in, and attention runs on the rank's heads (`qkv_proj.nu
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -47,6 +47,18 @@ def layer_sliding_window(cfg, layer_idx: int) -> Optional[int]:
     return window
 
 
+def attend_qkv(layer: nn.Module, qkv: torch.Tensor, positions, cos_sin_cache, ctx: ForwardContext) -> torch.Tensor:
+    """An attention layer's work after its qkv projection: split [T, q + 2 kv] into heads, paged
+    attention (RoPE, the optional q/k norms, the KV store), o_proj -> [T, hidden]. `layer` has
+    q_size, kv_size, num_heads, num_kv_heads, head_dim, attn, q_norm, k_norm and o_proj."""
+    q, k, v = qkv.split([layer.q_size, layer.kv_size, layer.kv_size], dim=-1)
+    q = q.view(-1, layer.num_heads, layer.head_dim)  # [T, H, D]
+    k = k.view(-1, layer.num_kv_heads, layer.head_dim)  # [T, Hkv, D]
+    v = v.view(-1, layer.num_kv_heads, layer.head_dim)
+    out = layer.attn(q, k, v, positions, cos_sin_cache, ctx, layer.q_norm, layer.k_norm)  # [T, H, D]
+    return layer.o_proj(out.reshape(-1, layer.q_size))
+
+
 class DecoderAttention(nn.Module):
     def __init__(self, cfg, qkv_bias: bool, qk_norm: bool, layer_idx: int = 0) -> None:
         super().__init__()
@@ -68,12 +80,7 @@ class DecoderAttention(nn.Module):
     def forward(self, qkv, positions, cos_sin_cache, ctx: ForwardContext):
         """Attention from the qkv projection's output [T, q + 2 kv] (the decoder layer runs
         the projection together with its input norm) through o_proj."""
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)  # [T, H, D]
-        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        out = self.attn(q, k, v, positions, cos_sin_cache, ctx, self.q_norm, self.k_norm)  # [T, H, D]
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return attend_qkv(self, qkv, positions, cos_sin_cache, ctx)
 
 
 class DecoderMLP(nn.Module):
@@ -110,10 +117,13 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, cfg, qkv_bias: bool, qk_norm: bool, max_positions: int) -> None:
+    """Embedding, the decoder layers `make_layer(index)` builds (dense here, sparse MoE in
+    qwen3_moe.py), final norm; one RoPE table for all of them."""
+
+    def __init__(self, cfg, max_positions: int, make_layer: Callable[[int], nn.Module]) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, qkv_bias, qk_norm, i) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(make_layer(i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.register_buffer(
             "cos_sin_cache", build_cos_sin_cache(cfg, head_dim_of(cfg), max_positions), persistent=False
@@ -147,7 +157,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         qkv_bias = self.qkv_bias or bool(getattr(cfg, "attention_bias", False))
-        self.model = DecoderModel(cfg, qkv_bias, self.qk_norm, max_positions)
+        self.model = DecoderModel(cfg, max_positions, lambda i: DecoderLayer(cfg, qkv_bias, self.qk_norm, i))
         self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size)
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         if self.tie_word_embeddings:

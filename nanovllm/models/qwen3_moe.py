@@ -15,12 +15,11 @@ from torch import nn
 
 from nanovllm.layers.attention import PagedAttention
 from nanovllm.layers.forward_context import ForwardContext
-from nanovllm.layers.linear import LMHead, VocabEmbedding
+from nanovllm.layers.linear import LMHead
 from nanovllm.layers.moe import DOWN, GATE, UP, SparseMoeBlock, expert_checkpoint_tensor
 from nanovllm.layers.norm import RMSNorm
 from nanovllm.layers.norm_linear import RMSNormLinear
-from nanovllm.layers.rotary import build_cos_sin_cache
-from nanovllm.models.llama import DecoderAttention, DecoderMLP, LlamaForCausalLM, head_dim_of
+from nanovllm.models.llama import DecoderAttention, DecoderMLP, DecoderModel, LlamaForCausalLM
 
 
 class MoEDecoderLayer(nn.Module):
@@ -51,25 +50,6 @@ class MoEDecoderLayer(nn.Module):
         return self.mlp(gate_up), residual
 
 
-class MoEModel(nn.Module):
-    def __init__(self, cfg, arch: "Qwen3MoeForCausalLM", max_positions: int) -> None:
-        super().__init__()
-        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(MoEDecoderLayer(cfg, arch, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.register_buffer(
-            "cos_sin_cache", build_cos_sin_cache(cfg, head_dim_of(cfg), max_positions), persistent=False
-        )
-
-    def forward(self, input_ids, positions, ctx):
-        hidden = self.embed_tokens(input_ids)  # [T, hidden]
-        residual = None
-        for layer in self.layers:
-            hidden, residual = layer(hidden, residual, positions, self.cos_sin_cache, ctx)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
-
-
 class Qwen3MoeForCausalLM(nn.Module):
     supports_tensor_parallel = True  # attention as Llama's; each expert's intermediate size split (layers/moe.py)
     qkv_bias = False
@@ -81,7 +61,7 @@ class Qwen3MoeForCausalLM(nn.Module):
     def __init__(self, cfg, max_positions: int) -> None:
         super().__init__()
         self.config = cfg
-        self.model = MoEModel(cfg, self, max_positions)
+        self.model = DecoderModel(cfg, max_positions, lambda i: MoEDecoderLayer(cfg, self, i))
         self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size)
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         if self.tie_word_embeddings:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from nanovllm.models.architectures import SUPPORTED_ARCHITECTURES, unsupported_message
+from nanovllm.models.architectures import unsupported_message
 from nanovllm.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from nanovllm.models.gpt2 import GPT2LMHeadModel
 from nanovllm.models.llama import LlamaForCausalLM, MistralForCausalLM
@@ -26,7 +26,6 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
 }
-assert set(MODEL_REGISTRY) == set(SUPPORTED_ARCHITECTURES), "list a new architecture in models/architectures.py too"
 
 
 def supported_architectures() -> list[str]:

@@ -15,6 +15,7 @@ from typing import Optional
 
 from nanovllm import envs
 from nanovllm.cli.args import add_engine_args, engine_args
+from nanovllm.engine.arg_utils import positive_int
 
 API_KEY_ENV = envs.NANOVLLM_API_KEY.name
 EXIT_ENGINE_DIED = 1
@@ -44,7 +45,7 @@ def add_serve_parser(sub) -> None:
                         "history)")
     g.add_argument("--served-model-name", default=None,
                    help="model name clients must send (default: the MODEL argument, or the bundled model's name)")
-    g.add_argument("--max-body-bytes", type=_positive_int, default=None,
+    g.add_argument("--max-body-bytes", type=positive_int, default=None,
                    help="largest request body accepted; larger ones get 413 (default 10 MiB)")
     g.add_argument("--no-web-ui", dest="web_ui", action="store_false",
                    help="leave out the browser chat (/) and the live dashboard (/dashboard)")
@@ -227,16 +228,6 @@ def _port(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
     if not 0 <= value <= MAX_PORT:
         raise argparse.ArgumentTypeError(f"port {value} is outside [0, {MAX_PORT}]")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
 
 

@@ -16,10 +16,10 @@ from typing import Optional
 import numpy as np
 
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.step_io import NewRequest, StepInput
+from nanovllm.step_io import NewRequest, PromptThenOutputTokens, StepInput
 
 
-class RequestState:
+class RequestState(PromptThenOutputTokens):
     """One request as the worker sees it (token ids on the host, block table, settings)."""
 
     __slots__ = ("req_id", "prompt_token_ids", "sampling_params", "block_ids", "output_token_ids", "_prompt_array")
@@ -37,28 +37,11 @@ class RequestState:
         return len(self.prompt_token_ids)
 
     @property
-    def num_known_tokens(self) -> int:
-        """Prompt + generated tokens whose values the worker has."""
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
-
-    @property
     def prompt_array(self) -> np.ndarray:
         """The prompt as an int64 array, made on first use (penalties read it every step)."""
         if self._prompt_array is None:
             self._prompt_array = np.asarray(self.prompt_token_ids, dtype=np.int64)
         return self._prompt_array
-
-    def token_id_at(self, position: int) -> int:
-        n = len(self.prompt_token_ids)
-        return self.prompt_token_ids[position] if position < n else self.output_token_ids[position - n]
-
-    def token_ids_slice(self, start: int, end: int) -> list[int]:
-        n = len(self.prompt_token_ids)
-        if end <= n:
-            return self.prompt_token_ids[start:end]
-        if start >= n:
-            return self.output_token_ids[start - n : end - n]
-        return self.prompt_token_ids[start:] + self.output_token_ids[: end - n]
 
 
 class RequestStates(dict):

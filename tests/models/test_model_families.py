@@ -81,3 +81,12 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
     for arch in ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "GPT2LMHeadModel", "Phi3ForCausalLM",
                  "Qwen3MoeForCausalLM", "MixtralForCausalLM", "MistralForCausalLM"):
         assert arch in str(err.value)
+
+
+def test_the_torch_free_architecture_list_names_every_registered_model():
+    """loading/model_info.py checks a config against models/architectures.py without importing
+    torch models; the registry that builds them must hold exactly the same names."""
+    from nanovllm.models.architectures import SUPPORTED_ARCHITECTURES
+    from nanovllm.models.registry import MODEL_REGISTRY
+
+    assert set(MODEL_REGISTRY) == set(SUPPORTED_ARCHITECTURES), "list a new architecture in models/architectures.py too"
