@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 
 # Tests never reach the Hugging Face hub: a repo id that is not cached fails at once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,6 +19,20 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from tiny_models import build_tiny_model  # noqa: E402
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Before each GPU test, free what a failed test left alive: pytest keeps its traceback in
+    sys.last_* (for post-mortem debugging) and in reference cycles until the collector runs,
+    and an engine in its frames holds most of the GPU (its KV cache): every later test in the
+    process would then fail for want of memory instead of for its own reason."""
+    if item.get_closest_marker("gpu") is not None and torch.cuda.is_available():
+        for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+            if hasattr(sys, name):
+                setattr(sys, name, None)
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 @pytest.fixture(scope="session")

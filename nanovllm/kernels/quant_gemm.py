@@ -336,7 +336,7 @@ def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype = torch.bfloat16,
 
 def dequant_linear(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Large M: dequantize into a transient bf16/fp16 weight, then cuBLAS."""
-    return torch.nn.functional.linear(x, dequantize_weight(qw, x.dtype), bias)
+    return torch.nn.functional.linear(x, dequantize_weight(qw, x.dtype), None if bias is None else bias.to(x.dtype))
 
 
 # ----------------------------------------------------------------------------- fp8 tensor cores
@@ -374,6 +374,14 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _quant_rows_fp8_kernel[(m,)](x, q, scale, k, x.stride(0), q.stride(0),
                                      BLOCK_K=min(QUANT_ROWS_BLOCK_K, next_pow2(k)))
     return q, scale
+
+
+SCALED_MM_ALIGN = 16  # torch._scaled_mm wants both of the weight's dimensions a multiple of this
+
+
+def scaled_mm_fits(qw: QuantizedWeight) -> bool:
+    """Whether an fp8 weight's shape suits torch._scaled_mm (else dequantize + cuBLAS)."""
+    return qw.qtype == "fp8" and qw.out_features % SCALED_MM_ALIGN == 0 and qw.in_features % SCALED_MM_ALIGN == 0
 
 
 def scaled_mm_fp8(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -161,8 +161,10 @@ def _norm_rope_heads(
         hm = tl.load(h_ptr + offs_r[:, None] * HALF + offs_r[None, :])  # [HALF, HALF]
         a = y1.to(tl.float32)
         b = y2.to(tl.float32)
-        r1 = tl.dot(a + b, hm) * 0.7071067811865476  # [HEADS_PAD, HALF] fp32
-        r2 = tl.dot(a - b, hm) * 0.7071067811865476
+        # full fp32 products ("ieee"): tf32's 10-bit inputs move outputs that nearly cancel by
+        # several e4m3 steps; this dot is [HEADS_PAD, HALF] x [HALF, HALF], cheap either way
+        r1 = tl.dot(a + b, hm, input_precision="ieee") * 0.7071067811865476  # [HEADS_PAD, HALF] fp32
+        r2 = tl.dot(a - b, hm, input_precision="ieee") * 0.7071067811865476
     if HADAMARD and not STORE:  # q: attention reads it rotated
         tl.store(ptr1, r1.to(dtype), mask=mask)
         tl.store(ptr1 + HALF, r2.to(dtype), mask=mask)

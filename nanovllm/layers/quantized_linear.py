@@ -250,7 +250,7 @@ class QuantizedLinear(Linear):
                 return quant_gemm.quant_dot_gemm(x, self.qweight, self.bias, pdl=self.kernel_options.pdl)
             except quant_gemm.NotTunedError as e:
                 logger.warning("%s; this graph dequantizes for it instead", e)
-        if self.spec.qtype == "fp8" and x.is_cuda and torch.cuda.get_device_capability(x.device) >= FP8_MMA_CAPABILITY:
+        if quant_gemm.scaled_mm_fits(self.qweight) and x.is_cuda and torch.cuda.get_device_capability(x.device) >= FP8_MMA_CAPABILITY:
             return quant_gemm.scaled_mm_fp8(x, self.qweight, self.bias)
         return quant_gemm.dequant_linear(x, self.qweight, self.bias)
 

@@ -55,7 +55,8 @@ def linear_weights(model: torch.nn.Module) -> dict:
     """{(N, K, dtype): (weight, bias, after_norm)} of the first Linear of each distinct weight
     shape on CUDA (one with a bias if any); after_norm: a Linear of that shape runs behind an
     RMSNorm in an `RMSNormLinear` (the decoder's qkv and gate_up projections)."""
-    after_norm = {gemv_shape(m.linear) for m in model.modules() if isinstance(m, RMSNormLinear)}
+    after_norm = {gemv_shape(m.linear) for m in model.modules()
+                  if isinstance(m, RMSNormLinear) and m.linear.supports_gemv}  # quantized ones calibrate apart
     shapes: dict = {}
     for module in model.modules():
         if not isinstance(module, Linear) or not module.supports_gemv or module.packed_fp16 is not None:

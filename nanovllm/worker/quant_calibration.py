@@ -78,7 +78,7 @@ def _runners(copies: list, bias, m: int, prologue: str, options: KernelOptions, 
     x = torch.randn(m, width, dtype=dtype, device=device)
     residual = torch.randn(m, k, dtype=dtype, device=device)
     norm_weight = torch.ones(k, dtype=dtype, device=device)
-    fp8_mma = qw.qtype == "fp8" and torch.cuda.get_device_capability(device) >= FP8_MMA_CAPABILITY
+    fp8_mma = quant_gemm.scaled_mm_fits(qw) and torch.cuda.get_device_capability(device) >= FP8_MMA_CAPABILITY
 
     def front():  # the op the layer runs before an unfused GEMM
         if prologue == "norm":

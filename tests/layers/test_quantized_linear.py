@@ -174,3 +174,47 @@ def test_quantize_modules_rewires_norm_wrappers():
     assert block.proj is new["proj"] and block.fused.linear is new["proj"]
     with pytest.raises(ValueError, match="not a linear"):
         quantize_modules(block, {"norm": LinearQuantSpec("int8")})
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
+def test_dequant_linear_takes_a_bias_of_another_dtype(spec):
+    """The large-M path (dequantize, then cuBLAS) runs bf16 activations against the layer's
+    bias as it was loaded (fp32 here): the bias follows the activations."""
+    from nanovllm.kernels import quant_gemm
+
+    layer, w = quantized(Linear(64, 32, bias=True), spec, TRITON_ON_CPU)  # keeps the CUDA format
+    layer.bias.data.copy_(rand(32, seed=3))
+    x = rand(5, 64, seed=1).to(torch.bfloat16)
+    out = quant_gemm.dequant_linear(x, layer.qweight, layer.bias.float())
+    assert out.dtype == torch.bfloat16
+    ref = x.float() @ reference_weight(w, spec).t() + layer.bias.float()
+    assert rel_err(out, ref) < CPU_TOL
+
+
+def test_scaled_mm_only_for_fp8_weights_of_aligned_shapes():
+    """torch._scaled_mm refuses dimensions that are not multiples of 16 (e.g. an output of 200):
+    those fp8 weights take dequantize + cuBLAS instead."""
+    from nanovllm.kernels import quant_gemm
+
+    fits = {(n, k, s.qtype): quant_gemm.scaled_mm_fits(quantized(Linear(k, n), s, TRITON_ON_CPU)[0].qweight)
+            for n, k in [(64, 64), (200, 64), (64, 200)] for s in SPECS}
+    assert fits[(64, 64, "fp8")] and not fits[(200, 64, "fp8")] and not fits[(64, 200, "fp8")]
+    assert not any(v for (n, k, q), v in fits.items() if q != "fp8")
+
+
+def test_gemv_calibration_skips_quantized_linears_behind_a_norm():
+    """The bf16 skinny-GEMM calibration lists the float Linears behind an RMSNorm; a quantized
+    one there has no 2-D float weight (and calibrates apart): it must not break the listing."""
+    from nanovllm.worker.gemv_calibration import linear_weights
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = RMSNorm(64)
+            self.proj = GateUpLinear(64, 32)
+            self.fused = RMSNormLinear(self.norm, self.proj)
+            self.out = Linear(32, 64)
+
+    block = Block()
+    quantize_modules(block, {"proj": LinearQuantSpec("fp8")})
+    assert linear_weights(block) == {}  # CPU weights are not timed; what matters is no error
