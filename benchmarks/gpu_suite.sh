@@ -23,7 +23,13 @@ serve_and_bench() {
   (cd "$dir" && PYTHONPATH=$PWD:/tmp/site exec setsid python3 -m nanovllm.cli.main serve "$serve_model" \
       --load-format dummy --skip-tokenizer-init --max-model-len ${SERVEPERF_MAX_MODEL_LEN:-2048} --port 8123 "$@") > "$OUT/server_$tag.log" 2>&1 &
   local pid=$!
-  for i in $(seq 180); do curl -sf http://127.0.0.1:8123/health >/dev/null && break; sleep 1; done
+  for i in $(seq 180); do
+    curl -sf http://127.0.0.1:8123/health >/dev/null && break
+    if ! kill -0 "$pid" 2>/dev/null; then   # died while starting: say why instead of waiting out the loop
+      echo "server ($tag) exited before serving:"; tail -3 "$OUT/server_$tag.log"; return 1
+    fi
+    sleep 1
+  done
   timeout 60 $nv bench serve --base-url http://127.0.0.1:8123 --num-prompts $serve_warmup --max-concurrency 64 --input-len 512 \
       --output-len 16 --ignore-eos --seed 99 --no-save > /dev/null 2>&1   # warm-up: Triton JIT, allocator
   timeout 150 $nv bench serve --base-url http://127.0.0.1:8123 $serve_workload --label "$label, $(gpu_name)" 2>&1 \

@@ -19,6 +19,7 @@ each other's choices.
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Optional
 
@@ -194,8 +195,10 @@ class Worker:
         return self.runner.resolve(self.runner.launch(step))
 
     def shutdown(self) -> None:
-        """Drop the model and the cache (their device memory goes back to the allocator)."""
+        """Drop the model and the cache, and give their device memory back to the driver: another
+        engine, or a worker process that sizes its KV cache from the free memory, starts next."""
         self.runner = None
         self.model = None
         if self.device.type == "cuda":
+            gc.collect()  # CUDA graphs and their runner hold one another: a cycle, freed only here
             torch.cuda.empty_cache()

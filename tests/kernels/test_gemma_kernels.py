@@ -115,3 +115,19 @@ def test_softcap_must_be_positive():
     query, k_cache, v_cache, qsl, lens, tables = make_batch(q_lens, seq_lens, 2, 2, 16, 16, torch.float32, DEVICE, 1)
     with pytest.raises(ValueError, match="softcap"):
         paged_attention(query, k_cache, v_cache, qsl, lens, tables, 0.25, softcap=0.0)
+
+
+@pytest.mark.parametrize("mix", ["prefill", "prefix", "mixed", "decode"])
+@pytest.mark.parametrize("window", [None, 8], ids=["global", "local"])
+def test_softcapped_attention_at_tiny_gemma2_shapes(mix, window):
+    """The tiny Gemma 2 of the model-family parity test: head_dim 16 (tl.dot's smallest), blocks of
+    8 tokens, a cap of 5 that bends most scores, and the scale from query_pre_attn_scalar 24."""
+    q_lens, seq_lens = MIXES_SMALL[mix]
+    query, k_cache, v_cache, qsl, lens, tables = make_batch(q_lens, seq_lens, 4, 2, 16, 8, torch.float32, DEVICE,
+                                                            seed=3 + len(mix))
+    query = query * 4
+    scale, softcap = 24**-0.5, 5.0
+    out = torch.full_like(query, float("nan"))
+    paged_attention(query, k_cache, v_cache, qsl, lens, tables, scale, sliding_window=window, out=out,
+                    max_query_len=max(q_lens), max_seq_len=max(seq_lens), softcap=softcap)
+    assert_close(out, reference_capped(query, k_cache, v_cache, qsl, lens, tables, scale, window, softcap))

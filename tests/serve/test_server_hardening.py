@@ -109,8 +109,9 @@ def test_health_keeps_pace_while_huge_prompts_are_tokenized(hard):
     assert results[0].json()["count"] > 8192  # really a huge prompt (longer than the context)
     assert len(health) >= 5, f"tokenizing took only {busy:.2f} s: not a test of the event loop"
     # Tokenized on the event loop, one /health would wait for a whole prompt (>= busy / 2).
-    # Threads only share the CPU with it: on 2 busy cores that still costs a few 100 ms.
-    assert max(health) < min(1.0, busy / 4), f"/health took up to {max(health):.2f} s while prompts were " \
+    # Threads only share the CPU with it: on 2 cores busy with other jobs that still costs up to
+    # about a quarter of the tokenizing time; a third keeps clear of the blocked loop's half.
+    assert max(health) < min(1.0, busy / 3), f"/health took up to {max(health):.2f} s while prompts were " \
                                               f"tokenized for {busy:.1f} s"
 
 
