@@ -99,7 +99,7 @@ def check(args) -> None:
         model_dir(name.strip())
 
 
-def _load_config(model: str) -> dict:
+def load_config(model: str) -> dict:
     with open(os.path.join(model_dir(model), "config.json")) as f:
         return json.load(f)
 
@@ -169,7 +169,7 @@ def run(args) -> int:
     rows, csv_path = [], os.path.join(args.result_dir, "fusion.csv")
     for name in args.models.split(","):
         model = os.path.basename(os.path.normpath(model_dir(name.strip())))
-        for shape in decode_shapes(_load_config(name.strip())):
+        for shape in decode_shapes(load_config(name.strip())):
             part = [{"model": model, **r} for r in bench_shape(shape, args.rows, copy_bw)]
             for m in args.rows:
                 cells = {r["impl"]: f"{r['us']:>8.1f} {r['pct_copy']:>5.1f}%" for r in part if r["m"] == m}
