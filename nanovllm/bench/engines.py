@@ -22,13 +22,14 @@ def kv_blocks_for(max_num_seqs: int, max_model_len: int, block_size: int = DEFAU
 
 
 def workload_llm(model: str, max_model_len: int, max_num_seqs: int, *, load_format: str = "dummy",
-                 device: str = "auto", dtype: str = "auto", **kwargs):
-    """An LLM (no tokenizer) whose KV cache holds exactly its workload; kwargs go to the engine."""
+                 device: str = "auto", dtype: str = "auto", num_kv_blocks: Optional[int] = None, **kwargs):
+    """An LLM (no tokenizer) whose KV cache holds its workload: num_kv_blocks, by default
+    `kv_blocks_for(max_num_seqs, max_model_len)`; kwargs go to the engine."""
     from nanovllm import LLM
 
     return LLM(model, load_format=load_format, skip_tokenizer_init=True, device=device, dtype=dtype,
                max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-               num_kv_blocks=kv_blocks_for(max_num_seqs, max_model_len), **kwargs)
+               num_kv_blocks=num_kv_blocks or kv_blocks_for(max_num_seqs, max_model_len), **kwargs)
 
 
 def release(llm) -> None:

@@ -16,8 +16,8 @@ with other tokens runs first (Triton compiles, allocator), then the measured run
                   before the run; empty on CPU
 
 Fusion: one engine per (model, fuse_gemv_prologues) setting, reused for all points, built one
-after another (each KV cache sized for the grid, prefix caching off so no point reads another's
-blocks). The fused prologue only runs where the decode GEMMs take the Triton skinny GEMM (<= 8
+after another (each KV cache sized for the grid's largest point, prefix caching off so no point
+reads another's blocks). The fused prologue only runs where the decode GEMMs take the Triton skinny GEMM (<= 8
 rows, where calibration found it faster than cuBLAS): from batch 16 on both settings run the
 same kernels, and their difference is the run-to-run noise.
 
@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from nanovllm import envs
 from nanovllm.bench import engines
 from nanovllm.bench.report import RESULTS_DIR, append_rows, base_row
+from nanovllm.config import DEFAULT_BLOCK_SIZE
 
 CONFIG_DIR = os.path.join(os.path.dirname(RESULTS_DIR), "configs")
 DEFAULT_MODELS = ("qwen3-0.6b", "qwen3-8b")
@@ -188,13 +189,19 @@ class _MemoryWindow:
                 "act_peak_gib": round((peak - self.start) / GIB, 3)}
 
 
+def kv_blocks(points: list[Point], output_len: int, max_model_len: int) -> int:
+    """KV blocks for the largest point (not max batch x longest prompt, which no point runs) and spares."""
+    per_point = max(p.batch * -(-(p.prompt_len + output_len) // DEFAULT_BLOCK_SIZE) for p in points)
+    return per_point + engines.SPARE_SEQUENCES * -(-max_model_len // DEFAULT_BLOCK_SIZE)
+
+
 def sweep_model(args, model: str, points: list[Point], fused: bool) -> list[dict]:
     """Every point on one engine with fuse_gemv_prologues=fused; rows as they go into the CSV."""
     max_len = max(p.prompt_len for p in points) + args.output_len + MODEL_LEN_SLACK
     max_seqs = max(p.batch for p in points)
     llm = engines.workload_llm(model, max_len, max_seqs, load_format=args.load_format, device=args.device,
-                               dtype=args.dtype, enforce_eager=args.enforce_eager, enable_prefix_caching=False,
-                               fuse_gemv_prologues=fused)
+                               dtype=args.dtype, num_kv_blocks=kv_blocks(points, args.output_len, max_len),
+                               enforce_eager=args.enforce_eager, enable_prefix_caching=False, fuse_gemv_prologues=fused)
     name = os.path.basename(os.path.normpath(model))
     graphs = llm.engine.executor.info.cuda_graphs
     rows = []

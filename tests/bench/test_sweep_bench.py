@@ -64,3 +64,10 @@ def test_sweep_writes_rows_and_plot_for_both_fusion_settings(tiny_model_factory,
     png = tmp_path / f"sweep_{rows[0]['model']}.png"
     assert png.stat().st_size > 10_000
     assert "fused=False" in capsys.readouterr().out
+
+
+def test_kv_cache_holds_the_largest_point_not_the_product_of_maxima():
+    points = sweep.grid_points([128, 4096], [1, 16], [64], 512)
+    blocks = sweep.kv_blocks(points, 128, 4096 + 128 + 16)
+    assert blocks == 16 * (4096 + 128) // 16 + 2 * 265  # batch 16 x 4224 tokens, plus two spare sequences
+    assert blocks >= 64 * -(-(512 + 128) // 16)  # the batch-64 point fits too
