@@ -17,9 +17,9 @@ with other tokens runs first (Triton compiles, allocator), then the measured run
 
 Fusion: one engine per (model, fuse_gemv_prologues) setting, reused for all points, built one
 after another (each KV cache sized for the grid's largest point, prefix caching off so no point
-reads another's blocks). The fused prologue only runs where the decode GEMMs take the Triton skinny GEMM (<= 8
-rows, where calibration found it faster than cuBLAS): from batch 16 on both settings run the
-same kernels, and their difference is the run-to-run noise.
+reads another's blocks). The fused prologue only runs where the decode GEMMs take the Triton
+skinny GEMM (<= 8 rows, where calibration found it faster than cuBLAS): from batch 16 on both
+settings run the same kernels, and their difference is the run-to-run noise.
 
     nanovllm bench sweep                                   # both models, full grid (H200: ~5-7 min)
     nanovllm bench sweep --models qwen3-0.6b               # one model (a config dir or a name below)
@@ -231,14 +231,14 @@ def run(args) -> int:
         model = model_dir(name.strip())
         base = base_row()
         rows = []
-        for fused in settings:
+        for fused in settings:  # CSV rows and plot after each setting: a run cut short keeps what it measured
             part = sweep_model(args, model, points, fused)
-            csv_path = append_rows(csv_path, [{**base, **{f: r[f] for f in FIELDS}} for r in part])  # kept if cut short
+            csv_path = append_rows(csv_path, [{**base, **{f: r[f] for f in FIELDS}} for r in part])
             rows += part
-        if not args.no_plot:
-            png = plot_model(rows, os.path.join(args.result_dir, f"sweep_{rows[0]['model']}.png"),
-                             f"{rows[0]['model']} ({base['device']}, {base['commit']}, {base['date']} UTC)")
-            print(f"plot: {png}")
+            if not args.no_plot:
+                png = plot_model(rows, os.path.join(args.result_dir, f"sweep_{rows[0]['model']}.png"),
+                                 f"{rows[0]['model']} ({base['device']}, {base['commit']}, {base['date']} UTC)")
+                print(f"plot: {png}")
     print(f"sweep: {len(points)} points x {len(settings)} fusion settings per model in "
           f"{time.perf_counter() - t_start:.0f} s (CSV: {csv_path})")
     return 0
