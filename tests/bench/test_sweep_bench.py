@@ -71,3 +71,18 @@ def test_kv_cache_holds_the_largest_point_not_the_product_of_maxima():
     blocks = sweep.kv_blocks(points, 128, 4096 + 128 + 16)
     assert blocks == 16 * (4096 + 128) // 16 + 2 * 265  # batch 16 x 4224 tokens, plus two spare sequences
     assert blocks >= 64 * -(-(512 + 128) // 16)  # the batch-64 point fits too
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_sweep_records_peak_gpu_memory(tiny_model_factory, tmp_path):
+    model = tiny_model_factory("qwen3")
+    args = parse(["--models", model, "--load-format", "auto", "--prompt-lens", "16,64", "--prompt-batches", "1",
+                  "--batches", "1,4", "--batch-prompt-len", "16", "--output-len", "8", "--result-dir", str(tmp_path)])
+    assert sweep.run(args) == 0
+    rows = list(csv.DictReader(open(tmp_path / "sweep.csv")))
+    assert len(rows) == 2 * 3 and {r["fused"] for r in rows} == {"True", "False"}
+    for r in rows:
+        assert float(r["peak_reserved_gib"]) >= float(r["peak_alloc_gib"]) > 0
+        assert 0 <= float(r["act_peak_gib"]) <= float(r["peak_alloc_gib"])
+        assert int(r["output_tokens"]) == int(r["batch"]) * 8 and float(r["e2e_s"]) * 1000 >= float(r["ttft_ms"])
