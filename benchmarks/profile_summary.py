@@ -32,7 +32,10 @@ DEFAULT_BATCHES = (1, 64)
 CONTEXT = 512
 # (class, substrings of the lower-cased kernel name); the first class with a match wins
 KERNEL_CLASSES = (
-    ("gemv/gemm", ("skinny_gemm", "nvjet", "gemm", "gemv", "cutlass", "cublas", "xmma", "splitkreduce")),
+    ("gemv/gemm", ("skinny_gemm", "nvjet", "gemm", "gemv", "cutlass", "cublas", "xmma", "splitkreduce",
+                   # quantized linears (kernels/quant_gemv.py, quant_gemm.py): the GEMVs, the GEMM's dot and
+                   # dequantization, the activations' fp8 rows
+                   "_words_kernel", "_fp8_kernel", "_dot_kernel", "dequant")),
     ("attention", ("attention", "decode_split", "merge_splits", "decode_reduce", "shared_prefix", "cascade",
                    "flash", "fmha")),
     ("norm", ("rms_norm", "layer_norm", "layernorm", "rmsnorm")),
@@ -42,7 +45,8 @@ KERNEL_CLASSES = (
 )
 OTHER = "copy/other"
 CLASSES = tuple(c for c, _ in KERNEL_CLASSES) + (OTHER,)
-NCU_METRICS = ("dram__throughput.avg.pct_of_peak_sustained_elapsed", "sm__warps_active.avg.pct_of_peak_sustained_active",
+NCU_METRICS = ("dram__throughput.avg.pct_of_peak_sustained_elapsed",
+               "sm__warps_active.avg.pct_of_peak_sustained_active",
                "gpu__time_duration.sum", "launch__registers_per_thread")
 
 
@@ -125,7 +129,8 @@ def run_ncu_target(target: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated dirs or benchmarks/configs names")
+    ap.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                    help="comma-separated model dirs or names in benchmarks/configs/")
     ap.add_argument("--batches", default=",".join(map(str, DEFAULT_BATCHES)), help="decode batches (default 1,64)")
     ap.add_argument("--context", type=int, default=CONTEXT, help=f"prompt tokens per request (default {CONTEXT})")
     ap.add_argument("--steps", type=int, default=20, help="profiled decode steps (default 20)")

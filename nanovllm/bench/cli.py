@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "sweep": ("nanovllm.bench.sweep", "prompt-length x batch-size sweep, fusion on/off: TTFT, decode tok/s, peak memory"),
     "fusion": ("nanovllm.bench.fusion", "the fused RMSNorm + skinny GEMM alone against RMSNorm + cuBLAS (GB/s, % of copy)"),
     "timeline": ("nanovllm.bench.timeline", "TTFT by stage from a `serve --request-timeline` CSV (+ PNG)"),
+    "perplexity": ("nanovllm.bench.perplexity", "perplexity on a fixed text (the quality check of quantization)"),
 }
 
 

@@ -83,7 +83,8 @@ def impls_for(m: int, max_fused_rows: int) -> tuple[str, ...]:
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default=",".join(DEFAULT_MODELS),
-                   help=f"comma-separated model dirs or names in benchmarks/configs/ (default {','.join(DEFAULT_MODELS)})")
+                   help="comma-separated model dirs or names in benchmarks/configs/ "
+                        f"(default {','.join(DEFAULT_MODELS)})")
     p.add_argument("--rows", type=int_list, default=list(DEFAULT_ROWS), help="M values (default 1,2,4,8,16,32,64)")
     p.add_argument("--result-dir", default=RESULTS_DIR, help="where fusion.csv and fusion.png go")
 

@@ -38,6 +38,7 @@ from nanovllm.bench.engines import release as _release
 from nanovllm.bench.engines import step as _step
 from nanovllm.bench.engines import workload_llm
 from nanovllm.bench.report import RESULTS_DIR, append_rows, base_row
+from nanovllm.cli.args import add_quantization_args, quantization_kwargs
 from nanovllm.config import DEFAULT_MAX_NUM_BATCHED_TOKENS
 
 TOKEN_ID_MAX = 10000
@@ -73,6 +74,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-cap", type=int, default=128,
                    help="(b, c) max_prefill_tokens_while_decoding of the chunked engine (default 128)")
     p.add_argument("--result-dir", default=RESULTS_DIR, help="where prefix.csv / prefix.png go")
+    add_quantization_args(p)
 
 
 _token_high = [TOKEN_ID_MAX]  # lowered to the model's vocabulary by _make_llm
@@ -85,7 +87,7 @@ def _random_tokens(rng: random.Random, n: int) -> list[int]:
 def _make_llm(args, max_model_len: int, max_num_seqs: int, **kw):
     """An engine whose KV cache holds its workload (bench/engines.py)."""
     llm = workload_llm(args.model, max_model_len, max_num_seqs, load_format=args.load_format, device=args.device,
-                       dtype=args.dtype, **kw)
+                       dtype=args.dtype, **quantization_kwargs(args), **kw)
     _token_high[0] = min(TOKEN_ID_MAX, llm.engine.hf_config.vocab_size - 1)
     return llm
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from nanovllm import envs
 from nanovllm.bench import engines
 from nanovllm.bench.report import RESULTS_DIR, append_rows, base_row
+from nanovllm.cli.args import add_quantization_args, quantization_kwargs
 from nanovllm.config import DEFAULT_BLOCK_SIZE
 
 CONFIG_DIR = os.path.join(os.path.dirname(RESULTS_DIR), "configs")
@@ -55,8 +56,8 @@ WARMUP_OUTPUT_LEN = 2  # the warm-up's generated tokens: one prefill, one decode
 MODEL_LEN_SLACK = 16  # max_model_len above the longest prompt + output
 TOKEN_ID_MAX = 10000
 GIB = 2**30
-FIELDS = ("model", "fused", "grid", "batch", "prompt_len", "output_len", "output_tokens", "ttft_ms", "decode_tok_s",
-          "e2e_s", "peak_alloc_gib", "peak_reserved_gib", "act_peak_gib", "cuda_graphs")
+FIELDS = ("model", "quantization", "fused", "grid", "batch", "prompt_len", "output_len", "output_tokens", "ttft_ms",
+          "decode_tok_s", "e2e_s", "peak_alloc_gib", "peak_reserved_gib", "act_peak_gib", "cuda_graphs")
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,8 @@ def model_dir(name: str) -> str:
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default=",".join(DEFAULT_MODELS),
-                   help=f"comma-separated model dirs or names in benchmarks/configs/ (default {','.join(DEFAULT_MODELS)})")
+                   help="comma-separated model dirs or names in benchmarks/configs/ "
+                        f"(default {','.join(DEFAULT_MODELS)})")
     p.add_argument("--prompt-lens", type=int_list, default=list(DEFAULT_PROMPT_LENS),
                    help="prompt-length sweep (default 128,256,512,1024,2048,4096)")
     p.add_argument("--prompt-batches", type=int_list, default=list(DEFAULT_PROMPT_BATCHES),
@@ -115,6 +117,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    add_quantization_args(p)
     p.add_argument("--result-dir", default=RESULTS_DIR, help="where sweep.csv and sweep_<model>.png go")
     p.add_argument("--no-plot", action="store_true", help="CSV only")
 
@@ -185,7 +188,8 @@ class _MemoryWindow:
 
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
-        return {"peak_alloc_gib": round(peak / GIB, 3), "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 3),
+        reserved = torch.cuda.max_memory_reserved()
+        return {"peak_alloc_gib": round(peak / GIB, 3), "peak_reserved_gib": round(reserved / GIB, 3),
                 "act_peak_gib": round((peak - self.start) / GIB, 3)}
 
 
@@ -201,7 +205,8 @@ def sweep_model(args, model: str, points: list[Point], fused: bool) -> list[dict
     max_seqs = max(p.batch for p in points)
     llm = engines.workload_llm(model, max_len, max_seqs, load_format=args.load_format, device=args.device,
                                dtype=args.dtype, num_kv_blocks=kv_blocks(points, args.output_len, max_len),
-                               enforce_eager=args.enforce_eager, enable_prefix_caching=False, fuse_gemv_prologues=fused)
+                               enforce_eager=args.enforce_eager, enable_prefix_caching=False, fuse_gemv_prologues=fused,
+                               **quantization_kwargs(args))
     name = os.path.basename(os.path.normpath(model))
     graphs = llm.engine.executor.info.cuda_graphs
     rows = []
@@ -209,11 +214,12 @@ def sweep_model(args, model: str, points: list[Point], fused: bool) -> list[dict
         for i, point in enumerate(points):
             measure_point(llm, point, WARMUP_OUTPUT_LEN, seed=2 * i)  # same shapes, other tokens
             r = measure_point(llm, point, args.output_len, seed=2 * i + 1)
-            rows.append({"model": name, "fused": fused, "grid": point.grid, "batch": point.batch,
-                         "prompt_len": point.prompt_len, "output_len": args.output_len, **r, "cuda_graphs": graphs})
+            rows.append({"model": name, "quantization": args.quantization or "", "fused": fused, "grid": point.grid,
+                         "batch": point.batch, "prompt_len": point.prompt_len, "output_len": args.output_len, **r,
+                         "cuda_graphs": graphs})
             print(f"{name} fused={fused!s:5} B={point.batch:<3} P={point.prompt_len:<5} TTFT {r['ttft_ms']:9.2f} ms  "
-                  f"decode {r['decode_tok_s']:10,.1f} tok/s  e2e {r['e2e_s']:7.3f} s  peak {r['peak_alloc_gib'] or '-'} "
-                  f"GiB", flush=True)
+                  f"decode {r['decode_tok_s']:10,.1f} tok/s  e2e {r['e2e_s']:7.3f} s  "
+                  f"peak {r['peak_alloc_gib'] or '-'} GiB", flush=True)
     finally:
         engines.release(llm)
     return rows

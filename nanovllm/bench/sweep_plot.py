@@ -57,8 +57,8 @@ def plot_model(rows: list[dict], path: str, title: str) -> str:
             xs, ys = _series([r for r in by_batch if _is(r["fused"], fused)], "batch", key)
             if xs:
                 bottom.plot(xs, ys, style, marker="o", markersize=3, color=COLORS[0], label=tag)
-        for ax, xlabel in ((top, "prompt length (tokens)"), (bottom, f"batch size (prompt "
-                                                                     f"{by_batch[0]['prompt_len'] if by_batch else '-'})")):
+        batch_label = f"batch size (prompt {by_batch[0]['prompt_len'] if by_batch else '-'})"
+        for ax, xlabel in ((top, "prompt length (tokens)"), (bottom, batch_label)):
             ax.set_xscale("log", base=2)
             ax.set_xlabel(xlabel)
             ax.set_ylabel(label)

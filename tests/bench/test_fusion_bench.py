@@ -34,8 +34,8 @@ def test_decode_shapes_cover_the_models_weights(name):
 
 def test_decode_shapes_of_qwen3_8b():
     by_proj = {s.proj: (s.n, s.k, s.layers) for s in fusion.decode_shapes(config("qwen3-8b"))}
-    assert by_proj == {"qkv": ((32 + 2 * 8) * 128, 4096, 36), "o": (4096, 32 * 128, 36), "gate_up": (2 * 12288, 4096, 36),
-                       "down": (4096, 12288, 36), "lm_head": (151936, 4096, 1)}
+    assert by_proj == {"qkv": ((32 + 2 * 8) * 128, 4096, 36), "o": (4096, 32 * 128, 36),
+                       "gate_up": (2 * 12288, 4096, 36), "down": (4096, 12288, 36), "lm_head": (151936, 4096, 1)}
 
 
 def test_moved_bytes_counts_weight_and_activations():
