@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU issue's checks and benchmarks in one device call; logs and CSVs to $OUT.
 #   bash benchmarks/gpu_suite.sh [warm] [tests] [testsrev] [kernels] [gemv] [gemvcfg] [bench] [tput] [ab] [sync] [nopdl] [base] [trace] [tp] [tp1mp] [tp2] [bench8b] [fp8] [hf] [serve] [serveperf] [soak] [nanscan] [profile] [moe] [prefix] [quant] [quanttput]
+#                                [sweep] [fusion] [profsum] [ncu]
+# The research-plan measurements (#25) in two device calls: `sweep` (<= 9.5 min), then `fusion profsum ncu`.
 set -uo pipefail
 DEST=${OUT:-/tmp/nanovllm-out}; OUT=/tmp/suite-logs; mkdir -p "$OUT" "$DEST"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
@@ -104,7 +106,9 @@ for s in $steps; do
                echo "--- bench throughput $flags --timeline"
                timeout 200 $nv bench throughput --model benchmarks/configs/qwen3-0.6b $flags --timeline 2>&1 | grep -v "^INFO" | tail -12
              done 2>&1 | tee "$OUT/fp8_throughput.log" ;;
-    hf)      timeout 150 $nv bench throughput --model benchmarks/configs/qwen3-0.6b --backend hf --num-seqs ${HF_SEQS:-64} 2>&1 | tee "$OUT/hf.log" | tail -4 ;;
+    hf)      # HF transformers' continuous batching; the same-workload ratio of README needs the full workload next to
+             # `tput` in one call: HF_SEQS=256 HF_TIMEOUT=330 bash benchmarks/gpu_suite.sh tput hf (~5 min on an H200)
+             timeout ${HF_TIMEOUT:-150} $nv bench throughput --model benchmarks/configs/qwen3-0.6b --backend hf --num-seqs ${HF_SEQS:-64} 2>&1 | tee "$OUT/hf.log" | tail -4 ;;
     serve)   # needs the carried wheels in .whl (fastapi, uvicorn, pydantic are not in the device image)
              python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
              setsid python3 -m nanovllm.cli.main serve benchmarks/configs/qwen3-0.6b --load-format dummy --skip-tokenizer-init \
@@ -177,6 +181,23 @@ for s in $steps; do
              [ "${PREFIX_TESTS:-1}" = 0 ] || timeout 120 python3 -m pytest -q -m gpu -p no:randomly -p no:cacheprovider tests/kernels/test_cascade_attention.py \
                  tests/gpu/test_cascade_gpu.py 2>&1 | tee "$OUT/prefix_tests.log" | tail -8
              timeout 270 $nv bench prefix --model benchmarks/configs/qwen3-0.6b 2>&1 | tee "$OUT/prefix.log" | grep -v "^INFO" | tail -12 ;;
+    sweep)   # `bench sweep`: prompt 128..4096 at batch 1 and 16, batch 1..64 at prompt 512, fusion on and off, one
+             # model at a time (each within its timeout; rows are appended per fusion setting, so a cut run keeps them).
+             # SWEEP_MODELS narrows it (e.g. SWEEP_MODELS=qwen3-0.6b), SWEEP_ARGS adds flags (e.g. --output-len 64)
+             for m in ${SWEEP_MODELS:-qwen3-0.6b qwen3-8b}; do
+               [ $m = qwen3-8b ] && t=${SWEEP_TIMEOUT_8B:-320} || t=${SWEEP_TIMEOUT:-240}
+               timeout $t $nv bench sweep --models $m ${SWEEP_ARGS:-} 2>&1 | grep -v "^INFO"
+             done 2>&1 | tee "$OUT/sweep.log" ;;
+    fusion)  # `bench fusion`: the fused RMSNorm + skinny GEMM vs Triton RMSNorm + cuBLAS per decode shape, M = 1..64
+             timeout ${FUSION_TIMEOUT:-240} $nv bench fusion ${FUSION_ARGS:-} 2>&1 | grep -v "^INFO" | tee "$OUT/fusion.log" | tail -16 ;;
+    profsum) # kernel classes per decode step, batch 1 and 64, fusion on and off, both models (CSV + Markdown table)
+             timeout ${PROFSUM_TIMEOUT:-300} python3 benchmarks/profile_summary.py ${PROFSUM_ARGS:-} 2>&1 | grep -v "^INFO" \
+                 | tee "$OUT/profile_summary.log" | tail -12
+             cp benchmarks/results/profile_summary.md "$OUT/" 2>/dev/null ;;
+    ncu)     # Nsight Compute on the fused kernel alone (DRAM throughput, warps active): needs ncu and counter access
+             if command -v ncu >/dev/null; then
+               timeout 120 $(python3 benchmarks/profile_summary.py --ncu) 2>&1 | tee "$OUT/ncu.log" | tail -20
+             else echo "ncu not installed: skipped" | tee "$OUT/ncu.log"; fi ;;
     quant)   # quantization (#23): its GPU tests, the kernels per Qwen3-8B projection at M = 1, then batch-1 decode of
              # Qwen3-8B in bf16 / int8 / fp8 / int4 (QUANTS; QUANT_TESTS=0: no tests) and the nano-vLLM workload with fp8 weights vs bf16
              [ "${QUANT_TESTS:-1}" = 0 ] || timeout 240 python3 -m pytest -q -m gpu -p no:randomly -p no:cacheprovider tests/gpu/test_gpu_quantization.py \

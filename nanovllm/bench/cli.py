@@ -1,4 +1,4 @@
-"""`nanovllm bench throughput|latency|serve|prefix`: each subcommand lives in its own module."""
+"""`nanovllm bench throughput|latency|serve|prefix|sweep|fusion|...`: each subcommand lives in its own module."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ SUBCOMMANDS = {
     "serve": ("nanovllm.bench.serve", "async load generator against an OpenAI-compatible server"),
     "kv-quality": ("nanovllm.bench.kv_quality", "first-step quality of the bf16 and fp8 KV caches against fp32"),
     "prefix": ("nanovllm.bench.prefix", "shared-prefix throughput, cached TTFT, decode gaps with chunked prefill"),
+    "sweep": ("nanovllm.bench.sweep", "prompt-length x batch-size sweep, fusion on/off: TTFT, decode tok/s, peak memory"),
+    "fusion": ("nanovllm.bench.fusion", "the fused RMSNorm + skinny GEMM alone against RMSNorm + cuBLAS (GB/s, % of copy)"),
     "timeline": ("nanovllm.bench.timeline", "TTFT by stage from a `serve --request-timeline` CSV (+ PNG)"),
     "perplexity": ("nanovllm.bench.perplexity", "perplexity on a fixed text (the quality check of quantization)"),
 }

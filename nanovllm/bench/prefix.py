@@ -28,12 +28,15 @@ part (benchmarks/results/prefix.csv) and one PNG of the three parts (prefix.png)
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import random
 import statistics
 import time
 
+from nanovllm.bench.engines import drive as _drive
+from nanovllm.bench.engines import release as _release
+from nanovllm.bench.engines import step as _step
+from nanovllm.bench.engines import workload_llm
 from nanovllm.bench.report import RESULTS_DIR, append_rows, base_row
 from nanovllm.cli.args import add_quantization_args, quantization_kwargs
 from nanovllm.config import DEFAULT_MAX_NUM_BATCHED_TOKENS
@@ -82,31 +85,11 @@ def _random_tokens(rng: random.Random, n: int) -> list[int]:
 
 
 def _make_llm(args, max_model_len: int, max_num_seqs: int, **kw):
-    """An engine whose KV cache holds its workload (two spare sequences), not the GPU's free memory:
-    no profiling, and nothing depends on how fast the previous engine's memory came back."""
-    from nanovllm import LLM
-    from nanovllm.config import DEFAULT_BLOCK_SIZE
-
-    blocks = (max_num_seqs + 2) * -(-max_model_len // DEFAULT_BLOCK_SIZE)
-    llm = LLM(args.model, load_format=args.load_format, skip_tokenizer_init=True, device=args.device, dtype=args.dtype,
-              max_model_len=max_model_len, max_num_seqs=max_num_seqs, num_kv_blocks=blocks, **quantization_kwargs(args),
-              **kw)
+    """An engine whose KV cache holds its workload (bench/engines.py)."""
+    llm = workload_llm(args.model, max_model_len, max_num_seqs, load_format=args.load_format, device=args.device,
+                       dtype=args.dtype, **quantization_kwargs(args), **kw)
     _token_high[0] = min(TOKEN_ID_MAX, llm.engine.hf_config.vocab_size - 1)
     return llm
-
-
-def _release(llm) -> None:
-    """Give the engine's KV cache and graphs back before the next engine sizes its own."""
-    llm.engine.shutdown()
-    del llm
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
 
 
 def _counters(llm) -> tuple[int, int, int, int]:
@@ -115,23 +98,6 @@ def _counters(llm) -> tuple[int, int, int, int]:
     graphs = runner.cuda_graphs
     replays = sum(graphs.num_replays.values()) if graphs is not None else 0
     return llm.engine.kv.prefix_queries, llm.engine.kv.prefix_hits, runner.num_cascade_steps, replays
-
-
-def _step(engine, on_tokens=None) -> None:
-    """One engine step; on_tokens(output, new tokens, time) for each RequestOutput that brought tokens."""
-    outs = engine.step()
-    now = time.perf_counter()
-    if on_tokens is not None:
-        for out in outs:
-            n = sum(len(c.token_ids) for c in out.outputs)
-            if n:
-                on_tokens(out, n, now)
-
-
-def _drive(engine, on_tokens=None, until=None) -> None:
-    """Step the engine until nothing is left (or `until()`)."""
-    while engine.has_unfinished_requests() and not (until and until()):
-        _step(engine, on_tokens)
 
 
 # ---------------------------------------------------------------------- (a) throughput
