@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU issue's checks and benchmarks in one device call; logs and CSVs to $OUT.
-#   bash benchmarks/gpu_suite.sh [warm] [tests] [testsrev] [kernels] [gemv] [gemvcfg] [bench] [tput] [ab] [sync] [nopdl] [base] [trace] [tp] [tp1mp] [tp2] [bench8b] [fp8] [hf] [serve] [serveperf] [soak] [nanscan] [profile] [moe] [prefix]
+#   bash benchmarks/gpu_suite.sh [warm] [tests] [testsrev] [kernels] [gemv] [gemvcfg] [bench] [tput] [ab] [sync] [nopdl] [base] [trace] [tp] [tp1mp] [tp2] [bench8b] [fp8] [hf] [serve] [serveperf] [soak] [nanscan] [profile] [moe] [prefix] [quant] [quanttput]
 set -uo pipefail
 DEST=${OUT:-/tmp/nanovllm-out}; OUT=/tmp/suite-logs; mkdir -p "$OUT" "$DEST"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
@@ -65,8 +65,8 @@ for s in $steps; do
     tp)      NANOVLLM_STEP_TIMING=1 timeout 150 $nv bench throughput --model benchmarks/configs/qwen3-0.6b 2>&1 | tee "$OUT/throughput_timed.log" | grep -v "^INFO" | tail -3 ;;
     tp1mp)   # tensor parallelism's executor at size 1 against the in-process one, same run: tokens (GPU test on
              # Qwen3-0.6B), then batch-1 latency and throughput with each backend; mp/uni ratios printed last
-             timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_gpu_tensor_parallel.py 2>&1 \
-                 | tee "$OUT/tp1mp_tests.log" | tail -4
+             [ "${TP1MP_TESTS:-1}" = 0 ] || timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider \
+                 tests/gpu/test_gpu_tensor_parallel.py 2>&1 | tee "$OUT/tp1mp_tests.log" | tail -4
              for b in uni mp; do
                timeout 120 $nv bench latency --model benchmarks/configs/qwen3-0.6b --distributed-executor-backend $b \
                    --csv "$OUT/tp1mp_latency.csv" 2>&1 | tee -a "$OUT/tp1mp_bench.log" | tail -1
@@ -167,10 +167,23 @@ for s in $steps; do
              timeout 60 $nv bench latency --model benchmarks/configs/qwen3-moe-1b --output-len 256 2>&1 | tee "$OUT/moe_latency.log" | tail -2
              timeout 90 $nv bench throughput --model benchmarks/configs/qwen3-moe-1b --num-seqs 128 --max-model-len 2048 \
                  2>&1 | tee "$OUT/moe_throughput.log" | tail -3 ;;
-    prefix)  # cascade attention (#24): its GPU tests, then `bench prefix` at Qwen3-0.6B shapes (CSV + PNG to $OUT)
-             timeout 120 python3 -m pytest -q -m gpu -p no:randomly -p no:cacheprovider tests/kernels/test_cascade_attention.py \
+    prefix)  # cascade attention (#24): its GPU tests (PREFIX_TESTS=0: none), then `bench prefix` at Qwen3-0.6B shapes
+             [ "${PREFIX_TESTS:-1}" = 0 ] || timeout 120 python3 -m pytest -q -m gpu -p no:randomly -p no:cacheprovider tests/kernels/test_cascade_attention.py \
                  tests/gpu/test_cascade_gpu.py 2>&1 | tee "$OUT/prefix_tests.log" | tail -8
              timeout 270 $nv bench prefix --model benchmarks/configs/qwen3-0.6b 2>&1 | tee "$OUT/prefix.log" | grep -v "^INFO" | tail -12 ;;
+    quant)   # quantization (#23): its GPU tests, the kernels per Qwen3-8B projection at M = 1, then batch-1 decode of
+             # Qwen3-8B in bf16 / int8 / fp8 / int4 (QUANTS; QUANT_TESTS=0: no tests) and the nano-vLLM workload with fp8 weights vs bf16
+             [ "${QUANT_TESTS:-1}" = 0 ] || timeout 240 python3 -m pytest -q -m gpu -p no:randomly -p no:cacheprovider tests/gpu/test_gpu_quantization.py \
+                 tests/kernels/test_quant_gemv.py tests/kernels/test_quant_formats.py 2>&1 | tee "$OUT/quant_tests.log" | tail -8
+             timeout 120 python3 benchmarks/quant_kernels_bench.py --rows 1 2>&1 | tee "$OUT/quant_kernels.log" | tail -14
+             for q in ${QUANTS:-none int8 fp8 int4}; do
+               timeout 150 $nv bench latency --model benchmarks/configs/qwen3-8b --repeats ${QUANT_REPEATS:-1} \
+                   $([ "$q" = none ] || echo --quantization "$q") 2>&1 | tee "$OUT/latency8b_$q.log" | grep -v "^INFO" | tail -2
+             done ;;
+    quanttput) for q in none fp8; do
+               timeout 200 $nv bench throughput --model benchmarks/configs/qwen3-0.6b $([ "$q" = none ] || echo --quantization "$q") \
+                   2>&1 | tee "$OUT/throughput_$q.log" | tail -2
+             done ;;
     profile) for b in ${PROFILE_BATCHES:-1 64 256}; do timeout 90 python3 benchmarks/profile_decode.py --batch $b 2>&1 | grep -v "^INFO" | tail -19; done 2>&1 | tee "$OUT/profile.log" ;;
   esac
   # after every step, one archive (a call returns few files): a call cut off by its limit still returns them

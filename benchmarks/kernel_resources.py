@@ -42,13 +42,15 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from nanovllm.kernels import gemv, paged_attention, rope_kv_store  # noqa: E402
+from nanovllm.kernels import gemv, paged_attention, quant_formats, quant_gemm, quant_gemv, rope_kv_store  # noqa: E402
+from nanovllm.kernels.launch_math import next_pow2  # noqa: E402
 
 HOPPER_CAPABILITY = 90
 WARP_SIZE = 32
 DIVISIBILITY = 16  # Triton's pointer / integer specialisation
 POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32",
-                 torch.int32: "*i32", torch.int64: "*i64", torch.uint8: "*u8"}
+                 torch.int32: "*i32", torch.int64: "*i64", torch.uint8: "*u8", torch.int8: "*i8",
+                 torch.float8_e4m3fn: "*fp8e4nv"}
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "launch_pdl")
 PTXAS_REGISTERS = re.compile(r"Used (\d+) registers")
 PTXAS_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -182,7 +184,42 @@ def _gemv_cases():
                            f"{config.block_k}"), kernel, launches[0]
 
 
-CASES = {"decode": _decode_cases, "rope": _rope_cases, "gemv": _gemv_cases}
+def _quant_cases():
+    """Quantized skinny GEMM (M = 1 and 8, every config) and tensor-core GEMM (M = 16 and 128),
+    int4 / int8 / fp8, the Qwen3-8B down projection (silu prologue) and qkv (norm prologue)."""
+    _, heads, kv_heads, head_dim, hidden, inter = MODELS[-1]
+    qkv_rows = (heads + 2 * kv_heads) * head_dim
+    for qtype in quant_formats.QTYPES:
+        for label, n, k, prologue in (("qkv (norm prologue)", qkv_rows, hidden, quant_gemv.PROLOGUE_RMS_NORM),
+                                      ("down (silu prologue)", hidden, inter, quant_gemv.PROLOGUE_SILU_MUL)):
+            qw = quant_formats.quantize(torch.zeros(n, k), qtype)
+            kernel_name = "_fp8_kernel" if qtype == "fp8" else "_words_kernel"
+            for m in (1, quant_gemv.QGEMV_MAX_M):
+                x = torch.zeros(m, 2 * k, dtype=torch.bfloat16)
+                for config in quant_gemv.CONFIGS:
+                    if not quant_gemv._fits(next_pow2(m), config.block_n, config.block_v, config.num_warps,
+                                            8 if qtype == "fp8" else 4):
+                        continue
+                    with recording(quant_gemv, kernel_name) as (kernel, launches):
+                        if prologue == quant_gemv.PROLOGUE_RMS_NORM:
+                            quant_gemv.quant_rms_norm_skinny_gemm(x[:, :k], x[:, k:], torch.ones(k, dtype=torch.bfloat16),
+                                                                  1e-6, qw, config=config)
+                        else:
+                            quant_gemv.quant_silu_mul_skinny_gemm(x, qw, config=config)
+                    yield (f"quant skinny {qtype} {label} {n}x{k} M={m} block_n {config.block_n} block_v "
+                           f"{config.block_v}"), kernel, launches[0]
+            for m in (16, 128):
+                x = torch.zeros(m, k, dtype=torch.bfloat16)
+                for config in quant_gemm.CONFIGS:
+                    if config.block_m > max(16, m):
+                        continue
+                    with recording(quant_gemm, "_dot_kernel") as (kernel, launches):
+                        quant_gemm.quant_dot_gemm(x, qw, config=config)
+                    yield (f"quant dot {qtype} {n}x{k} M={m} block_n {config.block_n} block_m {config.block_m} "
+                           f"block_w {config.block_w}"), kernel, launches[0]
+
+
+CASES = {"decode": _decode_cases, "rope": _rope_cases, "gemv": _gemv_cases, "quant": _quant_cases}
 
 
 def main(argv=None) -> int:

@@ -20,6 +20,8 @@ SUPPORTED_DTYPES = ("auto", "float32", "float16", "bfloat16")
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 LOAD_FORMATS = ("auto", "dummy")
 GEMV_MODES = ("auto", "off", "force")
+QUANTIZATIONS = ("int8", "int4", "fp8")
+QUANTIZATION_ALIASES = {"none": None, "w8a16": "int8", "w4a16": "int4", "fp8_e4m3": "fp8", "e4m3": "fp8"}
 KV_CACHE_DTYPES = ("auto", "fp8")
 KV_CACHE_DTYPE_ALIASES = {"fp8_e4m3": "fp8", "float8_e4m3fn": "fp8"}
 DECODE_SPLITS = ("uniform", "balanced")
@@ -63,8 +65,9 @@ class EngineConfig:
     async_scheduling: Optional[bool] = None
     attention_backend: str = "auto"  # "auto" | "torch" | "triton"
     skip_tokenizer_init: bool = False
-    # CPU GEMM weights: "fp16" (fbgemm, half the bytes), "fp32", or "auto" = fp16 when the
-    # checkpoint itself is 16-bit or quantized (GGUF, bf16/fp16 safetensors), else fp32.
+    # CPU GEMM weights of unquantized layers: "fp16" (fbgemm, half the bytes), "fp32", or "auto" = fp16
+    # when the checkpoint itself is 16-bit (bf16/fp16 safetensors, GGUF), else fp32. An explicit "fp16" /
+    # "fp32" without `quantization` also dequantizes a GGUF's blocks (otherwise kept 4/8-bit).
     cpu_weight_format: str = "auto"
     seed: int = 0
     tokenizer: Optional[str] = None  # override tokenizer location
@@ -75,9 +78,13 @@ class EngineConfig:
     # "auto": the model's generation_config.json gives the default sampling parameters;
     # "vllm": nanovllm's own defaults
     generation_config: str = "auto"
-    # ---- weight formats (quantization: values other than None are not built yet)
-    quantization: Optional[str] = None
+    # ---- weight formats
     load_format: str = "auto"  # "auto" = the checkpoint's weights; "dummy" = random weights (benchmarks)
+    # Weight-only quantization at load: "int8" (per output channel), "int4" (groups of 128 along K,
+    # scales and zero points), "fp8" (e4m3, per output channel), or None = as the checkpoint is
+    # (GPTQ / AWQ / GGUF stay quantized). docs/quantization.md.
+    quantization: Optional[str] = None
+    quantize_lm_head: bool = False  # also quantize the LM head (the embedding table stays as it is)
     # ---- kernel choices (GPU). The matching NANOVLLM_* variables (envs.py) override them for A/B runs.
     # Decode-sized GEMMs (<= 8 rows): "auto" = the Triton skinny GEMM for the weight shapes and row
     # counts where start-up timing finds it faster than cuBLAS; "off" = cuBLAS; "force" = Triton
@@ -151,6 +158,17 @@ class EngineConfig:
                                  "(or leave it None)")
         if self.gemv not in GEMV_MODES:
             raise ValueError(f"gemv={self.gemv!r}: use 'auto' (calibrated), 'off' (cuBLAS) or 'force' (Triton)")
+        if self.quantization is not None:
+            if not isinstance(self.quantization, str):
+                raise TypeError(f"quantization must be a string such as 'int8', got {self.quantization!r}")
+            key = self.quantization.strip().lower()
+            quantization = QUANTIZATION_ALIASES[key] if key in QUANTIZATION_ALIASES else key
+            if quantization is not None and quantization not in QUANTIZATIONS:
+                raise ValueError(f"quantization={self.quantization!r} is not supported; use one of "
+                                 f"{', '.join(QUANTIZATIONS)} or None")
+            object.__setattr__(self, "quantization", quantization)
+        if self.quantize_lm_head and self.quantization is None:
+            raise ValueError("quantize_lm_head=True needs quantization='int8', 'int4' or 'fp8'")
         kv_dtype = KV_CACHE_DTYPE_ALIASES.get(self.kv_cache_dtype, self.kv_cache_dtype)
         if kv_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r}: use 'auto' (the model's dtype) or 'fp8'")
@@ -163,7 +181,8 @@ class EngineConfig:
             object.__setattr__(self, "cascade_attention", "off")
         if self.decode_split not in DECODE_SPLITS:
             raise ValueError(f"decode_split={self.decode_split!r}: use one of {DECODE_SPLITS}")
-        for name in ("fuse_gemv_prologues", "pdl", "use_triton", "step_timing", "step_timeline"):
+        for name in ("fuse_gemv_prologues", "pdl", "use_triton", "step_timing", "step_timeline",
+                     "quantize_lm_head"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.seed, int):
@@ -174,9 +193,6 @@ class EngineConfig:
                 raise TypeError(f"{name} must be a string, got {type(value).__name__}")
         if not isinstance(self.generation_config, str) or not self.generation_config:
             raise TypeError(f"generation_config must be 'auto', 'vllm' or a directory, got {self.generation_config!r}")
-        if self.quantization is not None:
-            raise ValueError(f"quantization={self.quantization!r} is not supported yet; leave it unset (None). "
-                             f"GGUF checkpoints are dequantized at load without it")
         _positive_int("tensor_parallel_size", self.tensor_parallel_size)
         backend = self.distributed_executor_backend
         if backend is not None and backend not in EXECUTOR_BACKENDS:

@@ -130,6 +130,8 @@ class WorkerInfo:
     # what one token's decode step reads: as param_bytes, but a sparse MoE layer counts only
     # top_k of its E experts (0 = not reported: use param_bytes)
     active_param_bytes: int = 0
+    param_bytes_unquantized: int = 0  # the same weights in the model dtype (memory report); 0 = unknown
+    quantization: str = ""  # e.g. "int4 (224 layers)", "" = none
 
     @property
     def is_cuda(self) -> bool:

@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "kv-quality": ("nanovllm.bench.kv_quality", "first-step quality of the bf16 and fp8 KV caches against fp32"),
     "prefix": ("nanovllm.bench.prefix", "shared-prefix throughput, cached TTFT, decode gaps with chunked prefill"),
     "timeline": ("nanovllm.bench.timeline", "TTFT by stage from a `serve --request-timeline` CSV (+ PNG)"),
+    "perplexity": ("nanovllm.bench.perplexity", "perplexity on a fixed text (the quality check of quantization)"),
 }
 
 

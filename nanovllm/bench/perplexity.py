@@ -15,6 +15,8 @@ import math
 import os
 from typing import Optional
 
+from nanovllm.cli.args import add_quantization_args, quantization_kwargs
+
 DEFAULT_TEXT = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "data", "alice_chapter1.txt")
 
 
@@ -68,15 +70,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
     p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="tokens per scored window (0: the whole text)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--cpu-weight-format", default="auto", choices=["auto", "fp16", "fp32"],
+                   help="CPU GEMM weights (fp32 = the unquantized reference of a GGUF)")
+    add_quantization_args(p)
 
 
 def run(args) -> int:
     from nanovllm import LLM
 
-    kwargs = {}
-    if getattr(args, "quantization", None):
-        kwargs["quantization"] = args.quantization
-    llm = LLM(args.model, device=args.device, **kwargs)
+    kwargs = quantization_kwargs(args)
+    llm = LLM(args.model, device=args.device, cpu_weight_format=args.cpu_weight_format, **kwargs)
     ids = tokenize(llm, load_text(args.text), args.max_tokens)
     max_len = llm.engine.max_model_len
     if len(ids) + 1 > max_len:

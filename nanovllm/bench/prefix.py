@@ -35,6 +35,7 @@ import statistics
 import time
 
 from nanovllm.bench.report import RESULTS_DIR, append_rows, base_row
+from nanovllm.cli.args import add_quantization_args, quantization_kwargs
 from nanovllm.config import DEFAULT_MAX_NUM_BATCHED_TOKENS
 
 TOKEN_ID_MAX = 10000
@@ -70,6 +71,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-cap", type=int, default=128,
                    help="(b, c) max_prefill_tokens_while_decoding of the chunked engine (default 128)")
     p.add_argument("--result-dir", default=RESULTS_DIR, help="where prefix.csv / prefix.png go")
+    add_quantization_args(p)
 
 
 _token_high = [TOKEN_ID_MAX]  # lowered to the model's vocabulary by _make_llm
@@ -87,7 +89,8 @@ def _make_llm(args, max_model_len: int, max_num_seqs: int, **kw):
 
     blocks = (max_num_seqs + 2) * -(-max_model_len // DEFAULT_BLOCK_SIZE)
     llm = LLM(args.model, load_format=args.load_format, skip_tokenizer_init=True, device=args.device, dtype=args.dtype,
-              max_model_len=max_model_len, max_num_seqs=max_num_seqs, num_kv_blocks=blocks, **kw)
+              max_model_len=max_model_len, max_num_seqs=max_num_seqs, num_kv_blocks=blocks, **quantization_kwargs(args),
+              **kw)
     _token_high[0] = min(TOKEN_ID_MAX, llm.engine.hf_config.vocab_size - 1)
     return llm
 

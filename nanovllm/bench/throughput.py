@@ -27,7 +27,7 @@ import time
 
 from nanovllm.bench import step_timeline as timeline
 from nanovllm.bench.report import RESULTS_DIR, append_rows, bar_plot, base_row, git_commit
-from nanovllm.cli.args import add_parallel_args, parallel_kwargs
+from nanovllm.cli.args import add_parallel_args, add_quantization_args, parallel_kwargs, quantization_kwargs
 
 WORKLOAD_SEED = 0
 TOKEN_ID_MAX = 10000
@@ -85,6 +85,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="tokens (no tokenizer needed) or text (needs the model's tokenizer) (default tokens)")
     g.add_argument("--label", default="", help="free text stored in the CSV row")
     g.add_argument("--no-save", action="store_true", help="print only; write no CSV/PNG")
+    add_quantization_args(p)
 
 
 def check(args) -> None:
@@ -127,7 +128,7 @@ def run_nanovllm(args, prompts, output_lens) -> float:
     """Seconds for the workload; sets args.async_scheduling and args.pdl to what the engine resolved."""
     from nanovllm import LLM, SamplingParams
 
-    kwargs = {}
+    kwargs = quantization_kwargs(args)
     for name in ("max_num_batched_tokens", "max_num_seqs", "max_prefill_tokens_while_decoding"):
         if getattr(args, name, None):
             kwargs[name] = getattr(args, name)
@@ -228,10 +229,12 @@ def run(args) -> int:
            "cuda_graphs": args.cuda_graphs,
            "async_scheduling": args.async_scheduling if args.backend == "nanovllm" else "",
            "pdl": pdl_in_effect(getattr(args, "pdl", True)) if args.backend == "nanovllm" else "",
+           "quantization": getattr(args, "quantization", None) or "",
            "tp": getattr(args, "tp", 1), "executor": getattr(args, "executor", "")}
     path = append_rows(args.csv or os.path.join(RESULTS_DIR, "throughput.csv"), [row])
     plot(path, os.path.splitext(path)[0] + ".png")
-    print(f"{args.backend}: {total} output tokens in {elapsed:.2f} s = {total / elapsed:,.0f} tok/s  (CSV: {path})")
+    label = args.backend + (f" {args.quantization}" if getattr(args, "quantization", None) else "")
+    print(f"{label}: {total} output tokens in {elapsed:.2f} s = {total / elapsed:,.0f} tok/s  (CSV: {path})")
     return 0
 
 
@@ -242,7 +245,8 @@ def plot(csv_path: str, out_png: str) -> None:
     latest = {}
     with open(csv_path) as f:
         for r in csv.DictReader(f):
-            latest[f"{r['backend']} ({r['num_seqs']} seqs)"] = r
+            quant = f" {r['quantization']}" if r.get("quantization") else ""
+            latest[f"{r['backend']}{quant} ({r['num_seqs']} seqs)"] = r
     labels = list(latest)
     bar_plot(out_png, labels, [float(latest[k]["output_tok_per_s"]) for k in labels], "output tokens/s",
              f"nano-vLLM bench workload, {latest[labels[0]]['model']} ({latest[labels[0]]['device']})")

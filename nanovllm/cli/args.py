@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from nanovllm.config import QUANTIZATIONS
+
 
 def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) -> None:
     """The engine flags (EngineArgs, vLLM's spellings); validated before any model loads (cli/main.py)."""
@@ -20,6 +22,23 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
                         "default 1. See docs/parallelism.md")
     p.add_argument("--distributed-executor-backend", choices=("uni", "mp"), default=None,
                    help="uni = one process, mp = one process per rank (default: mp when -tp > 1)")
+
+
+def add_quantization_args(p: argparse.ArgumentParser) -> None:
+    """--quantization for commands without the full engine flags (bench latency / throughput / ...)."""
+    p.add_argument("--quantization", "-q", default=None, type=str.lower, choices=QUANTIZATIONS,
+                   help="quantize the weights at load: int8 (per channel), int4 (groups of 128), fp8 (e4m3); "
+                        "default: as the checkpoint is (GPTQ / AWQ / GGUF stay quantized)")
+    p.add_argument("--quantize-lm-head", action="store_true", help="also quantize the LM head (with --quantization)")
+
+
+def quantization_kwargs(args: argparse.Namespace) -> dict:
+    kwargs = {}
+    if getattr(args, "quantization", None):
+        kwargs["quantization"] = args.quantization
+    if getattr(args, "quantize_lm_head", False):
+        kwargs["quantize_lm_head"] = True
+    return kwargs
 
 
 def parallel_kwargs(args: argparse.Namespace) -> dict:

@@ -22,7 +22,7 @@ from typing import Any, Optional, Union
 
 from nanovllm.config import (CASCADE_MODES, DEFAULT_BLOCK_SIZE, DEFAULT_GPU_MEMORY_UTILIZATION,
                              DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, DTYPE_ALIASES, EXECUTOR_BACKENDS,
-                             LOAD_FORMATS, SUPPORTED_DTYPES, EngineConfig)
+                             LOAD_FORMATS, QUANTIZATIONS, SUPPORTED_DTYPES, EngineConfig)
 
 logger = logging.getLogger("nanovllm")
 
@@ -101,6 +101,7 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     distributed_executor_backend: Optional[str] = None
     quantization: Optional[str] = None
+    quantize_lm_head: bool = False
     kv_cache_dtype: str = "auto"
     kv_cache_scales: Optional[Union[float, str]] = None
     # kernel choices (GPU A/B runs; the NANOVLLM_* variables in envs.py override them)
@@ -199,7 +200,8 @@ class EngineArgs:
         g.add_argument("--skip-tokenizer-init", action="store_true",
                        help="load no tokenizer: prompts and outputs are token ids")
         g.add_argument("--cpu-weight-format", choices=("auto", "fp16", "fp32"), default="auto",
-                       help="CPU GEMM weights (default auto: fp16 for 16-bit and quantized checkpoints)")
+                       help="CPU GEMM weights of unquantized layers (default auto: fp16 for 16-bit checkpoints; "
+                            "fp16 / fp32 also dequantize a GGUF's 4/8-bit blocks)")
         g.add_argument("--generation-config", default="auto",
                        help="'auto': default sampling parameters from the model's generation_config.json; "
                             "'vllm': nanovllm's defaults")
@@ -214,7 +216,10 @@ class EngineArgs:
         g.add_argument("--kv-cache-scales", default=None, type=_float_or_path,
                        help="fp8 KV cache scales: a number (every layer and head) or a JSON file "
                             "{\"k\": [[per KV head] per layer], \"v\": ...} (default: calibrated at start-up)")
-        g.add_argument("--quantization", "-q", default=None, help="weight quantization method (none for now)")
+        g.add_argument("--quantization", "-q", default=None, type=str.lower, choices=QUANTIZATIONS,
+                       help="quantize the weights at load: int8 (per channel), int4 (groups of 128), fp8 (e4m3); "
+                            "default: as the checkpoint is (GPTQ / AWQ / GGUF stay quantized). docs/quantization.md")
+        g.add_argument("--quantize-lm-head", action="store_true", help="also quantize the LM head (with --quantization)")
         return parser
 
     @classmethod

@@ -45,9 +45,17 @@ class RMSNormLinear(nn.Module):
     def linear(self) -> Linear:
         return self._parts[1]
 
+    def rewire(self, linear: Linear) -> None:
+        """Run `linear` (a replacement the model now owns, e.g. its quantized version)."""
+        self._parts = (self._parts[0], linear)
+
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         norm, linear = self._parts
-        if linear.gemv_rows and self._fusable(x, residual) and linear.uses_gemv(x):
+        if getattr(linear, "quantized", False):  # a quantized linear folds the norm into its own kernel
+            fused = linear.fused_rms_norm(x, residual, norm)
+            if fused is not None:
+                return fused
+        elif linear.gemv_rows and self._fusable(x, residual) and linear.uses_gemv(x):
             gemv = gemv_kernels()
             try:
                 return gemv.rms_norm_skinny_gemm(x, residual, norm.weight, norm.eps, linear.weight, linear.bias,

@@ -316,17 +316,33 @@ class GGUFCheckpoint:
     _spec: GGUFArchitecture = field(default=SUPPORTED_ARCHITECTURES["llama"], repr=False)
     _tensors: tuple[_TensorInfo, ...] = field(default=(), repr=False)
 
-    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (HF name, float32 tensor in HF shape) one at a time, in file order."""
+    def tensor_types(self) -> dict[str, str]:
+        """{HF name: ggml type name (e.g. "Q4_K", "F16")} of every tensor, without reading data."""
+        return {t.hf_name: t.qtype.name for t in self._tensors}
+
+    def iter_tensors(self, keep_quantized: bool = False) -> Iterator[tuple[str, Any]]:
+        """Yield (HF name, float32 tensor in HF shape) one at a time, in file order. With
+        `keep_quantized`, 2-D tensors of the types in `gguf_quant.KEPT_QUANTIZED` come as
+        `QuantCodes` (codes and per-group scales, rows in HF order) instead."""
+        from nanovllm.loading import gguf_quant
+
         arch = self._spec
         # A plain ndarray over the map: np.memmap's subclass hooks cost ~1 s per model in gguf's row loop.
         data = np.memmap(self.path, dtype=np.uint8, mode="r").view(np.ndarray)
         heads = {"attn_q": self.hf_config.num_attention_heads, "attn_k": self.hf_config.num_key_value_heads}
         for t in self._tensors:
             raw = data[t.start : t.start + t.nbytes].reshape(*t.shape[:-1], -1)  # [*rows, bytes per row]
-            weights = gguf.quants.dequantize(raw, t.qtype)  # [*rows, cols] float32
             stem = t.gguf_name.split(".")[-2]
-            if arch.permute_qk and stem in heads:
+            permute = arch.permute_qk and stem in heads
+            if (keep_quantized and EXPERT not in t.hf_name
+                    and (codes := gguf_quant.read_quantized(raw, t.qtype, t.shape)) is not None):
+                if permute:
+                    order = _reverse_qk_permutation(np.arange(t.shape[0]), heads[stem])
+                    codes = codes.select_rows(torch.from_numpy(np.ascontiguousarray(order)))
+                yield t.hf_name, codes
+                continue
+            weights = gguf.quants.dequantize(raw, t.qtype)  # [*rows, cols] float32
+            if permute:
                 weights = _reverse_qk_permutation(weights, heads[stem])
             if arch.norm_offset and stem.endswith("norm"):
                 weights = weights - np.float32(arch.norm_offset)

@@ -5,9 +5,14 @@ Used by the worker (it imports the model classes); the engine reads only model_i
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
+from nanovllm.layers.quantized_linear import quantize_modules, quantized_modules
 from nanovllm.layers.tp_group import SINGLE, TPGroup, building_with
+from nanovllm.loading.gptq_awq import group_quantized_tensors
+from nanovllm.loading.quant_plan import plan_quantization
 from nanovllm.loading.resolve import ModelSource
 from nanovllm.loading.safetensors_loader import iter_safetensors
 from nanovllm.loading.weights import load_weights
@@ -40,9 +45,12 @@ def resolve_dtype(requested: str, hf_config, device: torch.device) -> torch.dtyp
 
 
 def build_model(source: ModelSource, hf_config, device: torch.device, dtype: torch.dtype, max_positions: int,
-                load_format: str = "auto", tp: TPGroup = SINGLE):
-    """Instantiate the architecture and load its weights (`load_format='dummy'`: random weights).
-    With a tensor-parallel group the model holds, and reads, only `tp.rank`'s shards."""
+                load_format: str = "auto", quantization: Optional[str] = None, quantize_lm_head: bool = False,
+                cpu_weight_format: str = "auto", tp: TPGroup = SINGLE):
+    """Instantiate the architecture, swap in quantized linears where the plan says
+    (quant_plan.py), and load the weights (`load_format='dummy'`: random weights).
+    With a tensor-parallel group the model holds, and reads, only `tp.rank`'s shards
+    (quantized layers do not shard: the plan keeps everything float there)."""
     model_cls = resolve_model_class(hf_config)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -55,15 +63,25 @@ def build_model(source: ModelSource, hf_config, device: torch.device, dtype: tor
         for name, buf in list(module.named_buffers(recurse=False)):
             if name.startswith("cos_sin_cache"):
                 setattr(module, name, buf.float())
+    plan = plan_quantization(model, source, hf_config, quantization, quantize_lm_head, device.type,
+                             cpu_weight_format, load_format, tp_size=tp.world_size)
+    if plan.specs:
+        quantize_modules(model, plan.specs)
     if load_format == "dummy":
         init_random_weights(model)
     elif source.kind == "gguf":
         from nanovllm.loading.gguf_loader import read_gguf_checkpoint
 
         ckpt = read_gguf_checkpoint(source.path)
-        load_weights(model, ((name, t, source.path) for name, t in ckpt.iter_tensors()))
+        load_weights(model, ((name, t, source.path) for name, t in ckpt.iter_tensors(keep_quantized=plan.gguf_codes)))
     else:
-        load_weights(model, iter_safetensors(source.path))
+        tensors = iter_safetensors(source.path)
+        if plan.prequant is not None:
+            tensors = group_quantized_tensors(tensors, plan.prequant)
+        load_weights(model, tensors)
+    missing = [name for name, m in quantized_modules(model).items() if not m.loaded]
+    if missing and load_format != "dummy":
+        raise ValueError(f"{source.path}: no weight reached the quantized layer(s) {', '.join(missing[:5])}")
     return model.eval()
 
 
@@ -86,10 +104,12 @@ def maybe_pack_cpu_weights(model, fmt: str, source: ModelSource, hf_config) -> b
         if fmt == "fp16":
             raise ValueError("cpu_weight_format='fp16' needs torch's fbgemm backend (x86); use 'fp32'")
         return False
+    packed = False
     for module in model.modules():
-        if isinstance(module, Linear):
+        if isinstance(module, Linear) and not getattr(module, "quantized", False):  # quantized: their own format
             module.pack_fp16_for_cpu()
-    return True
+            packed = True
+    return packed
 
 
 # Random-weight benchmarks: small init keeps activations finite through many layers.
@@ -98,6 +118,7 @@ DUMMY_INIT_STD = 0.02
 
 @torch.no_grad()
 def init_random_weights(model, seed: int = 0) -> None:
+    """Random weights; quantized layers get random float rows quantized like a checkpoint's."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
@@ -106,3 +127,7 @@ def init_random_weights(model, seed: int = 0) -> None:
             p.zero_()  # held by another rank (a row-parallel bias): zero here, as when loading
         else:
             p.normal_(0.0, DUMMY_INIT_STD, generator=gen)
+    for name, module in quantized_modules(model).items():
+        for shard, (_, rows) in module.shard_offsets.items():
+            w = torch.empty(rows, module.in_features, device=module.weight.device, dtype=module.weight.dtype)
+            module.load_weight(module.weight, w.normal_(0.0, DUMMY_INIT_STD, generator=gen), shard, name=name)

@@ -23,6 +23,7 @@ from torch import nn
 
 from nanovllm.layers.linear import WeightShapeError, default_weight_loader
 from nanovllm.layers.partition import ParamShard
+from nanovllm.layers.quantized_linear import as_codes, is_codes
 
 # Tensors some checkpoints carry that the engine recomputes itself.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -65,9 +66,43 @@ class FiniteCheck:
                              f"convert it again)")
 
 
+def _load(param: nn.Parameter, value, shard, name: str, finite: "FiniteCheck", source: str) -> None:
+    """Hand a checkpoint value to the parameter's loader: quantized codes (GGUF blocks, GPTQ /
+    AWQ layers) as they are to a quantized layer's loader (their scales NaN-checked),
+    dequantized for a plain parameter; tensors (torch or lazy) as this rank's part
+    (read_shard) on the parameter's device, in its dtype."""
+    loader = getattr(param, "weight_loader", default_weight_loader)
+    if is_codes(value):
+        codes = as_codes(value)
+        finite.add(name, codes.scales, source)
+        if codes.biases is not None:
+            finite.add(name, codes.biases, source)
+        if getattr(param, "accepts_codes", False):
+            with torch.no_grad():
+                loader(param, value, shard, name=name)
+            return
+        value = _dequantized(value, name)
+    part = read_shard(value, getattr(param, "tp_shard", None), shard, name)
+    with torch.no_grad():
+        if part is None:  # this rank holds none of it (a row-parallel bias on ranks > 0)
+            param.data.zero_()
+        else:
+            part = part.to(device=param.device, dtype=param.dtype)
+            finite.add(name, part, source)
+            loader(param, part, shard, name=name)
+
+
+def _dequantized(value, name: str) -> torch.Tensor:
+    """float32 weight of checkpoint codes, for a parameter (or a model's remap) that takes floats."""
+    if getattr(value, "input_perm", None) is not None:
+        raise WeightShapeError(f"tensor {name!r}: an act-order GPTQ layer needs a quantized layer")
+    return as_codes(value).dequantize()
+
+
 def load_weights(model: nn.Module, tensors: Iterable[tuple[str, Any, str]]) -> None:
-    """`tensors`: (name, tensor, source file); a tensor is a torch.Tensor or a lazy one with
-    `shape`, `narrow(dim, start, length)` and `load()` (safetensors_loader.SafetensorsTensor)."""
+    """`tensors`: (name, value, source file); a value is a torch.Tensor, a lazy one with
+    `shape`, `narrow(dim, start, length)` and `load()` (safetensors_loader.SafetensorsTensor),
+    or quantized codes (`is_codes`: GGUF blocks, an assembled GPTQ / AWQ layer)."""
     params = dict(model.named_parameters(remove_duplicate=False))
     finite = FiniteCheck()
     packed = getattr(model, "packed_modules_mapping", {})
@@ -79,8 +114,10 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, Any, str]]) -> N
         if checkpoint_name.endswith(ignored):
             continue
         try:
-            if remap:  # a remap computes on whole tensors (transpose, split): read it whole first
-                entries = remap(checkpoint_name, read_shard(checkpoint_tensor, None, None, checkpoint_name))
+            if remap:  # a remap computes on whole float tensors (transpose, split): read it whole first
+                whole = (_dequantized(checkpoint_tensor, checkpoint_name) if is_codes(checkpoint_tensor)
+                         else read_shard(checkpoint_tensor, None, None, checkpoint_name))
+                entries = remap(checkpoint_name, whole)
             else:
                 entries = [(checkpoint_name, checkpoint_tensor)]
             for entry in entries:
@@ -110,16 +147,11 @@ def _load_one(model, params, packed, tied, loaded, finite, source, name, tensor,
     param = params.get(target)
     if param is None:
         raise _Foreign(name)
-    loader = getattr(param, "weight_loader", default_weight_loader)
-    part = read_shard(tensor, getattr(param, "tp_shard", None), shard, name)
-    with torch.no_grad():
-        if part is None:  # this rank holds none of it (a row-parallel bias on ranks > 0)
-            param.data.zero_()
-        else:
-            part = part.to(device=param.device, dtype=param.dtype)
-            finite.add(name, part, source)
-            loader(param, part, shard, name=name)
+    _load(param, tensor, shard, name, finite, source)
     loaded.add(f"{target}:{shard}")
+    for other, p in params.items():  # a quantized layer tied to this tensor (the head) takes its own copy
+        if getattr(p, "tied_to", None) == target and other != target:
+            _load(p, tensor, None, other, finite, source)
 
 
 def read_shard(tensor: Any, spec: Optional[ParamShard], shard, name: str) -> Optional[torch.Tensor]:

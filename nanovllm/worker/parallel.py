@@ -172,6 +172,13 @@ def validate_parallel_config(config: EngineConfig, hf_config, torchrun: Optional
         if config.kv_cache_dtype == "fp8":  # its scales are per layer and KV head of one model
             raise ValueError(f"kv_cache_dtype='fp8' is not available with tensor_parallel_size={world} yet: use "
                              f"kv_cache_dtype='auto', or tensor_parallel_size=1")
+        if config.quantization is not None:  # quantized linears hold whole weights (no shards yet)
+            raise ValueError(f"quantization={config.quantization!r} is not available with tensor_parallel_size={world} "
+                             f"yet: leave quantization unset (bf16/fp16 weights are split), or use "
+                             f"tensor_parallel_size=1")
+        if getattr(hf_config, "quantization_config", None) is not None:
+            raise ValueError(f"a pre-quantized (GPTQ / AWQ) checkpoint cannot be split over tensor_parallel_size={world} "
+                             f"ranks yet: use tensor_parallel_size=1, or a bf16/fp16 checkpoint")
     num_heads = hf_config.num_attention_heads
     num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
     check_head_counts(num_heads, num_kv_heads, world)

@@ -74,6 +74,12 @@ class ModelCost:
         layers = model.attention_layers()
         pair = sum(4 * a.num_heads * a.head_dim for a in layers)
         lm = lm_head.weight.numel() if lm_head is not None and hasattr(lm_head, "weight") else 0
+        for m in model.modules():  # quantized linears keep their weight in buffers (a 0-size placeholder)
+            if getattr(m, "quantized", False):
+                if m is lm_head:
+                    lm = m.in_features * m.out_features
+                else:
+                    dense += m.in_features * m.out_features
         return cls(param_bytes, kv_bytes_per_token, dense, lm, pair)
 
     def step(self, num_new: list[int], starts: list[int], num_sampled: int) -> tuple[int, float, int, int]:

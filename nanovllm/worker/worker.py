@@ -32,6 +32,7 @@ from nanovllm.layers.attention.cascade import CascadeRule, cascade_rule
 from nanovllm.layers.kernel_options import KernelOptions, configure_kernels
 from nanovllm.layers.linear import set_gemv_rows
 from nanovllm.layers.moe import active_param_bytes
+from nanovllm.layers.quantized_linear import describe_quantization, unquantized_weight_bytes, weight_bytes
 from nanovllm.layers.tp_group import SINGLE, TPGroup
 from nanovllm.step_io import StepInput, StepOutput, WorkerInfo
 from nanovllm.kernels import kv_quant
@@ -61,7 +62,8 @@ class Worker:
         self.device = device if device is not None else model_loader.resolve_device(config.device)
         self.dtype = model_loader.resolve_dtype(config.dtype, model_info.hf_config, self.device)
         self.model = model_loader.build_model(model_info.source, model_info.hf_config, self.device, self.dtype,
-                                              model_info.max_model_len, config.load_format, tp=tp)
+                                              model_info.max_model_len, config.load_format, config.quantization,
+                                              config.quantize_lm_head, config.cpu_weight_format, tp=tp)
         self.kernel_options = KernelOptions(
             triton=config.use_triton, triton_attention=config.attention_backend != "torch", pdl=config.pdl,
             fuse_gemv_prologues=config.fuse_gemv_prologues,
@@ -70,6 +72,7 @@ class Worker:
         self.cpu_fp16_weights = self.device.type == "cpu" and model_loader.maybe_pack_cpu_weights(
             self.model, config.cpu_weight_format, model_info.source, model_info.hf_config)
         if self.device.type == "cuda":
+            self.calibrate_quantized()
             self.calibrate_gemv()
         self.kv_cache_dtype = kv_quant.FP8_DTYPE if config.kv_cache_dtype == "fp8" else self.dtype
         if config.kv_cache_dtype == "fp8":
@@ -87,6 +90,14 @@ class Worker:
                                 mode=self.config.gemv, options=self.kernel_options)
         set_gemv_rows(self.model, row_limits(result))
         return result
+
+    def calibrate_quantized(self) -> dict:
+        """Quantized layers: up to which row count the skinny and the tensor-core kernels serve,
+        timed against the other paths on this GPU (worker/quant_calibration.py)."""
+        from nanovllm.worker.quant_calibration import calibrate_quantized
+
+        return calibrate_quantized(self.model, self.device, mode=self.config.gemv, options=self.kernel_options,
+                                   max_rows=self.config.max_num_seqs)
 
     def set_kv_scales(self) -> None:
         """fp8 KV cache: each attention layer's K / V scales, given or calibrated (worker/kv_scales.py)."""
@@ -154,18 +165,22 @@ class Worker:
 
     def info(self) -> WorkerInfo:
         unique = {id(p): p for p in self.model.parameters()}
+        stored = weight_bytes(self.model)  # quantized layers' codes live in buffers, not parameters
+        quantized_extra = stored - sum(p.numel() * p.element_size() for p in unique.values())
         return WorkerInfo(
             num_kv_blocks=self.runner.num_kv_blocks if self.runner is not None else 0,
             device=str(self.device),
             dtype=str(self.dtype).replace("torch.", ""),
             kv_bytes_per_block=self.kv_bytes_per_block,
             kv_cache_dtype=str(self.kv_cache_dtype).replace("torch.", ""),
-            param_bytes=sum(p.numel() * p.element_size() for p in unique.values()),
+            param_bytes=stored,
+            param_bytes_unquantized=unquantized_weight_bytes(self.model, self.dtype),
+            quantization=describe_quantization(self.model),
             cuda_graphs=self.runner is not None and self.runner.cuda_graphs is not None,
             cpu_fp16_weights=self.cpu_fp16_weights,
             tensor_parallel_size=self.tp.world_size,
             kv_sliding_window=kv_sliding_window(self.model),
-            active_param_bytes=active_param_bytes(unique.values(), self.model),
+            active_param_bytes=active_param_bytes(unique.values(), self.model) + quantized_extra,
         )
 
     # ------------------------------------------------------------------ steps

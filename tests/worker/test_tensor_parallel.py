@@ -123,6 +123,7 @@ def test_replicated_kv_heads_and_a_killed_worker(tiny_model_factory):
     (dict(tensor_parallel_size=0), "positive"),
     (dict(distributed_executor_backend="ray"), "use 'uni'"),
     (dict(tensor_parallel_size=2, kv_cache_dtype="fp8"), "kv_cache_dtype='fp8' is not available with tensor_par"),
+    (dict(tensor_parallel_size=2, quantization="int4"), "quantization='int4' is not available with tensor_par"),
 ])
 def test_impossible_sizes_are_refused_before_any_process_starts(tiny_model_factory, kwargs, match):
     path = tiny_model_factory("llama")
@@ -275,3 +276,15 @@ def test_ctrl_c_stops_the_engine_and_its_workers(tiny_model_factory, tmp_path):
     assert "tensor-parallel worker rank" not in err, err[-3000:]  # a clean stop, not a death
     for pid in workers:
         assert not Path(f"/proc/{pid}").exists(), f"worker {pid} outlived the engine"
+
+
+def test_a_gptq_checkpoint_is_refused_at_size_two(tiny_model_factory, tmp_path):
+    """Its quantized layers hold whole weights: refused before any process starts."""
+    from prequant_checkpoints import write_prequantized
+
+    qdir = str(tmp_path / "gptq")
+    write_prequantized(tiny_model_factory("qwen2"), qdir, "gptq", group_size=32)
+    before = {p.pid for p in multiprocessing.active_children()}
+    with pytest.raises(ValueError, match="GPTQ / AWQ.*cannot be split over tensor_parallel_size=2"):
+        LLM(qdir, tensor_parallel_size=2, **KW)
+    assert {p.pid for p in multiprocessing.active_children()} <= before

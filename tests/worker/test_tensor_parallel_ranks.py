@@ -219,7 +219,10 @@ def test_gguf_tensors_are_dequantized_then_sliced(tmp_path):
 
     path, _ = write_tiny_model(tmp_path / "tiny-q8.gguf", "llama", GGMLQuantizationType.Q8_0)
     info = model_info(path)
-    config = EngineConfig(model=path, device="cpu", dtype="float32", block_size=BLOCK_SIZE, max_model_len=128)
+    # fp32: the single worker dequantizes too (by default it keeps Q8_0 blocks as int8, which
+    # tensor_parallel_size > 1 does not: quantized layers are not split)
+    config = EngineConfig(model=path, device="cpu", dtype="float32", block_size=BLOCK_SIZE, max_model_len=128,
+                          cpu_weight_format="fp32")
     single_worker = Worker(config, info)
     full = {name: p.detach().clone() for name, p in single_worker.model.named_parameters()}
     single = run_steps(single_worker)
