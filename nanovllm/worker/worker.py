@@ -133,7 +133,10 @@ class Worker:
                                   options=RunnerOptions.of(cfg, self.kernel_options, self.model_info.max_model_len),
                                   tp=self.tp)
         self.runner.cascade_rule = self._cascade_rule()
-        if self.device.type == "cuda" and not cfg.enforce_eager:
+        if self.device.type == "cuda" and not cfg.enforce_eager and not graphs_capturable(self.kernel_options):
+            logger.info("CUDA graphs off: the torch attention path reads sequence lengths on the host, "
+                        "which a graph cannot capture (attention_backend='triton' keeps them)")
+        elif self.device.type == "cuda" and not cfg.enforce_eager:
             from nanovllm.worker.cuda_graphs import CascadeGraphSpec, CUDAGraphRunner
 
             spec = None
@@ -202,3 +205,9 @@ class Worker:
         if self.device.type == "cuda":
             gc.collect()  # CUDA graphs and their runner hold one another: a cycle, freed only here
             torch.cuda.empty_cache()
+
+
+def graphs_capturable(options: KernelOptions) -> bool:
+    """Whether decode steps can be CUDA-graphed: only Triton attention keeps every length on the
+    device (the torch reference path indexes sequences from the host)."""
+    return options.triton and options.triton_attention and ops.triton_available()

@@ -137,3 +137,15 @@ def test_a_worker_fed_pickled_steps_gives_the_same_outputs(tiny_model_factory, m
     # every request the worker held is dropped once finished (delivered with the next step)
     piped.generate([{"prompt_token_ids": [5]}], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
     assert set(executor.worker.runner.requests) <= {f"llm-{i}" for i in range(len(prompts), len(prompts) + 1)}
+
+
+def test_cuda_graphs_only_with_triton_attention():
+    """attention_backend='torch' on CUDA indexes sequences from the host, which graph capture
+    refuses: the worker then runs eagerly instead of failing at start-up."""
+    from nanovllm.layers import ops
+    from nanovllm.layers.kernel_options import KernelOptions
+    from nanovllm.worker.worker import graphs_capturable
+
+    assert not graphs_capturable(KernelOptions(triton_attention=False))
+    assert not graphs_capturable(KernelOptions(triton=False))
+    assert graphs_capturable(KernelOptions()) == ops.triton_available()
