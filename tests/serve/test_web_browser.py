@@ -27,6 +27,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-c
 SCREENSHOT_DIR = os.environ.get("NANOVLLM_SCREENSHOTS")
 STATS = re.compile(r"^≈?\d+ tokens · [\d.,]+ tok/s · TTFT [\d.]+ m?s")
 ANSWER_TIMEOUT_MS = 60_000
+MARKDOWN_MARKER_CHARS = 3  # the longest inline marker the renderer consumes ("```")
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +128,10 @@ def test_streamed_answer_grows_ends_and_the_conversation_is_kept(open_tab, serve
     assert first
     grown = sorted(set(n for n in lengths if n > 0))
     assert len(grown) >= 3, f"the answer did not stream in pieces: lengths seen {lengths}"
-    assert lengths == sorted(lengths), "the answer shrank while streaming"
+    # Rendered as Markdown: a marker such as "1." or "**" turns into formatting once complete and
+    # its characters leave the text, so a piece may shrink by a few; never by more (no reset).
+    assert all(b >= a - MARKDOWN_MARKER_CHARS for a, b in zip(lengths, lengths[1:])), \
+        f"the answer shrank while streaming: {lengths}"
     assert STATS.match(answer.locator(".meta").inner_text()), answer.locator(".meta").inner_text()
 
     body = tab.chat_bodies[0]
