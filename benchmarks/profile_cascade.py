@@ -1,9 +1,10 @@
 """Where the time of a shared-prefix decode step goes: cascade attention vs prefix caching alone (#24).
 
 `bench prefix` (a) measured 3.45 ms per decode step with caching + cascade and 3.69 ms with
-caching alone (H200, 1c012ed), while the cascade step's bytes (weights 1.2 GB, the shared
-prefix twice per layer 0.47 GB, suffixes 0.12 GB, split partials 0.26 GB: ~2 GB, ~0.5 ms at
-4.2 TB/s) put its device time near 1 ms. This profile tells the two readings apart:
+caching alone (H200, 1c012ed), while the cascade step's bytes (weights 1.19 GB, the shared
+prefix once per tile of 32 requests, twice per layer: 0.47 GB, suffixes 0.95 GB, split
+partials 0.27 GB: ~2.9 GB, 0.69 ms at 4.2 TB/s; docs/memory.md) put its device time near
+1 ms. This profile tells the two readings apart:
 
 - device-bound: GPU busy per step ~ wall per step, and the kernel table says which kernel;
 - host-bound: GPU busy well under the wall time, and the host phases (StepTimer: schedule,
