@@ -182,9 +182,12 @@ for s in $steps; do
                  tests/gpu/test_cascade_gpu.py 2>&1 | tee "$OUT/prefix_tests.log" | tail -8
              timeout 270 $nv bench prefix --model benchmarks/configs/qwen3-0.6b 2>&1 | tee "$OUT/prefix.log" | grep -v "^INFO" | tail -12 ;;
     cascadeprof) # where a shared-prefix decode step's time goes (#24): bench prefix (a)'s batch with cascade vs caching
-             # alone (wall vs GPU busy per step, host phases, top kernels), then (b)'s cached-prefix request (~1-2 min)
-             timeout 300 python3 benchmarks/profile_cascade.py --model benchmarks/configs/qwen3-0.6b 2>&1 \
-                 | tee "$OUT/cascade_profile.log" | grep -v "^INFO" ;;
+             # alone (wall vs GPU time per step, GPU idle before steps, host phases, top kernels), then (b)'s cached-prefix
+             # request; again with PDL off for true kernel durations (~2-4 min in all)
+             timeout 240 python3 benchmarks/profile_cascade.py --model benchmarks/configs/qwen3-0.6b 2>&1 \
+                 | tee "$OUT/cascade_profile.log" | grep -v "^INFO"
+             timeout 240 python3 benchmarks/profile_cascade.py --model benchmarks/configs/qwen3-0.6b --no-pdl 2>&1 \
+                 | tee "$OUT/cascade_profile_nopdl.log" | grep -v "^INFO" ;;
     sweep)   # `bench sweep`: prompt 128..4096 at batch 1 and 16, batch 1..64 at prompt 512, fusion on and off, one
              # model at a time (each within its timeout; rows are appended per fusion setting, so a cut run keeps them).
              # SWEEP_MODELS narrows it (e.g. SWEEP_MODELS=qwen3-0.6b), SWEEP_ARGS adds flags (e.g. --output-len 64)

@@ -17,11 +17,13 @@ def test_profile_cascade_reports_both_engines_and_the_cached_request(tmp_path, c
     pc.main(["--model", model, "--device", "cpu", "--dtype", "float32", "--num-requests", "4", "--prefix-len", "64",
              "--unique-len", "8", "--steps", "3", "--ttft-repeats", "2", "--cascade-mode", "force"])
     out = capsys.readouterr().out
-    heads = re.findall(r"^(\(\w\)[^:]*): wall ([\d.]+) ms/(\w+), GPU busy [\d.]+ .*cascade steps (\d+)", out, re.M)
+    heads = re.findall(r"^(\(\w\)[^:]*): wall ([\d.]+) ms/(\w+); GPU per step events ([\d.]+) .*cascade steps (\d+)",
+                       out, re.M)
     assert [(h[0], h[2]) for h in heads] == [("(a) cascade_attention=force", "step"), ("(a) cascade_attention=off", "step"),
                                              ("(b) a cached-prefix request, add to first token", "request")]
-    assert all(float(h[1]) > 0 for h in heads)
-    # every profiled decode step of the forced engine had a plan (4 requests share 4 whole blocks); none without
-    assert [int(h[3]) for h in heads[:2]] == [3, 0]
+    assert all(float(h[1]) > 0 and float(h[3]) > 0 for h in heads)  # CPU: the timeline's host launch-to-resolve
+    # every measured decode step of the forced engine had a plan (4 requests share 4 whole blocks); none without
+    assert [int(h[4]) for h in heads[:2]] == [3, 0]
     phases = re.findall(r"host phases per engine step: schedule ([\d.]+) ms, prepare_inputs ([\d.]+) ms", out)
     assert len(phases) == 3 and all(float(p) > 0 for p in phases[0])
+    assert len(re.findall(r"under the profiler: wall [\d.]+ ms/(?:step|request), kernels", out)) == 3
