@@ -65,7 +65,10 @@ def plan_quantization(model: nn.Module, source: ModelSource, hf_config, quantiza
         return _prequant_plan(prequant, decoder, quantization, quantize_lm_head)
     if source.kind == "gguf" and load_format != "dummy":
         legacy_cpu = device_type == "cpu" and quantization is None and cpu_weight_format != "auto"
-        if not legacy_cpu:
+        # On a GPU the blocks stay quantized only when asked (quantization=...): the quantized CUDA
+        # path has not yet passed the GPU suite, the dequantized bf16 path has.
+        gpu_default = device_type == "cuda" and quantization is None
+        if not (legacy_cpu or gpu_default):
             return _gguf_plan(model, source, linears, quantization, quantize_lm_head)
     if quantization is None:
         return QuantPlan()

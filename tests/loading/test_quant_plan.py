@@ -39,3 +39,11 @@ def test_quantization_at_two_ranks_is_refused(q8_gguf, quantization):
     model, source, hf_config = q8_gguf
     with pytest.raises(ValueError, match=f"quantization='{quantization}' needs tensor_parallel_size=1"):
         plan_quantization(model, source, hf_config, quantization, device_type="cpu", tp_size=2)
+
+
+def test_gguf_blocks_on_a_gpu_stay_quantized_only_when_asked(q8_gguf):
+    model, source, hf_config = q8_gguf
+    default = plan_quantization(model, source, hf_config, None, device_type="cuda")
+    assert not default.specs and not default.gguf_codes  # dequantized at load
+    asked = plan_quantization(model, source, hf_config, "int8", device_type="cuda")
+    assert asked.gguf_codes and asked.qtypes == {"int8"}
