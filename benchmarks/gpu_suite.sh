@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU issue's checks and benchmarks in one device call; logs and CSVs to $OUT.
-#   bash benchmarks/gpu_suite.sh [warm] [tests] [testsrev] [kernels] [gemv] [gemvcfg] [bench] [tput] [ab] [sync] [nopdl] [base] [trace] [tp] [tp1mp] [tp2] [bench8b] [fp8] [hf] [serve] [serveperf] [soak] [nanscan] [profile] [moe] [prefix] [quant] [quanttput]
+#   bash benchmarks/gpu_suite.sh [warm] [tests] [testsrev] [kernels] [gemv] [gemvcfg] [bench] [tput] [ab] [sync] [nopdl] [base] [trace] [tp] [tp1mp] [tp2] [bench8b] [fp8] [hf] [serve] [serveperf] [soak] [nanscan] [profile] [moe] [prefix] [cascadeprof] [quant] [quanttput]
 #                                [sweep] [fusion] [profsum] [ncu]
 # The research-plan measurements (#25) in two device calls: `sweep` (<= 9.5 min), then `fusion profsum ncu`.
 set -uo pipefail
@@ -181,6 +181,13 @@ for s in $steps; do
              [ "${PREFIX_TESTS:-1}" = 0 ] || timeout 120 python3 -m pytest -q -m gpu -p no:randomly -p no:cacheprovider tests/kernels/test_cascade_attention.py \
                  tests/gpu/test_cascade_gpu.py 2>&1 | tee "$OUT/prefix_tests.log" | tail -8
              timeout 270 $nv bench prefix --model benchmarks/configs/qwen3-0.6b 2>&1 | tee "$OUT/prefix.log" | grep -v "^INFO" | tail -12 ;;
+    cascadeprof) # where a shared-prefix decode step's time goes (#24): bench prefix (a)'s batch with cascade vs caching
+             # alone (wall vs GPU time per step, GPU idle before steps, host phases, top kernels), then (b)'s cached-prefix
+             # request; again with PDL off for true kernel durations (~2-4 min in all)
+             timeout 240 python3 benchmarks/profile_cascade.py --model benchmarks/configs/qwen3-0.6b 2>&1 \
+                 | tee "$OUT/cascade_profile.log" | grep -v "^INFO"
+             timeout 240 python3 benchmarks/profile_cascade.py --model benchmarks/configs/qwen3-0.6b --no-pdl 2>&1 \
+                 | tee "$OUT/cascade_profile_nopdl.log" | grep -v "^INFO" ;;
     sweep)   # `bench sweep`: prompt 128..4096 at batch 1 and 16, batch 1..64 at prompt 512, fusion on and off, one
              # model at a time (each within its timeout; rows are appended per fusion setting, so a cut run keeps them).
              # SWEEP_MODELS narrows it (e.g. SWEEP_MODELS=qwen3-0.6b), SWEEP_ARGS adds flags (e.g. --output-len 64)

@@ -187,7 +187,7 @@ class ModelRunner:
             n, start = num_new[i], starts[i]
             end = start + n
             blocks = req.block_ids
-            block_tables[i, : len(blocks)] = blocks
+            block_tables[i, : len(blocks)] = req.block_array
             block_tables[i, len(blocks) :] = 0  # the buffer is reused: no stale block ids
             pending = 0
             if n == 1:  # decode: scalar writes, no temporary arrays

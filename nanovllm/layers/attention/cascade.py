@@ -116,7 +116,8 @@ def _decode_groups(tables, seq_lens, decode_seqs, block_size, rule):
     cand = decode_seqs[full >= min_blocks]
     if len(cand) < rule.min_requests:
         return []
-    full_of = dict(zip(decode_seqs.tolist(), full.tolist()))
+    full_of = np.zeros(len(seq_lens), dtype=np.int64)  # [num_seqs] whole blocks before the current token
+    full_of[decode_seqs] = full
     first = tables[cand, 0]
     order = np.argsort(first, kind="stable")
     cand, first = cand[order], first[order]
@@ -127,7 +128,7 @@ def _decode_groups(tables, seq_lens, decode_seqs, block_size, rule):
         members = cand[s:e]
         while len(members) >= rule.min_requests:
             leader = int(members[0])
-            limit = np.minimum(np.array([full_of[m] for m in members.tolist()]), full_of[leader])  # [g]
+            limit = np.minimum(full_of[members], full_of[leader])  # [g]
             width = int(limit.max())
             same = tables[members, :width] == tables[leader, :width]  # [g, width]
             match = np.where(same.all(axis=1), width, np.argmin(same, axis=1))
@@ -193,7 +194,7 @@ def plan_cascade(
         for c in range(0, len(rows), qpt):
             part = rows[c : c + qpt]
             tiles.append((len(part), shared_len, int(seqs[0])))
-            query_rows.append(np.pad(part, (0, qpt - len(part)), constant_values=-1))
+            query_rows.append(part)
         chosen.append(SharedPrefix(rows, seqs, int(seqs[0]), shared_len))
     if not chosen:
         return None
@@ -201,7 +202,8 @@ def plan_cascade(
     tile_arr = np.zeros((num_tiles, TILE_COLUMNS), dtype=np.int32)
     tile_arr[: len(tiles)] = tiles
     rows_arr = np.full(num_tiles * qpt, -1, dtype=np.int32)
-    rows_arr[: len(tiles) * qpt] = np.concatenate(query_rows)
+    for t, part in enumerate(query_rows):  # each tile's slots, the unused ones left at -1
+        rows_arr[t * qpt : t * qpt + len(part)] = part
     width = block_tables.shape[1]
     idx = np.minimum(np.arange(width)[None, :] + shift[:, None], width - 1)  # [num_seqs, width]
     suffix_tables = np.take_along_axis(block_tables, idx, axis=1).astype(np.int32, copy=False)
