@@ -284,11 +284,12 @@ def _check_weight(weight: torch.Tensor, bias: Optional[torch.Tensor], k: int) ->
         raise ValueError(f"bias must be a contiguous [{n}] vector, got {tuple(bias.shape)}")
 
 
-def _check_rows(x: torch.Tensor) -> torch.Tensor:
+def check_rows(x: torch.Tensor, max_m: int = GEMV_MAX_M, what: str = "skinny_gemm") -> torch.Tensor:
+    """x as a skinny GEMM takes it: 2-D, at most `max_m` rows, unit stride along K."""
     if x.dim() != 2:
-        raise ValueError(f"skinny_gemm needs a 2-D x [M, K], got {tuple(x.shape)}")
-    if x.shape[0] > GEMV_MAX_M:
-        raise ValueError(f"skinny_gemm handles at most {GEMV_MAX_M} rows, got {x.shape[0]}")
+        raise ValueError(f"{what} needs a 2-D x [M, K], got {tuple(x.shape)}")
+    if x.shape[0] > max_m:
+        raise ValueError(f"{what} handles at most {max_m} rows, got {x.shape[0]}")
     return x.contiguous() if x.stride(1) != 1 and x.shape[1] > 1 else x
 
 
@@ -320,7 +321,8 @@ def _launch(x, weight, bias, out, config, prologue=PROLOGUE_NONE, norm_weight=No
     )
 
 
-def _new_out(x: torch.Tensor, n: int, out: Optional[torch.Tensor]) -> torch.Tensor:
+def new_output(x: torch.Tensor, n: int, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """The [M, N] result of a skinny GEMM of x: `out` if it fits (checked), else a new tensor."""
     m = x.shape[0]
     if out is None:
         return torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -339,10 +341,10 @@ def skinny_gemm(
     pdl: bool = True,  # programmatic dependent launch where the device supports it (kernels/pdl.py)
 ) -> torch.Tensor:
     """x @ weight^T (+ bias) with fp32 accumulation, returned in x's dtype ([M, N])."""
-    x = _check_rows(x)
+    x = check_rows(x)
     m, k = x.shape
     _check_weight(weight, bias, k)
-    out = _new_out(x, weight.shape[0], out)
+    out = new_output(x, weight.shape[0], out)
     if m == 0 or weight.shape[0] == 0:
         return out
     if k == 0:
@@ -371,7 +373,7 @@ def rms_norm_skinny_gemm(
     program 0 into a new tensor; with `residual=None` the new residual is x itself. Unlike the
     unfused pair, the normalised x is never rounded to x's dtype before the product.
     """
-    x = _check_rows(x)
+    x = check_rows(x)
     m, k = x.shape
     _check_weight(weight, bias, k)
     if k == 0:
@@ -383,7 +385,7 @@ def rms_norm_skinny_gemm(
         if residual.shape != x.shape or residual.stride(1) != 1 or residual.dtype != x.dtype:
             raise ValueError(f"residual must match x {tuple(x.shape)} {x.dtype} with a contiguous last dim")
         residual_out = torch.empty_like(x)
-    out = _new_out(x, weight.shape[0], None)
+    out = new_output(x, weight.shape[0], None)
     if m and weight.shape[0]:
         _launch(x, weight, bias, out, config, PROLOGUE_RMS_NORM, norm_weight, eps, residual,
                 None if residual is None else residual_out, pdl=pdl)
@@ -402,12 +404,12 @@ def silu_mul_skinny_gemm(
 ) -> torch.Tensor:
     """(silu(gate) * up) @ weight^T (+ bias) in one kernel: the MLP's activation folded into
     the down projection (rounded as `activation.silu_and_mul` before the product)."""
-    x = _check_rows(x)
+    x = check_rows(x)
     m, two_k = x.shape
     if two_k % 2:
         raise ValueError(f"silu_mul_skinny_gemm needs x [M, 2K], got an odd last dim {two_k}")
     _check_weight(weight, bias, two_k // 2)
-    out = _new_out(x, weight.shape[0], None)
+    out = new_output(x, weight.shape[0], None)
     if m and two_k and weight.shape[0]:
         _launch(x, weight, bias, out, config, PROLOGUE_SILU_MUL, pdl=pdl)
     elif m and weight.shape[0]:

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from nanovllm import envs
+from nanovllm.kernels.gemv import NotTunedError  # one error for every kernel's untuned-in-capture case
 from nanovllm.kernels.launch_math import cdiv, next_pow2
 from nanovllm.kernels.pdl import pdl_launch_options, pdl_wait, use_pdl
 from nanovllm.kernels.quant_formats import FP8_DTYPE, FP8_MAX, QuantizedWeight
@@ -240,10 +241,6 @@ def _autotuned():
 
 _tuned_kernel = None if INTERPRET else _autotuned()
 _tuned_keys: set = set()
-
-
-class NotTunedError(RuntimeError):
-    """The autotuner would have to benchmark while a CUDA graph is being captured."""
 
 
 INT4_FIELD_19 = 0x00780000  # mantissa bits 19..22: f = 1 + q / 16

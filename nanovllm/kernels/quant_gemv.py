@@ -48,11 +48,15 @@ import triton
 import triton.language as tl
 
 from nanovllm import envs
+# the kernels' prologue codes (1: RMSNorm, 2: SiLU-and-mul), tuning error and operand checks are the bf16 GEMV's
+from nanovllm.kernels.gemv import (PROLOGUE_NONE, PROLOGUE_RMS_NORM, PROLOGUE_SILU_MUL, NotTunedError, check_rows,
+                                   new_output)
 from nanovllm.kernels.launch_math import cdiv, next_pow2
 from nanovllm.kernels.pdl import pdl_launch_options, pdl_wait, use_pdl
 from nanovllm.kernels.quant_formats import QuantizedWeight
 
 QGEMV_MAX_M = 8
+QGEMV_NAME = "quantized skinny GEMM"  # in its operand errors
 INTERPRET = envs.triton_interpret()  # triton reads it at decoration, as here
 TUNE_WARMUP_MS = 5
 TUNE_REP_MS = 25
@@ -62,9 +66,6 @@ FORMAT_INT4 = 1
 FORMAT_FP8 = 2
 FORMAT_IDS = {"int8": FORMAT_INT8, "int4": FORMAT_INT4, "fp8": FORMAT_FP8}
 
-PROLOGUE_NONE = 0
-PROLOGUE_RMS_NORM = 1  # [x + residual ->] RMSNorm(x) * g; 1 / rms applied after the K loop
-PROLOGUE_SILU_MUL = 2  # x = [gate | up] ([M, 2K]) -> silu(gate) * up
 
 # fp32 bit patterns of the code-in-mantissa trick
 ONE_BITS = 0x3F800000  # 1.0
@@ -104,10 +105,6 @@ CONFIGS = (
 )
 INTERPRET_CONFIG = QGemvConfig(2, 4, 1, 1)  # CPU interpreter: several chunks and a tail on small K
 MAX_ACC_PER_THREAD = 64  # prune configs whose per-thread partial sums exceed this many registers
-
-
-class NotTunedError(RuntimeError):
-    """The autotuner would have to benchmark while a CUDA graph is being captured."""
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -435,14 +432,6 @@ def _check_weight(qw: QuantizedWeight, bias: Optional[torch.Tensor], k: int) -> 
         raise ValueError(f"bias must be a contiguous [{n}] vector, got {tuple(bias.shape)}")
 
 
-def _check_rows(x: torch.Tensor) -> torch.Tensor:
-    if x.dim() != 2:
-        raise ValueError(f"quantized skinny GEMM needs a 2-D x [M, K], got {tuple(x.shape)}")
-    if x.shape[0] > QGEMV_MAX_M:
-        raise ValueError(f"quantized skinny GEMM handles at most {QGEMV_MAX_M} rows, got {x.shape[0]}")
-    return x.contiguous() if x.stride(1) != 1 and x.shape[1] > 1 else x
-
-
 def _launch(x, qw: QuantizedWeight, bias, out, config, prologue=PROLOGUE_NONE, norm_weight=None, eps=0.0,
             residual=None, residual_out=None, pdl: bool = True) -> None:
     m, n, k = out.shape[0], out.shape[1], qw.in_features
@@ -482,15 +471,6 @@ def _launch(x, qw: QuantizedWeight, bias, out, config, prologue=PROLOGUE_NONE, n
                                   num_warps=c.num_warps, num_stages=c.num_stages)
 
 
-def _new_out(x: torch.Tensor, n: int, out: Optional[torch.Tensor]) -> torch.Tensor:
-    m = x.shape[0]
-    if out is None:
-        return torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if out.shape != (m, n) or (out.stride(1) != 1 and n > 1):
-        raise ValueError(f"out must be a [{m}, {n}] tensor with unit stride along N")
-    return out
-
-
 def quant_skinny_gemm(
     x: torch.Tensor,  # [M, K], M <= QGEMV_MAX_M
     qw: QuantizedWeight,  # [N, K]
@@ -500,10 +480,10 @@ def quant_skinny_gemm(
     pdl: bool = True,  # programmatic dependent launch where the device supports it (kernels/pdl.py)
 ) -> torch.Tensor:
     """x @ dequant(W)^T (+ bias), fp32 accumulation, returned in x's dtype ([M, N])."""
-    x = _check_rows(x)
+    x = check_rows(x, QGEMV_MAX_M, QGEMV_NAME)
     m, k = x.shape
     _check_weight(qw, bias, k)
-    out = _new_out(x, qw.out_features, out)
+    out = new_output(x, qw.out_features, out)
     if m and qw.out_features:
         _launch(x, qw, bias, out, config, pdl=pdl)
     return out
@@ -521,7 +501,7 @@ def quant_rms_norm_skinny_gemm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x [+ residual]) @ dequant(W)^T (+ bias), the new residual) in one kernel;
     numerics as `gemv.rms_norm_skinny_gemm` (the normalised x is never rounded)."""
-    x = _check_rows(x)
+    x = check_rows(x, QGEMV_MAX_M, QGEMV_NAME)
     m, k = x.shape
     _check_weight(qw, bias, k)
     if norm_weight.shape != (k,) or norm_weight.stride(0) != 1:
@@ -531,7 +511,7 @@ def quant_rms_norm_skinny_gemm(
         if residual.shape != x.shape or residual.stride(1) != 1 or residual.dtype != x.dtype:
             raise ValueError(f"residual must match x {tuple(x.shape)} {x.dtype} with a contiguous last dim")
         residual_out = torch.empty_like(x)
-    out = _new_out(x, qw.out_features, None)
+    out = new_output(x, qw.out_features, None)
     if m and qw.out_features:
         _launch(x, qw, bias, out, config, PROLOGUE_RMS_NORM, norm_weight, eps, residual,
                 None if residual is None else residual_out, pdl=pdl)
@@ -548,12 +528,12 @@ def quant_silu_mul_skinny_gemm(
     pdl: bool = True,
 ) -> torch.Tensor:
     """(silu(gate) * up) @ dequant(W)^T (+ bias) in one kernel."""
-    x = _check_rows(x)
+    x = check_rows(x, QGEMV_MAX_M, QGEMV_NAME)
     m, two_k = x.shape
     if two_k % 2:
         raise ValueError(f"quant_silu_mul_skinny_gemm needs x [M, 2K], got an odd last dim {two_k}")
     _check_weight(qw, bias, two_k // 2)
-    out = _new_out(x, qw.out_features, None)
+    out = new_output(x, qw.out_features, None)
     if m and qw.out_features:
         _launch(x, qw, bias, out, config, PROLOGUE_SILU_MUL, pdl=pdl)
     return out
