@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from nanovllm.bench.latency import measure_copy_bandwidth  # noqa: E402
 from nanovllm.kernels import gemv, quant_formats, quant_gemm, quant_gemv  # noqa: E402
 
 HIDDEN, INTER, LAYERS = 4096, 12288, 36
@@ -43,22 +44,6 @@ SHAPES = (("qkv", QKV_ROWS, HIDDEN, quant_gemv.PROLOGUE_RMS_NORM), ("o", HIDDEN,
           ("down", HIDDEN, INTER, quant_gemv.PROLOGUE_SILU_MUL))
 ROTATE_BYTES = 200 * 2**20  # weight copies cycled per timing: > 2x the 50-60 MB L2 of H100 / H200
 REPS = 20
-COPY_BYTES = 1 << 30
-
-
-def copy_bandwidth() -> float:
-    src = torch.empty(COPY_BYTES, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(10):
-        dst.copy_(src)
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * COPY_BYTES * 10 / (start.elapsed_time(end) / 1e3)
 
 
 def graph_us(fn, calls: int) -> float:
@@ -139,7 +124,7 @@ def main() -> None:
     ap.add_argument("--qtypes", nargs="+", default=list(quant_formats.QTYPES))
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
-    bw = copy_bandwidth()
+    bw = measure_copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e9:,.0f} GB/s")
     out_rows: list = []
     per_shape = {name: bench_shape(name, n, k, p, args.qtypes, args.rows, bw, out_rows) for name, n, k, p in SHAPES}
