@@ -1,6 +1,6 @@
 """Pure-torch references of the quantized-weight GEMMs: the truth the Triton kernels
-(`quant_gemv`, `quant_gemm`) are tested against, with the same prologue numerics as
-`reference.skinny_gemm_reference` / `rms_norm_skinny_gemm_reference`."""
+(`quant_gemv`, `quant_gemm`) are tested against. Each is the bf16 skinny GEMM's reference
+(`reference.py`) on the dequantized fp32 weight: the same prologue numerics, one rounding."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from typing import Optional
 import torch
 
 from nanovllm.kernels.quant_formats import QuantizedWeight, dequantize
+from nanovllm.kernels.reference import (rms_norm_skinny_gemm_reference, silu_mul_skinny_gemm_reference,
+                                        skinny_gemm_reference)
 
 
 def quant_linear_reference(
@@ -17,10 +19,7 @@ def quant_linear_reference(
     bias: Optional[torch.Tensor] = None,  # [N]
 ) -> torch.Tensor:
     """fp32 x @ dequant(W)^T (+ bias), one rounding to x's dtype -> [M, N]."""
-    out = x.float() @ dequantize(qw).t()
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(x.dtype)
+    return skinny_gemm_reference(x, dequantize(qw), bias)
 
 
 def quant_rms_norm_linear_reference(
@@ -33,13 +32,7 @@ def quant_rms_norm_linear_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused norm prologue: new residual rounded to x's dtype; then in fp32
     (h * g) @ dequant(W)^T / rms(h) (+ bias), rounded once."""
-    h = x if residual is None else (x.float() + residual.float()).to(x.dtype)
-    hf = h.float()
-    rstd = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)  # [M, 1]
-    out = (hf * norm_weight.float()) @ dequantize(qw).t() * rstd
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(x.dtype), h
+    return rms_norm_skinny_gemm_reference(x, residual, norm_weight, eps, dequantize(qw), bias)
 
 
 def quant_silu_mul_linear_reference(
@@ -48,7 +41,4 @@ def quant_silu_mul_linear_reference(
     bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """silu(gate) * up rounded to x's dtype (as activation.silu_and_mul), then the GEMM."""
-    gate, up = x.float().chunk(2, dim=-1)
-    act = (gate / (1.0 + torch.exp(-gate))).to(x.dtype).float()
-    h = (act * up).to(x.dtype)
-    return quant_linear_reference(h, qw, bias)
+    return silu_mul_skinny_gemm_reference(x, dequantize(qw), bias)
