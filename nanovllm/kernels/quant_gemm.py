@@ -374,11 +374,20 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 SCALED_MM_ALIGN = 16  # torch._scaled_mm wants both of the weight's dimensions a multiple of this
+FP8_MMA_CAPABILITY = (8, 9)  # torch._scaled_mm's fp8 GEMM
 
 
 def scaled_mm_fits(qw: QuantizedWeight) -> bool:
     """Whether an fp8 weight's shape suits torch._scaled_mm (else dequantize + cuBLAS)."""
     return qw.qtype == "fp8" and qw.out_features % SCALED_MM_ALIGN == 0 and qw.in_features % SCALED_MM_ALIGN == 0
+
+
+def large_m_linear(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Rows past the Triton kernels: fp8 tensor cores where the weight and device allow, else
+    dequantize + cuBLAS."""
+    if scaled_mm_fits(qw) and x.is_cuda and torch.cuda.get_device_capability(x.device) >= FP8_MMA_CAPABILITY:
+        return scaled_mm_fp8(x, qw, bias)
+    return dequant_linear(x, qw, bias)
 
 
 def scaled_mm_fp8(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -46,7 +46,6 @@ logger = logging.getLogger(__name__)
 # to the tensor cores sooner.
 DEFAULT_SKINNY_ROWS = {"int8": 8, "fp8": 8, "int4": 4}
 DEFAULT_DOT_ROWS = 256
-FP8_MMA_CAPABILITY = (8, 9)  # torch._scaled_mm's fp8 GEMM
 
 
 @dataclass(frozen=True)
@@ -250,9 +249,7 @@ class QuantizedLinear(Linear):
                 return quant_gemm.quant_dot_gemm(x, self.qweight, self.bias, pdl=self.kernel_options.pdl)
             except quant_gemm.NotTunedError as e:
                 logger.warning("%s; this graph dequantizes for it instead", e)
-        if quant_gemm.scaled_mm_fits(self.qweight) and x.is_cuda and torch.cuda.get_device_capability(x.device) >= FP8_MMA_CAPABILITY:
-            return quant_gemm.scaled_mm_fp8(x, self.qweight, self.bias)
-        return quant_gemm.dequant_linear(x, self.qweight, self.bias)
+        return quant_gemm.large_m_linear(x, self.qweight, self.bias)
 
     def set_row_limits(self, skinny_rows: int, dot_rows: int) -> None:
         """Row counts up to which the skinny and the tensor-core kernels serve (calibration)."""

@@ -35,7 +35,7 @@ from nanovllm.kernels.quant_formats import QuantizedWeight
 from nanovllm.layers import ops
 from nanovllm.layers.kernel_options import DEFAULT_KERNEL_OPTIONS, KernelOptions
 from nanovllm.layers.norm_linear import RMSNormLinear
-from nanovllm.layers.quantized_linear import FP8_MMA_CAPABILITY, QuantizedLinear, quantized_modules
+from nanovllm.layers.quantized_linear import QuantizedLinear, quantized_modules
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,6 @@ def _runners(copies: list, bias, m: int, prologue: str, options: KernelOptions, 
     x = torch.randn(m, width, dtype=dtype, device=device)
     residual = torch.randn(m, k, dtype=dtype, device=device)
     norm_weight = torch.ones(k, dtype=dtype, device=device)
-    fp8_mma = quant_gemm.scaled_mm_fits(qw) and torch.cuda.get_device_capability(device) >= FP8_MMA_CAPABILITY
 
     def front():  # the op the layer runs before an unfused GEMM
         if prologue == "norm":
@@ -103,7 +102,7 @@ def _runners(copies: list, bias, m: int, prologue: str, options: KernelOptions, 
     def large():
         for c in copies:
             h = front()
-            quant_gemm.scaled_mm_fp8(h, c, bias) if fp8_mma else quant_gemm.dequant_linear(h, c, bias)
+            quant_gemm.large_m_linear(h, c, bias)
 
     paths = {"dot": dot, "large": large}
     if m <= quant_gemv.QGEMV_MAX_M:
