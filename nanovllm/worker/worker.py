@@ -133,7 +133,7 @@ class Worker:
                                   options=RunnerOptions.of(cfg, self.kernel_options, self.model_info.max_model_len),
                                   tp=self.tp)
         self.runner.cascade_rule = self._cascade_rule()
-        if self.device.type == "cuda" and not cfg.enforce_eager and not graphs_capturable(self.kernel_options):
+        if self.device.type == "cuda" and not cfg.enforce_eager and not triton_attention_on(self.kernel_options):
             logger.info("CUDA graphs off: the torch attention path reads sequence lengths on the host, "
                         "which a graph cannot capture (attention_backend='triton' keeps them)")
         elif self.device.type == "cuda" and not cfg.enforce_eager:
@@ -161,8 +161,7 @@ class Worker:
         if self.config.kv_cache_dtype == "fp8":  # the cascade kernels read no fp8 cache (EngineConfig: off)
             return None
         if self.device.type == "cuda":
-            options = self.kernel_options
-            if not (options.triton and options.triton_attention and ops.triton_available()):
+            if not triton_attention_on(self.kernel_options):
                 return None
             return cascade_rule(self.config.cascade_attention, chunk_contexts=True)
         return cascade_rule(self.config.cascade_attention, chunk_contexts=False)
@@ -207,7 +206,7 @@ class Worker:
             torch.cuda.empty_cache()
 
 
-def graphs_capturable(options: KernelOptions) -> bool:
-    """Whether decode steps can be CUDA-graphed: only Triton attention keeps every length on the
-    device (the torch reference path indexes sequences from the host)."""
+def triton_attention_on(options: KernelOptions) -> bool:
+    """Whether attention runs through Triton on CUDA: what CUDA graphs need (the torch reference
+    path indexes sequences from the host) and what serves cascade plans there."""
     return options.triton and options.triton_attention and ops.triton_available()

@@ -144,8 +144,8 @@ def test_cuda_graphs_only_with_triton_attention():
     refuses: the worker then runs eagerly instead of failing at start-up."""
     from nanovllm.layers import ops
     from nanovllm.layers.kernel_options import KernelOptions
-    from nanovllm.worker.worker import graphs_capturable
+    from nanovllm.worker.worker import triton_attention_on
 
-    assert not graphs_capturable(KernelOptions(triton_attention=False))
-    assert not graphs_capturable(KernelOptions(triton=False))
-    assert graphs_capturable(KernelOptions()) == ops.triton_available()
+    assert not triton_attention_on(KernelOptions(triton_attention=False))
+    assert not triton_attention_on(KernelOptions(triton=False))
+    assert triton_attention_on(KernelOptions()) == ops.triton_available()
