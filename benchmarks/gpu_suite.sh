@@ -18,6 +18,17 @@ serve_workload=${SERVEPERF_WORKLOAD:-"--num-prompts 512 --input-len 512 --output
 serve_model=${SERVEPERF_MODEL:-benchmarks/configs/qwen3-0.6b}
 serve_warmup=128  # requests of the warm-up run before each measured one (bench timeline --skip-first)
 gpu_name() { nvidia-smi --query-gpu=name --format=csv,noheader | head -1; }
+# wait_for_server PID LOG: until the server on port 8123 answers /health (at most 180 s); 1 at once if it exits
+wait_for_server() {
+  for i in $(seq 180); do
+    curl -sf http://127.0.0.1:8123/health >/dev/null && return 0
+    if ! kill -0 "$1" 2>/dev/null; then   # died while starting: say why instead of waiting out the loop
+      echo "server exited before serving ($2):"; tail -3 "$2"; return 1
+    fi
+    sleep 1
+  done
+  return 1
+}
 # serve_and_bench DIR LABEL TAG [server flags...]: DIR's server under this tree's `bench serve` (warm-up, then the
 # measured run appended to this tree's serve.csv); the server log goes to $OUT/server_TAG.log
 serve_and_bench() {
@@ -25,13 +36,7 @@ serve_and_bench() {
   (cd "$dir" && PYTHONPATH=$PWD:/tmp/site exec setsid python3 -m nanovllm.cli.main serve "$serve_model" \
       --load-format dummy --skip-tokenizer-init --max-model-len ${SERVEPERF_MAX_MODEL_LEN:-2048} --port 8123 "$@") > "$OUT/server_$tag.log" 2>&1 &
   local pid=$!
-  for i in $(seq 180); do
-    curl -sf http://127.0.0.1:8123/health >/dev/null && break
-    if ! kill -0 "$pid" 2>/dev/null; then   # died while starting: say why instead of waiting out the loop
-      echo "server ($tag) exited before serving:"; tail -3 "$OUT/server_$tag.log"; return 1
-    fi
-    sleep 1
-  done
+  wait_for_server "$pid" "$OUT/server_$tag.log" || return 1
   timeout 60 $nv bench serve --base-url http://127.0.0.1:8123 --num-prompts $serve_warmup --max-concurrency 64 --input-len 512 \
       --output-len 16 --ignore-eos --seed 99 --no-save > /dev/null 2>&1   # warm-up: Triton JIT, allocator
   timeout 150 $nv bench serve --base-url http://127.0.0.1:8123 $serve_workload --label "$label, $(gpu_name)" 2>&1 \
@@ -113,7 +118,7 @@ for s in $steps; do
              python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
              setsid python3 -m nanovllm.cli.main serve benchmarks/configs/qwen3-0.6b --load-format dummy --skip-tokenizer-init \
                  --max-model-len 2048 --port 8123 > "$OUT/server.log" 2>&1 &
-             for i in $(seq 120); do curl -sf http://127.0.0.1:8123/health >/dev/null && break; sleep 1; done
+             wait_for_server $! "$OUT/server.log"
              timeout 200 $nv bench serve --base-url http://127.0.0.1:8123 --num-prompts 512 --max-concurrency 64 \
                  --input-len 512 --output-len 256 --ignore-eos --temperature 0.6 --label "qwen3-0.6b random, $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" 2>&1 | tee "$OUT/serve.log" | tail -20
              curl -s http://127.0.0.1:8123/metrics | grep -E "^nanovllm:(num_requests|kv_cache)" | tee -a "$OUT/serve.log"
