@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import time
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from nanovllm.config import DEFAULT_BLOCK_SIZE
@@ -64,3 +65,42 @@ def drive(engine, on_tokens: Optional[OnTokens] = None, until: Optional[Callable
     """Step the engine until nothing is left (or `until()`)."""
     while engine.has_unfinished_requests() and not (until and until()):
         step(engine, on_tokens)
+
+
+@dataclass
+class TimedRun:
+    """When a batch of requests ran: its wall-clock window, each request's first tokens and
+    every step's new tokens (perf_counter times)."""
+
+    start: float
+    end: float = 0.0
+    first: dict = field(default_factory=dict)  # request id -> time its first tokens arrived
+    events: list = field(default_factory=list)  # (time, new tokens) per output that brought some
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(n for _, n in self.events)
+
+    @property
+    def all_started(self) -> float:
+        """When the last request got its first token: decoding alone from then on."""
+        return max(self.first.values())
+
+    def decode_tok_per_s(self) -> float:
+        decoded = sum(n for t, n in self.events if t > self.all_started)
+        return decoded / max(self.end - self.all_started, 1e-9)
+
+
+def timed_run(engine, requests: list, params) -> TimedRun:
+    """Add `requests` ([(request id, prompt)]) with `params` and step the engine until all finish."""
+    run = TimedRun(time.perf_counter())
+
+    def on_tokens(out, n, now):
+        run.first.setdefault(out.request_id, now)
+        run.events.append((now, n))
+
+    for rid, prompt in requests:
+        engine.add_request(rid, prompt, params)
+    drive(engine, on_tokens)
+    run.end = time.perf_counter()
+    return run

@@ -36,6 +36,7 @@ import time
 from nanovllm.bench.engines import drive as _drive
 from nanovllm.bench.engines import release as _release
 from nanovllm.bench.engines import step as _step
+from nanovllm.bench.engines import timed_run as _timed_run
 from nanovllm.bench.engines import workload_llm
 from nanovllm.bench.report import RESULTS_DIR, append_rows, base_row
 from nanovllm.cli.args import add_quantization_args, quantization_kwargs
@@ -117,23 +118,11 @@ def _throughput_run(llm, args, seed: int, output_len: int) -> dict:
     engine.add_request(f"system-{seed}", {"prompt_token_ids": prefix}, SamplingParams(temperature=0, max_tokens=1))
     _drive(engine)  # the system prompt has been seen before (untimed)
     q0, h0, c0, r0 = _counters(llm)
-    first, events = {}, []
-
-    def on_tokens(out, n, now):
-        first.setdefault(out.request_id, now)
-        events.append((now, n))
-
-    t0 = time.perf_counter()
-    for i, prompt in enumerate(prompts):
-        engine.add_request(f"tput-{seed}-{i}", prompt, params)
-    _drive(engine, on_tokens)
-    t1 = time.perf_counter()
+    run = _timed_run(engine, [(f"tput-{seed}-{i}", p) for i, p in enumerate(prompts)], params)
     q1, h1, c1, r1 = _counters(llm)
-    total = sum(n for _, n in events)
-    all_started = max(first.values())
-    decode_tokens = sum(n for t, n in events if t > all_started)
-    return {"seconds": round(t1 - t0, 3), "output_tok_per_s": round(total / (t1 - t0), 1),
-            "decode_tok_per_s": round(decode_tokens / max(t1 - all_started, 1e-9), 1),
+    seconds = run.end - run.start
+    return {"seconds": round(seconds, 3), "output_tok_per_s": round(run.output_tokens / seconds, 1),
+            "decode_tok_per_s": round(run.decode_tok_per_s(), 1),
             "prefix_hit_rate": round((h1 - h0) / max(q1 - q0, 1), 4), "cascade_steps": c1 - c0,
             "graph_replays": r1 - r0}
 

@@ -150,23 +150,11 @@ def measure_point(llm, point: Point, output_len: int, seed: int) -> dict:
     prompts = [{"prompt_token_ids": _tokens(rng, point.prompt_len, high)} for _ in range(point.batch)]
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
     memory = _MemoryWindow()
-    first, events = {}, []
-
-    def on_tokens(out, n, now):
-        first.setdefault(out.request_id, now)
-        events.append((now, n))
-
-    t0 = time.perf_counter()
-    for i, prompt in enumerate(prompts):
-        engine.add_request(f"sweep-{seed}-{i}", prompt, params)
-    engines.drive(engine, on_tokens)
-    t_end = time.perf_counter()
-    all_started = max(first.values())
-    decode_tokens = sum(n for t, n in events if t > all_started)
-    return {"output_tokens": sum(n for _, n in events),
-            "ttft_ms": round(1000 * sum(t - t0 for t in first.values()) / len(first), 3),
-            "decode_tok_s": round(decode_tokens / max(t_end - all_started, 1e-9), 1),
-            "e2e_s": round(t_end - t0, 4), **memory.read()}
+    run = engines.timed_run(engine, [(f"sweep-{seed}-{i}", p) for i, p in enumerate(prompts)], params)
+    return {"output_tokens": run.output_tokens,
+            "ttft_ms": round(1000 * sum(t - run.start for t in run.first.values()) / len(run.first), 3),
+            "decode_tok_s": round(run.decode_tok_per_s(), 1),
+            "e2e_s": round(run.end - run.start, 4), **memory.read()}
 
 
 class _MemoryWindow:
