@@ -123,17 +123,26 @@ class QuantizedLinearSource:
     input_perm: Optional[torch.Tensor] = None  # int64 [K]: the layer computes x[:, input_perm] @ W'^T
 
 
-def unpack_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-                g_idx: Optional[torch.Tensor], cfg: PrequantConfig, name: str = "") -> QuantizedLinearSource:
-    bits, f = cfg.bits, cfg.pack_factor
-    k, n = qweight.shape[0] * f, qweight.shape[1]
+def _group_size(method: str, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, k: int, n: int,
+                cfg: PrequantConfig, name: str) -> int:
+    """The checkpoint's group size after checking that scales [groups, N] and qzeros [groups, N / pack]
+    agree with qweight and that the groups cover K."""
     groups = scales.shape[0]
-    if scales.shape != (groups, n) or qzeros.shape != (groups, n // f):
-        raise ValueError(f"{name}: GPTQ tensors disagree: qweight {tuple(qweight.shape)}, scales "
+    if scales.shape != (groups, n) or qzeros.shape != (groups, n // cfg.pack_factor):
+        raise ValueError(f"{name}: {method} tensors disagree: qweight {tuple(qweight.shape)}, scales "
                          f"{tuple(scales.shape)}, qzeros {tuple(qzeros.shape)}")
     group = k if cfg.group_size == -1 else cfg.group_size
     if groups * group != k:
         raise ValueError(f"{name}: {groups} groups of {group} do not cover K={k}")
+    return group
+
+
+def unpack_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                g_idx: Optional[torch.Tensor], cfg: PrequantConfig, name: str = "") -> QuantizedLinearSource:
+    bits, f = cfg.bits, cfg.pack_factor
+    k, n = qweight.shape[0] * f, qweight.shape[1]
+    group = _group_size("GPTQ", qweight, qzeros, scales, k, n, cfg, name)
+    groups = scales.shape[0]
     q = _unpack_along_rows(qweight, bits).t()  # [N, K]
     z = (_unpack_along_cols(qzeros, bits) + cfg.zero_point_offset).t().float()  # [N, groups]
     s = scales.float().t()  # [N, groups]
@@ -155,13 +164,7 @@ def unpack_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
                name: str = "") -> QuantizedLinearSource:
     f = cfg.pack_factor
     k, n = qweight.shape[0], qweight.shape[1] * f
-    groups = scales.shape[0]
-    if scales.shape != (groups, n) or qzeros.shape != (groups, n // f):
-        raise ValueError(f"{name}: AWQ tensors disagree: qweight {tuple(qweight.shape)}, scales "
-                         f"{tuple(scales.shape)}, qzeros {tuple(qzeros.shape)}")
-    group = k if cfg.group_size == -1 else cfg.group_size
-    if groups * group != k:
-        raise ValueError(f"{name}: {groups} groups of {group} do not cover K={k}")
+    group = _group_size("AWQ", qweight, qzeros, scales, k, n, cfg, name)
     q = _unpack_along_cols(qweight, cfg.bits, AWQ_PACK_ORDER).t()  # [N, K]
     z = _unpack_along_cols(qzeros, cfg.bits, AWQ_PACK_ORDER).t().float()
     return QuantizedLinearSource(_codes(q, scales.float().t(), z, group, cfg.bits))
