@@ -161,15 +161,20 @@ def test_loading_errors_name_the_tensor():
         LinearQuantSpec("int2")
 
 
-def test_quantize_modules_rewires_norm_wrappers():
-    class Block(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.norm = RMSNorm(64)
-            self.proj = GateUpLinear(64, 32)
-            self.fused = RMSNormLinear(self.norm, self.proj)
+class NormBlock(torch.nn.Module):
+    """A decoder's shape in small: a norm, the projection behind it (also through the fused
+    wrapper) and a plain Linear after."""
 
-    block = Block()
+    def __init__(self):
+        super().__init__()
+        self.norm = RMSNorm(64)
+        self.proj = GateUpLinear(64, 32)
+        self.fused = RMSNormLinear(self.norm, self.proj)
+        self.out = Linear(32, 64)
+
+
+def test_quantize_modules_rewires_norm_wrappers():
+    block = NormBlock()
     new = quantize_modules(block, {"proj": LinearQuantSpec("int4", 32)})
     assert block.proj is new["proj"] and block.fused.linear is new["proj"]
     with pytest.raises(ValueError, match="not a linear"):
@@ -207,14 +212,6 @@ def test_gemv_calibration_skips_quantized_linears_behind_a_norm():
     one there has no 2-D float weight (and calibrates apart): it must not break the listing."""
     from nanovllm.worker.gemv_calibration import linear_weights
 
-    class Block(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.norm = RMSNorm(64)
-            self.proj = GateUpLinear(64, 32)
-            self.fused = RMSNormLinear(self.norm, self.proj)
-            self.out = Linear(32, 64)
-
-    block = Block()
+    block = NormBlock()
     quantize_modules(block, {"proj": LinearQuantSpec("fp8")})
     assert linear_weights(block) == {}  # CPU weights are not timed; what matters is no error
