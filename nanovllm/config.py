@@ -111,6 +111,10 @@ class EngineConfig:
     # None = "uni" at tensor_parallel_size 1, else "mp"; "mp" at size 1 runs the multi-process
     # executor's path with one rank (A/B against "uni")
     distributed_executor_backend: Optional[str] = None
+    # ---- serving (AsyncLLMEngine, `nanovllm serve --engine-process`): run the engine (scheduling, steps,
+    # detokenization) in a process of its own, so its host work does not share a GIL with the HTTP layer.
+    # The offline LLM class steps the engine on its caller's thread whatever this says.
+    engine_process: bool = False
 
     def __post_init__(self) -> None:
         if self.model is not None and not isinstance(self.model, str):
@@ -182,7 +186,7 @@ class EngineConfig:
         if self.decode_split not in DECODE_SPLITS:
             raise ValueError(f"decode_split={self.decode_split!r}: use one of {DECODE_SPLITS}")
         for name in ("fuse_gemv_prologues", "pdl", "use_triton", "step_timing", "step_timeline",
-                     "quantize_lm_head"):
+                     "quantize_lm_head", "engine_process"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.seed, int):

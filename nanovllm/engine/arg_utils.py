@@ -112,6 +112,7 @@ class EngineArgs:
     step_timing: bool = False
     decode_split: str = "uniform"
     step_timeline: bool = False
+    engine_process: bool = False  # `nanovllm serve --engine-process` (AsyncLLMEngine only)
     # vLLM's other arguments (see IGNORED_ARGS / NEUTRAL_ONLY_ARGS)
     compat: dict = field(default_factory=dict, repr=False)
 

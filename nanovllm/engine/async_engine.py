@@ -14,6 +14,10 @@
   them, it is marked dead: every stream fails and new requests raise `EngineDeadError`.
 - A tensor-parallel worker process that dies kills the engine at once, busy or idle (the
   executor's failure callback); `on_dead` callbacks then run (the server shuts down).
+- With `EngineConfig.engine_process` the engine itself runs in a process of its own and the
+  engine thread drives an EngineProcessClient (engine/engine_process.py), which has the same
+  interface: same streams, errors and drain, and the engine's host work off this process's GIL.
+  The engine process dying is handled as a worker dying.
 - With nothing to do the thread waits on a condition variable (no polling).
 - Each step's outputs reach an event loop in one `call_soon_threadsafe` (one wake-up per loop
   per step, however many streams). With `coalesce_outputs`, a stream whose consumer fell behind
@@ -40,9 +44,10 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Optional, Protocol, Sequence, TypeVar
+from typing import AsyncIterator, Callable, Optional, Protocol, Sequence, TypeVar, Union
 
 from nanovllm.config import EngineConfig
+from nanovllm.engine.engine_process import EngineProcessClient
 from nanovllm.engine.input_processor import PromptType
 from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.engine.output_merge import merge_delta_outputs
@@ -163,7 +168,7 @@ class RequestStream:
 class AsyncLLMEngine:
     """Thread-safe, asyncio-facing wrapper of LLMEngine (see the module docstring)."""
 
-    def __init__(self, engine: LLMEngine, coalesce_outputs: bool = False) -> None:
+    def __init__(self, engine: Union[LLMEngine, EngineProcessClient], coalesce_outputs: bool = False) -> None:
         if not isinstance(coalesce_outputs, bool):
             raise TypeError(f"coalesce_outputs must be True or False, got {coalesce_outputs!r}")
         self.coalesce_outputs = coalesce_outputs
@@ -185,7 +190,7 @@ class AsyncLLMEngine:
         self._consecutive_failures = 0
         self._stats = dict(engine.stats())
         self._dead_callbacks: list = []
-        engine.executor.add_failure_callback(self._on_executor_failure)
+        engine.add_failure_callback(self._on_executor_failure)
         threads = max(1, min(MAX_PREPROCESS_THREADS, len(os.sched_getaffinity(0)) - 1))
         self._preprocess = ThreadPoolExecutor(threads, thread_name_prefix="nanovllm-preprocess")
         self._thread = threading.Thread(target=self._run, name="nanovllm-engine", daemon=True)
@@ -193,7 +198,13 @@ class AsyncLLMEngine:
 
     @classmethod
     def from_config(cls, config: EngineConfig, coalesce_outputs: bool = False) -> "AsyncLLMEngine":
-        return cls(LLMEngine(config), coalesce_outputs)
+        """The engine in this process, or in its own process with `config.engine_process`."""
+        engine = EngineProcessClient(config) if config.engine_process else LLMEngine(config)
+        try:
+            return cls(engine, coalesce_outputs)
+        except BaseException:
+            engine.shutdown()
+            raise
 
     # ------------------------------------------------------------------ public (event loop side)
     @property
@@ -449,7 +460,7 @@ class AsyncLLMEngine:
             outputs = self.engine.step()
             t_end = time.monotonic()
         except Exception as e:
-            if self.engine.executor.failure is not None:  # a worker process is gone: nothing can run
+            if self.engine.failure is not None:  # a worker process (or the engine process) is gone: nothing can run
                 self._die(e)
                 return
             logger.exception("engine step failed; failing the requests it was running")
@@ -457,13 +468,18 @@ class AsyncLLMEngine:
             self._fail_running(e)
             self._snapshot()
             return
-        self._consecutive_failures = 0
+        # an engine process reports its own steps' times (none when step() only waited)
+        steps = (self.engine.take_step_records() if isinstance(self.engine, EngineProcessClient)
+                 else [(t_start, t_end, None)])
+        if steps:
+            self._consecutive_failures = 0
         self._snapshot()  # before delivering, so a client that got its answer sees fresh stats
         for fn in self._step_observers:
-            try:
-                fn(t_start, t_end, self._stats)
-            except Exception:  # a timing hook must never break serving
-                logger.exception("step observer failed")
+            for step_start, step_end, step_stats in steps:
+                try:
+                    fn(step_start, step_end, self._stats if step_stats is None else step_stats)
+                except Exception:  # a timing hook must never break serving
+                    logger.exception("step observer failed")
         self._dispatch(outputs)
 
     def _snapshot(self) -> None:
@@ -511,7 +527,7 @@ class AsyncLLMEngine:
 
     def _fail_running(self, error: Exception) -> None:
         """After a failed step: fail the requests that were in the batch, keep the waiting ones."""
-        running = {r.parent_id or r.request_id for r in self.engine.scheduler.running}
+        running = self.engine.running_request_ids()
         affected = [rid for rid in self._streams if rid in running]
         if not affected or self._consecutive_failures >= MAX_CONSECUTIVE_STEP_FAILURES:
             affected = list(self._streams)  # the fault is not tied to the batch: fail everything

@@ -33,9 +33,10 @@ from typing import Iterable, Optional, Union
 from nanovllm import envs
 from nanovllm.config import EngineConfig
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
-from nanovllm.engine.input_processor import InputProcessor, PromptType, invalid
+from nanovllm.engine.input_processor import InputProcessor, PromptType
 from nanovllm.engine.kv_cache_manager import KVCacheManager
 from nanovllm.engine.request import Request, RequestStatus
+from nanovllm.engine.request_checks import RequestChecker
 from nanovllm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from nanovllm.engine.step_builder import StepBuilder
 from nanovllm.engine.step_timer import StepTimer
@@ -121,6 +122,7 @@ class LLMEngine:
             num_blocks, config.block_size, config.max_num_batched_tokens, config.enable_chunked_prefill,
             sliding_window=info.kv_sliding_window,
         )
+        self.checker = RequestChecker(self.input_processor, self.hf_config.vocab_size, self.structured)
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else info.is_cuda)
         self._in_flight: Optional[_InFlightStep] = None  # async scheduling: launched, not resolved
@@ -146,33 +148,21 @@ class LLMEngine:
     def add_request(self, request_id: Optional[str], prompt: PromptType,
                     params: Optional[SamplingParams] = None, arrival_time: Optional[float] = None) -> str:
         """Validate and queue a request. Raises ValueError/TypeError; the engine is untouched then."""
-        if params is None:
-            params = SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
-        params = params.clone()  # the engine's own verified copy: later changes by the caller do not reach it
         if request_id is None:
             request_id = str(next(self._counter))
         if not isinstance(request_id, str):
             raise TypeError("request_id must be a string")
         if request_id in self.states:
             raise ValueError(f"request id {request_id!r} is already in use")
-        processed = self.input_processor.process_prompt(prompt)
+        checked = self.checker.check(prompt, params)
+        processed, params = checked.prompt, checked.params
         prompt_len = len(processed.prompt_token_ids)
-        for field_name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or {})):
-            bad = next((t for t in ids if t >= self.hf_config.vocab_size), None)
-            if bad is not None:
-                raise invalid(f"token id {bad} in {field_name} is outside the vocabulary "
-                              f"[0, {self.hf_config.vocab_size})", field_name)
-        self.compile_structured_outputs(params)  # bad specs fail here; a cache hit when precompiled
-        max_tokens = self.input_processor.resolve_max_tokens(params, prompt_len)
-        self.input_processor.check_fits(params, prompt_len, max_tokens)
         now = arrival_time if arrival_time is not None else time.monotonic()
         req = Request(
             request_id=request_id,
             prompt_token_ids=processed.prompt_token_ids,
             sampling_params=params,
-            max_tokens=max_tokens,
+            max_tokens=checked.max_tokens,
             eos_token_ids=tuple(self.eos_token_ids),
             arrival_time=now,
             parent_id=request_id,
@@ -190,15 +180,7 @@ class LLMEngine:
         """Compile (and cache) the grammar of `params`, if any; a bad spec raises ValueError/TypeError
         with .param = "structured_outputs". Thread-safe: AsyncLLMEngine calls it on its
         preprocessing threads first, so a slow compilation never stalls the engine's steps."""
-        if params.structured_outputs is None:
-            return
-        if self.tokenizer is None:
-            raise invalid("structured outputs need a tokenizer; this engine runs with skip_tokenizer_init=True",
-                          "structured_outputs")
-        try:
-            self.structured.validate(params.structured_outputs)
-        except (ValueError, TypeError) as e:
-            raise invalid(str(e), "structured_outputs", type(e)) from None
+        self.checker.compile_structured_outputs(params)
 
     def _new_completion(self, req: Request) -> _Completion:
         params = req.sampling_params
@@ -222,6 +204,19 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.states)
+
+    def running_request_ids(self) -> set[str]:
+        """Ids (as given to add_request) of the requests in the running batch."""
+        return {r.parent_id or r.request_id for r in self.scheduler.running}
+
+    @property
+    def failure(self) -> Optional[str]:
+        """Why no step can run any more (a worker process died), else None."""
+        return self.executor.failure
+
+    def add_failure_callback(self, callback) -> None:
+        """`callback(error)` runs on a watchdog thread when a worker process dies."""
+        self.executor.add_failure_callback(callback)
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.states)

@@ -52,6 +52,9 @@ def add_serve_parser(sub) -> None:
     g.add_argument("--no-coalesce-outputs", dest="coalesce_outputs", action="store_false",
                    help="send every engine step's output as its own chunk even when a stream's response lags "
                         "(default: a lagging stream sends the outputs waiting for it as one chunk; for A/B runs)")
+    g.add_argument("--engine-process", action="store_true",
+                   help="run the engine (scheduling, steps, detokenization) in a process of its own, so its host "
+                        "work does not share the HTTP layer's GIL (default: on a thread of the server's process)")
     g.add_argument("--request-timeline", default=None, metavar="PATH",
                    help="record each generation request's timeline (arrival, queued, first scheduled, first token, "
                         "every chunk sent) and write it as CSV to PATH when the server stops; plot it with "
