@@ -190,6 +190,7 @@ class AsyncLLMEngine:
         self._consecutive_failures = 0
         self._stats = dict(engine.stats())
         self._dead_callbacks: list = []
+        self._remote = isinstance(engine, EngineProcessClient)  # steps in a process of its own
         engine.add_failure_callback(self._on_executor_failure)
         threads = max(1, min(MAX_PREPROCESS_THREADS, len(os.sched_getaffinity(0)) - 1))
         self._preprocess = ThreadPoolExecutor(threads, thread_name_prefix="nanovllm-preprocess")
@@ -370,6 +371,8 @@ class AsyncLLMEngine:
         with self._cond:
             self._stopping = True
             self._cond.notify()
+        if self._remote:
+            self.engine.wake()
         self._preprocess.shutdown(wait=False, cancel_futures=True)
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
@@ -386,7 +389,9 @@ class AsyncLLMEngine:
                 return False
             self._commands.extend(commands)
             self._cond.notify()
-            return True
+        if self._remote:
+            self.engine.wake()  # the engine thread may be waiting in step() for the engine process
+        return True
 
     def _run(self) -> None:
         engine = self.engine
@@ -469,8 +474,7 @@ class AsyncLLMEngine:
             self._snapshot()
             return
         # an engine process reports its own steps' times (none when step() only waited)
-        steps = (self.engine.take_step_records() if isinstance(self.engine, EngineProcessClient)
-                 else [(t_start, t_end, None)])
+        steps = self.engine.take_step_records() if self._remote else [(t_start, t_end, None)]
         if steps:
             self._consecutive_failures = 0
         self._snapshot()  # before delivering, so a client that got its answer sees fresh stats

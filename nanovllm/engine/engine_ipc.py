@@ -12,12 +12,11 @@ never travel back: the server's process keeps them from the request it sent.
 
     output record = (request_id, finished, completions, metrics, num_cached_tokens, prompt_logprobs)
     completion    = (index, text, token_ids, cumulative_logprob, logprobs, finish_reason, stop_reason)
-    metrics       = RequestMetrics's fields in order, or None
+    metrics       = RequestMetrics's fields (METRIC_FIELDS), or None
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -25,7 +24,9 @@ from nanovllm.config import EngineConfig
 from nanovllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from nanovllm.sampling_params import SamplingParams
 
-_METRIC_FIELDS = tuple(f.name for f in dataclasses.fields(RequestMetrics))
+# RequestMetrics's fields, in the order encode_outputs writes them (a test keeps the two in step)
+METRIC_FIELDS = ("arrival_time", "queued_time", "first_scheduled_time", "first_token_time", "last_token_time",
+                 "finished_time", "num_cached_tokens")
 
 
 # ----------------------------------------------------------------------------- server -> engine
@@ -105,7 +106,8 @@ def encode_outputs(outputs: list[RequestOutput]) -> list[tuple]:
         comps = tuple((c.index, c.text, c.token_ids, c.cumulative_logprob, c.logprobs, c.finish_reason,
                        c.stop_reason) for c in out.outputs)
         m = out.metrics
-        metrics = None if m is None else tuple(getattr(m, name) for name in _METRIC_FIELDS)
+        metrics = None if m is None else (m.arrival_time, m.queued_time, m.first_scheduled_time, m.first_token_time,
+                                          m.last_token_time, m.finished_time, m.num_cached_tokens)
         records.append((out.request_id, out.finished, comps, metrics, out.num_cached_tokens, out.prompt_logprobs))
     return records
 
@@ -113,13 +115,7 @@ def encode_outputs(outputs: list[RequestOutput]) -> list[tuple]:
 def decode_output(record: tuple, prompt: Optional[str], prompt_token_ids: list[int]) -> RequestOutput:
     """One record back into the RequestOutput the engine made, with the prompt the server kept."""
     request_id, finished, comps, metrics, num_cached_tokens, prompt_logprobs = record
-    return RequestOutput(
-        request_id=request_id,
-        prompt=prompt,
-        prompt_token_ids=prompt_token_ids,
-        outputs=[CompletionOutput(*c) for c in comps],
-        finished=finished,
-        prompt_logprobs=prompt_logprobs,
-        num_cached_tokens=num_cached_tokens,
-        metrics=None if metrics is None else RequestMetrics(*metrics),
-    )
+    # positional: RequestOutput(request_id, prompt, prompt_token_ids, outputs, finished, prompt_logprobs,
+    # num_cached_tokens, metrics), the fields' order (a test checks the round trip)
+    return RequestOutput(request_id, prompt, prompt_token_ids, [CompletionOutput(*c) for c in comps], finished,
+                         prompt_logprobs, num_cached_tokens, None if metrics is None else RequestMetrics(*metrics))

@@ -16,8 +16,8 @@ The client implements the part of LLMEngine that AsyncLLMEngine uses:
   tokenizer, context and KV-cache size), so a bad request raises ValueError/TypeError in the
   caller, then sends the tokenized request; nothing waits for the engine process.
 - `step()` blocks (GIL released) until the engine process's next StepBatch arrives and returns
-  its DELTA RequestOutputs; after IDLE_POLL_S without one it returns [] so that the caller's
-  new commands are not held up. Outputs of a request id that was aborted and reused are told
+  its DELTA RequestOutputs; `wake()` (the caller has new commands) makes it return [] at once,
+  so adds and aborts are not held up behind a long step. Outputs of a request id that was aborted and reused are told
   apart by the command numbers (`seq`).
 - `stats()` is the engine's snapshot sent with every batch (also after aborts while idle).
 - The engine process dying (killed, crashed, failed to start) is noticed by the reader thread
@@ -53,7 +53,8 @@ from nanovllm.worker.worker_procs import _main_module_not_rerun
 
 logger = logging.getLogger("nanovllm")
 
-IDLE_POLL_S = 0.02  # step() returns [] after this long without a batch (the caller's commands then go out)
+# step() returns [] when woken (the caller has commands to send) or, as a safety net, after this long
+IDLE_POLL_S = 1.0
 SHUTDOWN_JOIN_S = 30.0  # the engine process gets this long to stop its workers after Shutdown, then is killed
 DEATH_REPORT_WAIT_S = 1.0  # after EOF: how long to wait for the process's exit code
 
@@ -105,6 +106,7 @@ class EngineProcessClient:
         self._live: dict[str, _Live] = {}  # engine thread only
         self._cond = threading.Condition()
         self._batches: deque[StepBatch] = deque()  # guarded by _cond
+        self._woken = False  # guarded by _cond
         self._failure: Optional[str] = None
         self._failure_callbacks: list[Callable[[BaseException], None]] = []
         self._closing = False
@@ -196,8 +198,9 @@ class EngineProcessClient:
             error, self._stashed = self._stashed, None
             raise error
         with self._cond:
-            if not self._batches and self._failure is None:
+            if not self._batches and self._failure is None and not self._woken:
                 self._cond.wait(IDLE_POLL_S)
+            self._woken = False
             batches = list(self._batches)
             self._batches.clear()
             failure = self._failure
@@ -219,6 +222,12 @@ class EngineProcessClient:
                 raise error
             self._stashed = error  # deliver what the engine made first
         return outputs
+
+    def wake(self) -> None:
+        """Make a waiting (or the next) step() return at once; thread-safe."""
+        with self._cond:
+            self._woken = True
+            self._cond.notify()
 
     def take_step_records(self) -> list[StepRecord]:
         """(t_start, t_end, stats) of the engine process's steps returned since the last call."""

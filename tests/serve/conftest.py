@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import httpx
 import pytest
@@ -28,6 +29,7 @@ class Server:
     model: str
     max_model_len: int
     log_path: str
+    proc: Optional[subprocess.Popen] = None
 
     @property
     def v1(self) -> str:
@@ -65,15 +67,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory):
+def launch_server(tmp_path_factory, extra_args=(), api_key: str = API_KEY, max_model_len: int = MAX_MODEL_LEN):
+    """Start the shared test server's command line (+ `extra_args`); yields the Server once healthy,
+    stops it afterwards. The fixtures below (and test modules needing a variant) use it."""
     port = free_port()
     log_path = str(tmp_path_factory.mktemp("serve") / "server.log")
-    env = dict(os.environ, NANOVLLM_API_KEY=API_KEY)  # the key comes from the environment variable
+    env = dict(os.environ, NANOVLLM_API_KEY=api_key)  # the key comes from the environment variable
     # tool calling as vLLM's tool examples start their server: a tool-aware template, Hermes parser
     cmd = [sys.executable, "-m", "nanovllm.cli.main", "serve", "--port", str(port),
-           "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(MAX_NUM_SEQS),
-           "--chat-template", TOOL_TEMPLATE, "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+           "--max-model-len", str(max_model_len), "--max-num-seqs", str(MAX_NUM_SEQS),
+           "--chat-template", TOOL_TEMPLATE, "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+           *extra_args]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -90,15 +94,28 @@ def server(tmp_path_factory):
             if time.monotonic() > deadline:
                 pytest.fail(f"server not healthy after {STARTUP_TIMEOUT_S}s:\n{open(log_path).read()[-4000:]}")
             time.sleep(0.5)
-        models = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30).json()
-        yield Server(url, API_KEY, models["data"][0]["id"], MAX_MODEL_LEN, log_path)
+        models = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {api_key}"}, timeout=30).json()
+        yield Server(url, api_key, models["data"][0]["id"], max_model_len, log_path, proc)
     finally:
-        proc.terminate()
+        if proc.poll() is None:
+            proc.terminate()
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def thread_server(tmp_path_factory):
+    """The server with its engine on a thread of the server's process (the default)."""
+    yield from launch_server(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def server(thread_server):
+    """The server most tests use (test_serve_engine_process.py points it at an engine-process server)."""
+    return thread_server
 
 
 @pytest.fixture(scope="session")
