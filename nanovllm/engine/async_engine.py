@@ -351,8 +351,9 @@ class AsyncLLMEngine:
         self._submit(("abort", request_id))
 
     def stats(self) -> dict:
-        """Snapshot of LLMEngine.stats() taken by the engine thread after its latest step."""
-        snap = dict(self._stats)
+        """Snapshot of LLMEngine.stats() taken by the engine thread after its latest step (an engine
+        process sends its own after each step and after aborts: thread-safe to read at once)."""
+        snap = dict(self.engine.stats() if self._remote else self._stats)
         snap["engine_alive"] = self.is_running
         return snap
 

@@ -1,4 +1,5 @@
-"""AsyncLLMEngine on a tiny random-weight model (no tokenizer): streaming, errors, aborts, failures, idling."""
+"""AsyncLLMEngine on a tiny random-weight model (no tokenizer): streaming, errors, aborts, failures, idling;
+each test with the engine on a thread and in a process of its own (`engine_process`)."""
 
 from __future__ import annotations
 
@@ -16,14 +17,15 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
 LONG = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
 
 
-def _make(path: str) -> AsyncLLMEngine:
+def _make(path: str, engine_process: bool = False) -> AsyncLLMEngine:
     return AsyncLLMEngine.from_config(EngineConfig(model=path, device="cpu", skip_tokenizer_init=True,
-                                                   max_model_len=256))
+                                                   max_model_len=256, engine_process=engine_process))
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_factory):
-    eng = _make(tiny_model_factory("llama"))
+@pytest.fixture(scope="module", params=[False, True], ids=["engine-thread", "engine-process"])
+def engine(tiny_model_factory, request):
+    """The engine stepped on a thread of this process, or in a process of its own (EngineProcessClient)."""
+    eng = _make(tiny_model_factory("llama"), engine_process=request.param)
     yield eng
     eng.shutdown()
 
@@ -185,3 +187,27 @@ def test_shutdown_fails_live_streams(tiny_model_factory):
 
     asyncio.run(main())
     assert not eng.is_running
+
+
+def test_an_aborted_request_id_can_be_reused_at_once(engine):
+    """The new request gets none of the aborted one's outputs (an engine process may still send them)."""
+    async def main():
+        gen = engine.generate([5, 6, 7], LONG, request_id="reused")
+        await gen.__anext__()
+        await gen.aclose()
+        return await _collect(engine, [1, 2, 3, 4], GREEDY, request_id="reused")
+
+    outs = asyncio.run(main())
+    fresh = asyncio.run(_collect(engine, [1, 2, 3, 4], GREEDY))
+    assert [t for o in outs for t in o.outputs[0].token_ids] == [t for o in fresh for t in o.outputs[0].token_ids]
+    assert [o.prompt_token_ids for o in outs] == [[1, 2, 3, 4]] * len(outs)
+    assert _wait_idle(engine)["kv_cache_usage"] == 0
+
+
+def test_step_observers_see_each_engine_step(engine):
+    steps = []
+    engine.add_step_observer(lambda t0, t1, stats: steps.append((t0, t1, stats["last_step_num_seqs"])))
+    outs = asyncio.run(_collect(engine, [1, 2, 3], GREEDY))
+    assert len(outs) == 5 and len(steps) >= 5  # one per step that made a token (the engine's own times)
+    assert all(t0 <= t1 for t0, t1, _ in steps) and all(n == 1 for *_, n in steps[-5:])
+    engine._step_observers.clear()
