@@ -49,13 +49,16 @@ def run_engine_core(config: EngineConfig, commands: Connection, results: Connect
     logging.getLogger("nanovllm").setLevel(log_level)  # the server's level (nanovllm's handler is set on import)
     threading.Thread(target=_exit_with_parent, args=(parent_alive,), name="nanovllm-parent-watch",
                      daemon=True).start()
-    engine = None
     try:
         engine = LLMEngine(config)
         info = engine.executor.info
         results.send(EngineReady(engine.config, engine.source, engine.hf_config, tuple(engine.eos_token_ids),
                                  dict(engine.default_sampling_values), engine.max_model_len,
                                  engine.executor.num_kv_blocks, info.kv_sliding_window, engine.stats(), os.getpid()))
+    except BaseException as e:  # e.g. a bad model path: the server's process raises it as its own
+        _report(results, e)
+        _exit(EXIT_FAILED)
+    try:
         _run_on_thread(EngineCoreLoop(engine, commands, results).run)
     except BaseException as e:  # tell the server's process why, then exit non-zero
         logger.exception("the engine process failed")

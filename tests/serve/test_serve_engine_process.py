@@ -108,7 +108,7 @@ def test_sigterm_drains_and_the_engine_process_ends(server):
     engine_pid = engine_process_pid(server.proc.pid)
     hardening.test_sigterm_drains_then_ends_every_request_cleanly(
         (server.proc, server.url, pathlib.Path(server.log_path)))
-    assert server.proc.returncode == 0
+    assert server.proc.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has stopped
     assert not _alive(engine_pid)
 
 
