@@ -126,7 +126,8 @@ for s in $steps; do
     serveperf) # issue 27 in one call: this tree served (with its request timeline) next to the offline replay of
              # the same workload, the same with the prefill cap while decoding for each value in $SERVEPERF_CAPS (default
              # 512; empty = none), and the $BASE_DIR tree's server (41db9eb's, if carried) under the same client;
-             # SERVEPERF_NOCOALESCE=1 adds this tree's server with --no-coalesce-outputs
+             # SERVEPERF_NOCOALESCE=1 adds this tree's server with --no-coalesce-outputs; SERVEPERF_ENGINE_PROCESS=1 adds it
+             # with --engine-process (the engine in a process of its own; its timeline to timeline_engproc.csv/png)
              python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
              csv=$PWD/benchmarks/results/serve.csv
              serve_and_bench . "serveperf" tree --request-timeline "$OUT/timeline.csv"
@@ -147,6 +148,13 @@ for s in $steps; do
              done
              if [ "${SERVEPERF_NOCOALESCE:-0}" = 1 ]; then   # A/B: every step's output its own chunk
                serve_and_bench . "serveperf no coalescing" nocoalesce --no-coalesce-outputs
+             fi
+             if [ "${SERVEPERF_ENGINE_PROCESS:-0}" = 1 ]; then   # A/B: the engine off the HTTP layer's GIL
+               serve_and_bench . "serveperf engine process" engproc --engine-process \
+                   --request-timeline "$OUT/timeline_engproc.csv"
+               $nv bench timeline "$OUT/timeline_engproc.csv" --skip-first $serve_warmup \
+                   --png benchmarks/results/serve_timeline_engproc.png \
+                   --title "served TTFT by stage, engine process, $(gpu_name)" 2>&1 | tee "$OUT/timeline_engproc.log"
              fi
              if [ -d "${BASE_DIR:-.base}" ]; then
                NANOVLLM_COMMIT=${BASE_COMMIT:-base} serve_and_bench "${BASE_DIR:-.base}" "serveperf base server" base
