@@ -58,12 +58,15 @@ def run_engine_core(config: EngineConfig, commands: Connection, results: Connect
     except BaseException as e:  # e.g. a bad model path: the server's process raises it as its own
         _report(results, e)
         _exit(EXIT_FAILED)
+    loop = EngineCoreLoop(engine, commands, results)
+    engine.add_failure_callback(loop.on_worker_death)  # a tensor-parallel worker died, busy or idle
     try:
-        _run_on_thread(EngineCoreLoop(engine, commands, results).run)
+        _run_on_thread(loop.run)
     except BaseException as e:  # tell the server's process why, then exit non-zero
         logger.exception("the engine process failed")
-        _report(results, e)
-        _exit(EXIT_FAILED)
+        with loop._send_lock:
+            _report(results, e)
+            _exit(EXIT_FAILED)
     try:
         engine.shutdown()
     finally:
@@ -82,6 +85,15 @@ class EngineCoreLoop:
         self.compiling: dict[str, tuple[AddRequest, Future]] = {}
         self.refused: list[tuple[str, str]] = []  # (request id, error) of adds refused here
         self._grammar_pool = ThreadPoolExecutor(1, thread_name_prefix="nanovllm-grammar")
+        self._send_lock = threading.Lock()  # the loop and a worker-death callback both send
+
+    def on_worker_death(self, error: BaseException) -> None:
+        """A worker process died (the executor's watchdog thread): nothing can run any more, so
+        this process reports why and exits; the server's process then sees it end."""
+        logger.error("the engine process is ending: %s", error)
+        with self._send_lock:
+            _report(self.results, error)
+            _exit(EXIT_FAILED)
 
     def run(self) -> None:
         engine = self.engine
@@ -159,8 +171,9 @@ class EngineCoreLoop:
                        else StepFailure(failure.error, failure.request_ids + ids))
             self.paused = True
             self.refused = []
-        self.results.send(StepBatch(self.applied, stepped, t_start, time.monotonic(), self.engine.stats(),
-                                    outputs, failure))
+        batch = StepBatch(self.applied, stepped, t_start, time.monotonic(), self.engine.stats(), outputs, failure)
+        with self._send_lock:
+            self.results.send(batch)
 
 
 def _run_on_thread(fn) -> None:

@@ -1,5 +1,6 @@
-"""`nanovllm serve -tp 2`: the server's completions equal the single-process engine's greedy
-tokens, and a killed worker brings the server down with exit code 1 and the rank's name."""
+"""`nanovllm serve -tp 2` (engine on a thread, or in its own process): the server's completions
+equal the single-process engine's greedy tokens, and a killed worker brings the server down with
+exit code 1 and the rank's name."""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def worker_pids(server_pid: int) -> list[int]:
     return pids
 
 
-def test_served_tokens_match_and_a_dead_worker_stops_the_server(tiny_model_factory, tmp_path):
+@pytest.mark.parametrize("engine_process", [False, True], ids=["engine-thread", "engine-process"])
+def test_served_tokens_match_and_a_dead_worker_stops_the_server(tiny_model_factory, tmp_path, engine_process):
     path = tiny_model_factory("qwen3")
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(3, TINY_CONFIGS["qwen3"]["vocab_size"], (n,), generator=g).tolist() for n in (3, 21)]
@@ -58,7 +60,8 @@ def test_served_tokens_match_and_a_dead_worker_stops_the_server(tiny_model_facto
     log_path = tmp_path / "server.log"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "nanovllm.cli.main", "serve", path, "-tp", "2", "--device", "cpu", "--dtype",
-           "float32", "--skip-tokenizer-init", "--max-model-len", "128", "--num-kv-blocks", "64", "--port", str(port)]
+           "float32", "--skip-tokenizer-init", "--max-model-len", "128", "--num-kv-blocks", "64", "--port", str(port),
+           *(["--engine-process"] if engine_process else [])]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -80,7 +83,10 @@ def test_served_tokens_match_and_a_dead_worker_stops_the_server(tiny_model_facto
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["token_ids"] == tokens
 
-        workers = worker_pids(proc.pid)
+        owner = proc.pid
+        if engine_process:  # the workers are the engine process's children
+            [owner] = worker_pids(proc.pid)
+        workers = worker_pids(owner)
         assert len(workers) == 1
         os.kill(workers[0], signal.SIGKILL)
         start = time.monotonic()
