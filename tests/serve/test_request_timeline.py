@@ -19,11 +19,11 @@ NUM_STREAMS = 4
 MAX_TOKENS = 6
 
 
-def start_server(timeline_path, log_path):
+def start_server(timeline_path, log_path, extra_args=()):
     port = free_port()
     cmd = [sys.executable, "-m", "nanovllm.cli.main", "serve", "--port", str(port), "--max-model-len", "256",
            "--max-num-seqs", "8", "--max-prefill-tokens-while-decoding", "24", "--no-web-ui",
-           "--request-timeline", str(timeline_path)]
+           "--request-timeline", str(timeline_path), *extra_args]
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -62,11 +62,12 @@ async def stream_all(url):
         return await asyncio.gather(*(stream_one(client, url, i) for i in range(NUM_STREAMS)))
 
 
-@pytest.fixture(scope="module")
-def served_timeline(tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["engine-thread", "engine-process"])
+def served_timeline(tmp_path_factory, request):
+    """The timeline of a few streams; with --engine-process the steps are the engine process's own."""
     tmp = tmp_path_factory.mktemp("timeline")
     path = tmp / "timeline.csv"
-    proc, url = start_server(path, tmp / "server.log")
+    proc, url = start_server(path, tmp / "server.log", ["--engine-process"] if request.param else [])
     try:
         streams = asyncio.run(stream_all(url))
         health = httpx.get(url + "/health", timeout=10)
