@@ -49,7 +49,7 @@ from nanovllm.engine.structured_output import StructuredOutputManager
 from nanovllm.loading import model_info as model_info_lib
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.worker.worker_procs import _main_module_not_rerun
+from nanovllm.worker.spawn import main_module_not_rerun
 
 logger = logging.getLogger("nanovllm")
 
@@ -90,7 +90,7 @@ class EngineProcessClient:
         # not daemonic: a tensor-parallel engine process starts worker processes of its own
         self.process = ctx.Process(target=run_engine_core, name="nanovllm-engine-core",
                                    args=(config, commands_r, results_w, alive_r, level))
-        with _main_module_not_rerun():
+        with main_module_not_rerun():
             self.process.start()
         for conn in (commands_r, results_w, alive_r):
             conn.close()

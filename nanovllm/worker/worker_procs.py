@@ -14,17 +14,16 @@ user's script is not re-run in it: without that, a script that starts an engine 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import multiprocessing.connection
 import signal
-import sys
 import threading
 import time
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 
+from nanovllm.worker.spawn import main_module_not_rerun as _main_module_not_rerun
 from nanovllm.worker.worker_process import RankSpec, spawned_main
 
 logger = logging.getLogger("nanovllm")
@@ -107,28 +106,6 @@ class WorkerProcesses:
         for conn in [*self._reports.values(), *self._alive_pipes, self._wake_r]:
             conn.close()
         self._reports, self._alive_pipes = {}, []
-
-
-@contextlib.contextmanager
-def _main_module_not_rerun() -> Iterator[None]:
-    """While workers start: multiprocessing's "spawn" re-runs `__main__` in each child when it
-    has a file (`__spec__` None) or imports it by name (`python -m`); hide both so the child
-    only unpickles nanovllm objects. Restored at once: `start()` reads them synchronously."""
-    main = sys.modules.get("__main__")
-    if main is None:
-        yield
-        return
-    missing = object()
-    saved = {name: getattr(main, name, missing) for name in ("__spec__", "__file__")}
-    try:
-        main.__spec__ = None
-        if saved["__file__"] is not missing:
-            del main.__file__
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is not missing:
-                setattr(main, name, value)
 
 
 def describe_death(rank: int, pid: Optional[int], exitcode: Optional[int], report: Optional[str]) -> str:
