@@ -78,8 +78,9 @@ StepRecord = tuple[float, float, dict]  # (t_start, t_end, stats) of one step, m
 
 
 class EngineProcessClient:
-    """See the module docstring. Not thread-safe except `stats`, `failure`, `add_failure_callback`:
-    one thread (AsyncLLMEngine's engine thread) calls the rest."""
+    """See the module docstring. `stats`, `failure`, `wake`, `add_failure_callback` and
+    `compile_structured_outputs` are thread-safe; one thread (AsyncLLMEngine's engine thread)
+    calls the rest."""
 
     def __init__(self, config: EngineConfig) -> None:
         ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
@@ -98,7 +99,7 @@ class EngineProcessClient:
         atexit.register(self._stop_process)
         try:
             ready = self._wait_ready()
-            self._init_frontend(config, ready)
+            self._init_frontend(ready)
         except BaseException:
             self._stop_process()
             raise
@@ -133,7 +134,7 @@ class EngineProcessClient:
         self.process.join(DEATH_REPORT_WAIT_S)
         raise EngineProcessDied(f"{describe_exit(self.process)} while starting")
 
-    def _init_frontend(self, config: EngineConfig, ready: EngineReady) -> None:
+    def _init_frontend(self, ready: EngineReady) -> None:
         """What the server's process needs of the engine: the tokenizer and the request checks."""
         cfg = ready.config
         self.config = cfg
