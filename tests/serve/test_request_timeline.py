@@ -19,11 +19,11 @@ NUM_STREAMS = 4
 MAX_TOKENS = 6
 
 
-def start_server(timeline_path, log_path, extra_args=()):
+def start_server(timeline_path, log_path):
     port = free_port()
     cmd = [sys.executable, "-m", "nanovllm.cli.main", "serve", "--port", str(port), "--max-model-len", "256",
            "--max-num-seqs", "8", "--max-prefill-tokens-while-decoding", "24", "--no-web-ui",
-           "--request-timeline", str(timeline_path), *extra_args]
+           "--request-timeline", str(timeline_path)]
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -62,12 +62,11 @@ async def stream_all(url):
         return await asyncio.gather(*(stream_one(client, url, i) for i in range(NUM_STREAMS)))
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["engine-thread", "engine-process"])
-def served_timeline(tmp_path_factory, request):
-    """The timeline of a few streams; with --engine-process the steps are the engine process's own."""
+@pytest.fixture(scope="module")
+def served_timeline(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("timeline")
     path = tmp / "timeline.csv"
-    proc, url = start_server(path, tmp / "server.log", ["--engine-process"] if request.param else [])
+    proc, url = start_server(path, tmp / "server.log")
     try:
         streams = asyncio.run(stream_all(url))
         health = httpx.get(url + "/health", timeout=10)
