@@ -112,16 +112,17 @@ def test_sigterm_drains_and_the_engine_process_ends(server):
     assert not _alive(engine_pid)
 
 
-def test_killed_engine_process_ends_the_server_with_its_cause(tmp_path_factory):
-    server = next(gen := launch_server(tmp_path_factory, ["--engine-process"]))
+def test_killed_engine_process_ends_the_server_with_its_cause(tmp_path_factory, tiny_model_factory):
+    tiny = tiny_model_factory("llama")  # starts faster than the bundled model; prompts are token ids
+    server = next(gen := launch_server(tmp_path_factory, [tiny, "--skip-tokenizer-init", "--engine-process"],
+                                       max_model_len=512))
     try:
         engine_pid = engine_process_pid(server.proc.pid)
         events: list[str] = []
         first = threading.Event()
 
         def stream():
-            body = {"model": server.model, "prompt": "Count to a thousand:", "max_tokens": 900, "ignore_eos": True,
-                    "stream": True}
+            body = {"model": server.model, "prompt": [1, 2, 3], "max_tokens": 500, "ignore_eos": True, "stream": True}
             with httpx.stream("POST", server.url + "/v1/completions", headers=server.headers, json=body,
                               timeout=60) as r:
                 for line in r.iter_lines():
