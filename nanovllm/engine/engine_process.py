@@ -57,6 +57,9 @@ logger = logging.getLogger("nanovllm")
 IDLE_POLL_S = 1.0
 SHUTDOWN_JOIN_S = 30.0  # the engine process gets this long to stop its workers after Shutdown, then is killed
 DEATH_REPORT_WAIT_S = 1.0  # after EOF: how long to wait for the process's exit code
+# Capacity asked for the results pipe (Linux's default is 64 KiB, ~8 steps of 64 streams): the
+# engine process blocks in send() only when the server's process lags this far behind.
+RESULTS_PIPE_BYTES = 1 << 20
 
 
 class EngineProcessDied(RuntimeError):
@@ -86,6 +89,7 @@ class EngineProcessClient:
         ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         commands_r, self._commands = ctx.Pipe(duplex=False)
         self._results, results_w = ctx.Pipe(duplex=False)
+        _widen_pipe(self._results)
         alive_r, self._alive = ctx.Pipe(duplex=False)
         level = logging.getLogger("nanovllm").getEffectiveLevel()
         # not daemonic: a tensor-parallel engine process starts worker processes of its own
@@ -321,6 +325,16 @@ class EngineProcessClient:
                 proc.join()
         for conn in (self._commands, self._alive, self._results):
             conn.close()
+
+
+def _widen_pipe(conn: multiprocessing.connection.Connection) -> None:
+    """Ask for a RESULTS_PIPE_BYTES pipe buffer (Linux; elsewhere, or above the system's limit, the default stays)."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(conn.fileno(), fcntl.F_SETPIPE_SZ, RESULTS_PIPE_BYTES)
+    except (ImportError, AttributeError, OSError):
+        pass
 
 
 def describe_exit(proc: multiprocessing.process.BaseProcess) -> str:

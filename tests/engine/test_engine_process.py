@@ -132,3 +132,19 @@ def test_engine_process_exits_when_its_parent_is_killed(tiny_model_factory):
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_results_pipe_holds_many_steps():
+    """The engine process must not block on a server that lags a few steps (Linux: F_SETPIPE_SZ)."""
+    fcntl = pytest.importorskip("fcntl")
+    if not hasattr(fcntl, "F_GETPIPE_SZ"):
+        pytest.skip("no F_GETPIPE_SZ here")
+    from nanovllm.engine.engine_process import RESULTS_PIPE_BYTES, _widen_pipe
+
+    r, w = multiprocessing.get_context("spawn").Pipe(duplex=False)
+    _widen_pipe(r)
+    with open("/proc/sys/fs/pipe-max-size") as f:
+        limit = int(f.read())
+    assert fcntl.fcntl(w.fileno(), fcntl.F_GETPIPE_SZ) == min(RESULTS_PIPE_BYTES, limit) or limit < RESULTS_PIPE_BYTES
+    r.close()
+    w.close()
