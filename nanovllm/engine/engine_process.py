@@ -262,7 +262,9 @@ class EngineProcessClient:
     def _send(self, command) -> None:
         try:
             self._commands.send(command)
-        except (OSError, ValueError) as e:  # the process is gone; the reader reports why
+        except (OSError, ValueError) as e:  # the process is gone: the reader thread finds out why
+            with self._cond:
+                self._cond.wait_for(lambda: self._failure is not None, DEATH_REPORT_WAIT_S + 1.0)
             raise EngineProcessDied(self._failure or f"the engine process is gone ({e!r})") from None
 
     def _decode(self, batch: StepBatch) -> list[RequestOutput]:
