@@ -149,3 +149,41 @@ def test_results_pipe_holds_many_steps():
     assert fcntl.fcntl(w.fileno(), fcntl.F_GETPIPE_SZ) == RESULTS_PIPE_BYTES
     r.close()
     w.close()
+
+
+def test_killed_engine_process_fails_every_stream_and_calls_on_dead(tiny_model_factory):
+    import asyncio
+
+    from nanovllm.engine.async_engine import AsyncLLMEngine, EngineDeadError
+
+    engine = AsyncLLMEngine.from_config(EngineConfig(model=tiny_model_factory("llama"), device="cpu",
+                                                     skip_tokenizer_init=True, max_model_len=256, engine_process=True))
+    dead = []
+    engine.on_dead(dead.append)
+
+    async def main():
+        streams = [await engine.add_request([1, 2, 3 + i], LONG) for i in range(3)]
+        for stream in streams:
+            await stream.__anext__()
+        os.kill(engine.engine.process.pid, signal.SIGKILL)
+        errors = []
+        for stream in streams:
+            with pytest.raises(EngineDeadError) as info:
+                async for _ in stream:
+                    pass
+            errors.append(str(info.value))
+        with pytest.raises(EngineDeadError):
+            await engine.add_request([1, 2], LONG)
+        return errors
+
+    try:
+        started = time.monotonic()
+        errors = asyncio.run(asyncio.wait_for(main(), 30))
+        assert time.monotonic() - started < 10
+        assert all("was killed by signal SIGKILL" in e for e in errors), errors
+        deadline = time.monotonic() + 5  # the callbacks run on the engine thread right after the streams fail
+        while not dead and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(dead) == 1 and "SIGKILL" in str(dead[0]) and not engine.is_running
+    finally:
+        engine.shutdown()
