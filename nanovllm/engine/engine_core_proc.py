@@ -51,6 +51,8 @@ def run_engine_core(config: EngineConfig, commands: Connection, results: Connect
                      daemon=True).start()
     try:
         engine = LLMEngine(config)
+        loop = EngineCoreLoop(engine, commands, results)
+        engine.add_failure_callback(loop.on_worker_death)  # a tensor-parallel worker died, busy or idle
         info = engine.executor.info
         results.send(EngineReady(engine.config, engine.source, engine.hf_config, tuple(engine.eos_token_ids),
                                  dict(engine.default_sampling_values), engine.max_model_len,
@@ -58,15 +60,11 @@ def run_engine_core(config: EngineConfig, commands: Connection, results: Connect
     except BaseException as e:  # e.g. a bad model path: the server's process raises it as its own
         _report(results, e)
         _exit(EXIT_FAILED)
-    loop = EngineCoreLoop(engine, commands, results)
-    engine.add_failure_callback(loop.on_worker_death)  # a tensor-parallel worker died, busy or idle
     try:
         _run_on_thread(loop.run)
-    except BaseException as e:  # tell the server's process why, then exit non-zero
+    except BaseException as e:
         logger.exception("the engine process failed")
-        with loop._send_lock:
-            _report(results, e)
-            _exit(EXIT_FAILED)
+        loop.fail(e)
     try:
         engine.shutdown()
     finally:
@@ -88,10 +86,13 @@ class EngineCoreLoop:
         self._send_lock = threading.Lock()  # the loop and a worker-death callback both send
 
     def on_worker_death(self, error: BaseException) -> None:
-        """A worker process died (the executor's watchdog thread): nothing can run any more, so
-        this process reports why and exits; the server's process then sees it end."""
+        """A worker process died (the executor's watchdog thread): nothing can run any more."""
         logger.error("the engine process is ending: %s", error)
-        with self._send_lock:
+        self.fail(error)
+
+    def fail(self, error: BaseException) -> None:
+        """Tell the server's process why this process ends, then exit non-zero (never returns)."""
+        with self._send_lock:  # not in the middle of a StepBatch
             _report(self.results, error)
             _exit(EXIT_FAILED)
 
