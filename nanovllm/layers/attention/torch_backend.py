@@ -35,14 +35,27 @@ def rope_and_store_kv(query, key, value, positions, cos_sin_cache, k_cache, v_ca
     cos, sin, coords = scratch[entry]
     qk = _packed_qk(query, key)
     if qk is not None:  # one rotation for both (elementwise: the same values as two)
-        q, k = reference.rotate_half(qk, cos, sin).split([query.shape[1], key.shape[1]], dim=1)
+        q, k = _rotate(qk, cos, sin, scratch, entry).split([query.shape[1], key.shape[1]], dim=1)
     else:
-        q, k = reference.rotate_half(query, cos, sin), reference.rotate_half(key, cos, sin)
+        q, k = _rotate(query, cos, sin, scratch, entry), _rotate(key, cos, sin, scratch, entry)
     k_stored = k
     if kv_quant.is_fp8(k_cache) and kv_quant.rotates_keys(k.shape[-1], cos_sin_cache.shape[-1]):
         q, k_stored = reference.hadamard_rotate(q, k)
     _write_kv(k_stored, value, k_cache, v_cache, coords, kv_scale, scratch)
     return q, k
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scratch: dict, entry: str) -> torch.Tensor:
+    """reference.rotate_half in four ops when the whole head rotates in fp32:
+    x * [cos | cos] + roll(x, D/2) * [-sin | sin] = [x1 cos - x2 sin | x2 cos + x1 sin], the
+    reference's products and sums (negation is exact), so the same bits."""
+    half = cos.shape[-1]
+    if x.dtype != torch.float32 or x.shape[-1] != 2 * half:
+        return reference.rotate_half(x, cos, sin)
+    full = scratch.get(entry + "/full")
+    if full is None:  # [T, 1, D] each, once per step
+        full = scratch[entry + "/full"] = (torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1))
+    return x * full[0] + x.roll(half, dims=-1) * full[1]  # [T, heads, D]
 
 
 def _packed_qk(query: torch.Tensor, key: torch.Tensor) -> Optional[torch.Tensor]:
@@ -61,8 +74,8 @@ def _write_kv(key, value, k_cache, v_cache, coords, kv_scale, scratch: dict) -> 
     if "all_slots_valid" not in scratch:
         scratch["all_slots_valid"] = bool(valid.all())
     if scratch["all_slots_valid"] and not kv_quant.is_fp8(k_cache):
-        k_cache[blocks, :, offsets] = key.to(k_cache.dtype)  # [T, Hkv, D] into (block, :, offset)
-        v_cache[blocks, :, offsets] = value.to(v_cache.dtype)
+        k_cache[blocks, :, offsets] = key if key.dtype == k_cache.dtype else key.to(k_cache.dtype)  # [T, Hkv, D]
+        v_cache[blocks, :, offsets] = value if value.dtype == v_cache.dtype else value.to(v_cache.dtype)
         return
     reference.write_kv(key, value, k_cache, v_cache, valid, blocks, offsets, kv_scale=kv_scale)
 
@@ -92,7 +105,7 @@ def paged_attention(
             plan["rows"] = torch.tensor([query_start_loc[i] for i in decode])
             plan["mask"] = _decode_mask([seq_lens[i] for i in decode], k_cache.shape[2], sliding_window)
             plan["allowed"] = ~plan["mask"]
-            plan["blocks"] = block_tables[decode][:, : plan["mask"].shape[-1] // k_cache.shape[2]].long()
+            plan["blocks"] = block_tables[decode][:, : plan["mask"].shape[-1] // k_cache.shape[2]].long().contiguous()
         scratch[plan_key] = plan
     plan = scratch[plan_key]
     q_lens, decode = plan["q_lens"], plan["decode"]
@@ -116,7 +129,9 @@ def _gather(cache: torch.Tensor, block_tables: torch.Tensor, num_blocks: int) ->
     """[B, nb] block ids -> [B, Hkv, nb * block_size, D] (index_select: cheaper than indexing)."""
     b, nb = block_tables.shape[0], num_blocks
     _, h, bs, d = cache.shape
-    blocks = cache.index_select(0, block_tables[:, :nb].reshape(-1)).view(b, nb, h, bs, d)
+    index = block_tables.view(-1) if block_tables.shape[1] == nb and block_tables.is_contiguous() else \
+        block_tables[:, :nb].reshape(-1)  # [B * nb]
+    blocks = cache.index_select(0, index).view(b, nb, h, bs, d)
     return blocks.permute(0, 2, 1, 3, 4).reshape(b, h, nb * bs, d)
 
 
@@ -140,8 +155,10 @@ def _decode(q, k_cache, v_cache, blocks, masked, scale, softcap=None, kv_scale=N
     v = kv_quant.maybe_dequantize(_gather(v_cache, blocks, blocks.shape[1]), kv_scale, kv_quant.V_SCALE, -3)
     qg = q.view(b, num_kv_heads, group, head_dim)  # [B, Hkv, G, D]: a KV group's heads as its query rows
     if softcap is None and allowed is not None:  # one op for scores, mask, softmax and weighted sum
-        out = F.scaled_dot_product_attention(qg.to(k.dtype), k, v.to(k.dtype), attn_mask=allowed, scale=scale)
-        return out.reshape(b, num_heads, head_dim).to(q.dtype)  # [B, H, D]
+        same = qg.dtype == k.dtype == v.dtype  # fp32 cache and model: no casts (each is an op)
+        out = F.scaled_dot_product_attention(qg if same else qg.to(k.dtype), k, v if same else v.to(k.dtype),
+                                             attn_mask=allowed, scale=scale).reshape(b, num_heads, head_dim)
+        return out if out.dtype == q.dtype else out.to(q.dtype)  # [B, H, D]
     scores = reference.soft_cap(torch.matmul(qg.float(), k.transpose(2, 3)) * scale, softcap)  # [B, Hkv, G, S]
     scores.masked_fill_(masked, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
