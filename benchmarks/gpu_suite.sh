@@ -12,7 +12,7 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 nv="python3 -m nanovllm.cli.main"
 # Every test file with GPU-marked tests, in file order: `tests` runs them in one process in this
 # order, `testsrev` in the reverse order (no state may leak from one engine or test to the next).
-gpu_test_files="tests/gpu/test_gpu_engine.py $(grep -rlE 'mark\.gpu|kernel_params' tests --include='test_*.py' | grep -v '^tests/gpu/test_gpu_engine.py' | sort)"
+gpu_test_files=${GPU_TEST_FILES:-"tests/gpu/test_gpu_engine.py $(grep -rlE 'mark\.gpu|kernel_params' tests --include='test_*.py' | grep -v '^tests/gpu/test_gpu_engine.py' | sort)"}
 # serveperf: the serve workload (512 requests of 512/256 tokens, concurrency 64, qwen3-0.6b random weights)
 serve_workload=${SERVEPERF_WORKLOAD:-"--num-prompts 512 --input-len 512 --output-len 256 --max-concurrency 64 --ignore-eos --temperature 0.6"}
 serve_model=${SERVEPERF_MODEL:-benchmarks/configs/qwen3-0.6b}
@@ -52,10 +52,12 @@ for s in $steps; do
              # share the GPU's memory), so that the single-process runs below time the tests, not the compiler
              timeout ${WARM_TIMEOUT:-200} python3 -m pytest -q -m gpu -n ${WARM_PROCS:-8} -p no:randomly -p no:cacheprovider \
                  $(printf '%s\n' $gpu_test_files | grep '^tests/kernels/') 2>&1 | tee "$OUT/gpu_warm.log" | tail -6 ;;
-    tests)   timeout ${TESTS_TIMEOUT:-420} python3 -m pytest -q -m gpu --durations=15 -p no:randomly -p no:cacheprovider $gpu_test_files 2>&1 \
-                 | tee "$OUT/gpu_tests.log" | tail -15 ;;
-    testsrev) timeout ${TESTS_TIMEOUT:-420} python3 -m pytest -q -m gpu --durations=15 -p no:randomly -p no:cacheprovider \
-                 $(printf '%s\n' $gpu_test_files | tac) 2>&1 | tee "$OUT/gpu_tests_reversed.log" | tail -15 ;;
+    tests)   # -v: one line per test id in the log; SIGINT at the limit: pytest still prints its failures
+             timeout -s INT -k 30 ${TESTS_TIMEOUT:-420} python3 -m pytest -v -rfE --tb=short -m gpu --durations=15 -p no:randomly \
+                 -p no:cacheprovider $gpu_test_files 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "FAILED|ERROR|passed|failed" | tail -25 ;;
+    testsrev) timeout -s INT -k 30 ${TESTS_TIMEOUT:-420} python3 -m pytest -v -rfE --tb=short -m gpu --durations=15 -p no:randomly \
+                 -p no:cacheprovider $(printf '%s\n' $gpu_test_files | tac) 2>&1 | tee "$OUT/gpu_tests_reversed.log" \
+                 | grep -E "FAILED|ERROR|passed|failed" | tail -25 ;;
     kernels) timeout 300 python3 -m pytest -q -m gpu ${KERNEL_TESTS:-tests/kernels} -p no:cacheprovider 2>&1 | tee "$OUT/kernel_tests.log" | tail -8 ;;
     gemvcfg) timeout 300 python3 benchmarks/gemv_configs.py ${GEMVCFG_ARGS:-} 2>&1 | tee "$OUT/gemv_configs.log" | grep -v "^INFO" ;;
     gemv)    timeout 200 python3 benchmarks/kernels_bench.py --only gemv 2>&1 | tee "$OUT/gemv_bench.log" | tail -30 ;;
@@ -154,9 +156,12 @@ for s in $steps; do
     soak)    # benchmarks/soak.py for $SOAK_MINUTES (default 5) on the GPU; needs the carried wheels as for serve
              # (plus aiohttp and matplotlib when the image lacks them); CSV, PNG, JSON and server log to $DEST/soak
              python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
+             # a carried tokenizer (.tok: SmolLM2's, from the bundled GGUF, 3.4 MB) adds chat and structured
+             # requests to the mix; without one the server runs on token ids only
+             soak_tok="--skip-tokenizer-init"; [ -d .tok ] && soak_tok="--tokenizer .tok"
              timeout $(( ${SOAK_MINUTES:-5} * 60 + 240 )) python3 benchmarks/soak.py --minutes ${SOAK_MINUTES:-5} \
                  --concurrency ${SOAK_CONCURRENCY:-64} --max-output 256 --out-dir "$DEST/soak" --tag "soak_$(date +%F)_gpu" \
-                 -- ${SOAK_SERVE_ARGS:-benchmarks/configs/qwen3-0.6b --load-format dummy --skip-tokenizer-init --max-model-len 2048} \
+                 -- ${SOAK_SERVE_ARGS:-benchmarks/configs/qwen3-0.6b --load-format dummy $soak_tok --max-model-len 2048} \
                  2>&1 | tee "$OUT/soak.log" | tail -40 ;;
     nanscan) timeout 120 python3 benchmarks/nan_scan_cost.py 2>&1 | tee "$OUT/nan_scan.log" ;;
     base)    # same-run baseline: an earlier commit's tree carried in $BASE_DIR (git archive C | tar -x -C .base),

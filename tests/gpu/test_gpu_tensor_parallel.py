@@ -21,6 +21,7 @@ pytestmark = pytest.mark.gpu
 
 QWEN3_06B = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "configs", "qwen3-0.6b")
 NUM_PROMPTS, NUM_TOKENS = 8, 32
+KV_BLOCKS_TOL = 0.02
 
 
 def prompts(vocab: int, seed: int = 0) -> list[dict]:
@@ -45,7 +46,12 @@ def test_multiprocess_executor_at_size_one_gives_the_in_process_tokens():
     ps = prompts(10000)
     uni, _, uni_info = run(QWEN3_06B, ps, distributed_executor_backend="uni", **kw)
     mp, _, mp_info = run(QWEN3_06B, ps, distributed_executor_backend="mp", **kw)
-    assert mp_info.cuda_graphs and uni_info.cuda_graphs and mp_info.num_kv_blocks == uni_info.num_kv_blocks
+    assert mp_info.cuda_graphs and uni_info.cuda_graphs
+    # The cache is sized from the device's free memory, which the one-rank process group's
+    # buffers and what the first engine's process keeps (CUDA context, cuBLAS workspaces) lower
+    # a little: the executor may not change the cache by more than KV_BLOCKS_TOL of it.
+    assert abs(mp_info.num_kv_blocks - uni_info.num_kv_blocks) <= KV_BLOCKS_TOL * uni_info.num_kv_blocks, \
+        (mp_info.num_kv_blocks, uni_info.num_kv_blocks)
     assert mp == uni
 
 
