@@ -31,11 +31,20 @@ def use_triton(x: torch.Tensor, options: KernelOptions = DEFAULT_KERNEL_OPTIONS)
     return x.is_cuda and options.triton and triton_available()
 
 
+def _fp32_rms_norm_op(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether torch's own rms_norm computes the reference's values: in fp32 on the CPU it does
+    (normalise in fp32, then scale; tests/layers/test_ops_cpu.py checks) in one op instead of
+    eight, which counts at batch-1 decode where each op costs more dispatch than work."""
+    return x.dtype == torch.float32 and weight.dtype == torch.float32 and not x.is_cuda
+
+
 def rms_norm(x, weight, eps, options: KernelOptions = DEFAULT_KERNEL_OPTIONS):
     if use_triton(x, options):
         from nanovllm.kernels import rmsnorm
 
         return rmsnorm.rms_norm(x, weight, eps, pdl=options.pdl)
+    if _fp32_rms_norm_op(x, weight):
+        return torch.rms_norm(x, weight.shape, weight, eps)
     return reference.rms_norm(x, weight, eps)
 
 
@@ -44,6 +53,9 @@ def fused_add_rms_norm(x, residual, weight, eps, options: KernelOptions = DEFAUL
         from nanovllm.kernels import rmsnorm
 
         return rmsnorm.fused_add_rms_norm(x, residual, weight, eps, pdl=options.pdl)
+    if _fp32_rms_norm_op(x, weight) and residual.dtype == torch.float32:
+        new_residual = x + residual  # [T, hidden]
+        return torch.rms_norm(new_residual, weight.shape, weight, eps), new_residual
     return reference.fused_add_rms_norm(x, residual, weight, eps)
 
 

@@ -175,15 +175,16 @@ class QuantizedLinear(Linear):
     def forward(self, x: torch.Tensor, indices: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.lm_head and indices is not None:
             x = x[indices]  # [num_selected, hidden]
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
+        flat = x.dim() == 2  # the decoder's [T, K]: no reshapes (each is an op at CPU batch-1 decode)
+        x2 = x if flat else x.reshape(-1, x.shape[-1])
         if self.silu_input:
             if self._path(x2) == "skinny" and self._fusable(x2):
                 out = self._skinny(x2, prologue="silu")
                 if out is not None:
-                    return out.view(*lead, self.out_features)
+                    return out if flat else out.view(*x.shape[:-1], self.out_features)
             x2 = ops.silu_and_mul(x2, self.kernel_options)
-        return self._gemm(x2).view(*lead, self.out_features)
+        out = self._gemm(x2)
+        return out if flat else out.view(*x.shape[:-1], self.out_features)
 
     def fused_rms_norm(self, x: torch.Tensor, residual: Optional[torch.Tensor], norm) -> Optional[tuple]:
         """(projection, new residual) with the RMSNorm in the skinny kernel, or None when this

@@ -1,10 +1,14 @@
 """The CPU path: paged attention and RoPE + KV store in plain torch, built for few ops.
 
 Same contracts as `kernels.reference` (the simple truth this is tested against), but
-decode rows of all sequences run as one batched matmul, prefill rows use
-`scaled_dot_product_attention`, and everything that depends only on the batch (gather
-indices, masks, RoPE cos/sin, cache slots) is computed once per step in `scratch` and
-reused by every layer.
+decode rows of all sequences run as one `scaled_dot_product_attention` call, each prefill
+as one more, q and k of a packed qkv projection are rotated together, and everything that
+depends only on the batch (gather indices, masks, RoPE cos/sin, cache slots) is computed
+once per step in `scratch` and reused by every layer.
+
+Why so few ops: at batch-1 decode of a small model (SmolLM2-135M: 30 layers) each torch
+call costs a few microseconds of dispatch next to a few microseconds of work, so the op
+count per layer, not the arithmetic, sets the step time.
 """
 
 from __future__ import annotations
@@ -29,12 +33,51 @@ def rope_and_store_kv(query, key, value, positions, cos_sin_cache, k_cache, v_ca
         coords = reference.slot_coords(slot_mapping, k_cache.shape[2])
         scratch[entry] = (cos.unsqueeze(1).float(), sin.unsqueeze(1).float(), coords)
     cos, sin, coords = scratch[entry]
-    q, k = reference.rotate_half(query, cos, sin), reference.rotate_half(key, cos, sin)
+    qk = _packed_qk(query, key)
+    if qk is not None:  # one rotation for both (elementwise: the same values as two)
+        q, k = _rotate(qk, cos, sin, scratch, entry).split([query.shape[1], key.shape[1]], dim=1)
+    else:
+        q, k = _rotate(query, cos, sin, scratch, entry), _rotate(key, cos, sin, scratch, entry)
     k_stored = k
     if kv_quant.is_fp8(k_cache) and kv_quant.rotates_keys(k.shape[-1], cos_sin_cache.shape[-1]):
         q, k_stored = reference.hadamard_rotate(q, k)
-    reference.write_kv(k_stored, value, k_cache, v_cache, *coords, kv_scale=kv_scale)
+    _write_kv(k_stored, value, k_cache, v_cache, coords, kv_scale, scratch)
     return q, k
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scratch: dict, entry: str) -> torch.Tensor:
+    """reference.rotate_half in four ops when the whole head rotates in fp32:
+    x * [cos | cos] + roll(x, D/2) * [-sin | sin] = [x1 cos - x2 sin | x2 cos + x1 sin], the
+    reference's products and sums (negation is exact), so the same bits."""
+    half = cos.shape[-1]
+    if x.dtype != torch.float32 or x.shape[-1] != 2 * half:
+        return reference.rotate_half(x, cos, sin)
+    full = scratch.get(entry + "/full")
+    if full is None:  # [T, 1, D] each, once per step
+        full = scratch[entry + "/full"] = (torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1))
+    return x * full[0] + x.roll(half, dims=-1) * full[1]  # [T, heads, D]
+
+
+def _packed_qk(query: torch.Tensor, key: torch.Tensor) -> Optional[torch.Tensor]:
+    """[T, H + Hkv, D] view over q and k when k's heads follow q's in memory (the split of one
+    qkv projection), else None."""
+    t, h, d = query.shape
+    if (key.shape[0] != t or key.shape[2] != d or key.dtype != query.dtype or query.stride()[1:] != (d, 1)
+            or key.stride() != query.stride() or key.data_ptr() != query.data_ptr() + h * d * query.element_size()):
+        return None
+    return query.as_strided((t, h + key.shape[1], d), query.stride())
+
+
+def _write_kv(key, value, k_cache, v_cache, coords, kv_scale, scratch: dict) -> None:
+    """reference.write_kv, without its per-layer boolean gather when no token is padding."""
+    valid, blocks, offsets = coords
+    if "all_slots_valid" not in scratch:
+        scratch["all_slots_valid"] = bool(valid.all())
+    if scratch["all_slots_valid"] and not kv_quant.is_fp8(k_cache):
+        k_cache[blocks, :, offsets] = key if key.dtype == k_cache.dtype else key.to(k_cache.dtype)  # [T, Hkv, D]
+        v_cache[blocks, :, offsets] = value if value.dtype == v_cache.dtype else value.to(v_cache.dtype)
+        return
+    reference.write_kv(key, value, k_cache, v_cache, valid, blocks, offsets, kv_scale=kv_scale)
 
 
 def paged_attention(
@@ -61,16 +104,19 @@ def paged_attention(
         if decode:
             plan["rows"] = torch.tensor([query_start_loc[i] for i in decode])
             plan["mask"] = _decode_mask([seq_lens[i] for i in decode], k_cache.shape[2], sliding_window)
-            plan["blocks"] = block_tables[decode][:, : plan["mask"].shape[-1] // k_cache.shape[2]].long()
+            plan["allowed"] = ~plan["mask"]
+            plan["blocks"] = block_tables[decode][:, : plan["mask"].shape[-1] // k_cache.shape[2]].long().contiguous()
         scratch[plan_key] = plan
     plan = scratch[plan_key]
     q_lens, decode = plan["q_lens"], plan["decode"]
     if len(decode) == len(q_lens):  # decode-only batch: no scatter needed
-        return _decode(query, k_cache, v_cache, plan["blocks"], plan["mask"], scale, softcap, kv_scale)
+        return _decode(query, k_cache, v_cache, plan["blocks"], plan["mask"], scale, softcap, kv_scale,
+                       plan["allowed"])
     out = torch.empty_like(query)
     if decode:
         rows = plan["rows"]
-        out[rows] = _decode(query[rows], k_cache, v_cache, plan["blocks"], plan["mask"], scale, softcap, kv_scale)
+        out[rows] = _decode(query[rows], k_cache, v_cache, plan["blocks"], plan["mask"], scale, softcap, kv_scale,
+                            plan["allowed"])
     for i, n in enumerate(q_lens):
         if n > 1:
             start = query_start_loc[i]
@@ -80,9 +126,12 @@ def paged_attention(
 
 
 def _gather(cache: torch.Tensor, block_tables: torch.Tensor, num_blocks: int) -> torch.Tensor:
-    """[B, nb] block ids -> [B, Hkv, nb * block_size, D]."""
-    blocks = cache[block_tables[:, :num_blocks]]  # [B, nb, Hkv, bs, D]
-    b, nb, h, bs, d = blocks.shape
+    """[B, nb] block ids -> [B, Hkv, nb * block_size, D] (index_select: cheaper than indexing)."""
+    b, nb = block_tables.shape[0], num_blocks
+    _, h, bs, d = cache.shape
+    index = block_tables.view(-1) if block_tables.shape[1] == nb and block_tables.is_contiguous() else \
+        block_tables[:, :nb].reshape(-1)  # [B * nb]
+    blocks = cache.index_select(0, index).view(b, nb, h, bs, d)
     return blocks.permute(0, 2, 1, 3, 4).reshape(b, h, nb * bs, d)
 
 
@@ -97,14 +146,19 @@ def _decode_mask(seq_lens: list[int], block_size: int, sliding_window: Optional[
     return masked
 
 
-def _decode(q, k_cache, v_cache, blocks, masked, scale, softcap=None, kv_scale=None):
+def _decode(q, k_cache, v_cache, blocks, masked, scale, softcap=None, kv_scale=None, allowed=None):
     b, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     group = num_heads // num_kv_heads
     # [B, Hkv, S, D] fp32 (an fp8 cache dequantized per KV head)
     k = kv_quant.maybe_dequantize(_gather(k_cache, blocks, blocks.shape[1]), kv_scale, kv_quant.K_SCALE, -3)
     v = kv_quant.maybe_dequantize(_gather(v_cache, blocks, blocks.shape[1]), kv_scale, kv_quant.V_SCALE, -3)
-    qg = q.view(b, num_kv_heads, group, head_dim)  # [B, Hkv, G, D]
+    qg = q.view(b, num_kv_heads, group, head_dim)  # [B, Hkv, G, D]: a KV group's heads as its query rows
+    if softcap is None and allowed is not None:  # one op for scores, mask, softmax and weighted sum
+        same = qg.dtype == k.dtype == v.dtype  # fp32 cache and model: no casts (each is an op)
+        out = F.scaled_dot_product_attention(qg if same else qg.to(k.dtype), k, v if same else v.to(k.dtype),
+                                             attn_mask=allowed, scale=scale).reshape(b, num_heads, head_dim)
+        return out if out.dtype == q.dtype else out.to(q.dtype)  # [B, H, D]
     scores = reference.soft_cap(torch.matmul(qg.float(), k.transpose(2, 3)) * scale, softcap)  # [B, Hkv, G, S]
     scores.masked_fill_(masked, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
