@@ -241,27 +241,35 @@ class LLMEngine:
             sched = self._schedule()
             if sched.is_empty:
                 return self._outputs(set())
-            result = self.executor.execute(self.step_builder.build(sched))
+            result = self.executor.execute(self._build(sched))
             if timer:
-                timer.mark("forward_sample_sync")
+                timer.mark("resolve")
             return self._process_results(sched, result, advanced=False)
 
         outputs: list[RequestOutput] = []
         previous, self._in_flight = self._in_flight, None
+        resolved = previous is not None
         if previous is not None and previous.needs_token_values:
             outputs += self._resolve(previous)  # penalties read the previous token's value
             previous = None
         sched = self._schedule()
         if not sched.is_empty:
-            launched = self.executor.launch(self.step_builder.build(sched))
+            launched = self.executor.launch(self._build(sched))
             self.scheduler.advance(sched)
             self._in_flight = _InFlightStep(sched, launched, _needs_token_values(sched))
+            if timer:
+                timer.mark("launch_rest")
         if previous is not None:
             outputs += self._resolve(previous)
-        elif timer:
-            timer.mark("forward_sample_sync")
-            timer.mark("update_detok_outputs")
+        elif timer and not resolved:
+            timer.mark(timer.LAST_PHASE)  # nothing to resolve (the first step after idling): count the step
         return outputs
+
+    def _build(self, sched: SchedulerOutput):
+        step = self.step_builder.build(sched)
+        if self.step_timer:
+            self.step_timer.mark("build_step")
+        return step
 
     def _schedule(self) -> SchedulerOutput:
         sched = self.scheduler.schedule()
@@ -282,7 +290,7 @@ class LLMEngine:
     def _resolve(self, step: "_InFlightStep") -> list[RequestOutput]:
         result = self.executor.resolve(step.launched)
         if self.step_timer:
-            self.step_timer.mark("forward_sample_sync")
+            self.step_timer.mark("resolve")
         return self._process_results(step.sched, result, advanced=True)
 
     def _process_results(self, sched: SchedulerOutput, result: StepOutput,
@@ -290,6 +298,8 @@ class LLMEngine:
         """Scheduler update, detokenization and stop strings, then the step's RequestOutputs."""
         timer = self.step_timer
         updated = self.scheduler.update(sched, result, advanced=advanced)
+        if timer:
+            timer.mark("update")
         touched: set[str] = set()
         now = time.monotonic()
         for req in updated:
@@ -321,9 +331,11 @@ class LLMEngine:
             if first_pos == 0 or state.prompt_logprobs is None:
                 state.prompt_logprobs = []
             state.prompt_logprobs.extend(self._decorate(e) for e in entries)
+        if timer:
+            timer.mark("detokenize")
         outputs = self._outputs(touched)
         if timer:
-            timer.mark("update_detok_outputs")
+            timer.mark("outputs")
         return outputs
 
     def _append_logprobs(self, comp: _Completion, req: Request, token: int, result: StepOutput) -> None:

@@ -320,6 +320,8 @@ class ModelRunner:
         if self.step_timer:
             self.step_timer.mark("prepare_inputs")
         hidden = self._forward(inputs)  # [T, hidden]
+        if self.step_timer:
+            self.step_timer.mark("forward")
         result = StepOutput(sampled_token_ids={})
         if inputs.prompt_logprob_spans:
             self._prompt_logprobs(hidden, inputs, result)
@@ -330,6 +332,8 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden, inputs.logits_indices)
             if logits is not None:
                 out = self._sample(logits, reqs, inputs, step)
+                if self.step_timer:
+                    self.step_timer.mark("sample")
                 sampled = out.sampled_token_ids  # [S]
                 host_tokens = sampled.to("cpu", non_blocking=True)  # the step's one device->host copy
             else:
@@ -348,6 +352,8 @@ class ModelRunner:
 
     def _sample(self, logits: torch.Tensor, reqs: list[RequestState], inputs: ForwardInputs,
                 step: StepInput) -> SamplerOutput:
+        if self.step_timer:
+            self.step_timer.mark("forward")  # the logits (and prompt logprobs) are device work too
         params = [r.sampling_params for r in reqs]
         prompts = [()] * len(reqs)  # penalties read the prompts (as arrays: a memcpy each step)
         if any(p.uses_penalties for p in params):
@@ -364,6 +370,8 @@ class ModelRunner:
         if step.grammar_bitmask is not None:  # structured outputs: the engine's per-row token masks
             batch.grammar_bitmask, batch.grammar_rows = grammar_rows_to_device(
                 step.grammar_bitmask, step.grammar_rows, logits.device)
+        if self.step_timer:
+            self.step_timer.mark("sampling_prep")
         return self.sampler(logits, batch)
 
     def resolve(self, step: LaunchedStep) -> StepOutput:
