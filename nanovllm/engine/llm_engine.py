@@ -74,8 +74,9 @@ class _RequestState:
 
     @property
     def finished(self) -> bool:
-        if not all(c.request.is_finished for c in self.completions.values()):
-            return False
+        for c in self.completions.values():
+            if not c.request.status.is_finished:
+                return False
         # all n completions done, or the lone request ended before it forked (abort)
         return len(self.completions) == self.params.n or bool(self.completions[0].request.pending_fork)
 
@@ -453,6 +454,7 @@ def _needs_token_values(sched: SchedulerOutput) -> bool:
     """Whether a request sampled by this step needs the token's value on the host before its
     next step is built: penalties count it, and a grammar's matcher must accept it before the
     engine fills that request's next token bitmask."""
-    return any(it.needs_sample and (it.request.sampling_params.uses_penalties
-                                    or it.request.sampling_params.structured_outputs is not None)
-               for it in sched.scheduled)
+    for it in sched.scheduled:
+        if it.needs_sample and it.request.reads_token_values:
+            return True
+    return False

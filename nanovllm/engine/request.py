@@ -29,7 +29,7 @@ class RequestStatus(enum.Enum):
 
     @property
     def is_finished(self) -> bool:
-        return self in _FINISHED
+        return self._finished  # set once per member below: asked several times per request per step
 
     @property
     def finish_reason(self) -> Optional[str]:
@@ -37,6 +37,8 @@ class RequestStatus(enum.Enum):
 
 
 _FINISHED = {RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED}
+for _status in RequestStatus:
+    _status._finished = _status in _FINISHED
 _FINISH_REASON = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH: "length",
@@ -74,6 +76,13 @@ class Request(PromptThenOutputTokens):
     # (never sent, or dropped at preemption); else how many output tokens and blocks it has
     num_outputs_sent: int = -1
     num_blocks_sent: int = 0
+
+    @functools.cached_property
+    def reads_token_values(self) -> bool:
+        """Whether sampling this request's next token needs the previous token's value on the host:
+        penalties count it, a grammar's matcher must accept it (the engine's verified params never change)."""
+        params = self.sampling_params
+        return params.uses_penalties or params.structured_outputs is not None
 
     @functools.cached_property
     def prompt_array(self) -> np.ndarray:
