@@ -113,6 +113,8 @@ class ModelRunner:
         # the last step's sampled tokens on the device, and each sampling request's row there
         self._last_sampled: Optional[torch.Tensor] = None
         self._last_sampled_rows: dict[str, int] = {}
+        # (row settings, SamplingBatch) of the last step when that batch can serve the next one
+        self._reused_batch: Optional[tuple[list, SamplingBatch]] = None
         self.step_timer = step_timer  # the engine's StepTimer (step_timing=True): `mark(phase)` after prepare
         layers = model.attention_layers()
         self.num_kv_heads = layers[0].num_kv_heads if layers else 1
@@ -373,18 +375,26 @@ class ModelRunner:
         if self.step_timer:
             self.step_timer.mark("forward")  # the logits (and prompt logprobs) are device work too
         params = [r.sampling_params for r in reqs]
-        prompts = [()] * len(reqs)  # penalties read the prompts (as arrays: a memcpy each step)
-        if any(p.uses_penalties for p in params):
-            prompts = [r.prompt_array if p.uses_penalties else () for r, p in zip(reqs, params)]
-        batch = SamplingBatch.build(
-            params=params,
-            prompt_token_ids=prompts,
-            output_token_ids=[r.output_token_ids for r in reqs],
-            eos_token_ids=self.eos_token_ids,
-            vocab_size=logits.shape[-1],
-            device=logits.device,
-            num_output_tokens=inputs.num_output_tokens,
-        )
+        vocab_size = logits.shape[-1]
+        reused = self._reused_batch
+        if reused is not None and reused[1].vocab_size == vocab_size and reused[0] == params:
+            # the same settings row by row as the step before, and a batch that depends on nothing
+            # else (SamplingBatch.params_only): its tensors serve again, no host work, no copies
+            batch = reused[1]
+        else:
+            prompts = [()] * len(reqs)  # penalties read the prompts (as arrays: a memcpy each step)
+            if any(p.uses_penalties for p in params):
+                prompts = [r.prompt_array if p.uses_penalties else () for r, p in zip(reqs, params)]
+            batch = SamplingBatch.build(
+                params=params,
+                prompt_token_ids=prompts,
+                output_token_ids=[r.output_token_ids for r in reqs],
+                eos_token_ids=self.eos_token_ids,
+                vocab_size=vocab_size,
+                device=logits.device,
+                num_output_tokens=inputs.num_output_tokens,
+            )
+            self._reused_batch = (params, batch) if batch.params_only else None
         if step.grammar_bitmask is not None:  # structured outputs: the engine's per-row token masks
             batch.grammar_bitmask, batch.grammar_rows = grammar_rows_to_device(
                 step.grammar_bitmask, step.grammar_rows, logits.device)
