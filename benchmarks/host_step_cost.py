@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import io
 import os
 import pstats
@@ -85,10 +86,29 @@ def make_engine(model_dir: str, tokenizer: bool, max_batch: int, max_len: int) -
                num_kv_blocks=blocks, block_size=block_size)
 
 
+class GCTimer:
+    """Seconds spent in Python's cyclic garbage collector (inside whichever phase it interrupts)."""
+
+    def __init__(self) -> None:
+        self.total, self.collections, self._start = 0.0, 0, 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.total += time.perf_counter() - self._start
+            self.collections += 1
+
+    def close(self) -> None:
+        gc.callbacks.remove(self._callback)
+
+
 def measure(llm: LLM, batch: int, context: int, steps: int, repeats: int, kind: RequestOutputKind, vocab: int,
             seed: int, profile: bool = False) -> tuple[list[dict[str, float]], str]:
-    """Per-window seconds per step of each phase (the engine's StepTimer), and a cProfile
-    report of the timed windows when `profile`."""
+    """Per-window seconds per step of each phase (the engine's StepTimer, plus "gc": the time in
+    the garbage collector, already inside the phases), and a cProfile report of the timed
+    windows when `profile`."""
     engine = llm.engine
     timer: StepTimer = engine.step_timer
     rng = random.Random(seed)
@@ -106,16 +126,18 @@ def measure(llm: LLM, batch: int, context: int, steps: int, repeats: int, kind: 
     prof = cProfile.Profile() if profile else None
     for _ in range(repeats):
         timer.reset()
+        gc_timer = GCTimer()
         if prof:
             prof.enable()
         for _ in range(steps):
             engine.step()
         if prof:
             prof.disable()
+        gc_timer.close()
         if timer.steps != steps or engine.last_step_tokens[2] != batch:
             raise RuntimeError(f"expected {steps} decode steps of {batch} requests, got {timer.steps} steps "
                                f"(last of {engine.last_step_tokens[2]})")
-        windows.append(timer.per_step())
+        windows.append({**timer.per_step(), "gc": gc_timer.total / steps})
     engine.abort_request(ids)
     engine.step()  # the aborted requests' state leaves the worker
     if prof:
@@ -132,7 +154,8 @@ def row_of(windows: list[dict[str, float]], mode: str, batch: int, context: int,
     row = {**base_row(), "mode": mode, "batch": batch, "context": context, "steps": steps,
            "repeats": len(windows), "host_us_per_step": round(1e6 * host, 1),
            "host_us_per_seq": round(1e6 * host / batch, 2),
-           "device_phases_us_per_step": round(1e6 * sum(med[k] for k in DEVICE_PHASES), 1)}
+           "device_phases_us_per_step": round(1e6 * sum(med[k] for k in DEVICE_PHASES), 1),
+           "gc_us_per_step": round(1e6 * statistics.median(w["gc"] for w in windows), 1)}
     row.update({f"{k}_us": round(1e6 * med[k], 1) for k in StepTimer.PHASES})
     return row
 
@@ -206,7 +229,8 @@ def main() -> int:
                 phases = ", ".join(f"{k} {row[f'{k}_us']:.0f}" for k in HOST_PHASES)
                 print(f"{mode:9s} batch {batch:4d}: host {row['host_us_per_step'] / 1e3:7.3f} ms/step "
                       f"{row['host_us_per_seq']:7.2f} us/seq | {phases} us | device phases "
-                      f"{row['device_phases_us_per_step'] / 1e3:.2f} ms ({time.perf_counter() - t0:.0f} s)",
+                      f"{row['device_phases_us_per_step'] / 1e3:.2f} ms, of the host time in gc "
+                      f"{row['gc_us_per_step']:.0f} us ({time.perf_counter() - t0:.0f} s)",
                       flush=True)
                 if report:
                     print(report)

@@ -352,6 +352,7 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden, inputs.logits_indices)
             if logits is not None:
                 out = self._sample(logits, reqs, inputs, step)
+                del logits  # freed here, not at return: on a CPU the step timer counts it as the sampler's
                 if self.step_timer:
                     self.step_timer.mark("sample")
                 sampled = out.sampled_token_ids  # [S]
