@@ -11,7 +11,8 @@ work the GPU step has to hide.
 
 Each batch size: B requests with random prompts of --context tokens, stepped until all of
 them decode, a few warm-up steps, then --repeats windows of --steps decode steps (medians of
-the windows). Modes:
+the windows). Phases are timed in this thread's CPU time (`time.thread_time`), so other
+processes on a shared machine do not inflate them; torch runs on one thread. Modes:
 
     offline    no tokenizer, FINAL_ONLY outputs: what `nanovllm bench throughput` runs
     tokenizer  the tokenizer on (incremental detokenization), FINAL_ONLY (LLM.generate)
@@ -57,15 +58,19 @@ WARMUP_STEPS = 4
 TEMPERATURE = 0.6  # the throughput workload's
 
 
-def build_model_dir(path: str) -> str:
-    """A one-layer random Qwen3 (the GPU benchmark's architecture) with the bundled model's
-    tokenizer and vocabulary, saved as an HF directory: its forward is cheap, its host path real."""
+def build_model_dir(path: str, tokenizer_dir: str | None = None) -> str:
+    """A one-layer random Qwen3 (the GPU benchmark's architecture) with a real tokenizer and its
+    vocabulary (the bundled model's, or an HF tokenizer directory), saved as an HF directory: its
+    forward is cheap, its host path real."""
     import torch
     import transformers
 
     from nanovllm.loading.gguf_loader import load_gguf_tokenizer
 
-    tokenizer = load_gguf_tokenizer(bundled_model_path())
+    if tokenizer_dir is not None:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    else:
+        tokenizer = load_gguf_tokenizer(bundled_model_path())
     config = transformers.Qwen3Config(hidden_size=64, intermediate_size=64, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=1, head_dim=32,
                                       vocab_size=len(tokenizer), tie_word_embeddings=True,
@@ -95,9 +100,9 @@ class GCTimer:
 
     def _callback(self, phase: str, info: dict) -> None:
         if phase == "start":
-            self._start = time.perf_counter()
+            self._start = time.thread_time()
         else:
-            self.total += time.perf_counter() - self._start
+            self.total += time.thread_time() - self._start
             self.collections += 1
 
     def close(self) -> None:
@@ -111,6 +116,7 @@ def measure(llm: LLM, batch: int, context: int, steps: int, repeats: int, kind: 
     windows when `profile`."""
     engine = llm.engine
     timer: StepTimer = engine.step_timer
+    timer.clock = time.thread_time  # CPU time of this thread: immune to other processes on a shared machine
     rng = random.Random(seed)
     # max_tokens=None: up to max_model_len, past every timed step (the requests are aborted after)
     params = SamplingParams(temperature=TEMPERATURE, max_tokens=None, ignore_eos=True, output_kind=kind)
@@ -200,6 +206,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed windows per batch size (medians)")
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the host path is one Python thread)")
+    ap.add_argument("--tokenizer", default=None, metavar="DIR",
+                    help="an HF tokenizer directory (default: the bundled SmolLM2's, from its GGUF)")
     ap.add_argument("--profile", type=int, default=None, metavar="B", help="cProfile the timed steps of batch B")
     ap.add_argument("--out", default=os.path.join(RESULTS_DIR, "host_step_cost.csv"), help="'' = no CSV / plot")
     args = ap.parse_args()
@@ -214,7 +222,7 @@ def main() -> int:
     max_len = args.context + WARMUP_STEPS + args.steps * args.repeats + 64
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = build_model_dir(tmp)
+        model_dir = build_model_dir(tmp, args.tokenizer)
         vocab = None
         for mode in modes:
             tokenizer, kind = MODES[mode]
