@@ -33,17 +33,18 @@ class RequestStatus(enum.Enum):
 
     @property
     def finish_reason(self) -> Optional[str]:
-        return _FINISH_REASON.get(self)
+        return self._finish_reason  # set once per member below, like _finished
 
 
 _FINISHED = {RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED}
-for _status in RequestStatus:
-    _status._finished = _status in _FINISHED
 _FINISH_REASON = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
 }
+for _status in RequestStatus:
+    _status._finished = _status in _FINISHED
+    _status._finish_reason = _FINISH_REASON.get(_status)
 
 
 @dataclass
