@@ -38,7 +38,10 @@ def make_prompts(name: str, seed: int = 1) -> list[list[int]]:
 def hf_model():
     from transformers import AutoModelForCausalLM
 
-    return lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    # HF's eager attention is its reference implementation: some transformers releases (5.17)
+    # load Gemma 2 with torch SDPA, which has no soft-cap and silently drops it.
+    return lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                             attn_implementation="eager").eval()
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
