@@ -99,7 +99,7 @@ class ModelRunner:
         self.num_kv_blocks = num_kv_blocks
         self.eos_token_ids = list(eos_token_ids)
         self.sampler = Sampler()
-        self.requests = RequestStates()
+        self.requests = RequestStates(-(-options.max_model_len // block_size))  # max_model_len 0: grows
         self.kv_caches = self._allocate_kv_cache(num_kv_blocks)
         self.cuda_graphs = None  # a CUDAGraphRunner, set by the worker on CUDA unless enforce_eager
         self._staging_sets = [StagingBuffer(pin=device.type == "cuda") for _ in range(NUM_STAGING_SETS)]
@@ -169,8 +169,7 @@ class ModelRunner:
         num_tokens = step.num_batched_tokens or sum(num_new_list)
         num_new = np.array(num_new_list, dtype=np.int64)  # [num_seqs]
         starts = np.array(starts_list, dtype=np.int64)  # [num_seqs]
-        num_blocks = np.array([len(r.block_ids) for r in reqs], dtype=np.int64)  # [num_seqs]
-        max_blocks = int(num_blocks.max())
+        max_blocks = max([len(r.block_ids) for r in reqs])
         tokens, seqs = (num_tokens,), (num_seqs,)
         plan_seqs = plan_rows = 0
         if self.options.balanced_decode and num_tokens == num_seqs:  # decode-only: a balanced split plan
@@ -230,9 +229,8 @@ class ModelRunner:
         query_start_loc[0] = 0
         query_start_loc[1:] = np.cumsum(num_new)  # [num_seqs]
         seq_lens[:] = starts + num_new
-        # the block tables, each row zero-padded (the buffer is reused: no stale block ids)
-        block_tables[...] = 0
-        block_tables[np.arange(max_blocks) < num_blocks[:, None]] = np.concatenate([r.block_array for r in reqs])
+        # the block tables, each row zero-padded (rows of the persistent tables: one gather)
+        states.tables.gather(np.array([r.row for r in reqs], dtype=np.int64), max_blocks, block_tables)
         if num_tokens == num_seqs:  # decode only: one token per request
             seq_of_token = np.arange(num_seqs)  # [T]
             positions[:] = starts
