@@ -180,17 +180,17 @@ def plot(path: str, rows: list[dict]) -> str:
         labels = [str(r["batch"]) for r in mine]
         bottom = [0.0] * len(mine)
         for c, phase in enumerate(HOST_PHASES):
-            vals = [r[f"{phase}_us"] / r["batch"] for r in mine]
+            vals = [float(r[f"{phase}_us"]) / 1e3 for r in mine]
             ax.bar(labels, vals, bottom=bottom, label=phase, color=colors[c % len(colors)])
             bottom = [b + v for b, v in zip(bottom, vals)]
         for x, (b, r) in enumerate(zip(bottom, mine)):
-            ax.annotate(f"{r['host_us_per_step'] / 1e3:.2f} ms", (x, b), ha="center", va="bottom", fontsize=8)
+            ax.annotate(f"{float(r['host_us_per_seq']):.1f} us/seq", (x, b), ha="center", va="bottom", fontsize=8)
         ax.set_title(f"{mode}", fontsize=10)
         ax.set_xlabel("batch (decode requests)")
-    axes[0][0].set_ylabel("host us per sequence per step")
-    axes[0][-1].legend(fontsize=7, loc="upper right")
+    axes[0][0].set_ylabel("host ms per decode step")
+    axes[0][0].legend(fontsize=7, loc="upper left")
     r0 = rows[0]
-    fig.suptitle(f"Host time of a decode step (labels: ms per step), {r0['device']}, {r0['commit']}, "
+    fig.suptitle(f"Host time of a decode step by phase (labels: per sequence), {r0['device']}, {r0['commit']}, "
                  f"{r0['date']}, context {r0['context']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
