@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU issue's checks and benchmarks in one device call; logs and CSVs to $OUT.
-#   bash benchmarks/gpu_suite.sh [warm] [tests] [testsrev] [kernels] [gemv] [gemvcfg] [bench] [tput] [ab] [sync] [nopdl] [base] [trace] [tp] [tp1mp] [tp2] [bench8b] [fp8] [hf] [serve] [serveperf] [soak] [nanscan] [profile] [moe] [prefix] [cascadeprof] [quant] [quanttput]
+#   bash benchmarks/gpu_suite.sh [warm] [tests] [testsrev] [kernels] [gemv] [gemvcfg] [bench] [tput] [ab] [sync] [nopdl] [base] [trace] [tp] [hostcost] [tp1mp] [tp2] [bench8b] [fp8] [hf] [serve] [serveperf] [soak] [nanscan] [profile] [moe] [prefix] [cascadeprof] [quant] [quanttput]
 #                                [sweep] [fusion] [profsum] [ncu]
 # The research-plan measurements (#25) in two device calls: `sweep` (<= 9.5 min), then `fusion profsum ncu`.
 set -uo pipefail
@@ -78,6 +78,15 @@ for s in $steps; do
              timeout 120 $nv bench latency --model benchmarks/configs/qwen3-0.6b --no-async-scheduling 2>&1 | tee "$OUT/latency_sync.log" | tail -3
              timeout 200 $nv bench throughput --model benchmarks/configs/qwen3-0.6b --no-async-scheduling 2>&1 | tee "$OUT/throughput_sync.log" | tail -4 ;;
     tp)      NANOVLLM_STEP_TIMING=1 timeout 150 $nv bench throughput --model benchmarks/configs/qwen3-0.6b 2>&1 | tee "$OUT/throughput_timed.log" | grep -v "^INFO" | tail -3 ;;
+    hostcost) # host time per decode step (#26, #27): benchmarks/host_step_cost.py on this machine's CPU (the host
+             # that feeds the GPU; a one-layer model on the CPU stands in for the device work; the carried .tok
+             # tokenizer when present, else the bundled one), then the throughput workload with the engine's phase
+             # timer and its per-step timeline (host gaps before GPU steps). ~6-8 min
+             hc_tok=""; [ -d .tok ] && hc_tok="--tokenizer .tok"
+             timeout 480 python3 benchmarks/host_step_cost.py --modes offline,stream $hc_tok 2>&1 \
+                 | tee "$OUT/host_step_cost.log" | grep -v "^INFO"
+             NANOVLLM_STEP_TIMING=1 timeout 200 $nv bench throughput --model benchmarks/configs/qwen3-0.6b --timeline 2>&1 \
+                 | tee "$OUT/throughput_hostcost.log" | grep -v "^INFO" | tail -30 ;;
     tp1mp)   # tensor parallelism's executor at size 1 against the in-process one, same run: tokens (GPU test on
              # Qwen3-0.6B), then batch-1 latency and throughput with each backend; mp/uni ratios printed last
              [ "${TP1MP_TESTS:-1}" = 0 ] || timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider \

@@ -188,12 +188,12 @@ def profile_cached_first_step(model: str, prefix_len: int, unique_len: int, repe
 
 
 def report(prof: StepProfile, top: int = 12, per: str = "step") -> str:
-    host = sum(v for k, v in prof.host_ms.items() if k != "forward_sample_sync")
+    host = sum(v for k, v in prof.host_ms.items() if k != "resolve")  # resolve holds the GPU wait
     lines = [f"{prof.label}: wall {prof.wall_ms:.3f} ms/{per}; GPU per step events {prof.gpu_ms_timeline:.3f} ms/{per}, "
              f"GPU idle before steps {prof.gap_ms_timeline:.3f} ms/{per} (large: host-bound); cascade steps "
              f"{prof.cascade_steps}, graph replays {prof.graph_replays}",
              "  host phases per engine step: " + ", ".join(f"{k} {v:.3f} ms" for k, v in prof.host_ms.items())
-             + f"; without the forward and its wait: {host:.3f} ms",
+             + f"; without resolve (the GPU wait): {host:.3f} ms",
              f"  under the profiler: wall {prof.profiled_wall_ms:.3f} ms/{per}, kernels {prof.kernel_ms:.3f} ms/{per}",
              f"  {'kernel':<72} {'ms/' + per:>10} {'calls/' + per:>13}"]
     for k in sorted(prof.kernels, key=lambda k: -k.device_us)[:top]:

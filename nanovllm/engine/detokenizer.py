@@ -80,6 +80,10 @@ class IncrementalDetokenizer:
         """
         if self.finished:
             return None
+        if self._decode is None:  # no tokenizer (so no stop strings): only count the tokens
+            self.num_output_tokens += len(new_token_ids)
+            self.finished = stop_terminated
+            return None
         num_to_decode = len(new_token_ids)
         if stop_terminated and not self.include_stop_str_in_output:
             num_to_decode -= 1

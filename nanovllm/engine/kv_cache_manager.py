@@ -142,7 +142,7 @@ class KVCacheManager:
         """
         blocks = self.req_blocks.get(req.request_id)
         if blocks is not None and not cached_blocks:
-            need = self.blocks_needed(req.num_computed_tokens + num_new_tokens) - len(blocks)
+            need = -(-(req.num_computed_tokens + num_new_tokens) // self.block_size) - len(blocks)  # blocks_needed
             if need <= 0:  # the common decode step: the last block still has room
                 return True
             if need > len(self.free_queue):
@@ -178,8 +178,8 @@ class KVCacheManager:
 
     def cache_computed_blocks(self, req: Request) -> None:
         """Register req's newly completed full blocks in the prefix cache."""
-        if not self.enable_prefix_caching:
-            return
+        if not self.enable_prefix_caching or req.num_computed_tokens // self.block_size <= req.num_registered_blocks:
+            return  # no block filled up since the last call (most decode steps): nothing to register
         blocks = self.req_blocks.get(req.request_id)
         if not blocks:
             return
@@ -209,8 +209,10 @@ class KVCacheManager:
         (position `num_computed_tokens`); returns how many. Full ones whose tokens are known
         are registered in the prefix cache first. Safe with a step in flight: anything that
         reuses a block runs in a later step, after that one on the device."""
+        if self.sliding_window is None:
+            return 0
         blocks = self.req_blocks.get(req.request_id)
-        if self.sliding_window is None or not blocks:
+        if not blocks:
             return 0
         first_needed = req.num_computed_tokens - self.sliding_window + 1  # oldest key the next token reads
         dead = min(max(0, first_needed) // self.block_size, len(blocks))

@@ -29,11 +29,11 @@ class RequestStatus(enum.Enum):
 
     @property
     def is_finished(self) -> bool:
-        return self in _FINISHED
+        return self._finished  # set once per member below: asked several times per request per step
 
     @property
     def finish_reason(self) -> Optional[str]:
-        return _FINISH_REASON.get(self)
+        return self._finish_reason  # set once per member below, like _finished
 
 
 _FINISHED = {RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED}
@@ -42,6 +42,9 @@ _FINISH_REASON = {
     RequestStatus.FINISHED_LENGTH: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
 }
+for _status in RequestStatus:
+    _status._finished = _status in _FINISHED
+    _status._finish_reason = _FINISH_REASON.get(_status)
 
 
 @dataclass
@@ -74,6 +77,13 @@ class Request(PromptThenOutputTokens):
     # (never sent, or dropped at preemption); else how many output tokens and blocks it has
     num_outputs_sent: int = -1
     num_blocks_sent: int = 0
+
+    @functools.cached_property
+    def reads_token_values(self) -> bool:
+        """Whether sampling this request's next token needs the previous token's value on the host:
+        penalties count it, a grammar's matcher must accept it (the engine's verified params never change)."""
+        params = self.sampling_params
+        return params.uses_penalties or params.structured_outputs is not None
 
     @functools.cached_property
     def prompt_array(self) -> np.ndarray:

@@ -173,12 +173,14 @@ class Scheduler:
         return None
 
     def _tokens_to_compute(self, req: Request) -> int:
-        if req.num_pending_tokens and self._surely_finished(req):
-            return 0  # its last token is on the way: computing past it would be thrown away
-        target = req.num_tokens
+        # runs for every running request on every step: the counts are read once, not through properties
+        num_outputs = len(req.output_token_ids) + req.num_pending_tokens
+        num_tokens = len(req.prompt_token_ids) + num_outputs  # req.num_tokens
+        if req.num_pending_tokens and (num_outputs >= req.max_tokens or num_tokens >= self.config.max_model_len):
+            return 0  # its last token is on the way (_surely_finished): computing past it would be thrown away
         if req.pending_fork:
-            target = req.num_prompt_tokens - 1  # children compute the last prompt token
-        return target - req.num_computed_tokens
+            return req.num_prompt_tokens - 1 - req.num_computed_tokens  # children compute the last prompt token
+        return num_tokens - req.num_computed_tokens
 
     def _surely_finished(self, req: Request) -> bool:
         """Whether the length limits end req once its pending tokens arrive."""
@@ -295,7 +297,7 @@ class Scheduler:
         updated = []
         for item in sched.scheduled:
             req = item.request
-            if req.is_finished:
+            if req.status.is_finished:
                 continue  # aborted or stopped meanwhile
             sample = item.needs_sample
             if advanced:
@@ -319,13 +321,14 @@ class Scheduler:
 
     def _check_stop(self, req: Request, token: int) -> Optional[RequestStatus]:
         params = req.sampling_params
-        if req.num_output_tokens >= params.min_tokens:
+        num_outputs = len(req.output_token_ids)
+        if num_outputs >= params.min_tokens:
             if not params.ignore_eos and token in req.eos_token_ids:
                 req.stop_reason = None
                 return RequestStatus.FINISHED_STOPPED
             if token in params.stop_token_ids:
                 req.stop_reason = token
                 return RequestStatus.FINISHED_STOPPED
-        if req.num_output_tokens >= req.max_tokens or req.num_known_tokens >= self.config.max_model_len:
+        if num_outputs >= req.max_tokens or len(req.prompt_token_ids) + num_outputs >= self.config.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None

@@ -99,7 +99,7 @@ class ModelRunner:
         self.num_kv_blocks = num_kv_blocks
         self.eos_token_ids = list(eos_token_ids)
         self.sampler = Sampler()
-        self.requests = RequestStates()
+        self.requests = RequestStates(-(-options.max_model_len // block_size))  # max_model_len 0: grows
         self.kv_caches = self._allocate_kv_cache(num_kv_blocks)
         self.cuda_graphs = None  # a CUDAGraphRunner, set by the worker on CUDA unless enforce_eager
         self._staging_sets = [StagingBuffer(pin=device.type == "cuda") for _ in range(NUM_STAGING_SETS)]
@@ -113,6 +113,8 @@ class ModelRunner:
         # the last step's sampled tokens on the device, and each sampling request's row there
         self._last_sampled: Optional[torch.Tensor] = None
         self._last_sampled_rows: dict[str, int] = {}
+        # (row settings, SamplingBatch) of the last step when that batch can serve the next one
+        self._reused_batch: Optional[tuple[list, SamplingBatch]] = None
         self.step_timer = step_timer  # the engine's StepTimer (step_timing=True): `mark(phase)` after prepare
         layers = model.attention_layers()
         self.num_kv_heads = layers[0].num_kv_heads if layers else 1
@@ -152,13 +154,22 @@ class ModelRunner:
         return self._staging_sets[self._num_launched % NUM_STAGING_SETS]
 
     def prepare_inputs(self, step: StepInput) -> ForwardInputs:
+        """The step's input arrays, filled in the staging buffer and copied to the device once.
+
+        Everything that is arithmetic over the batch (query starts, sequence lengths, block
+        tables, positions, slots, sampled rows) is a handful of numpy operations over the whole
+        step; only what each request holds in Python lists (its next token ids, a pending token's
+        row in the previous step's samples) is gathered in one pass over the requests.
+        """
         bs = self.block_size
         states = self.requests
         reqs = [states[rid] for rid in step.req_ids]  # [num_seqs] this step's requests, in batch order
-        num_new, starts, samples = step.num_new_tokens, step.start_positions, step.needs_sample
+        num_new_list, starts_list, samples = step.num_new_tokens, step.start_positions, step.needs_sample
         num_seqs = len(reqs)
-        num_tokens = step.num_batched_tokens or sum(num_new)
-        max_blocks = max(len(r.block_ids) for r in reqs)
+        num_tokens = step.num_batched_tokens or sum(num_new_list)
+        num_new = np.array(num_new_list, dtype=np.int64)  # [num_seqs]
+        starts = np.array(starts_list, dtype=np.int64)  # [num_seqs]
+        max_blocks = max([len(r.block_ids) for r in reqs])
         tokens, seqs = (num_tokens,), (num_seqs,)
         plan_seqs = plan_rows = 0
         if self.options.balanced_decode and num_tokens == num_seqs:  # decode-only: a balanced split plan
@@ -179,48 +190,61 @@ class ModelRunner:
         })
         input_ids, positions, slot_mapping = host["input_ids"], host["positions"], host["slot_mapping"]
         query_start_loc, seq_lens, block_tables = host["query_start_loc"], host["seq_lens"], host["block_tables"]
-        query_start_loc[0] = 0
-        logits_indices, sample_requests, num_outputs, prompt_spans = [], [], [], []
+
+        # ---- what each request holds: token ids, pending rows, sampling and prompt-logprob rows
+        token_ids: list[int] = []  # [num_tokens] in batch order (0 where a pending token goes)
+        sample_requests, num_outputs, prompt_spans = [], [], []
         pending_dst, pending_src = [], []
+        last_rows = self._last_sampled_rows
         t = 0
         for i, req in enumerate(reqs):
-            n, start = num_new[i], starts[i]
-            end = start + n
-            blocks = req.block_ids
-            block_tables[i, : len(blocks)] = req.block_array
-            block_tables[i, len(blocks) :] = 0  # the buffer is reused: no stale block ids
+            n, start = num_new_list[i], starts_list[i]
+            known = len(req.prompt_token_ids) + len(req.output_token_ids)
             pending = 0
-            if n == 1:  # decode: scalar writes, no temporary arrays
-                if start < req.num_known_tokens:
-                    input_ids[t] = req.token_id_at(start)
+            if n == 1:  # decode
+                if start < known:
+                    token_ids.append(req.token_id_at(start))
                 else:  # sampled by the step still in flight
-                    input_ids[t] = 0
+                    token_ids.append(0)
                     pending = 1
                     pending_dst.append(t)
-                    pending_src.append(self._pending_row(req))
-                positions[t] = start
-                slot_mapping[t] = blocks[start // bs] * bs + start % bs
+                    row = last_rows.get(req.req_id)
+                    if row is None:  # internal invariant (engine/scheduler bookkeeping), never user input
+                        raise RuntimeError(f"request {req.req_id} has a pending token but the last step did not "
+                                           "sample it")
+                    pending_src.append(row)
             else:
-                if end > req.num_known_tokens:  # scheduler invariant: pending tokens are decoded alone
+                if start + n > known:  # scheduler invariant: pending tokens are decoded alone
                     raise RuntimeError(f"request {req.req_id}: a {n}-token chunk covers a pending token")
-                input_ids[t : t + n] = req.token_ids_slice(start, end)
-                pos = np.arange(start, end, dtype=np.int64)  # [n]
-                positions[t : t + n] = pos
-                slot_mapping[t : t + n] = block_tables[i, pos // bs].astype(np.int64) * bs + pos % bs
-            query_start_loc[i + 1] = t + n
-            seq_lens[i] = end
+                token_ids += req.token_ids_slice(start, start + n)
             if req.sampling_params.prompt_logprobs is not None and start < req.num_prompt_tokens:
-                prompt_spans.append((req, t, min(end, req.num_prompt_tokens) - start, start))
+                prompt_spans.append((req, t, min(start + n, req.num_prompt_tokens) - start, start))
             if samples[i]:
-                logits_indices.append(t + n - 1)
                 sample_requests.append(req)
                 num_outputs.append(len(req.output_token_ids) + pending)
             t += n
-        num_sample, num_pending = len(logits_indices), len(pending_dst)
-        host["logits_indices"][:num_sample] = logits_indices
+        input_ids[:] = token_ids
+
+        # ---- batch arithmetic, whole arrays at once
+        query_start_loc[0] = 0
+        query_start_loc[1:] = np.cumsum(num_new)  # [num_seqs]
+        seq_lens[:] = starts + num_new
+        # the block tables, each row zero-padded (rows of the persistent tables: one gather)
+        states.tables.gather(np.array([r.row for r in reqs], dtype=np.int64), max_blocks, block_tables)
+        if num_tokens == num_seqs:  # decode only: one token per request
+            seq_of_token = np.arange(num_seqs)  # [T]
+            positions[:] = starts
+        else:
+            seq_of_token = np.repeat(np.arange(num_seqs), num_new)  # [T]
+            # token t of request s sits at starts[s] + (t - query_start_loc[s])
+            positions[:] = np.arange(num_tokens) + np.repeat(starts - query_start_loc[:-1], num_new)
+        slot_mapping[:] = block_tables[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
+        num_sample, num_pending = len(sample_requests), len(pending_dst)
+        if num_sample:  # each sampling request's last token row
+            host["logits_indices"][:num_sample] = query_start_loc[1:][np.array(samples, dtype=bool)] - 1
         host["pending_dst"][:num_pending] = pending_dst
         host["pending_src"][:num_pending] = pending_src
-        max_query_len = int(np.diff(query_start_loc).max())
+        max_query_len = int(num_new.max())
         if plan_rows:  # CUDA-graph padding rows (length 1, see cuda_graphs.py) get their item too
             lens = seq_lens if plan_seqs == num_seqs else np.concatenate(
                 [seq_lens, np.ones(plan_seqs - num_seqs, dtype=np.int32)])
@@ -291,12 +315,6 @@ class ModelRunner:
             suffix_seq_lens_cpu=plan.suffix_seq_lens.tolist() if cpu else None,
         )
 
-    def _pending_row(self, req: RequestState) -> int:
-        row = self._last_sampled_rows.get(req.req_id)
-        if row is None:  # internal invariant (engine/scheduler bookkeeping), never user input
-            raise RuntimeError(f"request {req.req_id} has a pending token but the last step did not sample it")
-        return row
-
     # ------------------------------------------------------------------ execute
     def execute(self, step: StepInput) -> StepOutput:
         """Run one step and wait for its results (the synchronous engine loop)."""
@@ -320,6 +338,8 @@ class ModelRunner:
         if self.step_timer:
             self.step_timer.mark("prepare_inputs")
         hidden = self._forward(inputs)  # [T, hidden]
+        if self.step_timer:
+            self.step_timer.mark("forward")
         result = StepOutput(sampled_token_ids={})
         if inputs.prompt_logprob_spans:
             self._prompt_logprobs(hidden, inputs, result)
@@ -330,6 +350,9 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden, inputs.logits_indices)
             if logits is not None:
                 out = self._sample(logits, reqs, inputs, step)
+                del logits  # freed here, not at return: on a CPU the step timer counts it as the sampler's
+                if self.step_timer:
+                    self.step_timer.mark("sample")
                 sampled = out.sampled_token_ids  # [S]
                 host_tokens = sampled.to("cpu", non_blocking=True)  # the step's one device->host copy
             else:
@@ -348,22 +371,34 @@ class ModelRunner:
 
     def _sample(self, logits: torch.Tensor, reqs: list[RequestState], inputs: ForwardInputs,
                 step: StepInput) -> SamplerOutput:
+        if self.step_timer:
+            self.step_timer.mark("forward")  # the logits (and prompt logprobs) are device work too
         params = [r.sampling_params for r in reqs]
-        prompts = [()] * len(reqs)  # penalties read the prompts (as arrays: a memcpy each step)
-        if any(p.uses_penalties for p in params):
-            prompts = [r.prompt_array if p.uses_penalties else () for r, p in zip(reqs, params)]
-        batch = SamplingBatch.build(
-            params=params,
-            prompt_token_ids=prompts,
-            output_token_ids=[r.output_token_ids for r in reqs],
-            eos_token_ids=self.eos_token_ids,
-            vocab_size=logits.shape[-1],
-            device=logits.device,
-            num_output_tokens=inputs.num_output_tokens,
-        )
+        vocab_size = logits.shape[-1]
+        reused = self._reused_batch
+        if reused is not None and reused[1].vocab_size == vocab_size and reused[0] == params:
+            # the same settings row by row as the step before, and a batch that depends on nothing
+            # else (SamplingBatch.params_only): its tensors serve again, no host work, no copies
+            batch = reused[1]
+        else:
+            prompts = [()] * len(reqs)  # penalties read the prompts (as arrays: a memcpy each step)
+            if any(p.uses_penalties for p in params):
+                prompts = [r.prompt_array if p.uses_penalties else () for r, p in zip(reqs, params)]
+            batch = SamplingBatch.build(
+                params=params,
+                prompt_token_ids=prompts,
+                output_token_ids=[r.output_token_ids for r in reqs],
+                eos_token_ids=self.eos_token_ids,
+                vocab_size=vocab_size,
+                device=logits.device,
+                num_output_tokens=inputs.num_output_tokens,
+            )
+            self._reused_batch = (params, batch) if batch.params_only else None
         if step.grammar_bitmask is not None:  # structured outputs: the engine's per-row token masks
             batch.grammar_bitmask, batch.grammar_rows = grammar_rows_to_device(
                 step.grammar_bitmask, step.grammar_rows, logits.device)
+        if self.step_timer:
+            self.step_timer.mark("sampling_prep")
         return self.sampler(logits, batch)
 
     def resolve(self, step: LaunchedStep) -> StepOutput:

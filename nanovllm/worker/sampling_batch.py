@@ -82,6 +82,9 @@ class SamplingBatch:
     max_num_logprobs: Optional[int]  # None = no request asked; K of the top-K alternatives
     # ---- fused fast path (temperature + exponential race only)
     fast_path_ok: bool = False  # no processors, top-k, top-p, min-p or logprobs in the batch
+    # a function of the rows' SamplingParams alone (no min_tokens, seeds, penalties or grammars,
+    # which read the step's token counts, histories or masks): the same rows next step may reuse it
+    params_only: bool = False
     sample_temperature: torch.Tensor | None = None  # [B] float32, 0 on greedy rows; only when fast_path_ok
     # ---- structured outputs (set by the model runner from the StepInput; None when no row has a grammar)
     grammar_bitmask: Optional[torch.Tensor] = None  # [R, ceil(V / 32)] int32, bit set = token allowed
@@ -162,7 +165,10 @@ class SamplingBatch:
         # ---- logit bias and min_tokens, as sparse (row, token) lists
         bias_rows, bias_ids, bias_vals = [], [], []
         banned_rows, banned_ids = [], []
+        per_step = False  # some row's tensors depend on more than its params
         for i, p in enumerate(params):
+            if p.min_tokens or p.structured_outputs is not None:
+                per_step = True
             if p.logit_bias:
                 for tid, value in p.logit_bias.items():
                     if tid >= vocab_size:
@@ -219,6 +225,7 @@ class SamplingBatch:
             max_num_logprobs=max(asked) if asked else None,
             fast_path_ok=fast_path_ok,
             sample_temperature=sample_temperature,
+            params_only=not (per_step or seeded or penalties is not None),
         )
 
 

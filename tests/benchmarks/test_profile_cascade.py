@@ -24,6 +24,7 @@ def test_profile_cascade_reports_both_engines_and_the_cached_request(tmp_path, c
     assert all(float(h[1]) > 0 and float(h[3]) > 0 for h in heads)  # CPU: the timeline's host launch-to-resolve
     # every measured decode step of the forced engine had a plan (4 requests share 4 whole blocks); none without
     assert [int(h[4]) for h in heads[:2]] == [3, 0]
-    phases = re.findall(r"host phases per engine step: schedule ([\d.]+) ms, prepare_inputs ([\d.]+) ms", out)
+    phases = re.findall(r"host phases per engine step: schedule ([\d.]+) ms, build_step ([\d.]+) ms, "
+                        r"prepare_inputs ([\d.]+) ms", out)
     assert len(phases) == 3 and all(float(p) > 0 for p in phases[0])
     assert len(re.findall(r"under the profiler: wall [\d.]+ ms/(?:step|request), kernels", out)) == 3

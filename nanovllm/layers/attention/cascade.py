@@ -123,8 +123,9 @@ def _decode_groups(tables, seq_lens, decode_seqs, block_size, rule):
     cand, first = cand[order], first[order]
     starts = np.flatnonzero(np.r_[True, first[1:] != first[:-1]])
     ends = np.r_[starts[1:], len(cand)]
+    big = ends - starts >= rule.min_requests  # runs too short to form a group are skipped without a look
     groups = []
-    for s, e in zip(starts.tolist(), ends.tolist()):
+    for s, e in zip(starts[big].tolist(), ends[big].tolist()):
         members = cand[s:e]
         while len(members) >= rule.min_requests:
             leader = int(members[0])
