@@ -99,7 +99,7 @@ def streamed_tokens(chunks) -> list[str]:
 
 def first_split(ranked, tokens: list[str]):
     """Index where `tokens` leave the greedy tokens of `ranked` (logprob entries with their top
-    two), None if they never do; a split must be a near tie of the first request."""
+    candidates), None if they never do; a split must be a near tie of the first request."""
     for i, (entry, tok) in enumerate(zip(ranked, tokens)):
         if entry.token != tok:
             top = {t.token: t.logprob for t in entry.top_logprobs}
@@ -151,7 +151,7 @@ def test_auto_tool_choice_example_round_trip(client, server):
     """vLLM's tools example: the reply is either valid tool calls or plain content; then the
     tool results go back as `tool` messages and the conversation continues."""
     out = client.chat.completions.create(messages=MESSAGES, model=server.model, tools=[WEATHER], max_tokens=64,
-                                         temperature=0, logprobs=True, top_logprobs=2)
+                                         temperature=0, logprobs=True, top_logprobs=5)
     message = out.choices[0].message
     if message.tool_calls:
         check_calls(message.tool_calls, allowed=("get_current_weather",))
